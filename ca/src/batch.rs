@@ -1,0 +1,400 @@
+//! Batch issuance for production lines: parallel, group-committed, rerunnable.
+//!
+//! Work goes in chunks. For each chunk the subjects that already hold a live certificate are
+//! skipped (their files are rewritten from the ledger if missing); the rest are signed on all
+//! cores, their key files written and synced, then the whole chunk is recorded in one durable
+//! transaction, and only then are the certificate files written. A process killed at any
+//! instant therefore leaves: no certificate file without its record, no serial reused, and a
+//! rerun that issues exactly what is missing.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use m2mpki_hsm::files::{self, Mode, Overwrite, WriteOptions};
+use m2mpki_hsm::{KeyType, Passphrase, SoftwareKey};
+use rayon::prelude::*;
+use rcgen::PublicKeyData;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::authority::{Authority, LeafRequest, LeafSubject};
+use crate::identity::{DnsName, PreProvisionedId};
+use crate::input::VerifiedCsr;
+use crate::issue::chain_pem;
+use crate::profile::{LeafProfile, ProfileKind};
+use crate::store::{NewCert, RecordOutcome, Store};
+use crate::validity::Validity;
+use crate::{Error, Result};
+
+/// Where the public keys of a batch come from.
+#[derive(Debug)]
+pub enum BatchInput {
+    /// Generate a key per ID (written beside the certificate as `<ID>.key.pem`).
+    Ids(Vec<PreProvisionedId>),
+    /// One verified CSR per ID.
+    Csrs(Vec<(PreProvisionedId, VerifiedCsr)>),
+}
+
+impl BatchInput {
+    /// How many subjects.
+    pub fn len(&self) -> usize {
+        match self {
+            BatchInput::Ids(v) => v.len(),
+            BatchInput::Csrs(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How to run a batch.
+#[derive(Debug, Clone)]
+pub struct BatchOptions {
+    /// device or node.
+    pub profile: ProfileKind,
+    /// The enterprise, for node batches.
+    pub enterprise: Option<DnsName>,
+    /// Key type for generated keys.
+    pub key_type: KeyType,
+    /// Passphrase for generated key files, if they are to be encrypted.
+    pub key_passphrase: Option<Passphrase>,
+    /// Lifetime; the profile's default when `None`.
+    pub validity: Option<Validity>,
+    /// notBefore; now when `None`.
+    pub not_before: Option<OffsetDateTime>,
+    /// Output folder.
+    pub out_dir: PathBuf,
+    /// Issue a new certificate even when the ID has a live one.
+    pub reissue: bool,
+    /// Write DER (`<ID>.der`) instead of PEM with chain (`<ID>.pem`).
+    pub der: bool,
+    /// Subjects per durable transaction.
+    pub chunk_size: usize,
+}
+
+/// What a batch did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct BatchReport {
+    /// Subjects in the input.
+    pub total: usize,
+    /// Certificates issued now.
+    pub issued: usize,
+    /// Subjects that already had a live certificate (not issued again).
+    pub already_issued: usize,
+    /// Certificate files rewritten from the ledger because they were missing.
+    pub files_restored: usize,
+    /// IDs whose certificate exists but whose generated key file is missing.
+    pub missing_keys: Vec<String>,
+}
+
+/// Reads an ID list: one ID per line; blank lines and lines starting with `#` are skipped.
+/// Errors name the file and line; a repeated ID is an error.
+pub fn load_ids(path: &Path) -> Result<Vec<PreProvisionedId>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::BadFile {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let mut seen: HashMap<PreProvisionedId, usize> = HashMap::new();
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = |reason: String| Error::BadFile {
+            path: path.to_owned(),
+            reason: format!("line {}: {reason}", n + 1),
+        };
+        let id: PreProvisionedId = line.parse().map_err(|e: Error| at(e.to_string()))?;
+        if let Some(first) = seen.insert(id.clone(), n + 1) {
+            return Err(at(format!("ID `{id}` repeats line {first}")));
+        }
+        out.push(id);
+    }
+    Ok(out)
+}
+
+/// Reads every file in `dir` as a CSR (in parallel), verifying each self-signature.
+///
+/// The ID of each CSR is its subject serialNumber attribute; a CSR without one takes the file
+/// name without its extension (`SN-0001.csr` → `SN-0001`). Any bad CSR fails the whole load,
+/// naming the file, before anything is issued.
+pub fn load_csr_dir(dir: &Path) -> Result<Vec<(PreProvisionedId, VerifiedCsr)>> {
+    let bad_dir = |e: std::io::Error| Error::BadFile {
+        path: dir.to_owned(),
+        reason: e.to_string(),
+    };
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(bad_dir)? {
+        let path = entry.map_err(bad_dir)?.path();
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_none_or(|n| n.starts_with('.'));
+        if path.is_file() && !hidden {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    let csrs: Vec<(PreProvisionedId, VerifiedCsr)> = paths
+        .par_iter()
+        .map(|path| {
+            let csr = VerifiedCsr::from_file(path)?;
+            let id_text = match &csr.serial_number {
+                Some(sn) => sn.clone(),
+                None => path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+            };
+            let id = id_text.parse().map_err(|e: Error| Error::BadCsr {
+                source_name: path.display().to_string(),
+                reason: format!("no usable ID: {e}"),
+            })?;
+            Ok((id, csr))
+        })
+        .collect::<Result<_>>()?;
+    let mut seen: HashMap<&PreProvisionedId, usize> = HashMap::new();
+    for (i, (id, _)) in csrs.iter().enumerate() {
+        if let Some(first) = seen.insert(id, i) {
+            return Err(Error::BadFile {
+                path: dir.to_owned(),
+                reason: format!(
+                    "ID `{id}` appears in both {} and {}",
+                    paths[first].display(),
+                    paths[i].display()
+                ),
+            });
+        }
+    }
+    Ok(csrs)
+}
+
+struct OutDir {
+    path: PathBuf,
+    handle: File,
+}
+
+impl OutDir {
+    /// Opens the output folder and takes its batch lock, so two batches never share it.
+    fn lock(path: &Path) -> Result<Self> {
+        std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+        let lock_path = path.join(".m2mpki-batch.lock");
+        let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |_| Error::BadFile {
+                path: path.to_owned(),
+                reason: "another batch is writing to this folder".into(),
+            },
+        )?;
+        // Temporary files of a killed run are garbage: their content was never renamed in.
+        if let Ok(entries) = std::fs::read_dir(path) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(".m2mpki-") && name.ends_with(".tmp") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        // The lock lives as long as this handle.
+        Ok(OutDir {
+            path: path.to_owned(),
+            handle: lock,
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        rustix::fs::syncfs(&self.handle).map_err(|e| Error::io(&self.path, e.into()))
+    }
+}
+
+const NO_SYNC: WriteOptions = WriteOptions {
+    mode: Mode::Public,
+    overwrite: Overwrite::Replace,
+    sync: false,
+};
+
+/// Runs a batch. `progress` is told how many subjects each finished chunk held.
+pub fn run_batch(
+    store: &dyn Store,
+    authority: &Authority,
+    input: BatchInput,
+    opts: &BatchOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<BatchReport> {
+    let profile = LeafProfile::builtin(opts.profile);
+    let out = OutDir::lock(&opts.out_dir)?;
+    let chain = authority.chain_without_root();
+    let mut report = BatchReport {
+        total: input.len(),
+        ..BatchReport::default()
+    };
+    let subject = |id: &PreProvisionedId| -> Result<LeafSubject> {
+        match opts.profile {
+            ProfileKind::Device => Ok(LeafSubject::Device(id.clone())),
+            ProfileKind::Node => Ok(LeafSubject::Node {
+                enterprise: opts
+                    .enterprise
+                    .clone()
+                    .ok_or_else(|| Error::invalid("batch", "node", "--enterprise is required"))?,
+                id: id.clone(),
+            }),
+            ProfileKind::Server => Err(Error::invalid(
+                "batch profile",
+                "server",
+                "batches issue device or node certificates",
+            )),
+        }
+    };
+    let cert_path = |id: &PreProvisionedId| {
+        out.path
+            .join(format!("{id}.{}", if opts.der { "der" } else { "pem" }))
+    };
+    let key_path = |id: &PreProvisionedId| out.path.join(format!("{id}.key.pem"));
+    let cert_bytes = |der: &[u8]| -> Vec<u8> {
+        if opts.der {
+            der.to_vec()
+        } else {
+            chain_pem(der, &chain).into_bytes()
+        }
+    };
+    let generate_keys = matches!(input, BatchInput::Ids(_));
+
+    // One list of (ID, optional CSR) so both inputs share the loop below.
+    let items: Vec<(PreProvisionedId, Option<VerifiedCsr>)> = match input {
+        BatchInput::Ids(ids) => ids.into_iter().map(|id| (id, None)).collect(),
+        BatchInput::Csrs(c) => c.into_iter().map(|(id, csr)| (id, Some(csr))).collect(),
+    };
+
+    for chunk in items.chunks(opts.chunk_size.max(1)) {
+        // 1. Skip subjects that are done; restore their files if missing.
+        let mut todo = Vec::with_capacity(chunk.len());
+        for (id, csr) in chunk {
+            let subj = subject(id)?;
+            let key = match &subj {
+                LeafSubject::Device(id) => crate::FieldNodeIdentity::Device {
+                    hw_type: authority.record.hw_type.clone().ok_or_else(|| {
+                        Error::Policy(format!(
+                            "CA `{}` has no hwType OID and cannot issue device certificates",
+                            authority.record.name
+                        ))
+                    })?,
+                    id: id.clone(),
+                }
+                .to_string(),
+                LeafSubject::Node { enterprise, id } => crate::FieldNodeIdentity::Node {
+                    enterprise: enterprise.clone(),
+                    id: id.clone(),
+                }
+                .to_string(),
+                LeafSubject::Server(f) => format!("server:{f}"),
+            };
+            let live = if opts.reissue {
+                None
+            } else {
+                store.live_cert(&authority.record.name, &key)?
+            };
+            match live {
+                Some(serial) => {
+                    report.already_issued += 1;
+                    let path = cert_path(id);
+                    if !path.exists() {
+                        let (_, der) = store.cert(&serial)?.ok_or_else(|| {
+                            Error::Store(format!("live certificate {serial} has no record"))
+                        })?;
+                        files::write_atomic(&path, &cert_bytes(&der), NO_SYNC)?;
+                        report.files_restored += 1;
+                    }
+                    if generate_keys && !key_path(id).exists() {
+                        report.missing_keys.push(id.to_string());
+                    }
+                }
+                None => todo.push((id, subj, csr)),
+            }
+        }
+
+        // 2. Sign on all cores.
+        let signed: Vec<(
+            NewCert,
+            Option<zeroize::Zeroizing<String>>,
+            &PreProvisionedId,
+        )> = todo
+            .into_par_iter()
+            .map(|(id, subj, csr)| {
+                let (public_key, key_pem) = match csr {
+                    Some(csr) => (csr.public_key.clone(), None),
+                    None => {
+                        let key = SoftwareKey::generate(opts.key_type)?;
+                        let spki =
+                            rcgen::SubjectPublicKeyInfo::from_der(&key.subject_public_key_info())
+                                .map_err(Error::internal)?;
+                        (spki, Some(key.to_pkcs8_pem(opts.key_passphrase.as_ref())?))
+                    }
+                };
+                let req = LeafRequest {
+                    subject: subj,
+                    public_key,
+                    validity: opts.validity,
+                    not_before: opts.not_before,
+                };
+                let cert = authority.sign(authority.approve(&profile, req)?)?;
+                Ok((cert, key_pem, id))
+            })
+            .collect::<Result<_>>()?;
+        if signed.is_empty() {
+            progress(chunk.len() as u64);
+            continue;
+        }
+
+        // 3. Keys first, durably: a recorded certificate must never lack its key.
+        if generate_keys {
+            signed
+                .par_iter()
+                .try_for_each(|(_, key_pem, id)| match key_pem {
+                    Some(pem) => files::write_atomic(
+                        &key_path(id),
+                        pem.as_bytes(),
+                        WriteOptions {
+                            mode: Mode::Secret,
+                            ..NO_SYNC
+                        },
+                    )
+                    .map_err(Error::from),
+                    None => Ok(()),
+                })?;
+            out.sync()?;
+        }
+
+        // 4. Record the chunk in one durable transaction.
+        let certs: Vec<NewCert> = signed.iter().map(|(c, _, _)| c.clone()).collect();
+        let outcomes = store.record_certs(&certs, opts.reissue)?;
+
+        // 5. Certificate files, only for what is recorded.
+        signed
+            .par_iter()
+            .zip(outcomes.par_iter())
+            .try_for_each(|((cert, _, id), outcome)| match outcome {
+                RecordOutcome::Recorded => {
+                    files::write_atomic(&cert_path(id), &cert_bytes(&cert.der), NO_SYNC)
+                        .map_err(Error::from)
+                }
+                // Another process issued this ID meanwhile: its key file is not ours to keep.
+                RecordOutcome::AlreadyLive(_) => Ok(()),
+            })?;
+        out.sync()?;
+        for outcome in &outcomes {
+            match outcome {
+                RecordOutcome::Recorded => report.issued += 1,
+                RecordOutcome::AlreadyLive(_) => report.already_issued += 1,
+            }
+        }
+        progress(chunk.len() as u64);
+    }
+    Ok(report)
+}

@@ -1,0 +1,143 @@
+use std::path::PathBuf;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How the command line should treat an error: the documented exit codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Refused by policy or verification (exit 1).
+    Refused,
+    /// Bad usage or bad input (exit 2).
+    BadInput,
+    /// Internal, storage or HSM failure (exit 3).
+    Internal,
+}
+
+/// Everything that can go wrong in the CA.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A value given by the user is malformed (bad input).
+    #[error("invalid {what} `{value}`: {reason}")]
+    InvalidValue {
+        /// Which kind of value (e.g. "pre-provisioned ID").
+        what: &'static str,
+        /// The value as given (never a secret).
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An input file is unreadable or malformed (bad input).
+    #[error("{}: {reason}", path.display())]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A CSR failed to parse or its self-signature does not verify (bad input).
+    #[error("CSR {source_name}: {reason}")]
+    BadCsr {
+        /// Where the CSR came from (a path).
+        source_name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No CA with that name (bad input).
+    #[error("no CA named `{0}` (see `m2mpki ca list`)")]
+    UnknownCa(String),
+    /// A CA with that name exists already (bad input).
+    #[error("a CA named `{0}` exists already")]
+    CaExists(String),
+    /// No certificate matched (bad input).
+    #[error("no certificate {0}")]
+    CertNotFound(String),
+    /// The request breaks the certificate profile or CA policy (policy refusal).
+    #[error("refused by policy: {0}")]
+    Policy(String),
+    /// The identity already holds a live certificate (policy refusal).
+    #[error("{identity} already has a live certificate from CA `{ca}` (serial {serial}); use --reissue to issue another")]
+    AlreadyIssued {
+        /// CA name.
+        ca: String,
+        /// Canonical identity.
+        identity: String,
+        /// Serial of the live certificate.
+        serial: String,
+    },
+    /// A certificate carries no readable field-node identity (verification refusal).
+    #[error("no field-node identity in certificate: {0}")]
+    NoIdentity(String),
+    /// The audit log's hash chain is broken (verification refusal).
+    #[error("audit log broken at entry {seq}: {reason}")]
+    AuditBroken {
+        /// The first bad entry.
+        seq: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Key loading, generation or signing failed (HSM / key failure or bad key input).
+    #[error(transparent)]
+    Key(#[from] m2mpki_hsm::Error),
+    /// The store is held by another process (storage).
+    #[error("the store {} is in use by another m2mpki process", .0.display())]
+    StoreLocked(PathBuf),
+    /// The store failed (storage).
+    #[error("store: {0}")]
+    Store(String),
+    /// A file could not be read or written (storage).
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Certificate generation failed inside rcgen or a record is corrupt (bug).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The exit-code class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Policy(_)
+            | Error::AlreadyIssued { .. }
+            | Error::NoIdentity(_)
+            | Error::AuditBroken { .. } => ErrorKind::Refused,
+            Error::InvalidValue { .. }
+            | Error::BadFile { .. }
+            | Error::BadCsr { .. }
+            | Error::UnknownCa(_)
+            | Error::CaExists(_)
+            | Error::CertNotFound(_) => ErrorKind::BadInput,
+            Error::Key(e) if e.is_bad_input() => ErrorKind::BadInput,
+            Error::Key(_)
+            | Error::StoreLocked(_)
+            | Error::Store(_)
+            | Error::Io { .. }
+            | Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    pub(crate) fn invalid(what: &'static str, value: &str, reason: impl Into<String>) -> Self {
+        Error::InvalidValue {
+            what,
+            value: value.chars().take(200).collect(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn internal(e: impl std::fmt::Display) -> Self {
+        Error::Internal(e.to_string())
+    }
+}

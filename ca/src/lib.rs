@@ -1,0 +1,36 @@
+//! The m2mpki certificate authority: CAs, certificate profiles, field-node identities,
+//! issuance (one at a time or in batches), the issuance ledger and the audit log.
+//!
+//! Everything that signs goes through [`m2mpki_hsm::Signer`], so software and PKCS#11 keys
+//! issue alike. Everything that is remembered goes through the [`Store`] trait; the embedded
+//! implementation is [`RedbStore`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod audit;
+mod authority;
+pub mod batch;
+mod constraints;
+pub mod dn;
+mod error;
+mod home;
+pub mod identity;
+pub mod input;
+mod issue;
+pub mod profile;
+mod redb_store;
+mod serial;
+pub mod store;
+pub mod validity;
+
+pub use authority::{
+    init_ca, Approved, Authority, CaInit, CaKey, CaRecord, LeafRequest, LeafSubject,
+};
+pub use constraints::NameConstraints;
+pub use error::{Error, ErrorKind, Result};
+pub use home::Home;
+pub use identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId};
+pub use issue::{chain_pem, issue};
+pub use redb_store::RedbStore;
+pub use serial::Serial;
+pub use store::{CertFilter, CertRecord, CertStatus, NewCert, RecordOutcome, Store};

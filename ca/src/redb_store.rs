@@ -1,0 +1,281 @@
+//! The embedded store: one redb file under the home folder.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::audit::{self, AuditEntry, AuditEvent};
+use crate::authority::CaRecord;
+use crate::serial::Serial;
+use crate::store::{CertFilter, CertRecord, NewCert, RecordOutcome, Store};
+use crate::{Error, Result};
+
+const CAS: TableDefinition<&str, &[u8]> = TableDefinition::new("cas");
+const CERTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("certs");
+const CERT_DER: TableDefinition<&[u8], &[u8]> = TableDefinition::new("cert_der");
+/// "<ca>\x1f<subject key>" -> serial of the live certificate.
+const LIVE: TableDefinition<&str, &[u8]> = TableDefinition::new("live");
+/// pre-provisioned ID / subject key -> serials.
+const BY_ID: MultimapTableDefinition<&str, &[u8]> = MultimapTableDefinition::new("by_id");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+/// The redb-backed [`Store`].
+pub struct RedbStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn db_err(e: impl std::fmt::Display) -> Error {
+    Error::Store(e.to_string())
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(Error::internal)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("corrupt {what} record: {e}")))
+}
+
+fn live_key(ca: &str, subject_key: &str) -> String {
+    format!("{ca}\x1f{subject_key}")
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl RedbStore {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = redb::Builder::new()
+            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => Error::StoreLocked(path.to_owned()),
+                e => Error::Store(format!("{}: {e}", path.display())),
+            })?;
+        let store = RedbStore {
+            db,
+            path: path.to_owned(),
+        };
+        // Create the tables so readers never meet a missing one.
+        let tx = store.db.begin_write().map_err(db_err)?;
+        tx.open_table(CAS).map_err(db_err)?;
+        tx.open_table(CERTS).map_err(db_err)?;
+        tx.open_table(CERT_DER).map_err(db_err)?;
+        tx.open_table(LIVE).map_err(db_err)?;
+        tx.open_multimap_table(BY_ID).map_err(db_err)?;
+        tx.open_table(AUDIT).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        Ok(store)
+    }
+
+    /// Appends audit entries inside a write transaction.
+    fn append_audit(tx: &redb::WriteTransaction, events: Vec<AuditEvent>) -> Result<()> {
+        let mut table = tx.open_table(AUDIT).map_err(db_err)?;
+        let (mut seq, mut prev) = match table.last().map_err(db_err)? {
+            Some((k, v)) => {
+                let last: AuditEntry = from_json("audit", v.value())?;
+                (k.value(), last.hash)
+            }
+            None => (0, audit::GENESIS.to_owned()),
+        };
+        let t = now();
+        for event in events {
+            seq += 1;
+            let entry = audit::seal(seq, t, event, &prev)?;
+            table
+                .insert(seq, to_json(&entry)?.as_slice())
+                .map_err(db_err)?;
+            prev = entry.hash;
+        }
+        Ok(())
+    }
+
+    /// Test support: rewrites one audit entry's JSON in place, as an attacker with file
+    /// access could. Used to prove that `audit verify` notices.
+    #[doc(hidden)]
+    pub fn tamper_audit_entry(&self, seq: u64, f: impl FnOnce(&mut AuditEntry)) -> Result<()> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = tx.open_table(AUDIT).map_err(db_err)?;
+            let mut entry: AuditEntry = match table.get(seq).map_err(db_err)? {
+                Some(v) => from_json("audit", v.value())?,
+                None => return Err(Error::Store(format!("no audit entry {seq}"))),
+            };
+            f(&mut entry);
+            table
+                .insert(seq, to_json(&entry)?.as_slice())
+                .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+}
+
+impl Store for RedbStore {
+    fn create_ca(&self, ca: &CaRecord, event: AuditEvent) -> Result<()> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = tx.open_table(CAS).map_err(db_err)?;
+            if table.get(ca.name.as_str()).map_err(db_err)?.is_some() {
+                return Err(Error::CaExists(ca.name.clone()));
+            }
+            table
+                .insert(ca.name.as_str(), to_json(ca)?.as_slice())
+                .map_err(db_err)?;
+        }
+        Self::append_audit(&tx, vec![event])?;
+        tx.commit().map_err(db_err)
+    }
+
+    fn ca(&self, name: &str) -> Result<Option<CaRecord>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(CAS).map_err(db_err)?;
+        let value = table.get(name).map_err(db_err)?;
+        value.map(|v| from_json("CA", v.value())).transpose()
+    }
+
+    fn cas(&self) -> Result<Vec<CaRecord>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(CAS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db_err)? {
+            let (_, v) = row.map_err(db_err)?;
+            out.push(from_json("CA", v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn record_certs(&self, certs: &[NewCert], reissue: bool) -> Result<Vec<RecordOutcome>> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let mut outcomes = Vec::with_capacity(certs.len());
+        let mut events = Vec::with_capacity(certs.len());
+        {
+            let mut records = tx.open_table(CERTS).map_err(db_err)?;
+            let mut ders = tx.open_table(CERT_DER).map_err(db_err)?;
+            let mut live = tx.open_table(LIVE).map_err(db_err)?;
+            let mut by_id = tx.open_multimap_table(BY_ID).map_err(db_err)?;
+            for cert in certs {
+                let r = &cert.record;
+                let serial = r.serial.as_bytes();
+                if records.get(serial).map_err(db_err)?.is_some() {
+                    return Err(Error::Internal(format!(
+                        "serial {} exists already; nothing was recorded",
+                        r.serial
+                    )));
+                }
+                let lk = live_key(&r.ca, &r.subject_key);
+                if !reissue {
+                    if let Some(existing) = live.get(lk.as_str()).map_err(db_err)? {
+                        outcomes.push(RecordOutcome::AlreadyLive(Serial::from_bytes(
+                            existing.value(),
+                        )));
+                        continue;
+                    }
+                }
+                records
+                    .insert(serial, to_json(r)?.as_slice())
+                    .map_err(db_err)?;
+                ders.insert(serial, cert.der.as_slice()).map_err(db_err)?;
+                live.insert(lk.as_str(), serial).map_err(db_err)?;
+                by_id
+                    .insert(r.subject_key.as_str(), serial)
+                    .map_err(db_err)?;
+                if let Some(identity) = &r.identity {
+                    by_id
+                        .insert(identity.id().as_str(), serial)
+                        .map_err(db_err)?;
+                }
+                events.push(AuditEvent {
+                    action: "cert.issue".into(),
+                    subject: r.serial.to_string(),
+                    detail: serde_json::json!({
+                        "ca": r.ca,
+                        "profile": r.profile,
+                        "subject_key": r.subject_key,
+                        "sha256": r.sha256,
+                        "reissue": reissue,
+                    }),
+                });
+                outcomes.push(RecordOutcome::Recorded);
+            }
+        }
+        Self::append_audit(&tx, events)?;
+        tx.commit().map_err(db_err)?;
+        Ok(outcomes)
+    }
+
+    fn live_cert(&self, ca: &str, subject_key: &str) -> Result<Option<Serial>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let live = tx.open_table(LIVE).map_err(db_err)?;
+        let value = live
+            .get(live_key(ca, subject_key).as_str())
+            .map_err(db_err)?;
+        Ok(value.map(|v| Serial::from_bytes(v.value())))
+    }
+
+    fn cert(&self, serial: &Serial) -> Result<Option<(CertRecord, Vec<u8>)>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let records = tx.open_table(CERTS).map_err(db_err)?;
+        let ders = tx.open_table(CERT_DER).map_err(db_err)?;
+        let Some(rec) = records.get(serial.as_bytes()).map_err(db_err)? else {
+            return Ok(None);
+        };
+        let record: CertRecord = from_json("certificate", rec.value())?;
+        let der = ders
+            .get(serial.as_bytes())
+            .map_err(db_err)?
+            .ok_or_else(|| Error::Store(format!("certificate {serial} has no DER")))?
+            .value()
+            .to_vec();
+        Ok(Some((record, der)))
+    }
+
+    fn certs(&self, filter: &CertFilter) -> Result<Vec<CertRecord>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let records = tx.open_table(CERTS).map_err(db_err)?;
+        let keep = |r: &CertRecord| filter.ca.as_ref().is_none_or(|ca| &r.ca == ca);
+        let mut out = Vec::new();
+        if let Some(id) = &filter.id {
+            let by_id = tx.open_multimap_table(BY_ID).map_err(db_err)?;
+            for serial in by_id.get(id.as_str()).map_err(db_err)? {
+                let serial = serial.map_err(db_err)?;
+                if let Some(v) = records.get(serial.value()).map_err(db_err)? {
+                    let r: CertRecord = from_json("certificate", v.value())?;
+                    if keep(&r) {
+                        out.push(r);
+                    }
+                }
+            }
+            out.sort_by(|a, b| a.serial.cmp(&b.serial));
+            return Ok(out);
+        }
+        for row in records.iter().map_err(db_err)? {
+            let (_, v) = row.map_err(db_err)?;
+            let r: CertRecord = from_json("certificate", v.value())?;
+            if keep(&r) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn audit_log(&self, visit: &mut dyn FnMut(AuditEntry) -> Result<()>) -> Result<()> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(AUDIT).map_err(db_err)?;
+        for row in table.iter().map_err(db_err)? {
+            let (_, v) = row.map_err(db_err)?;
+            visit(from_json("audit", v.value())?)?;
+        }
+        Ok(())
+    }
+}

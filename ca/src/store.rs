@@ -1,0 +1,100 @@
+//! What the CA remembers, behind a narrow trait so other backends (PostgreSQL) can follow.
+
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{AuditEntry, AuditEvent};
+use crate::authority::CaRecord;
+use crate::identity::FieldNodeIdentity;
+use crate::profile::ProfileKind;
+use crate::serial::Serial;
+use crate::Result;
+
+/// The state of an issued certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertStatus {
+    /// Issued and not revoked.
+    Valid,
+    /// Revoked.
+    Revoked,
+}
+
+/// The ledger record of one issued certificate (its DER is kept beside it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CertRecord {
+    /// Serial number.
+    pub serial: Serial,
+    /// The issuing CA's name.
+    pub ca: String,
+    /// The profile it was issued under.
+    pub profile: ProfileKind,
+    /// The key under which "one live certificate per subject" is enforced: the canonical
+    /// field-node identity, or `server:<fqdn>`.
+    pub subject_key: String,
+    /// The field-node identity, for device and node certificates.
+    pub identity: Option<FieldNodeIdentity>,
+    /// The subject DN as text.
+    pub subject: String,
+    /// notBefore (Unix time).
+    pub not_before: i64,
+    /// notAfter (Unix time).
+    pub not_after: i64,
+    /// When it was recorded (Unix time).
+    pub issued_at: i64,
+    /// SHA-256 of the DER (hex).
+    pub sha256: String,
+    /// Current state.
+    pub status: CertStatus,
+}
+
+/// A certificate to record: its record and DER.
+#[derive(Clone, Debug)]
+pub struct NewCert {
+    /// The record.
+    pub record: CertRecord,
+    /// The certificate.
+    pub der: Vec<u8>,
+}
+
+/// What happened to one certificate handed to [`Store::record_certs`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum RecordOutcome {
+    /// Recorded (with its audit entry).
+    Recorded,
+    /// Not recorded: the subject already has this live certificate.
+    AlreadyLive(Serial),
+}
+
+/// Filters for [`Store::certs`].
+#[derive(Clone, Debug, Default)]
+pub struct CertFilter {
+    /// Only certificates of this CA.
+    pub ca: Option<String>,
+    /// Only certificates whose pre-provisioned ID, canonical identity or subject key is this.
+    pub id: Option<String>,
+}
+
+/// The storage the CA needs. Every method is atomic; every change appends audit entries in
+/// the same transaction.
+pub trait Store: Send + Sync {
+    /// Records a new CA; refuses a duplicate name.
+    fn create_ca(&self, ca: &CaRecord, event: AuditEvent) -> Result<()>;
+    /// A CA by name.
+    fn ca(&self, name: &str) -> Result<Option<CaRecord>>;
+    /// All CAs, by name.
+    fn cas(&self) -> Result<Vec<CaRecord>>;
+    /// Records certificates in one transaction, each with a `cert.issue` audit entry.
+    ///
+    /// A certificate whose subject already has a live certificate from the same CA is not
+    /// recorded (its outcome says which serial is live) unless `reissue` is set. A serial that
+    /// exists already fails the whole call: serials are never reused.
+    fn record_certs(&self, certs: &[NewCert], reissue: bool) -> Result<Vec<RecordOutcome>>;
+    /// The live certificate of a subject at a CA, if any.
+    fn live_cert(&self, ca: &str, subject_key: &str) -> Result<Option<Serial>>;
+    /// A certificate and its DER.
+    fn cert(&self, serial: &Serial) -> Result<Option<(CertRecord, Vec<u8>)>>;
+    /// Certificates matching `filter`, in serial order.
+    fn certs(&self, filter: &CertFilter) -> Result<Vec<CertRecord>>;
+    /// Visits the audit log in order, stopping at the first error `visit` returns.
+    fn audit_log(&self, visit: &mut dyn FnMut(AuditEntry) -> Result<()>) -> Result<()>;
+}

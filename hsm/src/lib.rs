@@ -1,0 +1,36 @@
+//! Keys and signing for m2mpki.
+//!
+//! Everything in m2mpki that signs (certificates, CRLs and, later, TLS handshakes) goes through
+//! a [`Signer`]: a key that implements rcgen's [`rcgen::SigningKey`] and knows its
+//! [`KeyType`]. Software keys ([`SoftwareKey`]) are the embedded default; PKCS#11 tokens are a
+//! second implementation of the same trait. Callers name a key with a [`KeyRef`] (a file path or,
+//! for tokens, a `pkcs11:` URI) and open it through a [`Keystore`], so code that only signs never
+//! learns where the key lives.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod error;
+pub mod files;
+mod key_type;
+mod keystore;
+mod secret;
+mod software;
+
+pub use error::{Error, Result};
+pub use key_type::KeyType;
+pub use keystore::{KeyRef, Keystore};
+pub use secret::Passphrase;
+pub use software::SoftwareKey;
+
+use std::fmt;
+
+/// A private key that can sign: the one abstraction every signing path of m2mpki uses.
+///
+/// Implementations must be cheap to share between threads (`Send + Sync`) so batch issuance can
+/// sign in parallel, and their `Debug` output must never contain key material.
+pub trait Signer: rcgen::SigningKey + Send + Sync + fmt::Debug {
+    /// The key's algorithm.
+    fn key_type(&self) -> KeyType;
+    /// Where the key lives, for records and messages (a path or a PKCS#11 URI, never a secret).
+    fn key_ref(&self) -> &KeyRef;
+}
