@@ -276,7 +276,7 @@ pub fn init_ca(
             KeyUsage::CrlSign.to_rcgen(),
         ];
         params.extended_key_usages = vec![];
-        params.key_identifier_method = KeyIdMethod::Sha256;
+        params.key_identifier_method = key_identifier(signer.der_bytes());
         params.use_authority_key_identifier_extension = parent.is_some();
         params.custom_extensions = req.name_constraints.to_extension().into_iter().collect();
         let subject_key = SharedSigner(signer.clone());
@@ -592,7 +592,7 @@ impl Authority {
             .iter()
             .map(|k| k.to_rcgen())
             .collect();
-        params.key_identifier_method = KeyIdMethod::Sha256;
+        params.key_identifier_method = key_identifier(req.public_key.der_bytes());
         params.use_authority_key_identifier_extension = true;
         let subject = dn_to_string(&params.distinguished_name);
         Ok(Approved {
@@ -655,6 +655,14 @@ impl Authority {
         }
         chain
     }
+}
+
+/// The subject key identifier of RFC 7093 §2 method 1: the leftmost 160 bits of the SHA-256 of
+/// the subjectPublicKey bits (recognised by linters, unlike a hash over the whole SPKI).
+fn key_identifier(subject_public_key: &[u8]) -> KeyIdMethod {
+    let mut id = crate::input::sha256(subject_public_key);
+    id.truncate(20);
+    KeyIdMethod::PreSpecified(id)
 }
 
 /// subjectAltName with one RFC 4108 hardwareModuleName otherName:

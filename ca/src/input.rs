@@ -127,3 +127,10 @@ impl VerifiedCsr {
         Self::from_bytes(&bytes, &path.display().to_string())
     }
 }
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> Vec<u8> {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data)
+        .as_ref()
+        .to_vec()
+}

@@ -1,1 +1,177 @@
-//! placeholder
+//! Builds whole lab PKIs for m2mpki's tests, benches and the `lab` command.
+//!
+//! A lab PKI is a home folder holding three hierarchies, each a root and an issuing CA:
+//! a manufacturer (with a hwType OID, for device certificates), an enterprise (with URI name
+//! constraints on its domain, for node certificates) and an infrastructure operator (with DNS
+//! name constraints, for Infrastructure Node server certificates).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use m2mpki_ca::validity::Validity;
+use m2mpki_ca::{init_ca, CaInit, CaKey, CaRecord, Home, NameConstraints, RedbStore};
+use m2mpki_hsm::{KeyType, Keystore};
+
+/// The manufacturer's hwType OID (under the documentation-only private enterprise arc).
+pub const HW_TYPE: &str = "1.3.6.1.4.1.99999.1";
+/// The lab enterprise's domain.
+pub const ENTERPRISE: &str = "acme.example";
+/// The lab Infrastructure Node's FQDN.
+pub const IN_FQDN: &str = "in.m2m.localhost";
+
+/// Names of the CAs a lab PKI holds.
+pub mod names {
+    /// Manufacturer root.
+    pub const MFR_ROOT: &str = "mfr-root";
+    /// Manufacturer issuing CA (device certificates).
+    pub const MFR_CA: &str = "mfr-ca";
+    /// Enterprise root.
+    pub const ENT_ROOT: &str = "ent-root";
+    /// Enterprise issuing CA (node certificates).
+    pub const ENT_CA: &str = "ent-ca";
+    /// Infrastructure root.
+    pub const INFRA_ROOT: &str = "infra-root";
+    /// Infrastructure issuing CA (IN server certificates).
+    pub const INFRA_CA: &str = "infra-ca";
+}
+
+/// A lab PKI in a home folder.
+#[derive(Debug)]
+pub struct LabPki {
+    /// The home folder.
+    pub home: Home,
+    /// Its store.
+    pub store: RedbStore,
+    /// The CAs, in creation order.
+    pub cas: Vec<CaRecord>,
+}
+
+/// How to build a lab PKI.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    /// Key type of every CA.
+    pub key_type: KeyType,
+}
+
+impl Default for LabSpec {
+    fn default() -> Self {
+        LabSpec {
+            key_type: KeyType::P256,
+        }
+    }
+}
+
+fn ca(
+    name: &str,
+    subject: &str,
+    parent: Option<&str>,
+    spec: &LabSpec,
+    path_len: Option<u8>,
+    hw_type: Option<&str>,
+    constraints: NameConstraints,
+) -> Result<CaInit> {
+    Ok(CaInit {
+        name: name.into(),
+        subject: subject.into(),
+        parent: parent.map(Into::into),
+        key: CaKey::Generate(spec.key_type),
+        validity: if parent.is_some() {
+            Validity::Years(10)
+        } else {
+            Validity::Years(20)
+        },
+        not_before: None,
+        path_len,
+        hw_type: hw_type.map(str::parse).transpose()?,
+        name_constraints: constraints,
+    })
+}
+
+impl LabPki {
+    /// Builds the three hierarchies in `home` (which must not hold them yet).
+    pub fn build(home: &Path, keystore: &Keystore, spec: &LabSpec) -> Result<Self> {
+        use names::*;
+        let home = Home::open(home)?;
+        let store = home.store()?;
+        let none = NameConstraints::default;
+        let ent_nc = NameConstraints::new(
+            &[],
+            &[],
+            &[ENTERPRISE.into(), format!(".{ENTERPRISE}")],
+            &[],
+        )?;
+        let infra_nc = NameConstraints::new(&["m2m.localhost".into()], &[], &[], &[])?;
+        let plan = [
+            ca(
+                MFR_ROOT,
+                "CN=Example Manufacturer Root CA,O=Example Manufacturer,C=DE",
+                None,
+                spec,
+                Some(1),
+                None,
+                none(),
+            )?,
+            ca(
+                MFR_CA,
+                "CN=Example Manufacturer Device CA,O=Example Manufacturer,C=DE",
+                Some(MFR_ROOT),
+                spec,
+                Some(0),
+                Some(HW_TYPE),
+                none(),
+            )?,
+            ca(
+                ENT_ROOT,
+                "CN=Acme Enterprise Root CA,O=Acme",
+                None,
+                spec,
+                Some(1),
+                None,
+                ent_nc.clone(),
+            )?,
+            ca(
+                ENT_CA,
+                "CN=Acme Node CA,O=Acme",
+                Some(ENT_ROOT),
+                spec,
+                Some(0),
+                None,
+                ent_nc,
+            )?,
+            ca(
+                INFRA_ROOT,
+                "CN=Example M2M Infrastructure Root CA,O=Example M2M SP",
+                None,
+                spec,
+                Some(1),
+                None,
+                infra_nc.clone(),
+            )?,
+            ca(
+                INFRA_CA,
+                "CN=Example M2M Infrastructure CA,O=Example M2M SP",
+                Some(INFRA_ROOT),
+                spec,
+                Some(0),
+                None,
+                infra_nc,
+            )?,
+        ];
+        let mut cas = Vec::new();
+        for req in plan {
+            let name = req.name.clone();
+            cas.push(
+                init_ca(&home, &store, keystore, req)
+                    .with_context(|| format!("creating CA {name}"))?,
+            );
+        }
+        Ok(LabPki { home, store, cas })
+    }
+
+    /// A CA of the lab by name.
+    pub fn ca(&self, name: &str) -> Option<&CaRecord> {
+        self.cas.iter().find(|c| c.name == name)
+    }
+}

@@ -1,0 +1,292 @@
+//! The command line, as clap structs. They are turned into library requests in `commands`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  refused by policy or verification (e.g. the ID already has a live certificate,
+     the audit log is broken)
+  2  bad usage or bad input (malformed file, CSR, ID, unknown CA, existing output file)
+  3  internal, storage or HSM failure";
+
+/// m2mpki: a certificate authority for oneM2M field nodes and Infrastructure Nodes.
+#[derive(Debug, Parser)]
+#[command(name = "m2mpki", version, after_help = EXIT_CODES, propagate_version = true)]
+pub struct Cli {
+    /// Home folder holding the store and software CA keys
+    /// [default: $M2MPKI_HOME, else the platform data folder]
+    #[arg(long, global = true, env = "M2MPKI_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    /// Print results as JSON (one document on stdout); errors too, on stderr
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// File whose first line is the passphrase of CA key files (encrypts new ones)
+    #[arg(long, global = true, env = "M2MPKI_KEY_PASS_FILE", value_name = "FILE")]
+    pub key_pass_file: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create and inspect certificate authorities
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Ca(CaCommand),
+    /// Issue device, node and server certificates
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Issue(IssueCommand),
+    /// Query the issuance ledger
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Certs(CertsCommand),
+    /// Check the audit log
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a root CA, or an issuing CA with --parent
+    Init(Box<CaInitArgs>),
+    /// List CAs
+    List,
+    /// Show one CA
+    Show {
+        /// CA name
+        name: String,
+        /// Print the CA certificate chain as PEM (CA first, root last)
+        #[arg(long)]
+        pem: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CaInitArgs {
+    /// Name of the new CA (A-Z a-z 0-9 . _ -)
+    pub name: String,
+    /// Subject, e.g. "CN=Acme Device CA,O=Acme,C=DE" or "/C=DE/O=Acme/CN=Acme Device CA"
+    #[arg(long, value_name = "DN")]
+    pub subject: String,
+    /// Parent CA: makes an issuing CA signed by it (default: a self-signed root)
+    #[arg(long, value_name = "CA")]
+    pub parent: Option<String>,
+    /// Key type of a generated key
+    #[arg(long, value_enum, default_value_t = KeyTypeArg::P256)]
+    pub key_type: KeyTypeArg,
+    /// Use an existing key instead of generating one: a PKCS#8 PEM file
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// Lifetime: 20y, 3650d, 12h or forever
+    #[arg(long, default_value = "20y")]
+    pub validity: String,
+    /// notBefore (RFC 3339) [default: now]
+    #[arg(long, value_name = "TIME")]
+    pub not_before: Option<String>,
+    /// basicConstraints pathLenConstraint [default: none for a root, 0 for an issuing CA]
+    #[arg(long, value_name = "N")]
+    pub path_len: Option<u8>,
+    /// Manufacturer hwType OID: lets this CA issue device certificates (RFC 4108)
+    #[arg(long, value_name = "OID")]
+    pub hw_type: Option<String>,
+    /// Permitted dNSName subtree (repeatable)
+    #[arg(long, value_name = "DOMAIN")]
+    pub permit_dns: Vec<String>,
+    /// Excluded dNSName subtree (repeatable)
+    #[arg(long, value_name = "DOMAIN")]
+    pub exclude_dns: Vec<String>,
+    /// Permitted URI host subtree: host.example (exact) or .example (below) (repeatable)
+    #[arg(long, value_name = "DOMAIN")]
+    pub permit_uri_domain: Vec<String>,
+    /// Excluded URI host subtree (repeatable)
+    #[arg(long, value_name = "DOMAIN")]
+    pub exclude_uri_domain: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+pub enum KeyTypeArg {
+    /// ECDSA P-256 with SHA-256 (oneM2M default)
+    #[default]
+    P256,
+    /// ECDSA P-384 with SHA-384
+    P384,
+    /// Ed25519
+    Ed25519,
+}
+
+impl From<KeyTypeArg> for m2mpki_hsm::KeyType {
+    fn from(k: KeyTypeArg) -> Self {
+        match k {
+            KeyTypeArg::P256 => m2mpki_hsm::KeyType::P256,
+            KeyTypeArg::P384 => m2mpki_hsm::KeyType::P384,
+            KeyTypeArg::Ed25519 => m2mpki_hsm::KeyType::Ed25519,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IssueCommand {
+    /// Manufacturer-Issued Device Certificate (ID in subject serialNumber and in
+    /// subjectAltName hardwareModuleName)
+    Device {
+        /// Pre-provisioned ID (1-64 of A-Z a-z 0-9 . : -)
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        common: IssueArgs,
+    },
+    /// Enterprise-Issued Node Certificate (subjectAltName onem2m-node://ENTERPRISE/ID)
+    Node {
+        /// The enterprise's domain, e.g. acme.example
+        #[arg(long)]
+        enterprise: String,
+        /// Pre-provisioned ID (1-64 of A-Z a-z 0-9 . : -)
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        common: IssueArgs,
+    },
+    /// Infrastructure Node server certificate (subjectAltName dNSName)
+    Server {
+        /// The IN's FQDN
+        #[arg(long)]
+        fqdn: String,
+        #[command(flatten)]
+        common: IssueArgs,
+    },
+    /// Issue many device or node certificates (production line): parallel, rerunnable
+    Batch(BatchArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("keysource").required(true).args(["csr", "key_out"]))]
+pub struct IssueArgs {
+    /// Issuing CA
+    #[arg(long)]
+    pub ca: String,
+    /// Certify the key of this CSR (PEM or DER); its self-signature is verified
+    #[arg(long, value_name = "FILE")]
+    pub csr: Option<PathBuf>,
+    /// Generate the key and write it here (PKCS#8 PEM, mode 0600)
+    #[arg(long, value_name = "FILE")]
+    pub key_out: Option<PathBuf>,
+    /// Key type of a generated key
+    #[arg(long, value_enum, default_value_t = KeyTypeArg::P256)]
+    pub key_type: KeyTypeArg,
+    /// Encrypt the generated key with the passphrase in this file
+    #[arg(long, value_name = "FILE")]
+    pub key_out_pass_file: Option<PathBuf>,
+    /// Certificate output: PEM, leaf then intermediates (root not included)
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Write the leaf as DER instead
+    #[arg(long)]
+    pub der: bool,
+    /// Overwrite existing output files
+    #[arg(long)]
+    pub force: bool,
+    /// Lifetime: 5y, 397d, 12h or forever (device only) [default: the profile's]
+    #[arg(long)]
+    pub validity: Option<String>,
+    /// notBefore (RFC 3339) [default: now]
+    #[arg(long, value_name = "TIME")]
+    pub not_before: Option<String>,
+    /// Issue even though the subject already has a live certificate from this CA
+    #[arg(long)]
+    pub reissue: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BatchProfile {
+    /// Manufacturer device certificates
+    Device,
+    /// Enterprise node certificates
+    Node,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("input").required(true).args(["ids", "csr_dir"]))]
+pub struct BatchArgs {
+    /// Issuing CA
+    #[arg(long)]
+    pub ca: String,
+    /// device or node
+    #[arg(long, value_enum)]
+    pub profile: BatchProfile,
+    /// Enterprise domain (node batches)
+    #[arg(long)]
+    pub enterprise: Option<String>,
+    /// File with one ID per line (blank lines and # comments skipped); a key is generated
+    /// per ID and written as OUT_DIR/ID.key.pem
+    #[arg(long, value_name = "FILE")]
+    pub ids: Option<PathBuf>,
+    /// Folder of CSRs, one per file; the ID is the CSR subject's serialNumber, or else the
+    /// file name without extension
+    #[arg(long, value_name = "DIR")]
+    pub csr_dir: Option<PathBuf>,
+    /// Output folder: OUT_DIR/ID.pem (leaf + chain) or ID.der
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: PathBuf,
+    /// Key type of generated keys
+    #[arg(long, value_enum, default_value_t = KeyTypeArg::P256)]
+    pub key_type: KeyTypeArg,
+    /// Encrypt generated keys with the passphrase in this file
+    #[arg(long, value_name = "FILE")]
+    pub key_out_pass_file: Option<PathBuf>,
+    /// Lifetime [default: the profile's]
+    #[arg(long)]
+    pub validity: Option<String>,
+    /// notBefore (RFC 3339) [default: now]
+    #[arg(long, value_name = "TIME")]
+    pub not_before: Option<String>,
+    /// Issue a new certificate for every ID, even those with a live one
+    #[arg(long)]
+    pub reissue: bool,
+    /// Write DER files instead of PEM
+    #[arg(long)]
+    pub der: bool,
+    /// Subjects per durable commit
+    #[arg(long, default_value_t = 512)]
+    pub chunk: usize,
+    /// Worker threads [default: all cores]
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// List issued certificates
+    List {
+        /// Only this CA's
+        #[arg(long)]
+        ca: Option<String>,
+        /// Only this pre-provisioned ID, canonical identity or server:FQDN
+        #[arg(long)]
+        id: Option<String>,
+        /// CSV instead of a table
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+    },
+    /// Show one certificate by serial, or the certificates of an ID
+    Show {
+        /// Serial number (hex)
+        #[arg(required_unless_present = "id", conflicts_with = "id")]
+        serial: Option<String>,
+        /// Pre-provisioned ID, canonical identity or server:FQDN
+        #[arg(long)]
+        id: Option<String>,
+        /// Print the certificate(s) as PEM
+        #[arg(long)]
+        pem: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the audit log's hash chain (exit 1 naming the first bad entry)
+    Verify,
+}

@@ -1,0 +1,609 @@
+//! Turns parsed arguments into library requests, runs them and prints the results.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use m2mpki_ca::batch::{self, BatchInput, BatchOptions};
+use m2mpki_ca::input::VerifiedCsr;
+use m2mpki_ca::profile::{LeafProfile, ProfileKind};
+use m2mpki_ca::validity::{format_time, parse_time, Validity};
+use m2mpki_ca::{
+    audit::ChainVerifier, Authority, CaInit, CaKey, CaRecord, CertFilter, CertRecord, Home,
+    LeafRequest, LeafSubject, NameConstraints, Store,
+};
+use m2mpki_hsm::files::{self, Mode, Overwrite, WriteOptions};
+use m2mpki_hsm::{KeyRef, Keystore, Passphrase, SoftwareKey};
+use rcgen::PublicKeyData;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::args::{
+    AuditCommand, BatchArgs, BatchProfile, CaCommand, CaInitArgs, CertsCommand, Cli, Command,
+    IssueArgs, IssueCommand,
+};
+use crate::output::{csv_field, emit, emit_json, table, UsageError};
+
+struct Ctx {
+    home: Home,
+    json: bool,
+    keystore: Keystore,
+}
+
+impl Ctx {
+    fn store(&self) -> Result<m2mpki_ca::RedbStore> {
+        Ok(self.home.store()?)
+    }
+}
+
+fn default_home() -> Result<PathBuf> {
+    directories::ProjectDirs::from("org", "m2mpki", "m2mpki")
+        .map(|d| d.data_dir().to_path_buf())
+        .ok_or_else(|| UsageError("no home folder: give --home or set M2MPKI_HOME".into()).into())
+}
+
+fn passphrase(path: Option<&Path>) -> Result<Option<Passphrase>> {
+    Ok(match path {
+        Some(p) => Some(Passphrase::from_file(p)?),
+        None => None,
+    })
+}
+
+/// Runs one command.
+pub fn run(cli: Cli) -> Result<()> {
+    let home = match &cli.home {
+        Some(h) => h.clone(),
+        None => default_home()?,
+    };
+    let ctx = Ctx {
+        home: Home::open(&home)?,
+        json: cli.json,
+        keystore: Keystore::new(passphrase(cli.key_pass_file.as_deref())?),
+    };
+    match cli.command {
+        Command::Ca(CaCommand::Init(args)) => ca_init(&ctx, args),
+        Command::Ca(CaCommand::List) => ca_list(&ctx),
+        Command::Ca(CaCommand::Show { name, pem }) => ca_show(&ctx, &name, pem),
+        Command::Issue(IssueCommand::Device { id, common }) => {
+            let subject = LeafSubject::Device(id.parse()?);
+            issue_one(&ctx, subject, common)
+        }
+        Command::Issue(IssueCommand::Node {
+            enterprise,
+            id,
+            common,
+        }) => {
+            let subject = LeafSubject::Node {
+                enterprise: enterprise.parse()?,
+                id: id.parse()?,
+            };
+            issue_one(&ctx, subject, common)
+        }
+        Command::Issue(IssueCommand::Server { fqdn, common }) => {
+            issue_one(&ctx, LeafSubject::Server(fqdn.parse()?), common)
+        }
+        Command::Issue(IssueCommand::Batch(args)) => issue_batch(&ctx, args),
+        Command::Certs(CertsCommand::List { ca, id, csv }) => certs_list(&ctx, ca, id, csv),
+        Command::Certs(CertsCommand::Show { serial, id, pem }) => certs_show(&ctx, serial, id, pem),
+        Command::Audit(AuditCommand::Verify) => audit_verify(&ctx),
+    }
+}
+
+fn opt_time(what: &'static str, s: Option<&str>) -> Result<Option<OffsetDateTime>> {
+    Ok(match s {
+        Some(s) => Some(parse_time(what, s)?),
+        None => None,
+    })
+}
+
+fn opt_validity(s: Option<&str>) -> Result<Option<Validity>> {
+    Ok(match s {
+        Some(s) => Some(s.parse()?),
+        None => None,
+    })
+}
+
+#[derive(Serialize)]
+struct CaView<'a> {
+    name: &'a str,
+    subject: &'a str,
+    kind: &'static str,
+    parent: Option<&'a str>,
+    key: &'a str,
+    key_type: String,
+    hw_type: Option<String>,
+    path_len: Option<u8>,
+    name_constraints: &'a NameConstraints,
+    serial: String,
+    not_before: String,
+    not_after: String,
+    sha256: String,
+}
+
+fn ts(unix: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .map(format_time)
+        .unwrap_or_else(|_| unix.to_string())
+}
+
+fn ca_view(r: &CaRecord) -> CaView<'_> {
+    CaView {
+        name: &r.name,
+        subject: &r.subject,
+        kind: if r.parent.is_some() {
+            "issuing"
+        } else {
+            "root"
+        },
+        parent: r.parent.as_deref(),
+        key: &r.key,
+        key_type: r.key_type.to_string(),
+        hw_type: r.hw_type.as_ref().map(ToString::to_string),
+        path_len: r.path_len,
+        name_constraints: &r.name_constraints,
+        serial: r.serial.to_string(),
+        not_before: ts(r.not_before),
+        not_after: ts(r.not_after),
+        sha256: hex::encode(aws_lc_rs_digest(&r.cert_der)),
+    }
+}
+
+fn aws_lc_rs_digest(der: &[u8]) -> Vec<u8> {
+    m2mpki_ca::input::sha256(der)
+}
+
+fn ca_init(ctx: &Ctx, a: Box<CaInitArgs>) -> Result<()> {
+    let store = ctx.store()?;
+    let key = match &a.key {
+        Some(k) => CaKey::Existing(k.parse::<KeyRef>()?),
+        None => CaKey::Generate(a.key_type.into()),
+    };
+    let req = CaInit {
+        name: a.name.clone(),
+        subject: a.subject.clone(),
+        parent: a.parent.clone(),
+        key,
+        validity: a.validity.parse()?,
+        not_before: opt_time("--not-before", a.not_before.as_deref())?,
+        path_len: a.path_len,
+        hw_type: a.hw_type.as_deref().map(str::parse).transpose()?,
+        name_constraints: NameConstraints::new(
+            &a.permit_dns,
+            &a.exclude_dns,
+            &a.permit_uri_domain,
+            &a.exclude_uri_domain,
+        )?,
+    };
+    let record = m2mpki_ca::init_ca(&ctx.home, &store, &ctx.keystore, req)?;
+    if ctx.json {
+        emit_json(&ca_view(&record))
+    } else {
+        emit(&format!(
+            "created {} CA `{}`\n  subject   {}\n  key       {} ({})\n  valid to  {}",
+            ca_view(&record).kind,
+            record.name,
+            record.subject,
+            record.key,
+            record.key_type,
+            ts(record.not_after)
+        ))
+    }
+}
+
+fn ca_list(ctx: &Ctx) -> Result<()> {
+    let cas = ctx.store()?.cas()?;
+    if ctx.json {
+        return emit_json(&cas.iter().map(ca_view).collect::<Vec<_>>());
+    }
+    let rows: Vec<Vec<String>> = cas
+        .iter()
+        .map(|r| {
+            let v = ca_view(r);
+            vec![
+                r.name.clone(),
+                v.kind.to_owned(),
+                r.parent.clone().unwrap_or_else(|| "-".into()),
+                r.key_type.to_string(),
+                v.not_after,
+                r.subject.clone(),
+            ]
+        })
+        .collect();
+    emit(&table(
+        &["NAME", "KIND", "PARENT", "KEY", "NOT AFTER", "SUBJECT"],
+        &rows,
+    ))
+}
+
+fn ca_show(ctx: &Ctx, name: &str, pem: bool) -> Result<()> {
+    let record = ctx
+        .store()?
+        .ca(name)?
+        .ok_or_else(|| m2mpki_ca::Error::UnknownCa(name.to_owned()))?;
+    if pem {
+        return emit(&record.chain_pem());
+    }
+    let v = ca_view(&record);
+    if ctx.json {
+        return emit_json(&v);
+    }
+    let mut s = format!(
+        "name        {}\nkind        {}\nsubject     {}\nparent      {}\nkey         {} ({})\nserial      {}\nnot before  {}\nnot after   {}\npath len    {}\nsha256      {}",
+        v.name,
+        v.kind,
+        v.subject,
+        v.parent.unwrap_or("-"),
+        v.key,
+        v.key_type,
+        v.serial,
+        v.not_before,
+        v.not_after,
+        v.path_len.map_or("unconstrained".into(), |n| n.to_string()),
+        v.sha256
+    );
+    if let Some(hw) = &v.hw_type {
+        s.push_str(&format!("\nhw type     {hw}"));
+    }
+    if !record.name_constraints.is_empty() {
+        s.push_str(&format!(
+            "\nconstraints {}",
+            serde_json::to_string(&record.name_constraints)?
+        ));
+    }
+    emit(&s)
+}
+
+fn write_options(mode: Mode, force: bool) -> WriteOptions {
+    WriteOptions {
+        mode,
+        overwrite: if force {
+            Overwrite::Replace
+        } else {
+            Overwrite::Refuse
+        },
+        sync: true,
+    }
+}
+
+#[derive(Serialize)]
+struct CertView {
+    serial: String,
+    ca: String,
+    profile: ProfileKind,
+    identity: Option<String>,
+    subject_key: String,
+    subject: String,
+    not_before: String,
+    not_after: String,
+    issued_at: String,
+    status: m2mpki_ca::CertStatus,
+    sha256: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    out: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_out: Option<PathBuf>,
+}
+
+fn cert_view(r: &CertRecord) -> CertView {
+    CertView {
+        serial: r.serial.to_string(),
+        ca: r.ca.clone(),
+        profile: r.profile,
+        identity: r.identity.as_ref().map(ToString::to_string),
+        subject_key: r.subject_key.clone(),
+        subject: r.subject.clone(),
+        not_before: ts(r.not_before),
+        not_after: ts(r.not_after),
+        issued_at: ts(r.issued_at),
+        status: r.status,
+        sha256: r.sha256.clone(),
+        out: None,
+        key_out: None,
+    }
+}
+
+fn issue_one(ctx: &Ctx, subject: LeafSubject, a: IssueArgs) -> Result<()> {
+    // Refuse existing outputs before anything is signed or recorded.
+    for path in [Some(&a.out), a.key_out.as_ref()].into_iter().flatten() {
+        if !a.force && path.exists() {
+            return Err(m2mpki_hsm::Error::FileExists(path.clone()).into());
+        }
+    }
+    let store = ctx.store()?;
+    let authority = Authority::load(&ctx.home, &store, &ctx.keystore, &a.ca)?;
+    let (public_key, new_key) = match (&a.csr, &a.key_out) {
+        (Some(csr), _) => (VerifiedCsr::from_file(csr)?.public_key, None),
+        (None, Some(_)) => {
+            let key = SoftwareKey::generate(a.key_type.into())?;
+            let spki = rcgen::SubjectPublicKeyInfo::from_der(&key.subject_public_key_info())
+                .context("generated key")?;
+            (spki, Some(key))
+        }
+        (None, None) => return Err(UsageError("give --csr or --key-out".into()).into()),
+    };
+    let profile = LeafProfile::builtin(subject.kind());
+    let req = LeafRequest {
+        subject,
+        public_key,
+        validity: opt_validity(a.validity.as_deref())?,
+        not_before: opt_time("--not-before", a.not_before.as_deref())?,
+    };
+    // Check the request and the ledger before the key file is written, so a refusal leaves
+    // nothing behind.
+    let approved = authority.approve(&profile, req.clone())?;
+    if !a.reissue {
+        if let Some(serial) = store.live_cert(&authority.record.name, approved.subject_key())? {
+            return Err(m2mpki_ca::Error::AlreadyIssued {
+                ca: authority.record.name.clone(),
+                identity: approved.subject_key().to_owned(),
+                serial: serial.to_string(),
+            }
+            .into());
+        }
+    }
+    drop(approved);
+    if let (Some(mut key), Some(path)) = (new_key, &a.key_out) {
+        let pass = passphrase(a.key_out_pass_file.as_deref())?;
+        key.save(
+            path,
+            pass.as_ref(),
+            if a.force {
+                Overwrite::Replace
+            } else {
+                Overwrite::Refuse
+            },
+        )?;
+    }
+    let cert = match m2mpki_ca::issue(&store, &authority, &profile, req, a.reissue) {
+        Ok(cert) => cert,
+        Err(e) => {
+            // The key certifies nothing: do not leave it behind.
+            if let Some(path) = &a.key_out {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e.into());
+        }
+    };
+    let bytes = if a.der {
+        cert.der.clone()
+    } else {
+        m2mpki_ca::chain_pem(&cert.der, &authority.chain_without_root()).into_bytes()
+    };
+    files::write_atomic(&a.out, &bytes, write_options(Mode::Public, a.force))?;
+    if ctx.json {
+        let mut v = cert_view(&cert.record);
+        v.out = Some(a.out.clone());
+        v.key_out = a.key_out.clone();
+        emit_json(&v)
+    } else {
+        emit(&format!(
+            "issued {} certificate {}\n  subject   {}\n  identity  {}\n  valid to  {}\n  written   {}{}",
+            cert.record.profile,
+            cert.record.serial,
+            cert.record.subject,
+            cert.record.subject_key,
+            ts(cert.record.not_after),
+            a.out.display(),
+            a.key_out
+                .as_ref()
+                .map(|k| format!("\n  key       {}", k.display()))
+                .unwrap_or_default()
+        ))
+    }
+}
+
+fn issue_batch(ctx: &Ctx, a: BatchArgs) -> Result<()> {
+    if let Some(n) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+            .context("starting worker threads")?;
+    }
+    let input = match (&a.ids, &a.csr_dir) {
+        (Some(ids), _) => BatchInput::Ids(batch::load_ids(ids)?),
+        (None, Some(dir)) => BatchInput::Csrs(batch::load_csr_dir(dir)?),
+        (None, None) => return Err(UsageError("give --ids or --csr-dir".into()).into()),
+    };
+    let profile = match a.profile {
+        BatchProfile::Device => ProfileKind::Device,
+        BatchProfile::Node => ProfileKind::Node,
+    };
+    let enterprise = a.enterprise.as_deref().map(str::parse).transpose()?;
+    if profile == ProfileKind::Node && enterprise.is_none() {
+        return Err(UsageError("--profile node needs --enterprise".into()).into());
+    }
+    let opts = BatchOptions {
+        profile,
+        enterprise,
+        key_type: a.key_type.into(),
+        key_passphrase: passphrase(a.key_out_pass_file.as_deref())?,
+        validity: opt_validity(a.validity.as_deref())?,
+        not_before: opt_time("--not-before", a.not_before.as_deref())?,
+        out_dir: a.out_dir.clone(),
+        reissue: a.reissue,
+        der: a.der,
+        chunk_size: a.chunk,
+    };
+    let store = ctx.store()?;
+    let authority = Authority::load(&ctx.home, &store, &ctx.keystore, &a.ca)?;
+    let bar = if ctx.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(input.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {pos}/{len} [{bar:40}] {per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    };
+    let started = std::time::Instant::now();
+    let bar = Arc::new(bar);
+    let tick = bar.clone();
+    let report = batch::run_batch(&store, &authority, input, &opts, &move |n| tick.inc(n))?;
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    if ctx.json {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            #[serde(flatten)]
+            report: &'a batch::BatchReport,
+            seconds: f64,
+            out_dir: &'a Path,
+        }
+        emit_json(&Out {
+            report: &report,
+            seconds: secs,
+            out_dir: &a.out_dir,
+        })?;
+    } else {
+        emit(&format!(
+            "batch done: {} issued, {} already issued, {} files restored, {} total in {:.1}s ({:.0}/s)",
+            report.issued,
+            report.already_issued,
+            report.files_restored,
+            report.total,
+            secs,
+            report.issued as f64 / secs.max(1e-9)
+        ))?;
+    }
+    if !report.missing_keys.is_empty() {
+        eprintln!(
+            "m2mpki: warning: {} certificate(s) exist but their key file is missing, e.g. {} (use --reissue for those IDs)",
+            report.missing_keys.len(),
+            report.missing_keys[0]
+        );
+    }
+    Ok(())
+}
+
+fn certs_list(ctx: &Ctx, ca: Option<String>, id: Option<String>, csv: bool) -> Result<()> {
+    let store = ctx.store()?;
+    if let Some(ca) = &ca {
+        store
+            .ca(ca)?
+            .ok_or_else(|| m2mpki_ca::Error::UnknownCa(ca.clone()))?;
+    }
+    let certs = store.certs(&CertFilter { ca, id })?;
+    if ctx.json {
+        return emit_json(&certs.iter().map(cert_view).collect::<Vec<_>>());
+    }
+    if csv {
+        let mut s =
+            String::from("serial,ca,profile,subject_key,not_before,not_after,status,sha256\n");
+        for r in &certs {
+            let v = cert_view(r);
+            let status = serde_json::to_value(v.status)?;
+            s.push_str(
+                &[
+                    v.serial,
+                    v.ca,
+                    v.profile.to_string(),
+                    v.subject_key,
+                    v.not_before,
+                    v.not_after,
+                    status.as_str().unwrap_or_default().to_owned(),
+                    v.sha256,
+                ]
+                .iter()
+                .map(|f| csv_field(f))
+                .collect::<Vec<_>>()
+                .join(","),
+            );
+            s.push('\n');
+        }
+        return emit(&s);
+    }
+    let rows: Vec<Vec<String>> = certs
+        .iter()
+        .map(|r| {
+            let v = cert_view(r);
+            vec![
+                v.serial,
+                v.ca,
+                v.profile.to_string(),
+                v.subject_key,
+                v.not_after,
+            ]
+        })
+        .collect();
+    emit(&table(
+        &["SERIAL", "CA", "PROFILE", "SUBJECT", "NOT AFTER"],
+        &rows,
+    ))
+}
+
+fn certs_show(ctx: &Ctx, serial: Option<String>, id: Option<String>, pem: bool) -> Result<()> {
+    let store = ctx.store()?;
+    let serials = match (serial, id) {
+        (Some(s), _) => vec![s.parse()?],
+        (None, Some(id)) => store
+            .certs(&CertFilter {
+                ca: None,
+                id: Some(id.clone()),
+            })?
+            .into_iter()
+            .map(|r| r.serial)
+            .collect(),
+        (None, None) => return Err(UsageError("give a SERIAL or --id".into()).into()),
+    };
+    let mut found = Vec::new();
+    for s in &serials {
+        let (r, der) = store
+            .cert(s)?
+            .ok_or_else(|| m2mpki_ca::Error::CertNotFound(format!("with serial {s}")))?;
+        found.push((r, der));
+    }
+    if found.is_empty() {
+        return Err(m2mpki_ca::Error::CertNotFound("for that ID".into()).into());
+    }
+    if pem {
+        let text: String = found
+            .iter()
+            .map(|(_, der)| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
+            .collect();
+        return emit(&text);
+    }
+    let views: Vec<CertView> = found.iter().map(|(r, _)| cert_view(r)).collect();
+    if ctx.json {
+        return if views.len() == 1 {
+            emit_json(&views[0])
+        } else {
+            emit_json(&views)
+        };
+    }
+    let text = views
+        .iter()
+        .map(|v| {
+            format!(
+                "serial      {}\nca          {}\nprofile     {}\nsubject     {}\nidentity    {}\nnot before  {}\nnot after   {}\nissued at   {}\nstatus      {}\nsha256      {}",
+                v.serial,
+                v.ca,
+                v.profile,
+                v.subject,
+                v.subject_key,
+                v.not_before,
+                v.not_after,
+                v.issued_at,
+                serde_json::to_value(v.status).ok().and_then(|s| s.as_str().map(str::to_owned)).unwrap_or_default(),
+                v.sha256
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    emit(&text)
+}
+
+fn audit_verify(ctx: &Ctx) -> Result<()> {
+    let store = ctx.store()?;
+    let mut verifier = ChainVerifier::default();
+    store.audit_log(&mut |entry| verifier.check(&entry))?;
+    let n = verifier.count();
+    if ctx.json {
+        emit_json(&serde_json::json!({ "ok": true, "entries": n }))
+    } else {
+        emit(&format!("audit log intact: {n} entries"))
+    }
+}

@@ -1,0 +1,350 @@
+//! Production-line batches: scale, CSR folders, crashes and reruns.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use m2mpki_ca::{RedbStore, Serial, Store};
+use m2mpki_hsm::SoftwareKey;
+use m2mpki_test_pki::{names, ENTERPRISE};
+use rcgen::PublicKeyData;
+use x509_parser::prelude::*;
+
+fn write_ids(path: &Path, prefix: &str, n: usize) {
+    let mut s = String::from("# production lot 42\n\n");
+    for i in 0..n {
+        s.push_str(&format!("{prefix}{i:06}\n"));
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+fn pem_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy().into_owned();
+            n.ends_with(".pem") && !n.ends_with(".key.pem")
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn ten_thousand_ids_get_ten_thousand_distinct_serials() {
+    let lab = Lab::new();
+    let ids = lab.path("ids.txt");
+    write_ids(&ids, "SN-", 10_000);
+    let out = lab.path("out");
+    let report = lab.json(&[
+        "issue",
+        "batch",
+        "--ca",
+        names::MFR_CA,
+        "--profile",
+        "device",
+        "--ids",
+        ids.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(report["issued"], 10_000);
+    assert_eq!(report["total"], 10_000);
+    let listed = lab.json(&["certs", "list", "--ca", names::MFR_CA]);
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 10_000);
+    let serials: HashSet<&str> = listed
+        .iter()
+        .map(|c| c["serial"].as_str().unwrap())
+        .collect();
+    assert_eq!(serials.len(), 10_000);
+    let subjects: HashSet<&str> = listed
+        .iter()
+        .map(|c| c["subject_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(subjects.len(), 10_000);
+    assert_eq!(pem_files(&out).len(), 10_000);
+    // A rerun issues nothing new.
+    let again = lab.json(&[
+        "issue",
+        "batch",
+        "--ca",
+        names::MFR_CA,
+        "--profile",
+        "device",
+        "--ids",
+        ids.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(again["issued"], 0);
+    assert_eq!(again["already_issued"], 10_000);
+    assert_eq!(lab.cert_count(), 10_000);
+    assert_eq!(lab.audit_entries(), 6 + 10_000);
+    // One of them, checked by OpenSSL.
+    let one = out.join("SN-004242.pem");
+    let r = openssl_verify(&lab.root_pem(names::MFR_CA), &one, "sslclient");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
+/// Every certificate file that exists has its record, and its key file holds its key.
+fn check_files_against_ledger(home: &Path, out: &Path) -> usize {
+    let store = RedbStore::open(&home.join("store.redb")).unwrap();
+    let files = pem_files(out);
+    for f in &files {
+        let der = first_der(f);
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let serial = Serial::from_bytes(cert.raw_serial());
+        let (record, stored) = store
+            .cert(&serial)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} has no record", f.display()));
+        assert_eq!(stored, der);
+        assert!(record
+            .subject_key
+            .ends_with(f.file_stem().unwrap().to_str().unwrap()));
+        let key_file = f.with_extension("key.pem");
+        let key = SoftwareKey::load(&key_file, None).unwrap();
+        assert_eq!(
+            key.subject_public_key_info(),
+            cert.tbs_certificate.subject_pki.raw,
+            "{} does not hold the key of its certificate",
+            key_file.display()
+        );
+    }
+    files.len()
+}
+
+#[test]
+fn a_batch_killed_midway_and_rerun_ends_with_one_live_certificate_per_id() {
+    let lab = Lab::new();
+    let n = 6_000;
+    let ids = lab.path("ids.txt");
+    write_ids(&ids, "K-", n);
+    let out = lab.path("out");
+    let args = [
+        "issue",
+        "batch",
+        "--ca",
+        names::ENT_CA,
+        "--profile",
+        "node",
+        "--enterprise",
+        ENTERPRISE,
+        "--ids",
+        ids.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+        "--chunk",
+        "64",
+    ];
+    // Kill it twice at different points, then let it finish.
+    for min_files in [1, n / 3] {
+        let mut child = lab
+            .cmd()
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            let have = std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0);
+            if have > min_files * 2 || start.elapsed() > Duration::from_secs(60) {
+                break;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let files = check_files_against_ledger(&lab.home, &out);
+        assert!(files < n, "the batch finished before it could be killed");
+        lab.ok(&["audit", "verify"]);
+    }
+    let report = lab.json(&args);
+    assert_eq!(
+        report["issued"].as_u64().unwrap() + report["already_issued"].as_u64().unwrap(),
+        n as u64
+    );
+    assert!(report["already_issued"].as_u64().unwrap() > 0);
+    assert_eq!(check_files_against_ledger(&lab.home, &out), n);
+    let listed = lab.json(&["certs", "list", "--ca", names::ENT_CA]);
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), n, "exactly one certificate per ID");
+    let subjects: HashSet<&str> = listed
+        .iter()
+        .map(|c| c["subject_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(subjects.len(), n);
+    lab.ok(&["audit", "verify"]);
+    // No temporary files are left behind.
+    let stray: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
+#[test]
+fn csr_folders_from_openssl() {
+    let lab = Lab::new();
+    let dir = lab.path("csrs");
+    std::fs::create_dir(&dir).unwrap();
+    for i in 0..5 {
+        // serialNumber in the subject names the ID ...
+        let out = tool("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+            ])
+            .arg(lab.path(&format!("k{i}.pem")))
+            .arg("-out")
+            .arg(dir.join(format!("req{i}.csr")))
+            .args(["-subj", &format!("/CN=x/serialNumber=CSR-{i}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    // ... or, without one, the file name does.
+    let out = tool("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+        ])
+        .arg(lab.path("named.pem"))
+        .arg("-out")
+        .arg(dir.join("NAMED-7.csr"))
+        .args(["-subj", "/CN=whatever", "-outform", "DER"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out_dir = lab.path("out");
+    let r = lab.json(&[
+        "issue",
+        "batch",
+        "--ca",
+        names::MFR_CA,
+        "--profile",
+        "device",
+        "--csr-dir",
+        dir.to_str().unwrap(),
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(r["issued"], 6);
+    for id in ["CSR-0", "CSR-4", "NAMED-7"] {
+        assert!(out_dir.join(format!("{id}.pem")).exists(), "{id}");
+        assert!(!out_dir.join(format!("{id}.key.pem")).exists());
+    }
+    // One bad CSR stops the whole batch before anything is issued, naming the file.
+    std::fs::write(
+        dir.join("broken.csr"),
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+    )
+    .unwrap();
+    let before = lab.cert_count();
+    let err = lab.fails(
+        2,
+        &[
+            "issue",
+            "batch",
+            "--ca",
+            names::MFR_CA,
+            "--profile",
+            "device",
+            "--reissue",
+            "--csr-dir",
+            dir.to_str().unwrap(),
+            "--out-dir",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("broken.csr"), "{err}");
+    assert_eq!(lab.cert_count(), before);
+}
+
+#[test]
+fn bad_id_lists_name_file_and_line() {
+    let lab = Lab::new();
+    let ids = lab.path("ids.txt");
+    let out = lab.path("out");
+    for (content, needle) in [
+        ("A1\nA2\nbad id\n", "line 3"),
+        ("A1\nA2\nA1\n", "repeats line 1"),
+        ("A1\n-x\n", "line 2"),
+    ] {
+        std::fs::write(&ids, content).unwrap();
+        let err = lab.fails(
+            2,
+            &[
+                "issue",
+                "batch",
+                "--ca",
+                names::MFR_CA,
+                "--profile",
+                "device",
+                "--ids",
+                ids.to_str().unwrap(),
+                "--out-dir",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(err.contains("ids.txt") && err.contains(needle), "{err}");
+    }
+    assert_eq!(lab.cert_count(), 0);
+    std::fs::write(&ids, "A1\n").unwrap();
+    let err = lab.fails(
+        2,
+        &[
+            "issue",
+            "batch",
+            "--ca",
+            names::ENT_CA,
+            "--profile",
+            "node",
+            "--ids",
+            ids.to_str().unwrap(),
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("--enterprise"), "{err}");
+    // A device batch on a CA without a hwType is a policy refusal.
+    let err = lab.fails(
+        1,
+        &[
+            "issue",
+            "batch",
+            "--ca",
+            names::ENT_CA,
+            "--profile",
+            "device",
+            "--ids",
+            ids.to_str().unwrap(),
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("hwType"), "{err}");
+}
