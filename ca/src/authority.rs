@@ -183,6 +183,14 @@ impl rcgen::SigningKey for SharedSigner {
     }
 }
 
+/// The error for a failed signature: the key's own cause when it recorded one (a token gone,
+/// say), else rcgen's.
+pub(crate) fn sign_failed(e: rcgen::Error) -> Error {
+    Error::Key(
+        m2mpki_hsm::sign_error::take().unwrap_or_else(|| m2mpki_hsm::Error::Crypto(e.to_string())),
+    )
+}
+
 /// The SubjectPublicKeyInfo DER of a certificate.
 fn cert_spki(der: &[u8]) -> Result<Vec<u8>> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
@@ -611,7 +619,7 @@ impl Authority {
         let cert = approved
             .params
             .signed_by(&approved.public_key, &self.issuer)
-            .map_err(|e| Error::Key(m2mpki_hsm::Error::Crypto(e.to_string())))?;
+            .map_err(sign_failed)?;
         let der = cert.der().to_vec();
         // Read the identity back from what we signed: the certificate must say what we meant.
         if let Some(expected) = &approved.identity {

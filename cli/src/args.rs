@@ -29,6 +29,14 @@ pub struct Cli {
     #[arg(long, global = true, env = "M2MPKI_KEY_PASS_FILE", value_name = "FILE")]
     pub key_pass_file: Option<PathBuf>,
 
+    /// PKCS#11 module for pkcs11: URIs without module-path
+    #[arg(long, global = true, env = "M2MPKI_PKCS11_MODULE", value_name = "PATH")]
+    pub pkcs11_module: Option<PathBuf>,
+
+    /// PKCS#11 sessions per token, for parallel signing [default: number of cores]
+    #[arg(long, global = true, value_name = "N")]
+    pub pkcs11_sessions: Option<usize>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -47,6 +55,44 @@ pub enum Command {
     /// Check the audit log
     #[command(subcommand, after_help = EXIT_CODES)]
     Audit(AuditCommand),
+    /// Keys on PKCS#11 tokens (HSMs)
+    #[command(subcommand, after_help = PKCS11_HELP)]
+    Hsm(HsmCommand),
+}
+
+const PKCS11_HELP: &str = "\
+Keys are named by RFC 7512 URIs, e.g.
+  pkcs11:token=CA;object=mfr-ca-key?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=/etc/m2mpki/pin
+The module comes from module-path, else --pkcs11-module, else M2MPKI_PKCS11_MODULE.
+The PIN comes from pin-source=FILE, else M2MPKI_PKCS11_PIN, else a prompt on the terminal
+(pin-value=... works but warns: it ends up in shell history).
+
+Exit codes:
+  0  success
+  1  refused by policy or verification
+  2  bad usage or input (bad URI, module not found, no such token or key, wrong PIN,
+     an object with that label or id exists)
+  3  internal or HSM failure (mechanism not supported, token removed)";
+
+#[derive(Debug, Subcommand)]
+pub enum HsmCommand {
+    /// Generate a key pair on a token (private key sensitive, never extractable)
+    Keygen {
+        /// pkcs11: URI naming the token and the new key's label (object=) and optional id=
+        uri: String,
+        /// Key type
+        #[arg(long, value_enum, default_value_t = KeyTypeArg::P256)]
+        key_type: KeyTypeArg,
+    },
+    /// List tokens and their key objects
+    List {
+        /// PKCS#11 module [default: --pkcs11-module / M2MPKI_PKCS11_MODULE]
+        #[arg(long, value_name = "PATH")]
+        module: Option<PathBuf>,
+        /// Log in to this token (a pkcs11: URI) to list its private keys too
+        #[arg(long, value_name = "URI")]
+        login: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,7 +124,7 @@ pub struct CaInitArgs {
     /// Key type of a generated key
     #[arg(long, value_enum, default_value_t = KeyTypeArg::P256)]
     pub key_type: KeyTypeArg,
-    /// Use an existing key instead of generating one: a PKCS#8 PEM file
+    /// Use an existing key instead of generating one: a PKCS#8 PEM file or a pkcs11: URI
     #[arg(long, value_name = "KEY")]
     pub key: Option<String>,
     /// Lifetime: 20y, 3650d, 12h or forever

@@ -36,9 +36,14 @@ fn pem_files(dir: &Path) -> Vec<std::path::PathBuf> {
     v
 }
 
-#[test]
-fn ten_thousand_ids_get_ten_thousand_distinct_serials() {
-    let lab = Lab::new();
+both_backends!(
+    ten_thousand_ids_get_ten_thousand_distinct_serials,
+    a_batch_killed_midway_and_rerun_ends_with_one_live_certificate_per_id,
+    csr_folders_from_openssl,
+);
+
+fn ten_thousand_ids_get_ten_thousand_distinct_serials(backend: Backend) {
+    let lab = Lab::with(backend);
     let ids = lab.path("ids.txt");
     write_ids(&ids, "SN-", 10_000);
     let out = lab.path("out");
@@ -121,9 +126,8 @@ fn check_files_against_ledger(home: &Path, out: &Path) -> usize {
     files.len()
 }
 
-#[test]
-fn a_batch_killed_midway_and_rerun_ends_with_one_live_certificate_per_id() {
-    let lab = Lab::new();
+fn a_batch_killed_midway_and_rerun_ends_with_one_live_certificate_per_id(backend: Backend) {
+    let lab = Lab::with(backend);
     let n = 6_000;
     let ids = lab.path("ids.txt");
     write_ids(&ids, "K-", n);
@@ -194,9 +198,8 @@ fn a_batch_killed_midway_and_rerun_ends_with_one_live_certificate_per_id() {
     assert!(stray.is_empty(), "{stray:?}");
 }
 
-#[test]
-fn csr_folders_from_openssl() {
-    let lab = Lab::new();
+fn csr_folders_from_openssl(backend: Backend) {
+    let lab = Lab::with(backend);
     let dir = lab.path("csrs");
     std::fs::create_dir(&dir).unwrap();
     for i in 0..5 {

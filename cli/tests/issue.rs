@@ -22,9 +22,14 @@ fn lint_clean(lab: &Lab, pem: &Path, allowed: &[&str]) {
     assert!(findings.is_empty(), "{}: {findings:?}", pem.display());
 }
 
-#[test]
-fn every_profile_verifies_with_openssl_and_lints_clean() {
-    let lab = Lab::new();
+both_backends!(
+    every_profile_verifies_with_openssl_and_lints_clean,
+    openssl_csrs_are_issued_and_tampered_csrs_refused,
+    one_live_certificate_per_identity_unless_reissue,
+);
+
+fn every_profile_verifies_with_openssl_and_lints_clean(backend: Backend) {
+    let lab = Lab::with(backend);
     // The CA certificates themselves.
     for ca in [
         names::MFR_ROOT,
@@ -232,9 +237,8 @@ fn device_certificate_forever_and_der_output() {
     );
 }
 
-#[test]
-fn openssl_csrs_are_issued_and_tampered_csrs_refused() {
-    let lab = Lab::new();
+fn openssl_csrs_are_issued_and_tampered_csrs_refused(backend: Backend) {
+    let lab = Lab::with(backend);
     let key = lab.path("csr.key");
     let csr = lab.path("req.csr");
     // OpenSSL's CSR carries extensions rcgen's own parser rejects (SKI, a custom EKU).
@@ -559,9 +563,8 @@ fn bad_input_is_exit_2_names_the_problem_and_records_nothing() {
     assert!(err.contains("key") && err.contains(names::MFR_CA), "{err}");
 }
 
-#[test]
-fn one_live_certificate_per_identity_unless_reissue() {
-    let lab = Lab::new();
+fn one_live_certificate_per_identity_unless_reissue(backend: Backend) {
+    let lab = Lab::with(backend);
     let args = |n: &str| {
         vec![
             "issue".to_owned(),

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use crate::pkcs11::{Pkcs11Config, Pkcs11Key, Pkcs11Uri};
 use crate::{Error, Passphrase, Result, Signer, SoftwareKey};
 
 /// Where a private key lives.
@@ -10,8 +11,8 @@ use crate::{Error, Passphrase, Result, Signer, SoftwareKey};
 pub enum KeyRef {
     /// A PKCS#8 PEM file.
     File(PathBuf),
-    /// An object on a PKCS#11 token, named by an RFC 7512 URI.
-    Pkcs11(String),
+    /// An object on a PKCS#11 token, named by an RFC 7512 URI (never holding a PIN).
+    Pkcs11(Pkcs11Uri),
     /// A key that exists only in this process (generated and not yet saved).
     InMemory,
 }
@@ -28,7 +29,7 @@ impl FromStr for KeyRef {
 
     fn from_str(s: &str) -> Result<Self> {
         if s.starts_with("pkcs11:") {
-            Ok(KeyRef::Pkcs11(s.to_owned()))
+            Ok(KeyRef::Pkcs11(s.parse()?))
         } else {
             Ok(KeyRef::File(PathBuf::from(s)))
         }
@@ -39,22 +40,38 @@ impl fmt::Display for KeyRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KeyRef::File(p) => write!(f, "{}", p.display()),
-            KeyRef::Pkcs11(uri) => f.write_str(uri),
+            KeyRef::Pkcs11(uri) => write!(f, "{uri}"),
             KeyRef::InMemory => f.write_str("(in memory)"),
         }
     }
 }
 
-/// Opens keys by reference, holding what opening needs (a passphrase for encrypted files).
+/// Opens keys by reference, holding what opening needs (a passphrase for encrypted files,
+/// the PKCS#11 module and PIN sources for token keys).
 #[derive(Debug, Default, Clone)]
 pub struct Keystore {
     passphrase: Option<Passphrase>,
+    pkcs11: Pkcs11Config,
 }
 
 impl Keystore {
     /// A keystore that decrypts (and encrypts new) key files with `passphrase` when given.
     pub fn new(passphrase: Option<Passphrase>) -> Self {
-        Keystore { passphrase }
+        Keystore {
+            passphrase,
+            pkcs11: Pkcs11Config::default(),
+        }
+    }
+
+    /// The same keystore reaching tokens with `cfg`.
+    pub fn with_pkcs11(mut self, cfg: Pkcs11Config) -> Self {
+        self.pkcs11 = cfg;
+        self
+    }
+
+    /// How tokens are reached.
+    pub fn pkcs11(&self) -> &Pkcs11Config {
+        &self.pkcs11
     }
 
     /// The passphrase used for key files, if any.
@@ -66,7 +83,7 @@ impl Keystore {
     pub fn open(&self, key_ref: &KeyRef) -> Result<Arc<dyn Signer>> {
         match key_ref {
             KeyRef::File(path) => Ok(Arc::new(SoftwareKey::load(path, self.passphrase.as_ref())?)),
-            KeyRef::Pkcs11(uri) => Err(Error::Pkcs11Unavailable(uri.clone())),
+            KeyRef::Pkcs11(uri) => Ok(Arc::new(Pkcs11Key::open(uri, &self.pkcs11)?)),
             KeyRef::InMemory => Err(Error::Crypto(
                 "an in-memory key cannot be reopened by reference".into(),
             )),

@@ -13,7 +13,9 @@ mod error;
 pub mod files;
 mod key_type;
 mod keystore;
+pub mod pkcs11;
 mod secret;
+pub mod sign_error;
 mod software;
 
 pub use error::{Error, Result};

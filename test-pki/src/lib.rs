@@ -7,12 +7,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod softhsm;
+
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use m2mpki_ca::validity::Validity;
 use m2mpki_ca::{init_ca, CaInit, CaKey, CaRecord, Home, NameConstraints, RedbStore};
-use m2mpki_hsm::{KeyType, Keystore};
+use m2mpki_hsm::pkcs11::Pkcs11Uri;
+use m2mpki_hsm::{KeyRef, KeyType, Keystore};
 
 /// The manufacturer's hwType OID (under the documentation-only private enterprise arc).
 pub const HW_TYPE: &str = "1.3.6.1.4.1.99999.1";
@@ -48,17 +51,31 @@ pub struct LabPki {
     pub cas: Vec<CaRecord>,
 }
 
+/// Where the CA keys of a lab live.
+#[derive(Debug, Clone, Default)]
+pub enum KeyBackend {
+    /// Software keys in the home folder.
+    #[default]
+    Software,
+    /// Keys generated on a PKCS#11 token; the URI names the token (and module and PIN
+    /// source); each CA's key gets `object=<CA name>`.
+    Pkcs11(Pkcs11Uri),
+}
+
 /// How to build a lab PKI.
 #[derive(Debug, Clone)]
 pub struct LabSpec {
     /// Key type of every CA.
     pub key_type: KeyType,
+    /// Where the CA keys live.
+    pub backend: KeyBackend,
 }
 
 impl Default for LabSpec {
     fn default() -> Self {
         LabSpec {
             key_type: KeyType::P256,
+            backend: KeyBackend::Software,
         }
     }
 }
@@ -76,7 +93,7 @@ fn ca(
         name: name.into(),
         subject: subject.into(),
         parent: parent.map(Into::into),
-        key: CaKey::Generate(spec.key_type),
+        key: CaKey::Generate(spec.key_type), // replaced for token backends in `build`
         validity: if parent.is_some() {
             Validity::Years(10)
         } else {
@@ -160,8 +177,15 @@ impl LabPki {
             )?,
         ];
         let mut cas = Vec::new();
-        for req in plan {
+        for mut req in plan {
             let name = req.name.clone();
+            if let KeyBackend::Pkcs11(token) = &spec.backend {
+                let uri = token.for_object(&name);
+                let (_, full) =
+                    m2mpki_hsm::pkcs11::generate(&uri, spec.key_type, keystore.pkcs11())
+                        .with_context(|| format!("generating the key of {name} on the token"))?;
+                req.key = CaKey::Existing(KeyRef::Pkcs11(full));
+            }
             cas.push(
                 init_ca(&home, &store, keystore, req)
                     .with_context(|| format!("creating CA {name}"))?,

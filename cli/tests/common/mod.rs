@@ -4,30 +4,95 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use m2mpki_hsm::pkcs11::{Pkcs11Config, Pkcs11Uri};
 use m2mpki_hsm::Keystore;
-use m2mpki_test_pki::{LabPki, LabSpec};
+use m2mpki_test_pki::softhsm::process_softhsm;
+use m2mpki_test_pki::{KeyBackend, LabPki, LabSpec};
+
+/// Where the lab's CA keys live: the suite runs once per backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Software,
+    SoftHsm,
+}
+
+/// Generates `mod software` and `mod softhsm`, each with one `#[test]` per named function
+/// (which takes a [`Backend`]).
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod software {
+            $(#[test] fn $name() { super::$name($crate::common::Backend::Software) })*
+        }
+        mod softhsm {
+            $(#[test] fn $name() { super::$name($crate::common::Backend::SoftHsm) })*
+        }
+    };
+}
 
 /// A lab PKI in a temporary home, driven through the `m2mpki` binary.
 pub struct Lab {
     pub dir: tempfile::TempDir,
     pub home: PathBuf,
+    pub backend: Backend,
 }
 
 impl Lab {
     pub fn new() -> Lab {
+        Lab::with(Backend::Software)
+    }
+
+    /// A lab whose CA keys live on `backend`. SoftHSM labs get a token of their own (the
+    /// process shares one SoftHSM config; `m2mpki` children inherit it).
+    pub fn with(backend: Backend) -> Lab {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
+        let (spec, keystore) = match backend {
+            Backend::Software => (LabSpec::default(), Keystore::default()),
+            Backend::SoftHsm => {
+                let hsm = process_softhsm().unwrap();
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let label = format!("lab-{}-{n}", std::process::id());
+                hsm.init_token(&label, "4321", "8765").unwrap();
+                let pin = dir.path().join("token.pin");
+                std::fs::write(&pin, "4321\n").unwrap();
+                let uri: Pkcs11Uri = format!(
+                    "pkcs11:token={label}?module-path={}&pin-source={}",
+                    hsm.module.display(),
+                    pin.display()
+                )
+                .parse()
+                .unwrap();
+                let spec = LabSpec {
+                    backend: KeyBackend::Pkcs11(uri),
+                    ..LabSpec::default()
+                };
+                let cfg = Pkcs11Config {
+                    sessions: 2,
+                    ..Pkcs11Config::default()
+                };
+                (spec, Keystore::default().with_pkcs11(cfg))
+            }
+        };
         // Built in-process by test-pki; the store is closed again before the binary runs.
-        let pki = LabPki::build(&home, &Keystore::default(), &LabSpec::default()).unwrap();
+        let pki = LabPki::build(&home, &keystore, &spec).unwrap();
+        if backend == Backend::SoftHsm {
+            assert!(pki.cas.iter().all(|c| c.key.starts_with("pkcs11:")));
+        }
         drop(pki);
-        Lab { dir, home }
+        Lab { dir, home, backend }
     }
 
     /// An empty home (no CAs).
     pub fn empty() -> Lab {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
-        Lab { dir, home }
+        Lab {
+            dir,
+            home,
+            backend: Backend::Software,
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
