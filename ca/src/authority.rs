@@ -81,7 +81,7 @@ impl CaRecord {
     }
 }
 
-mod hex_bytes {
+pub(crate) mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&hex::encode(v))
@@ -166,7 +166,7 @@ fn time_of(unix: i64) -> Result<OffsetDateTime> {
 
 /// Makes a `Arc<dyn Signer>` usable where rcgen wants a `SigningKey`.
 #[derive(Clone, Debug)]
-struct SharedSigner(Arc<dyn Signer>);
+pub(crate) struct SharedSigner(Arc<dyn Signer>);
 
 impl PublicKeyData for SharedSigner {
     fn der_bytes(&self) -> &[u8] {
@@ -646,9 +646,16 @@ impl Authority {
                 issued_at: now().unix_timestamp(),
                 sha256,
                 status: CertStatus::Valid,
+                revoked_at: None,
+                revocation_reason: None,
             },
             der,
         })
+    }
+
+    /// The issuer (CA name, key identifier, signing key) for signing CRLs.
+    pub(crate) fn issuer(&self) -> &rcgen::Issuer<'static, SharedSigner> {
+        &self.issuer
     }
 
     /// The certificate chain to ship with a leaf: this CA and its intermediates, root excluded.

@@ -69,6 +69,15 @@ pub enum Error {
     /// A certificate carries no readable field-node identity (verification refusal).
     #[error("no field-node identity in certificate: {0}")]
     NoIdentity(String),
+    /// A certificate chain was refused by verification (verification refusal).
+    #[error("not trusted: {0}")]
+    NotTrusted(crate::verify::Refusal),
+    /// No root set with that name (bad input).
+    #[error("no root set named `{0}` (see `m2mpki roots list`)")]
+    UnknownRootSet(String),
+    /// A root set with that name exists already (bad input).
+    #[error("a root set named `{0}` exists already")]
+    RootSetExists(String),
     /// The audit log's hash chain is broken (verification refusal).
     #[error("audit log broken at entry {seq}: {reason}")]
     AuditBroken {
@@ -106,12 +115,15 @@ impl Error {
             Error::Policy(_)
             | Error::AlreadyIssued { .. }
             | Error::NoIdentity(_)
+            | Error::NotTrusted(_)
             | Error::AuditBroken { .. } => ErrorKind::Refused,
             Error::InvalidValue { .. }
             | Error::BadFile { .. }
             | Error::BadCsr { .. }
             | Error::UnknownCa(_)
             | Error::CaExists(_)
+            | Error::UnknownRootSet(_)
+            | Error::RootSetExists(_)
             | Error::CertNotFound(_) => ErrorKind::BadInput,
             Error::Key(e) if e.is_bad_input() => ErrorKind::BadInput,
             Error::Key(_)
@@ -122,7 +134,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn invalid(what: &'static str, value: &str, reason: impl Into<String>) -> Self {
+    /// A bad-input error for `value` (cut to 200 characters).
+    pub fn invalid(what: &'static str, value: &str, reason: impl Into<String>) -> Self {
         Error::InvalidValue {
             what,
             value: value.chars().take(200).collect(),

@@ -19,9 +19,12 @@ pub mod input;
 mod issue;
 pub mod profile;
 mod redb_store;
+pub mod revocation;
+pub mod rootset;
 mod serial;
 pub mod store;
 pub mod validity;
+pub mod verify;
 
 pub use authority::{
     init_ca, Approved, Authority, CaInit, CaKey, CaRecord, LeafRequest, LeafSubject,

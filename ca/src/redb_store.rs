@@ -6,7 +6,10 @@ use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, T
 
 use crate::audit::{self, AuditEntry, AuditEvent};
 use crate::authority::CaRecord;
+use crate::revocation::{RevocationReason, RevokedEntry};
+use crate::rootset::RootSet;
 use crate::serial::Serial;
+use crate::store::CertStatus;
 use crate::store::{CertFilter, CertRecord, NewCert, RecordOutcome, Store};
 use crate::{Error, Result};
 
@@ -18,6 +21,10 @@ const LIVE: TableDefinition<&str, &[u8]> = TableDefinition::new("live");
 /// pre-provisioned ID / subject key -> serials.
 const BY_ID: MultimapTableDefinition<&str, &[u8]> = MultimapTableDefinition::new("by_id");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const ROOT_SETS: TableDefinition<&str, &[u8]> = TableDefinition::new("root_sets");
+/// "<ca>\x1f<serial hex>" -> revoked entry.
+const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked");
+const CRL_NUMBERS: TableDefinition<&str, u64> = TableDefinition::new("crl_numbers");
 
 /// The redb-backed [`Store`].
 pub struct RedbStore {
@@ -75,6 +82,9 @@ impl RedbStore {
         tx.open_table(LIVE).map_err(db_err)?;
         tx.open_multimap_table(BY_ID).map_err(db_err)?;
         tx.open_table(AUDIT).map_err(db_err)?;
+        tx.open_table(ROOT_SETS).map_err(db_err)?;
+        tx.open_table(REVOKED).map_err(db_err)?;
+        tx.open_table(CRL_NUMBERS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(store)
     }
@@ -277,5 +287,166 @@ impl Store for RedbStore {
             visit(from_json("audit", v.value())?)?;
         }
         Ok(())
+    }
+
+    fn create_root_set(&self, set: &RootSet, event: AuditEvent) -> Result<()> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = tx.open_table(ROOT_SETS).map_err(db_err)?;
+            if table.get(set.name.as_str()).map_err(db_err)?.is_some() {
+                return Err(Error::RootSetExists(set.name.clone()));
+            }
+            table
+                .insert(set.name.as_str(), to_json(set)?.as_slice())
+                .map_err(db_err)?;
+        }
+        Self::append_audit(&tx, vec![event])?;
+        tx.commit().map_err(db_err)
+    }
+
+    fn root_set(&self, name: &str) -> Result<Option<RootSet>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(ROOT_SETS).map_err(db_err)?;
+        let value = table.get(name).map_err(db_err)?;
+        value.map(|v| from_json("root set", v.value())).transpose()
+    }
+
+    fn root_sets(&self) -> Result<Vec<RootSet>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(ROOT_SETS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db_err)? {
+            let (_, v) = row.map_err(db_err)?;
+            out.push(from_json("root set", v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn modify_root_set(
+        &self,
+        name: &str,
+        change: &mut dyn FnMut(&mut RootSet) -> Result<AuditEvent>,
+    ) -> Result<RootSet> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let set = {
+            let mut table = tx.open_table(ROOT_SETS).map_err(db_err)?;
+            let mut set: RootSet = match table.get(name).map_err(db_err)? {
+                Some(v) => from_json("root set", v.value())?,
+                None => return Err(Error::UnknownRootSet(name.to_owned())),
+            };
+            let event = change(&mut set)?;
+            table
+                .insert(name, to_json(&set)?.as_slice())
+                .map_err(db_err)?;
+            Self::append_audit(&tx, vec![event])?;
+            set
+        };
+        tx.commit().map_err(db_err)?;
+        Ok(set)
+    }
+
+    fn revoke(
+        &self,
+        ca: &str,
+        serial: &Serial,
+        reason: RevocationReason,
+        at: i64,
+    ) -> Result<CertRecord> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let record = {
+            let mut records = tx.open_table(CERTS).map_err(db_err)?;
+            let mut record: CertRecord = match records.get(serial.as_bytes()).map_err(db_err)? {
+                Some(v) => from_json("certificate", v.value())?,
+                None => return Err(Error::CertNotFound(format!("with serial {serial}"))),
+            };
+            if record.ca != ca {
+                return Err(Error::CertNotFound(format!(
+                    "with serial {serial} from CA `{ca}` (it was issued by `{}`)",
+                    record.ca
+                )));
+            }
+            if record.status == CertStatus::Revoked {
+                return Err(Error::Policy(format!(
+                    "certificate {serial} is already revoked"
+                )));
+            }
+            record.status = CertStatus::Revoked;
+            record.revoked_at = Some(at);
+            record.revocation_reason = Some(reason);
+            records
+                .insert(serial.as_bytes(), to_json(&record)?.as_slice())
+                .map_err(db_err)?;
+            let entry = RevokedEntry {
+                serial: serial.clone(),
+                revoked_at: at,
+                reason,
+                not_after: record.not_after,
+            };
+            tx.open_table(REVOKED)
+                .map_err(db_err)?
+                .insert(
+                    format!("{ca}\x1f{serial}").as_str(),
+                    to_json(&entry)?.as_slice(),
+                )
+                .map_err(db_err)?;
+            let mut live = tx.open_table(LIVE).map_err(db_err)?;
+            let lk = live_key(ca, &record.subject_key);
+            let is_live = live
+                .get(lk.as_str())
+                .map_err(db_err)?
+                .is_some_and(|v| v.value() == serial.as_bytes());
+            if is_live {
+                live.remove(lk.as_str()).map_err(db_err)?;
+            }
+            record
+        };
+        Self::append_audit(
+            &tx,
+            vec![AuditEvent {
+                action: "cert.revoke".into(),
+                subject: serial.to_string(),
+                detail: serde_json::json!({ "ca": ca, "reason": reason, "subject_key": record.subject_key }),
+            }],
+        )?;
+        tx.commit().map_err(db_err)?;
+        Ok(record)
+    }
+
+    fn revoked(&self, ca: &str, visit: &mut dyn FnMut(RevokedEntry) -> Result<()>) -> Result<()> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(REVOKED).map_err(db_err)?;
+        let (from, to) = (format!("{ca}\x1f"), format!("{ca}\x20"));
+        for row in table
+            .range::<&str>(from.as_str()..to.as_str())
+            .map_err(db_err)?
+        {
+            let (_, v) = row.map_err(db_err)?;
+            visit(from_json("revocation", v.value())?)?;
+        }
+        Ok(())
+    }
+
+    fn next_crl_number(&self, ca: &str, detail: serde_json::Value) -> Result<u64> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let n = {
+            let mut table = tx.open_table(CRL_NUMBERS).map_err(db_err)?;
+            let n = table.get(ca).map_err(db_err)?.map_or(0, |v| v.value()) + 1;
+            table.insert(ca, n).map_err(db_err)?;
+            n
+        };
+        let mut detail = detail;
+        if let Some(obj) = detail.as_object_mut() {
+            obj.insert("crl_number".into(), n.into());
+        }
+        Self::append_audit(
+            &tx,
+            vec![AuditEvent {
+                action: "crl.issue".into(),
+                subject: ca.to_owned(),
+                detail,
+            }],
+        )?;
+        tx.commit().map_err(db_err)?;
+        Ok(n)
     }
 }

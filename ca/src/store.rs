@@ -6,6 +6,8 @@ use crate::audit::{AuditEntry, AuditEvent};
 use crate::authority::CaRecord;
 use crate::identity::FieldNodeIdentity;
 use crate::profile::ProfileKind;
+use crate::revocation::{RevocationReason, RevokedEntry};
+use crate::rootset::RootSet;
 use crate::serial::Serial;
 use crate::Result;
 
@@ -45,6 +47,12 @@ pub struct CertRecord {
     pub sha256: String,
     /// Current state.
     pub status: CertStatus,
+    /// When it was revoked (Unix time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+    /// Why it was revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation_reason: Option<RevocationReason>,
 }
 
 /// A certificate to record: its record and DER.
@@ -97,4 +105,32 @@ pub trait Store: Send + Sync {
     fn certs(&self, filter: &CertFilter) -> Result<Vec<CertRecord>>;
     /// Visits the audit log in order, stopping at the first error `visit` returns.
     fn audit_log(&self, visit: &mut dyn FnMut(AuditEntry) -> Result<()>) -> Result<()>;
+
+    /// Records a new root set; refuses a duplicate name.
+    fn create_root_set(&self, set: &RootSet, event: AuditEvent) -> Result<()>;
+    /// A root set by name.
+    fn root_set(&self, name: &str) -> Result<Option<RootSet>>;
+    /// All root sets, by name.
+    fn root_sets(&self) -> Result<Vec<RootSet>>;
+    /// Changes a root set atomically: `change` edits it and returns the audit event (or an
+    /// error, and nothing changes).
+    fn modify_root_set(
+        &self,
+        name: &str,
+        change: &mut dyn FnMut(&mut RootSet) -> Result<AuditEvent>,
+    ) -> Result<RootSet>;
+
+    /// Revokes a certificate of `ca` (with its audit entry). The subject loses its live
+    /// certificate, so it may be issued a new one without `--reissue`.
+    fn revoke(
+        &self,
+        ca: &str,
+        serial: &Serial,
+        reason: RevocationReason,
+        at: i64,
+    ) -> Result<CertRecord>;
+    /// Visits the revoked certificates of `ca`.
+    fn revoked(&self, ca: &str, visit: &mut dyn FnMut(RevokedEntry) -> Result<()>) -> Result<()>;
+    /// Takes the next CRL number of `ca` (1, 2, ...), with an audit entry.
+    fn next_crl_number(&self, ca: &str, detail: serde_json::Value) -> Result<u64>;
 }

@@ -55,6 +55,41 @@ pub enum Command {
     /// Check the audit log
     #[command(subcommand, after_help = EXIT_CODES)]
     Audit(AuditCommand),
+    /// Agreed root sets (device roots per vertical, node roots per enterprise, IN roots)
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Roots(RootsCommand),
+    /// Revoke a certificate
+    #[command(after_help = EXIT_CODES)]
+    Revoke {
+        /// Serial number (hex)
+        serial: String,
+        /// The CA that issued it
+        #[arg(long)]
+        ca: String,
+        /// RFC 5280 reason: unspecified, key-compromise, ca-compromise, affiliation-changed,
+        /// superseded, cessation-of-operation, privilege-withdrawn, aa-compromise
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+    },
+    /// Issue a CRL listing every revoked, unexpired certificate of a CA
+    #[command(after_help = EXIT_CODES)]
+    Crl {
+        /// The CA
+        #[arg(long)]
+        ca: String,
+        /// Output file (PEM; --der for DER)
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// When the next CRL is due: 7d, 12h, ...
+        #[arg(long, default_value = "7d")]
+        next_update: String,
+        /// Write DER instead of PEM
+        #[arg(long)]
+        der: bool,
+        /// Overwrite an existing output file
+        #[arg(long)]
+        force: bool,
+    },
     /// Keys on PKCS#11 tokens (HSMs)
     #[command(subcommand, after_help = PKCS11_HELP)]
     Hsm(HsmCommand),
@@ -335,4 +370,102 @@ pub enum CertsCommand {
 pub enum AuditCommand {
     /// Check the audit log's hash chain (exit 1 naming the first bad entry)
     Verify,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SetKind {
+    /// Roots of manufacturer device certificates (per vertical)
+    Device,
+    /// Roots of enterprise node certificates (per enterprise)
+    Node,
+    /// Roots of Infrastructure Node server certificates
+    Infrastructure,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PurposeArg {
+    /// TLS client authentication (field nodes)
+    Client,
+    /// TLS server authentication (Infrastructure Nodes)
+    Server,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RootsCommand {
+    /// Create an empty root set
+    Create {
+        /// Set name
+        set: String,
+        /// What the set is for
+        #[arg(long, value_enum)]
+        kind: SetKind,
+        /// The vertical (device sets)
+        #[arg(long, required_if_eq("kind", "device"))]
+        vertical: Option<String>,
+        /// The enterprise domain (node sets)
+        #[arg(long, required_if_eq("kind", "node"))]
+        enterprise: Option<String>,
+    },
+    /// Add CA certificates (PEM bundles or DER) as anchors
+    Add {
+        /// Set name
+        set: String,
+        /// Certificate files
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Add the root certificate of one of this home's CAs
+    AddCa {
+        /// Set name
+        set: String,
+        /// CA name (its chain's root is added)
+        ca: String,
+    },
+    /// Remove an anchor by its SHA-256 fingerprint
+    Remove {
+        /// Set name
+        set: String,
+        /// SHA-256 fingerprint (hex, colons allowed)
+        fingerprint: String,
+    },
+    /// List sets, or the anchors of one set
+    List {
+        /// Set name
+        set: Option<String>,
+    },
+    /// Write a set's anchors as a PEM bundle
+    Export {
+        /// Set name
+        set: String,
+        /// Output file
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Overwrite an existing output file
+        #[arg(long)]
+        force: bool,
+    },
+    /// Attach a CRL (PEM or DER) used when verifying against the set
+    AddCrl {
+        /// Set name
+        set: String,
+        /// CRL file
+        file: PathBuf,
+    },
+    /// Verify a certificate chain against the set (exit 0 valid, 1 refused with the reason)
+    Verify {
+        /// Set name
+        set: String,
+        /// Chain file: PEM, leaf first, then intermediates
+        chain: PathBuf,
+        /// What the certificate must be good for [default: server for infrastructure sets,
+        /// else client]
+        #[arg(long, value_enum)]
+        purpose: Option<PurposeArg>,
+        /// The server name the certificate must match (server purpose)
+        #[arg(long, value_name = "FQDN")]
+        name: Option<String>,
+        /// Verify as of this time (RFC 3339) [default: now]
+        #[arg(long, value_name = "TIME")]
+        at: Option<String>,
+    },
 }

@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 
 use crate::args::{
     AuditCommand, BatchArgs, BatchProfile, CaCommand, CaInitArgs, CertsCommand, Cli, Command,
-    HsmCommand, IssueArgs, IssueCommand,
+    HsmCommand, IssueArgs, IssueCommand, PurposeArg, RootsCommand, SetKind,
 };
 use crate::output::{csv_field, emit, emit_json, table, UsageError};
 
@@ -78,6 +78,15 @@ pub fn run(cli: Cli) -> Result<()> {
     };
     match cli.command {
         Command::Hsm(_) => Ok(()),
+        Command::Roots(cmd) => roots(&ctx, cmd),
+        Command::Revoke { serial, ca, reason } => revoke(&ctx, &serial, &ca, &reason),
+        Command::Crl {
+            ca,
+            out,
+            next_update,
+            der,
+            force,
+        } => crl(&ctx, &ca, &out, &next_update, der, force),
         Command::Ca(CaCommand::Init(args)) => ca_init(&ctx, args),
         Command::Ca(CaCommand::List) => ca_list(&ctx),
         Command::Ca(CaCommand::Show { name, pem }) => ca_show(&ctx, &name, pem),
@@ -192,6 +201,16 @@ fn ca_init(ctx: &Ctx, a: Box<CaInitArgs>) -> Result<()> {
         )?,
     };
     let record = m2mpki_ca::init_ca(&ctx.home, &store, &ctx.keystore, req)?;
+    let nc = &record.name_constraints;
+    if !(nc.permitted_uri_domains.is_empty() && nc.excluded_uri_domains.is_empty()) {
+        eprintln!(
+            "m2mpki: warning: CA `{}` carries URI name constraints. OpenSSL honours them, but rustls-webpki \
+             (used by `roots verify` and the bootstrap server) refuses every certificate with a URI \
+             subjectAltName below such a CA, so its node certificates cannot bootstrap with m2mpki. \
+             Node root sets keep node identities to their enterprise instead.",
+            record.name
+        );
+    }
     if ctx.json {
         emit_json(&ca_view(&record))
     } else {
@@ -711,4 +730,377 @@ fn hsm(keystore: &Keystore, json: bool, cmd: HsmCommand) -> Result<()> {
 fn key_type_name(key: &m2mpki_hsm::pkcs11::Pkcs11Key) -> String {
     use m2mpki_hsm::Signer;
     key.key_type().to_string()
+}
+
+fn fingerprint(s: &str) -> String {
+    s.chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+#[derive(Serialize)]
+struct AnchorView<'a> {
+    subject: &'a str,
+    sha256: &'a str,
+    not_before: String,
+    not_after: String,
+    key_type: &'a str,
+    self_signed: bool,
+}
+
+fn anchor_view(a: &m2mpki_ca::rootset::Anchor) -> AnchorView<'_> {
+    AnchorView {
+        subject: &a.subject,
+        sha256: &a.sha256,
+        not_before: ts(a.not_before),
+        not_after: ts(a.not_after),
+        key_type: &a.key_type,
+        self_signed: a.self_signed,
+    }
+}
+
+fn roots(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
+    use m2mpki_ca::audit::AuditEvent;
+    use m2mpki_ca::rootset::{check_set_name, Anchor, CrlRecord, RootSet, RootSetKind};
+    let store = ctx.store()?;
+    let unknown = |name: &str| m2mpki_ca::Error::UnknownRootSet(name.to_owned());
+    match cmd {
+        RootsCommand::Create {
+            set,
+            kind,
+            vertical,
+            enterprise,
+        } => {
+            check_set_name(&set)?;
+            let kind = match kind {
+                SetKind::Device => {
+                    let v = vertical
+                        .ok_or_else(|| UsageError("--kind device needs --vertical".into()))?;
+                    if v.is_empty() || v.len() > 64 || v.chars().any(|c| c.is_control()) {
+                        return Err(UsageError(format!("invalid vertical `{v}`")).into());
+                    }
+                    RootSetKind::Device { vertical: v }
+                }
+                SetKind::Node => RootSetKind::Node {
+                    enterprise: enterprise
+                        .ok_or_else(|| UsageError("--kind node needs --enterprise".into()))?
+                        .parse()?,
+                },
+                SetKind::Infrastructure => RootSetKind::Infrastructure,
+            };
+            let record = RootSet {
+                name: set.clone(),
+                kind: kind.clone(),
+                anchors: vec![],
+                crls: vec![],
+                created: OffsetDateTime::now_utc().unix_timestamp(),
+            };
+            store.create_root_set(
+                &record,
+                AuditEvent {
+                    action: "roots.create".into(),
+                    subject: set.clone(),
+                    detail: serde_json::to_value(&kind)?,
+                },
+            )?;
+            if ctx.json {
+                emit_json(&serde_json::json!({ "set": set, "kind": kind }))
+            } else {
+                emit(&format!("created root set `{set}`: {kind}"))
+            }
+        }
+        RootsCommand::Add { set, files } => {
+            let mut anchors = Vec::new();
+            for f in &files {
+                for der in m2mpki_ca::input::read_der_objects(f, &["CERTIFICATE"])? {
+                    anchors.push(Anchor::from_der(&der, &f.display().to_string())?);
+                }
+            }
+            roots_add(ctx, &store, &set, anchors)
+        }
+        RootsCommand::AddCa { set, ca } => {
+            let record = store
+                .ca(&ca)?
+                .ok_or_else(|| m2mpki_ca::Error::UnknownCa(ca.clone()))?;
+            let anchor = Anchor::from_der(record.root_der(), &format!("CA {ca}"))?;
+            roots_add(ctx, &store, &set, vec![anchor])
+        }
+        RootsCommand::Remove {
+            set,
+            fingerprint: fp,
+        } => {
+            let fp = fingerprint(&fp);
+            let mut removed = None;
+            store.modify_root_set(&set, &mut |s| {
+                let i = s
+                    .anchors
+                    .iter()
+                    .position(|a| a.sha256 == fp)
+                    .ok_or_else(|| {
+                        m2mpki_ca::Error::invalid(
+                            "fingerprint",
+                            &fp,
+                            format!("no anchor with it in set `{set}`"),
+                        )
+                    })?;
+                removed = Some(s.anchors.remove(i));
+                Ok(AuditEvent {
+                    action: "roots.remove".into(),
+                    subject: set.clone(),
+                    detail: serde_json::json!({ "sha256": fp }),
+                })
+            })?;
+            let a = removed.ok_or_else(|| unknown(&set))?;
+            if ctx.json {
+                emit_json(&anchor_view(&a))
+            } else {
+                emit(&format!("removed `{}` from `{set}`", a.subject))
+            }
+        }
+        RootsCommand::List { set: None } => {
+            let sets = store.root_sets()?;
+            if ctx.json {
+                let v: Vec<_> = sets
+                    .iter()
+                    .map(|s| serde_json::json!({
+                        "set": s.name, "kind": s.kind, "anchors": s.anchors.len(), "crls": s.crls.len()
+                    }))
+                    .collect();
+                return emit_json(&v);
+            }
+            let rows: Vec<Vec<String>> = sets
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.kind.to_string(),
+                        s.anchors.len().to_string(),
+                        s.crls.len().to_string(),
+                    ]
+                })
+                .collect();
+            emit(&table(&["SET", "KIND", "ANCHORS", "CRLS"], &rows))
+        }
+        RootsCommand::List { set: Some(name) } => {
+            let s = store.root_set(&name)?.ok_or_else(|| unknown(&name))?;
+            if ctx.json {
+                return emit_json(&serde_json::json!({
+                    "set": s.name,
+                    "kind": s.kind,
+                    "anchors": s.anchors.iter().map(anchor_view).collect::<Vec<_>>(),
+                    "crls": s.crls.iter().map(|c| serde_json::json!({
+                        "issuer": c.issuer, "number": c.number, "entries": c.entries,
+                        "this_update": ts(c.this_update), "next_update": c.next_update.map(ts), "sha256": c.sha256
+                    })).collect::<Vec<_>>(),
+                }));
+            }
+            let rows: Vec<Vec<String>> = s
+                .anchors
+                .iter()
+                .map(|a| {
+                    let v = anchor_view(a);
+                    vec![
+                        v.sha256.to_owned(),
+                        v.key_type.to_owned(),
+                        v.not_after,
+                        v.subject.to_owned(),
+                    ]
+                })
+                .collect();
+            let mut out = format!("root set `{}`: {}\n", s.name, s.kind);
+            out.push_str(&table(&["SHA256", "KEY", "NOT AFTER", "SUBJECT"], &rows));
+            for c in &s.crls {
+                out.push_str(&format!(
+                    "CRL of `{}`: number {}, {} entries, next update {}\n",
+                    c.issuer,
+                    c.number.as_deref().unwrap_or("-"),
+                    c.entries,
+                    c.next_update.map_or("-".into(), ts)
+                ));
+            }
+            emit(&out)
+        }
+        RootsCommand::Export { set, out, force } => {
+            let s = store.root_set(&set)?.ok_or_else(|| unknown(&set))?;
+            let text: String = s
+                .anchors
+                .iter()
+                .map(|a| pem::encode(&pem::Pem::new("CERTIFICATE", a.der.clone())))
+                .collect();
+            files::write_atomic(&out, text.as_bytes(), write_options(Mode::Public, force))?;
+            if ctx.json {
+                emit_json(
+                    &serde_json::json!({ "set": set, "anchors": s.anchors.len(), "out": out }),
+                )
+            } else {
+                emit(&format!(
+                    "wrote {} anchors of `{set}` to {}",
+                    s.anchors.len(),
+                    out.display()
+                ))
+            }
+        }
+        RootsCommand::AddCrl { set, file } => {
+            let mut ders = m2mpki_ca::input::read_der_objects(&file, &["X509 CRL"])?;
+            if ders.len() != 1 {
+                return Err(UsageError(format!(
+                    "{}: holds {} CRLs; add one at a time",
+                    file.display(),
+                    ders.len()
+                ))
+                .into());
+            }
+            let crl = CrlRecord::from_der(&ders.remove(0), &file.display().to_string())?;
+            let mut changed = false;
+            let view = serde_json::json!({ "issuer": crl.issuer, "number": crl.number, "entries": crl.entries, "sha256": crl.sha256 });
+            store.modify_root_set(&set, &mut |s| {
+                changed = s.attach_crl(crl.clone())?;
+                Ok(AuditEvent {
+                    action: "roots.add-crl".into(),
+                    subject: set.clone(),
+                    detail: view.clone(),
+                })
+            })?;
+            if ctx.json {
+                emit_json(&serde_json::json!({ "set": set, "crl": view, "changed": changed }))
+            } else if changed {
+                emit(&format!(
+                    "attached CRL of `{}` (number {}, {} entries) to `{set}`",
+                    crl.issuer,
+                    crl.number.as_deref().unwrap_or("-"),
+                    crl.entries
+                ))
+            } else {
+                emit(&format!("`{set}` already has this CRL"))
+            }
+        }
+        RootsCommand::Verify {
+            set,
+            chain,
+            purpose,
+            name,
+            at,
+        } => {
+            use m2mpki_ca::verify::{self, Purpose};
+            let s = store.root_set(&set)?.ok_or_else(|| unknown(&set))?;
+            let ders = verify::read_chain(&chain)?;
+            let purpose = match purpose {
+                Some(PurposeArg::Client) => Purpose::Client,
+                Some(PurposeArg::Server) => Purpose::Server,
+                None if matches!(s.kind, RootSetKind::Infrastructure) => Purpose::Server,
+                None => Purpose::Client,
+            };
+            let name: Option<m2mpki_ca::DnsName> = name.as_deref().map(str::parse).transpose()?;
+            let at = opt_time("--at", at.as_deref())?.unwrap_or_else(OffsetDateTime::now_utc);
+            match verify::verify(&s, &ders, purpose, name.as_ref(), at) {
+                Ok(v) => {
+                    if ctx.json {
+                        emit_json(&serde_json::json!({ "valid": true, "result": v }))
+                    } else {
+                        emit(&format!(
+                            "valid: {} (set `{}`, {}){}",
+                            v.subject,
+                            v.set,
+                            v.kind,
+                            v.identity
+                                .map(|i| format!("\n  identity  {i}"))
+                                .unwrap_or_default()
+                        ))
+                    }
+                }
+                Err(refusal) => {
+                    if ctx.json {
+                        emit_json(
+                            &serde_json::json!({ "valid": false, "code": refusal.code(), "reason": refusal.to_string() }),
+                        )?;
+                    }
+                    Err(anyhow::Error::from(m2mpki_ca::Error::from(refusal))
+                        .context(format!("{}", chain.display())))
+                }
+            }
+        }
+    }
+}
+
+fn roots_add(
+    ctx: &Ctx,
+    store: &m2mpki_ca::RedbStore,
+    set: &str,
+    anchors: Vec<m2mpki_ca::rootset::Anchor>,
+) -> Result<()> {
+    use m2mpki_ca::audit::AuditEvent;
+    let mut report = Default::default();
+    store.modify_root_set(set, &mut |s| {
+        report = s.add_anchors(anchors.clone());
+        Ok(AuditEvent {
+            action: "roots.add".into(),
+            subject: set.to_owned(),
+            detail: serde_json::json!({ "added": report.added, "duplicates": report.duplicates }),
+        })
+    })?;
+    for subject in &report.not_self_signed {
+        eprintln!(
+            "m2mpki: warning: `{subject}` is not self-signed; it is trusted as an anchor as it is"
+        );
+    }
+    if ctx.json {
+        emit_json(&report)
+    } else {
+        let mut out = format!("added {} anchor(s) to `{set}`", report.added.len());
+        for d in &report.duplicates {
+            out.push_str(&format!("\n  already present: {d}"));
+        }
+        emit(&out)
+    }
+}
+
+fn revoke(ctx: &Ctx, serial: &str, ca: &str, reason: &str) -> Result<()> {
+    let store = ctx.store()?;
+    store
+        .ca(ca)?
+        .ok_or_else(|| m2mpki_ca::Error::UnknownCa(ca.to_owned()))?;
+    let serial: m2mpki_ca::Serial = serial.parse()?;
+    let reason: m2mpki_ca::revocation::RevocationReason = reason.parse()?;
+    let record = store.revoke(
+        ca,
+        &serial,
+        reason,
+        OffsetDateTime::now_utc().unix_timestamp(),
+    )?;
+    if ctx.json {
+        emit_json(&cert_view(&record))
+    } else {
+        emit(&format!(
+            "revoked {} ({}) of CA `{ca}`: {reason}",
+            record.serial, record.subject_key
+        ))
+    }
+}
+
+fn crl(ctx: &Ctx, ca: &str, out: &Path, next_update: &str, der: bool, force: bool) -> Result<()> {
+    if !force && out.exists() {
+        return Err(m2mpki_hsm::Error::FileExists(out.to_owned()).into());
+    }
+    let next_update: Validity = next_update.parse()?;
+    let store = ctx.store()?;
+    let authority = Authority::load(&ctx.home, &store, &ctx.keystore, ca)?;
+    let crl = m2mpki_ca::revocation::issue_crl(&store, &authority, next_update)?;
+    let bytes = if der {
+        crl.der.clone()
+    } else {
+        pem::encode(&pem::Pem::new("X509 CRL", crl.der.clone())).into_bytes()
+    };
+    files::write_atomic(out, &bytes, write_options(Mode::Public, force))?;
+    if ctx.json {
+        emit_json(&crl)
+    } else {
+        emit(&format!(
+            "CRL {} of `{ca}`: {} entries, next update {}, written to {}",
+            crl.number,
+            crl.entries,
+            ts(crl.next_update),
+            out.display()
+        ))
+    }
 }

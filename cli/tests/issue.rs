@@ -599,14 +599,30 @@ fn one_live_certificate_per_identity_unless_reissue(backend: Backend) {
 #[test]
 fn name_constraints_are_enforced_before_signing_and_by_openssl() {
     let lab = Lab::new();
-    // The enterprise CA is constrained to acme.example URIs.
+    // An enterprise CA constrained to acme.example URIs (OpenSSL honours URI constraints).
+    let out = lab.run(&[
+        "ca",
+        "init",
+        "uri-ca",
+        "--subject",
+        "CN=URI CA,O=Acme",
+        "--permit-uri-domain",
+        "acme.example",
+        "--permit-uri-domain",
+        ".acme.example",
+    ]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rustls-webpki"),
+        "URI constraints deserve a warning"
+    );
     let err = lab.fails(
         1,
         &[
             "issue",
             "node",
             "--ca",
-            names::ENT_CA,
+            "uri-ca",
             "--enterprise",
             "other.example",
             "--id",
@@ -618,6 +634,35 @@ fn name_constraints_are_enforced_before_signing_and_by_openssl() {
         ],
     );
     assert!(err.contains("name constraints"), "{err}");
+    assert!(!lab.path("x.key").exists());
+    // A sub-domain host is inside `.acme.example`, and OpenSSL agrees.
+    let ok = lab.path("ok.pem");
+    lab.ok(&[
+        "issue",
+        "node",
+        "--ca",
+        "uri-ca",
+        "--enterprise",
+        "plant1.acme.example",
+        "--id",
+        "x",
+        "--key-out",
+        lab.path("ok.key").to_str().unwrap(),
+        "--out",
+        ok.to_str().unwrap(),
+    ]);
+    std::fs::write(
+        lab.path("uri-root.pem"),
+        lab.ok(&["ca", "show", "uri-ca", "--pem"]),
+    )
+    .unwrap();
+    let out = openssl_verify(&lab.path("uri-root.pem"), &ok, "sslclient");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The infrastructure CA is constrained to m2m.localhost DNS names.
     let err = lab.fails(
         1,
         &[
@@ -634,28 +679,6 @@ fn name_constraints_are_enforced_before_signing_and_by_openssl() {
         ],
     );
     assert!(err.contains("name constraints"), "{err}");
-    // A sub-domain host is inside `.acme.example`, and OpenSSL agrees.
-    let ok = lab.path("ok.pem");
-    lab.ok(&[
-        "issue",
-        "node",
-        "--ca",
-        names::ENT_CA,
-        "--enterprise",
-        "plant1.acme.example",
-        "--id",
-        "x",
-        "--key-out",
-        lab.path("ok.key").to_str().unwrap(),
-        "--out",
-        ok.to_str().unwrap(),
-    ]);
-    let out = openssl_verify(&lab.root_pem(names::ENT_CA), &ok, "sslclient");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

@@ -113,12 +113,11 @@ impl LabPki {
         let home = Home::open(home)?;
         let store = home.store()?;
         let none = NameConstraints::default;
-        let ent_nc = NameConstraints::new(
-            &[],
-            &[],
-            &[ENTERPRISE.into(), format!(".{ENTERPRISE}")],
-            &[],
-        )?;
+        // DNS constraints only: rustls-webpki (the bootstrap server's verifier) refuses every
+        // certificate with a URI SAN below a CA with URI constraints. Node identities are kept
+        // to the enterprise by its node root set instead.
+        let ent_nc = NameConstraints::new(&[ENTERPRISE.into()], &[], &[], &[])?;
+        let mfr_nc = NameConstraints::new(&["mfr.example".into()], &[], &[], &[])?;
         let infra_nc = NameConstraints::new(&["m2m.localhost".into()], &[], &[], &[])?;
         let plan = [
             ca(
@@ -137,7 +136,7 @@ impl LabPki {
                 spec,
                 Some(0),
                 Some(HW_TYPE),
-                none(),
+                mfr_nc,
             )?,
             ca(
                 ENT_ROOT,

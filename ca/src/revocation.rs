@@ -1,0 +1,241 @@
+//! Revocation and CRLs.
+//!
+//! Revoking is one small transaction (the certificate's record, an index entry under its CA,
+//! the audit entry): O(log n), whatever the CA's size. A CRL is built by one ordered scan of
+//! that CA's index, skipping certificates that have expired.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use x509_parser::prelude::FromDer;
+
+use crate::authority::{sign_failed, Authority};
+use crate::serial::Serial;
+use crate::store::Store;
+use crate::validity::Validity;
+use crate::{Error, Result};
+
+/// RFC 5280 §5.3.1 reason codes (certificateHold and removeFromCRL are not offered: m2mpki
+/// issues no delta CRLs and no temporary holds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RevocationReason {
+    /// unspecified (0).
+    Unspecified,
+    /// keyCompromise (1).
+    KeyCompromise,
+    /// cACompromise (2).
+    #[serde(rename = "cACompromise")]
+    CaCompromise,
+    /// affiliationChanged (3).
+    AffiliationChanged,
+    /// superseded (4).
+    Superseded,
+    /// cessationOfOperation (5).
+    CessationOfOperation,
+    /// privilegeWithdrawn (9).
+    PrivilegeWithdrawn,
+    /// aACompromise (10).
+    #[serde(rename = "aACompromise")]
+    AaCompromise,
+}
+
+const REASONS: &[(&str, RevocationReason)] = &[
+    ("unspecified", RevocationReason::Unspecified),
+    ("key-compromise", RevocationReason::KeyCompromise),
+    ("ca-compromise", RevocationReason::CaCompromise),
+    ("affiliation-changed", RevocationReason::AffiliationChanged),
+    ("superseded", RevocationReason::Superseded),
+    (
+        "cessation-of-operation",
+        RevocationReason::CessationOfOperation,
+    ),
+    ("privilege-withdrawn", RevocationReason::PrivilegeWithdrawn),
+    ("aa-compromise", RevocationReason::AaCompromise),
+];
+
+impl RevocationReason {
+    fn to_rcgen(self) -> rcgen::RevocationReason {
+        use rcgen::RevocationReason as R;
+        match self {
+            RevocationReason::Unspecified => R::Unspecified,
+            RevocationReason::KeyCompromise => R::KeyCompromise,
+            RevocationReason::CaCompromise => R::CaCompromise,
+            RevocationReason::AffiliationChanged => R::AffiliationChanged,
+            RevocationReason::Superseded => R::Superseded,
+            RevocationReason::CessationOfOperation => R::CessationOfOperation,
+            RevocationReason::PrivilegeWithdrawn => R::PrivilegeWithdrawn,
+            RevocationReason::AaCompromise => R::AaCompromise,
+        }
+    }
+}
+
+impl FromStr for RevocationReason {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let norm: String = s
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect::<String>()
+            .to_ascii_lowercase();
+        REASONS
+            .iter()
+            .find(|(name, _)| name.replace('-', "") == norm)
+            .map(|(_, r)| *r)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "revocation reason",
+                    s,
+                    format!(
+                        "expected one of {}",
+                        REASONS
+                            .iter()
+                            .map(|(n, _)| *n)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })
+    }
+}
+
+impl fmt::Display for RevocationReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = REASONS
+            .iter()
+            .find(|(_, r)| r == self)
+            .map_or("unspecified", |(n, _)| n);
+        f.write_str(name)
+    }
+}
+
+/// A revoked certificate, as a CA's CRL needs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RevokedEntry {
+    /// Serial.
+    pub serial: Serial,
+    /// When it was revoked (Unix time).
+    pub revoked_at: i64,
+    /// Why.
+    pub reason: RevocationReason,
+    /// The certificate's notAfter: expired certificates leave the CRL.
+    pub not_after: i64,
+}
+
+/// A signed CRL.
+#[derive(Clone, Debug, Serialize)]
+pub struct IssuedCrl {
+    /// The CA.
+    pub ca: String,
+    /// CRL number.
+    pub number: u64,
+    /// Entries listed.
+    pub entries: usize,
+    /// thisUpdate (Unix time).
+    pub this_update: i64,
+    /// nextUpdate (Unix time).
+    pub next_update: i64,
+    /// The CRL.
+    #[serde(skip)]
+    pub der: Vec<u8>,
+}
+
+/// Builds and signs the CRL of `authority`: every revoked, unexpired certificate, with the
+/// next CRL number (monotonic per CA).
+pub fn issue_crl(
+    store: &dyn Store,
+    authority: &Authority,
+    next_update: Validity,
+) -> Result<IssuedCrl> {
+    let ca = &authority.record;
+    let this_update = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .map_err(Error::internal)?;
+    let next = next_update.not_after(this_update);
+    if matches!(next_update, Validity::Forever) {
+        return Err(Error::invalid(
+            "--next-update",
+            "forever",
+            "a CRL must say when the next one is due",
+        ));
+    }
+    let now = this_update.unix_timestamp();
+    let mut revoked = Vec::new();
+    store.revoked(&ca.name, &mut |e| {
+        if e.not_after >= now {
+            revoked.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(e.serial.as_bytes()),
+                revocation_time: OffsetDateTime::from_unix_timestamp(e.revoked_at)
+                    .map_err(Error::internal)?,
+                reason_code: match e.reason {
+                    // RFC 5280 §5.3.1: the unspecified code SHOULD be absent.
+                    RevocationReason::Unspecified => None,
+                    r => Some(r.to_rcgen()),
+                },
+                invalidity_date: None,
+            });
+        }
+        Ok(())
+    })?;
+    let entries = revoked.len();
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&ca.cert_der)
+        .map_err(Error::internal)?;
+    let ski = cert
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        })
+        .ok_or_else(|| Error::internal("CA certificate has no subject key identifier"))?;
+    let number = store.next_crl_number(
+        &ca.name,
+        serde_json::json!({ "entries": entries, "next_update": next.unix_timestamp() }),
+    )?;
+    let params = CertificateRevocationListParams {
+        this_update,
+        next_update: next,
+        crl_number: SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: KeyIdMethod::PreSpecified(ski),
+    };
+    let crl = params.signed_by(authority.issuer()).map_err(sign_failed)?;
+    Ok(IssuedCrl {
+        ca: ca.name.clone(),
+        number,
+        entries,
+        this_update: now,
+        next_update: next.unix_timestamp(),
+        der: crl.der().to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_parse_in_any_spelling() {
+        assert_eq!(
+            "keyCompromise".parse::<RevocationReason>().unwrap(),
+            RevocationReason::KeyCompromise
+        );
+        assert_eq!(
+            "key-compromise".parse::<RevocationReason>().unwrap(),
+            RevocationReason::KeyCompromise
+        );
+        assert_eq!(
+            "CA_COMPROMISE".parse::<RevocationReason>().unwrap(),
+            RevocationReason::CaCompromise
+        );
+        assert!("certificateHold".parse::<RevocationReason>().is_err());
+        assert_eq!(
+            serde_json::to_string(&RevocationReason::CaCompromise).unwrap(),
+            "\"cACompromise\""
+        );
+    }
+}

@@ -1,0 +1,326 @@
+//! Verifying a certificate chain against a root set: rustls-webpki path building (the same
+//! verifier the bootstrap server uses) plus the field-node identity checks of m2mpki.
+
+use std::time::Duration;
+
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use serde::Serialize;
+use time::OffsetDateTime;
+use webpki::{
+    BorrowedCertRevocationList, CertRevocationList, ExpirationPolicy, KeyUsage,
+    RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy,
+};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::identity::{DnsName, FieldNodeIdentity};
+use crate::input::sha256;
+use crate::rootset::{RootSet, RootSetKind};
+use crate::{Error, Result};
+
+/// What the certificate must be good for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Purpose {
+    /// TLS client authentication (field nodes).
+    Client,
+    /// TLS server authentication (Infrastructure Nodes).
+    Server,
+}
+
+/// Why a chain was refused. Each reason has a stable code for scripts and protocol errors.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The chain does not lead to an anchor of the set.
+    #[error("the chain does not lead to a root of this set")]
+    UnknownRoot,
+    /// The leaf has expired.
+    #[error("the certificate expired at {0}")]
+    Expired(String),
+    /// The leaf is not valid yet.
+    #[error("the certificate is not valid before {0}")]
+    NotYetValid(String),
+    /// An intermediate CA has expired.
+    #[error("an intermediate CA certificate of the chain expired at {0}")]
+    IntermediateExpired(String),
+    /// An intermediate CA is not valid yet.
+    #[error("an intermediate CA certificate of the chain is not valid before {0}")]
+    IntermediateNotYetValid(String),
+    /// The leaf's extended key usage does not allow the purpose.
+    #[error("the certificate's extended key usage does not allow {0:?} authentication")]
+    WrongPurpose(Purpose),
+    /// A certificate of the chain is revoked by a CRL of the set.
+    #[error("a certificate of the chain is revoked (CRL of the set)")]
+    Revoked,
+    /// A name in the chain breaks a CA's name constraints.
+    #[error("a name in the certificate violates the name constraints of a CA in the chain{0}")]
+    NameConstraints(String),
+    /// A CA certificate was presented as the end entity.
+    #[error("a CA certificate was presented as the end-entity certificate")]
+    CaAsLeaf,
+    /// The chain is longer than a CA's pathLenConstraint allows.
+    #[error("the chain is longer than a CA's path length constraint allows")]
+    PathTooLong,
+    /// A server certificate does not name the expected host.
+    #[error("the certificate is not valid for `{0}`")]
+    NameMismatch(String),
+    /// A signature in the chain does not verify.
+    #[error("a signature in the chain does not verify")]
+    BadSignature,
+    /// The certificate carries no readable field-node identity.
+    #[error("{0}")]
+    NoIdentity(String),
+    /// The identity does not belong to what the set admits.
+    #[error("{0}")]
+    IdentityOutsideSet(String),
+    /// The chain is malformed or uses something unsupported.
+    #[error("the chain cannot be verified: {0}")]
+    Unusable(String),
+}
+
+impl Refusal {
+    /// A stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::UnknownRoot => "unknown_root",
+            Refusal::Expired(_) => "expired",
+            Refusal::NotYetValid(_) => "not_yet_valid",
+            Refusal::IntermediateExpired(_) => "intermediate_expired",
+            Refusal::IntermediateNotYetValid(_) => "intermediate_not_yet_valid",
+            Refusal::WrongPurpose(_) => "wrong_purpose",
+            Refusal::Revoked => "revoked",
+            Refusal::NameConstraints(_) => "name_constraints",
+            Refusal::CaAsLeaf => "ca_as_leaf",
+            Refusal::PathTooLong => "path_too_long",
+            Refusal::NameMismatch(_) => "name_mismatch",
+            Refusal::BadSignature => "bad_signature",
+            Refusal::NoIdentity(_) => "no_identity",
+            Refusal::IdentityOutsideSet(_) => "identity_outside_set",
+            Refusal::Unusable(_) => "unusable_chain",
+        }
+    }
+}
+
+/// A chain that verified.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verified {
+    /// The set that admitted it.
+    pub set: String,
+    /// The set's kind.
+    pub kind: RootSetKind,
+    /// The field-node identity, for device and node certificates.
+    pub identity: Option<FieldNodeIdentity>,
+    /// Leaf subject.
+    pub subject: String,
+    /// Leaf serial (hex).
+    pub serial: String,
+    /// SHA-256 of the leaf (hex).
+    pub sha256: String,
+    /// SHA-256 of the anchor the path ended at (hex).
+    pub anchor: String,
+}
+
+fn unix(t: OffsetDateTime) -> UnixTime {
+    UnixTime::since_unix_epoch(Duration::from_secs(
+        u64::try_from(t.unix_timestamp()).unwrap_or(0),
+    ))
+}
+
+fn when(t: UnixTime) -> String {
+    i64::try_from(t.as_secs())
+        .ok()
+        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
+        .map_or_else(|| t.as_secs().to_string(), crate::validity::format_time)
+}
+
+fn chain_has_uri_constraints(chain: &[Vec<u8>], set: &RootSet) -> bool {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    chain
+        .iter()
+        .skip(1)
+        .chain(set.anchors.iter().map(|a| &a.der))
+        .any(|der| {
+            X509Certificate::from_der(der).is_ok_and(|(_, c)| {
+                c.extensions().iter().any(|e| match e.parsed_extension() {
+                    ParsedExtension::NameConstraints(nc) => nc
+                        .permitted_subtrees
+                        .iter()
+                        .flatten()
+                        .chain(nc.excluded_subtrees.iter().flatten())
+                        .any(|s| matches!(s.base, GeneralName::URI(_))),
+                    _ => false,
+                })
+            })
+        })
+}
+
+/// Verifies `chain` (leaf first, then intermediates) against `set` at time `at`.
+///
+/// For `Purpose::Server` with `name`, the leaf must be valid for that DNS name. Device and
+/// node sets additionally require a readable field-node identity of their kind; a node set
+/// admits only identities of its enterprise (or its subdomains).
+pub fn verify(
+    set: &RootSet,
+    chain: &[Vec<u8>],
+    purpose: Purpose,
+    name: Option<&DnsName>,
+    at: OffsetDateTime,
+) -> std::result::Result<Verified, Refusal> {
+    let leaf_der = chain
+        .first()
+        .ok_or_else(|| Refusal::Unusable("the chain is empty".into()))?;
+    let (_, leaf) = X509Certificate::from_der(leaf_der)
+        .map_err(|e| Refusal::Unusable(format!("malformed leaf certificate ({e})")))?;
+    let anchors: Vec<_> = set
+        .anchors
+        .iter()
+        .filter_map(|a| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(a.der.as_slice()))
+                .ok()
+                .map(|t| t.to_owned())
+        })
+        .collect();
+    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
+    let crls: Vec<CertRevocationList<'_>> = set
+        .crls
+        .iter()
+        .filter_map(|c| {
+            BorrowedCertRevocationList::from_der(&c.der)
+                .ok()
+                .map(Into::into)
+        })
+        .collect();
+    let crl_refs: Vec<&CertRevocationList<'_>> = crls.iter().collect();
+    let revocation = RevocationOptionsBuilder::new(&crl_refs).ok().map(|b| {
+        b.with_depth(RevocationCheckDepth::Chain)
+            .with_status_policy(UnknownStatusPolicy::Allow)
+            .with_expiration_policy(ExpirationPolicy::Ignore)
+            .build()
+    });
+    let leaf_cert = CertificateDer::from(leaf_der.as_slice());
+    let ee = webpki::EndEntityCert::try_from(&leaf_cert)
+        .map_err(|e| Refusal::Unusable(format!("{e:?}")))?;
+    let now = unix(at);
+    let usage = match purpose {
+        Purpose::Client => KeyUsage::client_auth(),
+        Purpose::Server => KeyUsage::server_auth(),
+    };
+    let leaf_not_after = leaf.validity().not_after.timestamp();
+    let leaf_not_before = leaf.validity().not_before.timestamp();
+    let path = ee
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &intermediates,
+            now,
+            usage,
+            revocation,
+            None,
+        )
+        .map_err(|e| {
+            use webpki::Error as W;
+            match e {
+                W::UnknownIssuer => Refusal::UnknownRoot,
+                W::CertExpired { not_after, .. } => {
+                    if leaf_not_after < at.unix_timestamp() {
+                        Refusal::Expired(when(not_after))
+                    } else {
+                        Refusal::IntermediateExpired(when(not_after))
+                    }
+                }
+                W::CertNotValidYet { not_before, .. } => {
+                    if leaf_not_before > at.unix_timestamp() {
+                        Refusal::NotYetValid(when(not_before))
+                    } else {
+                        Refusal::IntermediateNotYetValid(when(not_before))
+                    }
+                }
+                W::RequiredEkuNotFoundContext(_) => {
+                    Refusal::WrongPurpose(purpose)
+                }
+                W::CertRevoked => Refusal::Revoked,
+                W::NameConstraintViolation => Refusal::NameConstraints(
+                    if chain_has_uri_constraints(chain, set) {
+                        " (a CA carries URI name constraints, which rustls-webpki does not support and always refuses)".into()
+                    } else {
+                        String::new()
+                    },
+                ),
+                W::CaUsedAsEndEntity => Refusal::CaAsLeaf,
+                W::PathLenConstraintViolated => Refusal::PathTooLong,
+                W::InvalidSignatureForPublicKey | W::InvalidCrlSignatureForPublicKey => {
+                    Refusal::BadSignature
+                }
+                other => Refusal::Unusable(format!("{other:?}")),
+            }
+        })?;
+    if let (Purpose::Server, Some(name)) = (purpose, name) {
+        let server_name = ServerName::try_from(name.as_str())
+            .map_err(|_| Refusal::NameMismatch(name.to_string()))?;
+        ee.verify_is_valid_for_subject_name(&server_name)
+            .map_err(|_| Refusal::NameMismatch(name.to_string()))?;
+    }
+    let anchor_spki = path.anchor().subject_public_key_info.as_ref().to_vec();
+    let anchor = set
+        .anchors
+        .iter()
+        .find(|a| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(a.der.as_slice()))
+                .is_ok_and(|t| t.subject_public_key_info.as_ref() == anchor_spki.as_slice())
+        })
+        .map(|a| a.sha256.clone())
+        .unwrap_or_default();
+
+    let identity = match &set.kind {
+        RootSetKind::Infrastructure => FieldNodeIdentity::from_certificate(&leaf).ok(),
+        kind => {
+            let id = FieldNodeIdentity::from_certificate(&leaf)
+                .map_err(|e| Refusal::NoIdentity(e.to_string()))?;
+            match (kind, &id) {
+                (RootSetKind::Device { .. }, FieldNodeIdentity::Device { .. }) => {}
+                (
+                    RootSetKind::Node { enterprise },
+                    FieldNodeIdentity::Node { enterprise: e, .. },
+                ) => {
+                    if !e.is_within(enterprise.as_str()) {
+                        return Err(Refusal::IdentityOutsideSet(format!(
+                            "{id} belongs to enterprise `{e}`, but set `{}` admits enterprise `{enterprise}` only",
+                            set.name
+                        )));
+                    }
+                }
+                _ => {
+                    return Err(Refusal::IdentityOutsideSet(format!(
+                        "{id} is not a {} identity, as set `{}` requires",
+                        kind.as_str(),
+                        set.name
+                    )))
+                }
+            }
+            Some(id)
+        }
+    };
+    Ok(Verified {
+        set: set.name.clone(),
+        kind: set.kind.clone(),
+        identity,
+        subject: leaf.subject().to_string(),
+        serial: hex::encode(leaf.raw_serial()),
+        sha256: hex::encode(sha256(leaf_der)),
+        anchor,
+    })
+}
+
+/// Reads a chain file (PEM bundle, leaf first; or one DER certificate).
+pub fn read_chain(path: &std::path::Path) -> Result<Vec<Vec<u8>>> {
+    crate::input::read_der_objects(path, &["CERTIFICATE"])
+}
+
+impl From<Refusal> for Error {
+    fn from(r: Refusal) -> Self {
+        Error::NotTrusted(r)
+    }
+}
