@@ -99,8 +99,36 @@ fn keygen_list_and_a_ca_on_the_token() {
         "--out",
         lab.path("t1.pem").to_str().unwrap(),
     ]);
-    let r = openssl_verify(&lab.root_pem("root"), &lab.path("t1.pem"), "sslclient");
+    let root = lab.root_pem("root");
+    let r = openssl_verify(&root, &lab.path("t1.pem"), "sslclient");
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // CRLs are signed on the token too, and OpenSSL accepts them.
+    let serial = lab.json(&["certs", "list", "--id", "T1"])[0]["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    lab.ok(&["revoke", &serial, "--ca", "root", "--reason", "superseded"]);
+    let crl = lab.path("root.crl");
+    let v = lab.json(&[
+        "--pkcs11-module",
+        &m,
+        "crl",
+        "--ca",
+        "root",
+        "--out",
+        crl.to_str().unwrap(),
+    ]);
+    assert_eq!(v["entries"], 1);
+    let out = tool("openssl")
+        .args(["crl", "-noout", "-verify", "-CAfile"])
+        .arg(&root)
+        .arg("-in")
+        .arg(&crl)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("verify OK"), "{text}");
 }
 
 #[test]

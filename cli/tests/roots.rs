@@ -1,0 +1,699 @@
+//! Root sets, verification and revocation through the binary, cross-checked with OpenSSL and
+//! pkilint.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use m2mpki_test_pki::{names, ENTERPRISE, HW_TYPE, IN_FQDN};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, GeneralSubtree, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, NameConstraints,
+};
+
+/// A lab with the three kinds of set, each holding its lab root.
+fn lab_with_sets() -> Lab {
+    let lab = Lab::new();
+    lab.ok(&[
+        "roots",
+        "create",
+        "metering",
+        "--kind",
+        "device",
+        "--vertical",
+        "smart-metering",
+    ]);
+    lab.ok(&[
+        "roots",
+        "create",
+        "acme",
+        "--kind",
+        "node",
+        "--enterprise",
+        ENTERPRISE,
+    ]);
+    lab.ok(&["roots", "create", "in", "--kind", "infrastructure"]);
+    lab.ok(&["roots", "add-ca", "metering", names::MFR_CA]);
+    lab.ok(&["roots", "add-ca", "acme", names::ENT_CA]);
+    lab.ok(&["roots", "add-ca", "in", names::INFRA_CA]);
+    lab
+}
+
+fn issue(lab: &Lab, kind: &str, extra: &[&str], name: &str) -> PathBuf {
+    let out = lab.path(&format!("{name}.pem"));
+    let key = lab.path(&format!("{name}.key"));
+    let ca = match kind {
+        "device" => names::MFR_CA,
+        "node" => names::ENT_CA,
+        _ => names::INFRA_CA,
+    };
+    let mut args = vec!["issue", kind, "--ca", ca];
+    args.extend_from_slice(extra);
+    let (k, o) = (key.display().to_string(), out.display().to_string());
+    args.extend(["--key-out", &k, "--out", &o]);
+    lab.ok(&args);
+    out
+}
+
+/// `roots verify` must refuse with exit 1 and a reason containing `needle`; with --json the
+/// reason code is `code`.
+fn refused(lab: &Lab, set: &str, chain: &Path, extra: &[&str], code: &str, needle: &str) {
+    let c = chain.display().to_string();
+    let mut args = vec!["roots", "verify", set, &c];
+    args.extend_from_slice(extra);
+    let err = lab.fails(1, &args);
+    assert!(err.contains(needle), "{args:?}: {err}");
+    let mut json = vec!["--json"];
+    json.extend_from_slice(&args);
+    let out = lab.run(&json);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["code"], code, "{args:?}");
+}
+
+#[test]
+fn valid_chains_verify_and_print_the_identity() {
+    let lab = lab_with_sets();
+    let dev = issue(&lab, "device", &["--id", "SN-1"], "dev");
+    let out = lab.ok(&["roots", "verify", "metering", dev.to_str().unwrap()]);
+    assert!(out.contains(&format!("device:{HW_TYPE}:SN-1")), "{out}");
+    let node = issue(
+        &lab,
+        "node",
+        &["--enterprise", "plant.acme.example", "--id", "N-1"],
+        "node",
+    );
+    let v = lab.json(&["roots", "verify", "acme", node.to_str().unwrap()]);
+    assert_eq!(v["result"]["identity"], "node:plant.acme.example:N-1");
+    let srv = issue(&lab, "server", &["--fqdn", IN_FQDN], "srv");
+    lab.ok(&[
+        "roots",
+        "verify",
+        "in",
+        srv.to_str().unwrap(),
+        "--name",
+        IN_FQDN,
+    ]);
+}
+
+#[test]
+fn each_refusal_has_its_own_reason() {
+    let lab = lab_with_sets();
+    let dev = issue(&lab, "device", &["--id", "SN-1"], "dev");
+    let node = issue(
+        &lab,
+        "node",
+        &["--enterprise", ENTERPRISE, "--id", "N-1"],
+        "node",
+    );
+    let srv = issue(&lab, "server", &["--fqdn", IN_FQDN], "srv");
+
+    // A root outside the set.
+    refused(
+        &lab,
+        "metering",
+        &node,
+        &[],
+        "unknown_root",
+        "does not lead to a root",
+    );
+    // Expired and not yet valid leaves.
+    let old = issue(
+        &lab,
+        "device",
+        &[
+            "--id",
+            "OLD",
+            "--not-before",
+            "2024-01-01T00:00:00Z",
+            "--validity",
+            "30d",
+            "--reissue",
+        ],
+        "old",
+    );
+    refused(&lab, "metering", &old, &[], "expired", "expired");
+    let soon = issue(
+        &lab,
+        "device",
+        &[
+            "--id",
+            "SOON",
+            "--not-before",
+            "2030-01-01T00:00:00Z",
+            "--validity",
+            "30d",
+        ],
+        "soon",
+    );
+    refused(
+        &lab,
+        "metering",
+        &soon,
+        &[],
+        "not_yet_valid",
+        "not valid before",
+    );
+    // ... and the future one is fine at a time it is valid.
+    lab.ok(&[
+        "roots",
+        "verify",
+        "metering",
+        soon.to_str().unwrap(),
+        "--at",
+        "2030-01-15T00:00:00Z",
+    ]);
+    // Wrong EKU for the purpose.
+    refused(
+        &lab,
+        "in",
+        &srv,
+        &["--purpose", "client"],
+        "wrong_purpose",
+        "extended key usage",
+    );
+    refused(
+        &lab,
+        "metering",
+        &dev,
+        &["--purpose", "server"],
+        "wrong_purpose",
+        "extended key usage",
+    );
+    // A server certificate for another name.
+    refused(
+        &lab,
+        "in",
+        &srv,
+        &["--name", "other.m2m.localhost"],
+        "name_mismatch",
+        "not valid for",
+    );
+    // A CA certificate presented as the leaf.
+    let ca_chain = lab.path("ca-chain.pem");
+    std::fs::write(&ca_chain, lab.ok(&["ca", "show", names::MFR_CA, "--pem"])).unwrap();
+    refused(
+        &lab,
+        "metering",
+        &ca_chain,
+        &[],
+        "ca_as_leaf",
+        "CA certificate",
+    );
+    // A node of another enterprise, admitted by the roots but not by the set's enterprise.
+    lab.ok(&[
+        "roots",
+        "create",
+        "other-ent",
+        "--kind",
+        "node",
+        "--enterprise",
+        "other.example",
+    ]);
+    lab.ok(&["roots", "add-ca", "other-ent", names::ENT_CA]);
+    refused(
+        &lab,
+        "other-ent",
+        &node,
+        &[],
+        "identity_outside_set",
+        "other.example",
+    );
+    // A device certificate is no node.
+    lab.ok(&["roots", "add-ca", "acme", names::MFR_CA]);
+    refused(
+        &lab,
+        "acme",
+        &dev,
+        &[],
+        "identity_outside_set",
+        "not a node identity",
+    );
+}
+
+#[test]
+fn revocation_crls_agree_with_openssl_and_lint_clean() {
+    let lab = lab_with_sets();
+    let good = issue(&lab, "device", &["--id", "GOOD"], "good");
+    let bad = issue(&lab, "device", &["--id", "BAD"], "bad");
+    let serial = lab.json(&["certs", "list", "--id", "BAD"])[0]["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let v = lab.json(&[
+        "revoke",
+        &serial,
+        "--ca",
+        names::MFR_CA,
+        "--reason",
+        "key-compromise",
+    ]);
+    assert_eq!(v["status"], "revoked");
+    // Revoking twice, or through the wrong CA, is refused.
+    lab.fails(1, &["revoke", &serial, "--ca", names::MFR_CA]);
+    lab.fails(2, &["revoke", &serial, "--ca", names::ENT_CA]);
+    lab.fails(
+        2,
+        &[
+            "revoke",
+            &serial,
+            "--ca",
+            names::MFR_CA,
+            "--reason",
+            "certificateHold",
+        ],
+    );
+    // The ID lost its live certificate: it may be issued again without --reissue.
+    issue(&lab, "device", &["--id", "BAD"], "bad2");
+
+    let crl = lab.path("mfr.crl");
+    let c1 = lab.json(&["crl", "--ca", names::MFR_CA, "--out", crl.to_str().unwrap()]);
+    assert_eq!(c1["entries"], 1);
+    let c2 = lab.json(&[
+        "crl",
+        "--ca",
+        names::MFR_CA,
+        "--out",
+        crl.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(
+        c2["number"].as_u64() > c1["number"].as_u64(),
+        "CRL numbers grow"
+    );
+    lab.ok(&["roots", "add-crl", "metering", crl.to_str().unwrap()]);
+    refused(&lab, "metering", &bad, &[], "revoked", "revoked");
+    lab.ok(&["roots", "verify", "metering", good.to_str().unwrap()]);
+    // An older CRL cannot replace a newer one.
+    let c3 = lab.json(&[
+        "crl",
+        "--ca",
+        names::MFR_CA,
+        "--out",
+        lab.path("c3.crl").to_str().unwrap(),
+    ]);
+    assert!(c3["number"].as_u64() > c2["number"].as_u64());
+    lab.ok(&[
+        "roots",
+        "add-crl",
+        "metering",
+        lab.path("c3.crl").to_str().unwrap(),
+    ]);
+    lab.fails(1, &["roots", "add-crl", "metering", crl.to_str().unwrap()]);
+
+    // OpenSSL agrees: the CRL's signature, and the revocation status of both certificates.
+    let issuer = lab.path("mfr-ca.pem");
+    let chain = lab.ok(&["ca", "show", names::MFR_CA, "--pem"]);
+    let first = pem::parse_many(chain.as_bytes()).unwrap();
+    std::fs::write(&issuer, pem::encode(&first[0])).unwrap();
+    let out = tool("openssl")
+        .args(["crl", "-noout", "-in"])
+        .arg(&crl)
+        .arg("-CAfile")
+        .arg(&issuer)
+        .arg("-verify")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("verify OK"), "{text}");
+    let root = lab.root_pem(names::MFR_CA);
+    let crl_file = lab.path("crl-chain.pem");
+    let root_crl = lab.path("root.crl");
+    lab.ok(&[
+        "crl",
+        "--ca",
+        names::MFR_ROOT,
+        "--out",
+        root_crl.to_str().unwrap(),
+    ]);
+    std::fs::write(
+        &crl_file,
+        [
+            std::fs::read(&crl).unwrap(),
+            std::fs::read(&root_crl).unwrap(),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let check = |leaf: &Path| {
+        tool("openssl")
+            .args(["verify", "-crl_check_all", "-CAfile"])
+            .arg(&root)
+            .arg("-untrusted")
+            .arg(leaf)
+            .arg("-CRLfile")
+            .arg(&crl_file)
+            .arg(leaf)
+            .output()
+            .unwrap()
+    };
+    assert!(check(&good).status.success());
+    let out = check(&bad);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("revoked")
+            || String::from_utf8_lossy(&out.stderr).contains("revoked")
+    );
+
+    // pkilint: no finding at WARNING on the CRL (it needs DER).
+    let der = lab.path("mfr.crl.der");
+    lab.ok(&[
+        "crl",
+        "--ca",
+        names::MFR_CA,
+        "--out",
+        der.to_str().unwrap(),
+        "--der",
+    ]);
+    let out = tool("lint_crl")
+        .args(["lint", "-t", "CRL", "-p", "PKIX", "-s", "WARNING"])
+        .arg(&der)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("(WARNING)") && !text.contains("(ERROR)"),
+        "lint_crl: {text}"
+    );
+}
+
+/// A certificate made here with rcgen, outside m2mpki's policies.
+struct Made {
+    pem: String,
+    key: KeyPair,
+    params: CertificateParams,
+}
+
+fn make(
+    cn: &str,
+    ca: Option<Option<u8>>,
+    issuer: Option<&Made>,
+    edit: impl FnOnce(&mut CertificateParams),
+) -> Made {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.serial_number = Some(rcgen::SerialNumber::from(rand_u64()));
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2040, 1, 1);
+    match ca {
+        Some(pl) => {
+            p.is_ca = IsCa::Ca(pl.map_or(
+                BasicConstraints::Unconstrained,
+                BasicConstraints::Constrained,
+            ));
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        }
+        None => {
+            p.is_ca = IsCa::ExplicitNoCa;
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        }
+    }
+    p.use_authority_key_identifier_extension = issuer.is_some();
+    edit(&mut p);
+    let pem = match issuer {
+        None => p.self_signed(&key).unwrap().pem(),
+        Some(i) => {
+            let iss = Issuer::from_params(&i.params, &i.key);
+            p.signed_by(&key, &iss).unwrap().pem()
+        }
+    };
+    Made {
+        pem,
+        key,
+        params: p,
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        ^ N.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 48
+}
+
+fn write(lab: &Lab, name: &str, parts: &[&Made]) -> PathBuf {
+    let p = lab.path(name);
+    std::fs::write(&p, parts.iter().map(|m| m.pem.clone()).collect::<String>()).unwrap();
+    p
+}
+
+#[test]
+fn chains_made_elsewhere_expired_intermediates_constraints_and_path_length() {
+    let lab = Lab::empty();
+    lab.ok(&["roots", "create", "ext", "--kind", "infrastructure"]);
+
+    // An expired intermediate below a valid root, with a leaf that is still valid.
+    let root = make("Ext Root", Some(None), None, |_| {});
+    let int = make("Ext Expired Int", Some(Some(0)), Some(&root), |p| {
+        p.not_after = rcgen::date_time_ymd(2025, 1, 1)
+    });
+    let leaf = make("in.ext.example", None, Some(&int), |p| {
+        p.subject_alt_names = vec![rcgen::SanType::DnsName(
+            "in.ext.example".try_into().unwrap(),
+        )];
+    });
+    lab.ok(&[
+        "roots",
+        "add",
+        "ext",
+        write(&lab, "root.pem", &[&root]).to_str().unwrap(),
+    ]);
+    let chain = write(&lab, "expired-int.pem", &[&leaf, &int]);
+    refused(
+        &lab,
+        "ext",
+        &chain,
+        &[],
+        "intermediate_expired",
+        "intermediate CA certificate of the chain expired",
+    );
+
+    // Name constraints: a root permitting good.example signs a leaf for evil.example.
+    let nc_root = make("NC Root", Some(None), None, |p| {
+        p.name_constraints = Some(NameConstraints {
+            permitted_subtrees: vec![GeneralSubtree::DnsName("good.example".into())],
+            excluded_subtrees: vec![],
+        });
+    });
+    let evil = make("evil.example", None, Some(&nc_root), |p| {
+        p.subject_alt_names = vec![rcgen::SanType::DnsName("evil.example".try_into().unwrap())];
+    });
+    lab.ok(&[
+        "roots",
+        "add",
+        "ext",
+        write(&lab, "nc-root.pem", &[&nc_root]).to_str().unwrap(),
+    ]);
+    refused(
+        &lab,
+        "ext",
+        &write(&lab, "evil.pem", &[&evil]),
+        &[],
+        "name_constraints",
+        "name constraints",
+    );
+
+    // Path length: an intermediate with pathLen 0 signs another intermediate, which signs the
+    // leaf (a trust anchor's own pathLen is not part of path validation, RFC 5280 §6.1).
+    let pl_root = make("PL Root", Some(None), None, |_| {});
+    let pl_int = make("PL Int", Some(Some(0)), Some(&pl_root), |_| {});
+    let pl_int2 = make("PL Int 2", Some(Some(0)), Some(&pl_int), |_| {});
+    let pl_leaf = make("in.pl.example", None, Some(&pl_int2), |p| {
+        p.subject_alt_names = vec![rcgen::SanType::DnsName("in.pl.example".try_into().unwrap())];
+    });
+    lab.ok(&[
+        "roots",
+        "add",
+        "ext",
+        write(&lab, "pl-root.pem", &[&pl_root]).to_str().unwrap(),
+    ]);
+    refused(
+        &lab,
+        "ext",
+        &write(&lab, "pl.pem", &[&pl_leaf, &pl_int2, &pl_int]),
+        &[],
+        "path_too_long",
+        "path length",
+    );
+
+    // A chain made by the openssl CLI verifies.
+    let d = lab.dir.path();
+    let run = |args: &[&str]| {
+        let out = tool("openssl").current_dir(d).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "o-root.key",
+        "-out",
+        "o-root.pem",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=OpenSSL Root",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "o-leaf.key",
+        "-out",
+        "o-leaf.csr",
+        "-subj",
+        "/CN=in.openssl.example",
+    ]);
+    std::fs::write(d.join("ext.cnf"), "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:in.openssl.example\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "o-leaf.csr",
+        "-CA",
+        "o-root.pem",
+        "-CAkey",
+        "o-root.key",
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "o-leaf.pem",
+    ]);
+    lab.ok(&[
+        "roots",
+        "add",
+        "ext",
+        d.join("o-root.pem").to_str().unwrap(),
+    ]);
+    lab.ok(&[
+        "roots",
+        "verify",
+        "ext",
+        d.join("o-leaf.pem").to_str().unwrap(),
+        "--name",
+        "in.openssl.example",
+    ]);
+}
+
+#[test]
+fn managing_sets() {
+    let lab = Lab::new();
+    lab.ok(&[
+        "roots",
+        "create",
+        "m",
+        "--kind",
+        "device",
+        "--vertical",
+        "metering",
+    ]);
+    lab.fails(2, &["roots", "create", "m", "--kind", "infrastructure"]);
+    lab.fails(2, &["roots", "create", "n", "--kind", "node"]);
+    lab.fails(
+        2,
+        &["roots", "create", "bad name", "--kind", "infrastructure"],
+    );
+    let chain = lab.path("chain.pem");
+    std::fs::write(&chain, lab.ok(&["ca", "show", names::MFR_CA, "--pem"])).unwrap();
+    // A bundle of the issuing CA and its root: both are CA certificates; the issuing CA is
+    // not self-signed and is accepted with a warning.
+    let out = lab.run(&["roots", "add", "m", chain.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not self-signed"));
+    // Adding again reports duplicates and adds nothing.
+    let v = lab.json(&["roots", "add", "m", chain.to_str().unwrap()]);
+    assert_eq!(v["added"].as_array().unwrap().len(), 0);
+    assert_eq!(v["duplicates"].as_array().unwrap().len(), 2);
+    // A leaf is no root, and garbage is garbage: nothing added, the file named.
+    let leaf = lab.path("leaf.pem");
+    lab.ok(&[
+        "issue",
+        "device",
+        "--ca",
+        names::MFR_CA,
+        "--id",
+        "L",
+        "--key-out",
+        lab.path("l.key").to_str().unwrap(),
+        "--out",
+        leaf.to_str().unwrap(),
+    ]);
+    let err = lab.fails(2, &["roots", "add", "m", leaf.to_str().unwrap()]);
+    assert!(
+        err.contains("leaf.pem") && err.contains("not a CA certificate"),
+        "{err}"
+    );
+    let junk = lab.path("junk.pem");
+    std::fs::write(
+        &junk,
+        "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let err = lab.fails(2, &["roots", "add", "m", junk.to_str().unwrap()]);
+    assert!(err.contains("junk.pem"), "{err}");
+    lab.fails(2, &["roots", "add", "nope", chain.to_str().unwrap()]);
+    let listed = lab.json(&["roots", "list", "m"]);
+    let anchors = listed["anchors"].as_array().unwrap();
+    assert_eq!(anchors.len(), 2);
+    let fp = anchors[0]["sha256"].as_str().unwrap().to_owned();
+    assert_eq!(anchors[0]["key_type"], "p256");
+    // Export, remove, and the audit log saw every change.
+    let out = lab.path("m.pem");
+    lab.ok(&["roots", "export", "m", "--out", out.to_str().unwrap()]);
+    assert_eq!(
+        pem::parse_many(std::fs::read(&out).unwrap()).unwrap().len(),
+        2
+    );
+    let colon_fp: String = fp
+        .as_bytes()
+        .chunks(2)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect::<Vec<_>>()
+        .join(":");
+    lab.ok(&["roots", "remove", "m", &colon_fp]);
+    lab.fails(2, &["roots", "remove", "m", &fp]);
+    assert_eq!(
+        lab.json(&["roots", "list", "m"])["anchors"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let sets = lab.json(&["roots", "list"]);
+    assert_eq!(sets[0]["set"], "m");
+    lab.ok(&["audit", "verify"]);
+    // 6 CAs, 1 certificate, create, add, add (duplicates only), remove.
+    assert_eq!(lab.audit_entries(), 6 + 1 + 4);
+}
