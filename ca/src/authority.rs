@@ -71,7 +71,7 @@ impl CaRecord {
     pub fn chain_pem(&self) -> String {
         std::iter::once(&self.cert_der)
             .chain(&self.chain_der)
-            .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
+            .map(|der| m2mpki_hsm::files::pem_encode("CERTIFICATE", der))
             .collect()
     }
 

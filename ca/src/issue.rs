@@ -46,6 +46,6 @@ pub fn issue(
 pub fn chain_pem(leaf_der: &[u8], chain: &[&[u8]]) -> String {
     std::iter::once(leaf_der)
         .chain(chain.iter().copied())
-        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())))
+        .map(|der| m2mpki_hsm::files::pem_encode("CERTIFICATE", der))
         .collect()
 }

@@ -90,6 +90,9 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// The oneM2M PKI-based bootstrap: IN server, Field Node client, authorization
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Bootstrap(BootstrapCommand),
     /// Keys on PKCS#11 tokens (HSMs)
     #[command(subcommand, after_help = PKCS11_HELP)]
     Hsm(HsmCommand),
@@ -467,5 +470,100 @@ pub enum RootsCommand {
         /// Verify as of this time (RFC 3339) [default: now]
         #[arg(long, value_name = "TIME")]
         at: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TlsArg {
+    /// TLS 1.2 only
+    #[value(name = "1.2")]
+    V12,
+    /// TLS 1.3 only
+    #[value(name = "1.3")]
+    V13,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BootstrapCommand {
+    /// Write a Field Node's pre-conditions (IN FQDN, port, IN root set) into one file
+    Profile {
+        /// The infrastructure root set the field node verifies the IN against
+        #[arg(long)]
+        set: String,
+        /// The IN's FQDN
+        #[arg(long)]
+        fqdn: String,
+        /// The IN's port
+        #[arg(long, default_value_t = 8443)]
+        port: u16,
+        /// Output file
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Overwrite an existing file
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the IN endpoint (SIGTERM or Ctrl-C drain and stop it)
+    Serve {
+        /// Server configuration (TOML); see docs/protocol.md
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Bootstrap this Field Node: obtain a root credential from the IN of the profile
+    Enroll {
+        /// The bootstrap profile
+        #[arg(long, value_name = "FILE")]
+        profile: PathBuf,
+        /// This node's certificate chain (PEM, leaf first)
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// This node's key: a PKCS#8 file or a pkcs11: URI
+        #[arg(long, value_name = "KEY")]
+        key: String,
+        /// Credential file to write (mode 0600)
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Overwrite an existing credential file
+        #[arg(long)]
+        force: bool,
+        /// Connect to this HOST:PORT instead of the profile's FQDN (SNI and checks still use it)
+        #[arg(long, value_name = "HOST:PORT")]
+        connect: Option<String>,
+        /// Restrict the TLS version
+        #[arg(long, value_enum)]
+        tls: Option<TlsArg>,
+        /// Give up after this long
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
+    /// Add technician grants: IDENTITY may access RESOURCE...
+    Grant {
+        /// Canonical identity (device:<hwType>:<ID> or node:<enterprise>:<ID>)
+        identity: String,
+        /// Resources
+        #[arg(required = true)]
+        resources: Vec<String>,
+    },
+    /// Remove technician grants
+    RevokeGrant {
+        /// Canonical identity
+        identity: String,
+        /// Resources
+        #[arg(required = true)]
+        resources: Vec<String>,
+    },
+    /// List technician grants and the policy the server runs with
+    Grants,
+    /// Exit 0 when IDENTITY may access RESOURCE, 1 when not
+    Check {
+        /// Canonical identity
+        identity: String,
+        /// Resource
+        resource: String,
+    },
+    /// Show the IN's credential records of an identity (never the credential itself)
+    Credentials {
+        /// Canonical identity
+        identity: String,
     },
 }

@@ -68,16 +68,20 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     let keystore = Keystore::new(passphrase(cli.key_pass_file.as_deref())?).with_pkcs11(pkcs11);
     // Token commands need no home folder.
-    if let Command::Hsm(cmd) = cli.command {
-        return hsm(&keystore, cli.json, cmd);
-    }
+    let cmd = match cli.command {
+        Command::Hsm(cmd) => return hsm(&keystore, cli.json, cmd),
+        Command::Bootstrap(cmd) => {
+            return crate::bootstrap_cmd::run(&home, &keystore, cli.json, cmd)
+        }
+        other => other,
+    };
     let ctx = Ctx {
         home: Home::open(&home)?,
         json: cli.json,
         keystore,
     };
-    match cli.command {
-        Command::Hsm(_) => Ok(()),
+    match cmd {
+        Command::Hsm(_) | Command::Bootstrap(_) => Ok(()),
         Command::Roots(cmd) => roots(&ctx, cmd),
         Command::Revoke { serial, ca, reason } => revoke(&ctx, &serial, &ca, &reason),
         Command::Crl {
@@ -146,7 +150,7 @@ struct CaView<'a> {
     sha256: String,
 }
 
-fn ts(unix: i64) -> String {
+pub(crate) fn ts(unix: i64) -> String {
     OffsetDateTime::from_unix_timestamp(unix)
         .map(format_time)
         .unwrap_or_else(|_| unix.to_string())
@@ -598,7 +602,7 @@ fn certs_show(ctx: &Ctx, serial: Option<String>, id: Option<String>, pem: bool) 
     if pem {
         let text: String = found
             .iter()
-            .map(|(_, der)| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
+            .map(|(_, der)| files::pem_encode("CERTIFICATE", der))
             .collect();
         return emit(&text);
     }
@@ -926,7 +930,7 @@ fn roots(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
             let text: String = s
                 .anchors
                 .iter()
-                .map(|a| pem::encode(&pem::Pem::new("CERTIFICATE", a.der.clone())))
+                .map(|a| files::pem_encode("CERTIFICATE", &a.der))
                 .collect();
             files::write_atomic(&out, text.as_bytes(), write_options(Mode::Public, force))?;
             if ctx.json {
@@ -1089,7 +1093,7 @@ fn crl(ctx: &Ctx, ca: &str, out: &Path, next_update: &str, der: bool, force: boo
     let bytes = if der {
         crl.der.clone()
     } else {
-        pem::encode(&pem::Pem::new("X509 CRL", crl.der.clone())).into_bytes()
+        files::pem_encode("X509 CRL", &crl.der).into_bytes()
     };
     files::write_atomic(out, &bytes, write_options(Mode::Public, force))?;
     if ctx.json {

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 mod args;
+mod bootstrap_cmd;
 mod commands;
 mod output;
 mod prompt;

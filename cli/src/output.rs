@@ -25,6 +25,19 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<UsageError>().is_some() {
             return 2;
         }
+        if cause
+            .downcast_ref::<crate::bootstrap_cmd::Denied>()
+            .is_some()
+        {
+            return 1;
+        }
+        if let Some(e) = cause.downcast_ref::<m2mpki_bootstrap::Error>() {
+            return match e.kind() {
+                ErrorKind::Refused => 1,
+                ErrorKind::BadInput => 2,
+                ErrorKind::Internal => 3,
+            };
+        }
     }
     3
 }

@@ -74,6 +74,14 @@ pub fn write_atomic(path: &Path, contents: &[u8], opts: WriteOptions) -> Result<
     }
 }
 
+/// PEM with LF line endings (the `pem` crate defaults to CRLF).
+pub fn pem_encode(tag: &str, der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new(tag, der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
 /// Creates a directory (and its parents) readable only by the owner.
 pub fn create_private_dir(path: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;

@@ -17,6 +17,7 @@ pub mod pkcs11;
 mod secret;
 pub mod sign_error;
 mod software;
+pub mod tls;
 
 pub use error::{Error, Result};
 pub use key_type::KeyType;

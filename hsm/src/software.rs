@@ -79,10 +79,7 @@ impl SoftwareKey {
     pub fn to_pkcs8_pem(&self, passphrase: Option<&Passphrase>) -> Result<Zeroizing<String>> {
         let der = Zeroizing::new(self.pair.serialize_der());
         let Some(pass) = passphrase else {
-            return Ok(Zeroizing::new(pem::encode(&pem::Pem::new(
-                "PRIVATE KEY",
-                der.to_vec(),
-            ))));
+            return Ok(Zeroizing::new(files::pem_encode("PRIVATE KEY", &der)));
         };
         let mut salt = [0u8; 16];
         let mut iv = [0u8; 16];
@@ -97,10 +94,10 @@ impl SoftwareKey {
         let doc = info
             .encrypt_with_params(params, pass.expose())
             .map_err(|e| Error::Crypto(e.to_string()))?;
-        Ok(Zeroizing::new(pem::encode(&pem::Pem::new(
+        Ok(Zeroizing::new(files::pem_encode(
             "ENCRYPTED PRIVATE KEY",
-            doc.as_bytes().to_vec(),
-        ))))
+            doc.as_bytes(),
+        )))
     }
 
     /// Writes the key to `path` (mode 0600, atomically) and remembers it as the key's location.

@@ -11,11 +11,21 @@ pub mod softhsm;
 
 use std::path::Path;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
+use m2mpki_ca::audit::AuditEvent;
+use m2mpki_ca::profile::LeafProfile;
+use m2mpki_ca::rootset::{Anchor, RootSet, RootSetKind};
 use m2mpki_ca::validity::Validity;
-use m2mpki_ca::{init_ca, CaInit, CaKey, CaRecord, Home, NameConstraints, RedbStore};
+use m2mpki_ca::{
+    init_ca, Authority, CaInit, CaKey, CaRecord, Home, LeafRequest, LeafSubject, NameConstraints,
+    RedbStore, Store,
+};
+use m2mpki_hsm::files::{self, Mode, Overwrite, WriteOptions};
 use m2mpki_hsm::pkcs11::Pkcs11Uri;
-use m2mpki_hsm::{KeyRef, KeyType, Keystore};
+use m2mpki_hsm::{KeyRef, KeyType, Keystore, Signer, SoftwareKey};
 
 /// The manufacturer's hwType OID (under the documentation-only private enterprise arc).
 pub const HW_TYPE: &str = "1.3.6.1.4.1.99999.1";
@@ -23,6 +33,21 @@ pub const HW_TYPE: &str = "1.3.6.1.4.1.99999.1";
 pub const ENTERPRISE: &str = "acme.example";
 /// The lab Infrastructure Node's FQDN.
 pub const IN_FQDN: &str = "in.m2m.localhost";
+
+/// Names of the lab's root sets.
+pub mod sets {
+    /// Device roots of the lab vertical (the manufacturer root).
+    pub const DEVICE: &str = "metering";
+    /// The vertical of [`DEVICE`].
+    pub const VERTICAL: &str = "smart-metering";
+    /// Node roots of the lab enterprise.
+    pub const NODE: &str = "acme";
+    /// IN roots field nodes trust.
+    pub const INFRA: &str = "in-roots";
+}
+
+/// A manufacturer that no root set trusts (for refused attempts).
+pub const ROGUE_CA: &str = "rogue-mfr-root";
 
 /// Names of the CAs a lab PKI holds.
 pub mod names {
@@ -197,4 +222,178 @@ impl LabPki {
     pub fn ca(&self, name: &str) -> Option<&CaRecord> {
         self.cas.iter().find(|c| c.name == name)
     }
+
+    /// Creates the three root sets ([`sets`]), each holding its hierarchy's root.
+    pub fn create_root_sets(&self) -> Result<()> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        for (name, kind, root) in [
+            (
+                sets::DEVICE,
+                RootSetKind::Device {
+                    vertical: sets::VERTICAL.into(),
+                },
+                names::MFR_ROOT,
+            ),
+            (
+                sets::NODE,
+                RootSetKind::Node {
+                    enterprise: ENTERPRISE.parse()?,
+                },
+                names::ENT_ROOT,
+            ),
+            (sets::INFRA, RootSetKind::Infrastructure, names::INFRA_ROOT),
+        ] {
+            let ca = self.ca(root).context("lab root missing")?;
+            let anchor = Anchor::from_der(&ca.cert_der, root)?;
+            let set = RootSet {
+                name: name.into(),
+                kind: kind.clone(),
+                anchors: vec![anchor],
+                crls: vec![],
+                created: now,
+            };
+            self.store.create_root_set(
+                &set,
+                AuditEvent {
+                    action: "roots.create".into(),
+                    subject: name.into(),
+                    detail: serde_json::json!({ "kind": kind, "anchor": ca.name }),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Creates a manufacturer root that no set trusts ([`ROGUE_CA`]).
+    pub fn create_rogue_manufacturer(&mut self, keystore: &Keystore) -> Result<()> {
+        let req = ca(
+            ROGUE_CA,
+            "CN=Unknown Manufacturer Root CA,O=Unknown Manufacturer",
+            None,
+            &LabSpec::default(),
+            Some(0),
+            Some("1.3.6.1.4.1.99999.666"),
+            NameConstraints::default(),
+        )?;
+        self.cas
+            .push(init_ca(&self.home, &self.store, keystore, req)?);
+        Ok(())
+    }
+
+    /// Issues a leaf certificate for `key` from CA `ca`; returns the chain (leaf, then the
+    /// intermediates; no root) as DER.
+    pub fn issue_for(
+        &self,
+        keystore: &Keystore,
+        ca: &str,
+        subject: LeafSubject,
+        key: &dyn Signer,
+        validity: Option<Validity>,
+    ) -> Result<Vec<Vec<u8>>> {
+        let authority = Authority::load(&self.home, &self.store, keystore, ca)?;
+        let profile = LeafProfile::builtin(subject.kind());
+        let spki = rcgen::SubjectPublicKeyInfo::from_der(&key.subject_public_key_info())?;
+        let cert = m2mpki_ca::issue(
+            &self.store,
+            &authority,
+            &profile,
+            LeafRequest {
+                subject,
+                public_key: spki,
+                validity,
+                not_before: None,
+            },
+            true,
+        )?;
+        let mut chain = vec![cert.der];
+        chain.extend(
+            authority
+                .chain_without_root()
+                .into_iter()
+                .map(<[u8]>::to_vec),
+        );
+        Ok(chain)
+    }
+
+    /// Issues a leaf with a fresh software key; writes `<dir>/<name>.pem` (chain) and
+    /// `<dir>/<name>.key.pem` (0600) and returns their paths.
+    pub fn issue_files(
+        &self,
+        keystore: &Keystore,
+        ca: &str,
+        subject: LeafSubject,
+        dir: &Path,
+        name: &str,
+    ) -> Result<(PathBuf, PathBuf)> {
+        let mut key = SoftwareKey::generate(KeyType::P256)?;
+        let chain = self.issue_for(keystore, ca, subject, &key, None)?;
+        let cert_path = dir.join(format!("{name}.pem"));
+        let key_path = dir.join(format!("{name}.key.pem"));
+        key.save(&key_path, None, Overwrite::Replace)?;
+        write_chain(&cert_path, &chain)?;
+        Ok((cert_path, key_path))
+    }
+
+    /// The lab's keystore-independent view of a CA's key (for token labs).
+    pub fn signer(&self, keystore: &Keystore, ca: &str) -> Result<Arc<dyn Signer>> {
+        let record = self.ca(ca).context("no such lab CA")?;
+        Ok(keystore.open(&self.home.resolve_key(&record.key)?)?)
+    }
+}
+
+/// Writes a chain (DER list) as a PEM file.
+pub fn write_chain(path: &Path, chain: &[Vec<u8>]) -> Result<()> {
+    let text: String = chain
+        .iter()
+        .map(|d| files::pem_encode("CERTIFICATE", d))
+        .collect();
+    files::write_atomic(
+        path,
+        text.as_bytes(),
+        WriteOptions {
+            mode: Mode::Public,
+            overwrite: Overwrite::Replace,
+            sync: false,
+        },
+    )?;
+    Ok(())
+}
+
+/// A `bootstrap serve` configuration for the lab IN.
+pub fn server_config_toml(listen: &str, chain: &Path, key: &str, policy_default: &str) -> String {
+    format!(
+        r#"# m2mpki bootstrap server (lab)
+fqdn = "{IN_FQDN}"
+listen = "{listen}"
+
+[tls]
+chain = "{chain}"
+key = "{key}"
+versions = ["1.3", "1.2"]
+
+[trust]
+device_sets = ["{dev}"]
+node_sets = ["{node}"]
+
+[credentials]
+lifetime = "365d"
+
+[policy]
+default = "{policy_default}"
+grants = ["weather"]
+
+[parameters]
+poa = "coap://{IN_FQDN}:5683"
+cse_id = "/in-cse"
+
+[limits]
+handshake_timeout = "10s"
+idle_timeout = "30s"
+max_connections = 1024
+max_body = 8192
+"#,
+        chain = chain.display(),
+        dev = sets::DEVICE,
+        node = sets::NODE,
+    )
 }

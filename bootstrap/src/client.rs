@@ -1,0 +1,225 @@
+//! The Field Node side: connect, authenticate both ways, export, `POST /bootstrap`, unwrap.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use m2mpki_ca::FieldNodeIdentity;
+use m2mpki_hsm::tls::TlsKey;
+use m2mpki_hsm::Signer;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde::Serialize;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{FieldNodeProfile, TlsVersion};
+use crate::protocol::{
+    self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, Secret32, PATH, VERSION,
+    WRAP_ALGORITHM,
+};
+use crate::tls::{self, InVerifier, OneClientCert};
+use crate::{Error, Result};
+
+/// Largest response the client reads.
+const MAX_RESPONSE: usize = 64 * 1024;
+
+/// What the field node brings to an enrolment.
+pub struct Enrolment {
+    /// Its pre-conditions.
+    pub profile: FieldNodeProfile,
+    /// Its certificate chain (leaf first).
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Its key (file or token).
+    pub key: Arc<dyn Signer>,
+    /// Connect here instead of resolving the FQDN (SNI and verification still use the FQDN).
+    pub connect: Option<String>,
+    /// TLS versions offered.
+    pub versions: Vec<TlsVersion>,
+    /// Limit for the whole exchange.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Enrolment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enrolment")
+            .field("in_fqdn", &self.profile.in_fqdn)
+            .field("connect", &self.connect)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A completed bootstrap: the root credential and what came with it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Enrolled {
+    /// Credential ID.
+    pub credential_id: String,
+    /// The IN's FQDN (checked against the one dialled).
+    pub in_fqdn: String,
+    /// Our identity as the IN saw it (checked against our certificate).
+    pub identity: String,
+    /// The set that admitted us.
+    pub admitted_by: Admission,
+    /// Expiry (RFC 3339).
+    pub expires: String,
+    /// Granted resources.
+    pub grants: Vec<String>,
+    /// Configuration parameters.
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+    /// TLS version used.
+    pub tls_version: String,
+    /// The root credential.
+    #[serde(skip)]
+    pub credential: Secret32,
+}
+
+/// Runs the bootstrap procedure against the profile's IN.
+pub async fn enroll(e: Enrolment) -> Result<Enrolled> {
+    let timeout = e.timeout;
+    tokio::time::timeout(timeout, enroll_inner(e))
+        .await
+        .map_err(|_| {
+            Error::Timeout(format!(
+                "after {timeout:?} waiting for the Infrastructure Node"
+            ))
+        })?
+}
+
+async fn enroll_inner(e: Enrolment) -> Result<Enrolled> {
+    let fqdn = e.profile.in_fqdn.clone();
+    let leaf = e.chain.first().ok_or_else(|| Error::BadConfig {
+        path: "--cert".into(),
+        reason: "no certificate".into(),
+    })?;
+    let (_, own) = x509_parser::parse_x509_certificate(leaf).map_err(|err| Error::BadConfig {
+        path: "--cert".into(),
+        reason: format!("malformed certificate ({err})"),
+    })?;
+    if own.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&*e.key).as_slice() {
+        return Err(Error::BadConfig {
+            path: "--key".into(),
+            reason: "the key does not belong to the certificate".into(),
+        });
+    }
+    let own_identity = FieldNodeIdentity::from_certificate(&own)?;
+
+    let provider = tls::provider();
+    let certified = Arc::new(rustls::sign::CertifiedKey::new(
+        e.chain.clone(),
+        Arc::new(TlsKey::new(e.key.clone())),
+    ));
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&tls::versions(&e.versions))
+        .map_err(|err| Error::internal(format!("TLS versions: {err}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(InVerifier::new(
+            e.profile.roots.clone(),
+            fqdn.clone(),
+            provider,
+        )))
+        .with_client_cert_resolver(Arc::new(OneClientCert(certified)));
+    config.require_ems = true;
+    config.resumption = rustls::client::Resumption::disabled();
+
+    let addr = e
+        .connect
+        .clone()
+        .unwrap_or_else(|| format!("{fqdn}:{}", e.profile.port));
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .map_err(|err| Error::Connect {
+            addr: addr.clone(),
+            reason: err.to_string(),
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let server_name = ServerName::try_from(fqdn.to_string()).map_err(Error::internal)?;
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(server_name, tcp)
+        .await
+        .map_err(|err| Error::Handshake {
+            peer: format!("{fqdn} ({addr})"),
+            reason: err.to_string(),
+        })?;
+    let (_, conn) = tls.get_ref();
+    let wrap_key = tls::export_wrap_key(conn)?;
+    let tls_version = conn
+        .protocol_version()
+        .map_or_else(|| "?".into(), |v| format!("{v:?}"));
+
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|err| Error::Protocol(format!("HTTP: {err}")))?;
+    let driver = tokio::spawn(connection);
+    let body =
+        serde_json::to_vec(&BootstrapRequest { version: VERSION }).map_err(Error::internal)?;
+    let req = hyper::Request::builder()
+        .method(hyper::Method::POST)
+        .uri(PATH)
+        .header(hyper::header::HOST, fqdn.as_str())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::ACCEPT, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(Error::internal)?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|err| Error::Protocol(format!("HTTP: {err}")))?;
+    let status = resp.status();
+    let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
+        .collect()
+        .await
+        .map_err(|err| Error::Protocol(format!("reading the response: {err}")))?
+        .to_bytes();
+    driver.abort();
+    if !status.is_success() {
+        let detail: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
+        return Err(match detail {
+            Some(d) => Error::Refused {
+                status: status.as_u16(),
+                code: d.error.code,
+                message: d.error.message,
+            },
+            None => Error::Refused {
+                status: status.as_u16(),
+                code: "unknown".into(),
+                message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            },
+        });
+    }
+    let r: BootstrapResponse = serde_json::from_slice(&bytes)
+        .map_err(|err| Error::Protocol(format!("malformed response: {err}")))?;
+    if r.version != VERSION || r.wrap_algorithm != WRAP_ALGORITHM {
+        return Err(Error::Protocol(format!(
+            "unsupported response (version {}, wrap algorithm {})",
+            r.version, r.wrap_algorithm
+        )));
+    }
+    if r.in_fqdn != fqdn.as_str() {
+        return Err(Error::Protocol(format!(
+            "the response names IN `{}`, but we dialled `{fqdn}`",
+            r.in_fqdn
+        )));
+    }
+    if r.identity != own_identity.to_string() {
+        return Err(Error::Protocol(format!(
+            "the response names identity `{}`, but our certificate says `{own_identity}`",
+            r.identity
+        )));
+    }
+    let wrapped = base64::engine::general_purpose::STANDARD
+        .decode(&r.wrapped_credential)
+        .map_err(|_| Error::Protocol("wrapped_credential is not base64".into()))?;
+    let credential = protocol::unwrap(&wrap_key, &wrapped)?;
+    Ok(Enrolled {
+        credential_id: r.credential_id,
+        in_fqdn: r.in_fqdn,
+        identity: r.identity,
+        admitted_by: r.admitted_by,
+        expires: r.expires,
+        grants: r.grants,
+        parameters: r.parameters,
+        tls_version,
+        credential,
+    })
+}

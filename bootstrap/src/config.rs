@@ -1,0 +1,464 @@
+//! The IN's `bootstrap serve` configuration (TOML, unknown keys refused) and the Field Node's
+//! bootstrap profile.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use m2mpki_ca::rootset::{Anchor, CrlRecord, RootSet, RootSetKind};
+use m2mpki_ca::validity::Validity;
+use m2mpki_ca::DnsName;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// A duration as written in configs: `500ms`, `10s`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .ok_or_else(|| format!("`{s}` needs a unit (ms, s, m, h)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
+    };
+    if d.is_zero() {
+        return Err(format!("`{s}` must be more than zero"));
+    }
+    Ok(d)
+}
+
+/// TLS protocol versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 (ECDHE, AEAD suites and extended master secret only).
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+impl FromStr for TlsVersion {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "1.2" => Ok(TlsVersion::Tls12),
+            "1.3" => Ok(TlsVersion::Tls13),
+            _ => Err(format!("unknown TLS version `{s}` (1.2 or 1.3)")),
+        }
+    }
+}
+
+/// What the IN does for a field node that has no technician grants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultPolicy {
+    /// Every authenticated field node bootstraps and gets the default grants.
+    #[default]
+    Allow,
+    /// Only field nodes with technician grants bootstrap.
+    Deny,
+}
+
+/// The authorization policy (the seed's editor's note): default grants for every
+/// authenticated node, or refusal, plus per-identity technician grants kept in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// allow or deny.
+    #[serde(default)]
+    pub default: DefaultPolicy,
+    /// Resources every authenticated node is granted (when `default = "allow"`).
+    #[serde(default)]
+    pub grants: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    fqdn: String,
+    listen: String,
+    tls: TlsFile,
+    trust: TrustFile,
+    #[serde(default)]
+    credentials: CredentialsFile,
+    #[serde(default)]
+    policy: Policy,
+    #[serde(default)]
+    parameters: toml::Table,
+    #[serde(default)]
+    limits: LimitsFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    chain: PathBuf,
+    key: String,
+    #[serde(default)]
+    versions: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrustFile {
+    #[serde(default)]
+    device_sets: Vec<String>,
+    #[serde(default)]
+    node_sets: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CredentialsFile {
+    lifetime: Option<String>,
+    store_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    handshake_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_body: Option<usize>,
+}
+
+/// Limits that keep slow or silent clients from holding the server up.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Time allowed for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time allowed for the request and response after the handshake.
+    pub idle_timeout: Duration,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Largest request body.
+    pub max_body: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            max_body: 8 * 1024,
+        }
+    }
+}
+
+/// A checked `bootstrap serve` configuration.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The IN's FQDN (its certificate must name it; clients send it as SNI).
+    pub fqdn: DnsName,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The server certificate chain (leaf first).
+    pub chain: PathBuf,
+    /// The server key: a PKCS#8 file or a `pkcs11:` URI.
+    pub key: m2mpki_hsm::KeyRef,
+    /// TLS versions offered.
+    pub versions: Vec<TlsVersion>,
+    /// Names of the device root sets trusted.
+    pub device_sets: Vec<String>,
+    /// Names of the node root sets trusted.
+    pub node_sets: Vec<String>,
+    /// Lifetime of issued root credentials.
+    pub lifetime: Validity,
+    /// The store key file (default: `<home>/keys/credential-store.key`).
+    pub store_key: Option<PathBuf>,
+    /// Authorization policy.
+    pub policy: Policy,
+    /// Parameters handed to every field node.
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+fn rel(base: &Path, p: PathBuf) -> PathBuf {
+    if p.is_relative() {
+        base.join(p)
+    } else {
+        p
+    }
+}
+
+impl ServerConfig {
+    /// Reads and checks a config file. Relative paths are relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bad = |reason: String| Error::BadConfig {
+            path: path.to_owned(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        Self::parse(&text, path.parent().unwrap_or(Path::new("."))).map_err(|e| match e {
+            Error::BadConfig { reason, .. } => bad(reason),
+            other => other,
+        })
+    }
+
+    /// Parses config text; `base` resolves relative paths.
+    pub fn parse(text: &str, base: &Path) -> Result<Self> {
+        let bad = |reason: String| Error::BadConfig {
+            path: PathBuf::from("(config)"),
+            reason,
+        };
+        let f: File = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let fqdn: DnsName = f
+            .fqdn
+            .parse()
+            .map_err(|e: m2mpki_ca::Error| bad(e.to_string()))?;
+        let listen: SocketAddr = f
+            .listen
+            .parse()
+            .map_err(|_| bad(format!("listen: `{}` is not IP:port", f.listen)))?;
+        let versions = if f.tls.versions.is_empty() {
+            vec![TlsVersion::Tls13, TlsVersion::Tls12]
+        } else {
+            f.tls
+                .versions
+                .iter()
+                .map(|v| {
+                    v.parse()
+                        .map_err(|e: String| bad(format!("tls.versions: {e}")))
+                })
+                .collect::<Result<_>>()?
+        };
+        if f.trust.device_sets.is_empty() && f.trust.node_sets.is_empty() {
+            return Err(bad(
+                "trust: name at least one device_sets or node_sets entry".into(),
+            ));
+        }
+        let lifetime = match f.credentials.lifetime {
+            Some(l) => l
+                .parse()
+                .map_err(|e: m2mpki_ca::Error| bad(format!("credentials.lifetime: {e}")))?,
+            None => Validity::Days(365),
+        };
+        let mut limits = Limits::default();
+        let dur = |name: &str, v: Option<String>, d: Duration| -> Result<Duration> {
+            v.map_or(Ok(d), |s| {
+                parse_duration(&s).map_err(|e| bad(format!("limits.{name}: {e}")))
+            })
+        };
+        limits.handshake_timeout = dur(
+            "handshake_timeout",
+            f.limits.handshake_timeout,
+            limits.handshake_timeout,
+        )?;
+        limits.idle_timeout = dur("idle_timeout", f.limits.idle_timeout, limits.idle_timeout)?;
+        if let Some(n) = f.limits.max_connections {
+            if n == 0 {
+                return Err(bad("limits.max_connections must be at least 1".into()));
+            }
+            limits.max_connections = n;
+        }
+        if let Some(n) = f.limits.max_body {
+            limits.max_body = n.clamp(64, 1 << 20);
+        }
+        let parameters = match serde_json::to_value(&f.parameters) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => return Err(bad("parameters must be a table".into())),
+        };
+        let key = if f.tls.key.starts_with("pkcs11:") {
+            f.tls.key.parse()?
+        } else {
+            m2mpki_hsm::KeyRef::File(rel(base, PathBuf::from(&f.tls.key)))
+        };
+        Ok(ServerConfig {
+            fqdn,
+            listen,
+            chain: rel(base, f.tls.chain),
+            key,
+            versions,
+            device_sets: f.trust.device_sets,
+            node_sets: f.trust.node_sets,
+            lifetime,
+            store_key: f.credentials.store_key.map(|p| rel(base, p)),
+            policy: f.policy,
+            parameters,
+            limits,
+        })
+    }
+}
+
+/// A Field Node's bootstrap pre-conditions: the IN's FQDN and the IN root set, in one file
+/// written onto the device at production.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileFile {
+    /// Format marker.
+    pub m2mpki_bootstrap_profile: u32,
+    /// The IN's FQDN.
+    pub in_fqdn: String,
+    /// The IN's port.
+    pub port: u16,
+    /// Name of the IN root set it came from (informational).
+    pub root_set: String,
+    /// The IN root certificates, PEM.
+    pub anchors: String,
+    /// CRLs for the IN chain, PEM (optional).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub crls: String,
+}
+
+/// A loaded, checked profile.
+#[derive(Clone, Debug)]
+pub struct FieldNodeProfile {
+    /// The IN's FQDN.
+    pub in_fqdn: DnsName,
+    /// The IN's port.
+    pub port: u16,
+    /// The IN root set.
+    pub roots: RootSet,
+}
+
+impl FieldNodeProfile {
+    /// Builds the profile file for an infrastructure root set.
+    pub fn file_for(set: &RootSet, fqdn: &DnsName, port: u16) -> Result<ProfileFile> {
+        if set.kind != RootSetKind::Infrastructure {
+            return Err(Error::BadConfig {
+                path: PathBuf::from(&set.name),
+                reason: format!(
+                    "root set `{}` is a {} set; a profile needs an infrastructure set",
+                    set.name, set.kind
+                ),
+            });
+        }
+        if set.anchors.is_empty() {
+            return Err(Error::BadConfig {
+                path: PathBuf::from(&set.name),
+                reason: format!("root set `{}` has no anchors", set.name),
+            });
+        }
+        let pems = |ders: Vec<(&str, &Vec<u8>)>| -> String {
+            ders.into_iter()
+                .map(|(tag, d)| m2mpki_hsm::files::pem_encode(tag, d))
+                .collect()
+        };
+        Ok(ProfileFile {
+            m2mpki_bootstrap_profile: 1,
+            in_fqdn: fqdn.to_string(),
+            port,
+            root_set: set.name.clone(),
+            anchors: pems(
+                set.anchors
+                    .iter()
+                    .map(|a| ("CERTIFICATE", &a.der))
+                    .collect(),
+            ),
+            crls: pems(set.crls.iter().map(|c| ("X509 CRL", &c.der)).collect()),
+        })
+    }
+
+    /// Reads and checks a profile file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bad = |reason: String| Error::BadConfig {
+            path: path.to_owned(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let f: ProfileFile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if f.m2mpki_bootstrap_profile != 1 {
+            return Err(bad(format!(
+                "unsupported profile format {}",
+                f.m2mpki_bootstrap_profile
+            )));
+        }
+        let in_fqdn: DnsName = f
+            .in_fqdn
+            .parse()
+            .map_err(|e: m2mpki_ca::Error| bad(e.to_string()))?;
+        let src = path.display().to_string();
+        let anchors = m2mpki_ca::input::der_objects(f.anchors.as_bytes(), &["CERTIFICATE"])
+            .map_err(|e| bad(format!("anchors: {e}")))?
+            .iter()
+            .map(|d| Anchor::from_der(d, &src))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let crls = if f.crls.trim().is_empty() {
+            vec![]
+        } else {
+            m2mpki_ca::input::der_objects(f.crls.as_bytes(), &["X509 CRL"])
+                .map_err(|e| bad(format!("crls: {e}")))?
+                .iter()
+                .map(|d| CrlRecord::from_der(d, &src))
+                .collect::<std::result::Result<Vec<_>, _>>()?
+        };
+        Ok(FieldNodeProfile {
+            in_fqdn,
+            port: f.port,
+            roots: RootSet {
+                name: f.root_set,
+                kind: RootSetKind::Infrastructure,
+                anchors,
+                crls,
+                created: 0,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+fqdn = "in.example.net"
+listen = "127.0.0.1:8443"
+[tls]
+chain = "in.pem"
+key = "in.key"
+[trust]
+device_sets = ["metering"]
+[policy]
+default = "deny"
+grants = ["weather"]
+[parameters]
+poa = "coap://in.example.net"
+[limits]
+handshake_timeout = "2s"
+"#;
+
+    #[test]
+    fn parses_and_resolves_paths() {
+        let c = ServerConfig::parse(GOOD, Path::new("/etc/m2mpki")).unwrap();
+        assert_eq!(c.chain, PathBuf::from("/etc/m2mpki/in.pem"));
+        assert_eq!(c.policy.default, DefaultPolicy::Deny);
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(c.versions, vec![TlsVersion::Tls13, TlsVersion::Tls12]);
+        assert_eq!(c.parameters["poa"], "coap://in.example.net");
+    }
+
+    #[test]
+    fn refuses_unknown_keys_and_bad_values() {
+        for bad in [
+            GOOD.replace("[limits]", "surprise = 1\n[limits]"),
+            GOOD.replace("handshake_timeout = \"2s\"", "handshake_timeout = \"2\""),
+            GOOD.replace("127.0.0.1:8443", "localhost"),
+            GOOD.replace("device_sets = [\"metering\"]", ""),
+            GOOD.replace("[tls]", "[tls]\nversions = [\"1.1\"]"),
+        ] {
+            assert!(ServerConfig::parse(&bad, Path::new(".")).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+}

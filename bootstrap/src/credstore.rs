@@ -1,0 +1,368 @@
+//! The IN's credential store: root credentials (sealed under a store key), who holds them,
+//! technician grants and the active authorization policy.
+//!
+//! One redb file, `bootstrap.redb`, in the IN's home folder, shared by the running server and
+//! the `m2mpki bootstrap grant/...` commands (redb multi-writer mode), so grants take effect
+//! without a restart.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use m2mpki_ca::FieldNodeIdentity;
+use m2mpki_hsm::files::{self, Mode, Overwrite, WriteOptions};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{DefaultPolicy, Policy};
+use crate::protocol::{self, Admission, Secret32};
+use crate::{Error, Result};
+
+const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
+/// identity -> id of its live credential.
+const LIVE: TableDefinition<&str, &str> = TableDefinition::new("live_credentials");
+const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// The state of a root credential.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialStatus {
+    /// The identity's current credential.
+    Live,
+    /// Replaced by a later bootstrap of the same identity.
+    Superseded,
+}
+
+/// A credential record (the credential itself only sealed).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    /// Credential ID (32 hex digits).
+    pub id: String,
+    /// The field node's canonical identity.
+    pub identity: String,
+    /// The set that admitted it.
+    pub admitted_by: Admission,
+    /// SHA-256 of the client certificate (hex).
+    pub client_cert_sha256: String,
+    /// When it was created (Unix time).
+    pub created: i64,
+    /// When it expires (Unix time).
+    pub expires: i64,
+    /// Live or superseded.
+    pub status: CredentialStatus,
+    /// The credential, AES-256-KW-wrapped under the store key (hex).
+    pub sealed: String,
+    /// Credential ID it replaced, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supersedes: Option<String>,
+}
+
+/// The store.
+pub struct CredentialStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for CredentialStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn db_err(e: impl std::fmt::Display) -> Error {
+    Error::Store(e.to_string())
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(Error::internal)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| Error::Store(format!("corrupt record: {e}")))
+}
+
+/// Loads the store key from `path`, creating it (32 random bytes, hex, mode 0600) when missing.
+pub fn load_or_create_store_key(path: &Path) -> Result<Secret32> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let bytes = zeroize::Zeroizing::new(hex::decode(text.trim()).map_err(|_| {
+                Error::BadConfig {
+                    path: path.to_owned(),
+                    reason: "the store key file must hold 64 hex digits".into(),
+                }
+            })?);
+            Secret32::from_slice(&bytes).ok_or_else(|| Error::BadConfig {
+                path: path.to_owned(),
+                reason: "the store key file must hold 64 hex digits".into(),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Secret32::random()?;
+            let text = zeroize::Zeroizing::new(hex::encode(key.expose()) + "\n");
+            files::write_atomic(
+                path,
+                text.as_bytes(),
+                WriteOptions {
+                    mode: Mode::Secret,
+                    overwrite: Overwrite::Refuse,
+                    sync: true,
+                },
+            )?;
+            Ok(key)
+        }
+        Err(e) => Err(Error::Io {
+            path: path.to_owned(),
+            source: e,
+        }),
+    }
+}
+
+/// How a bootstrap went, for the new credential.
+#[derive(Debug)]
+pub struct NewCredential<'a> {
+    /// The identity.
+    pub identity: &'a FieldNodeIdentity,
+    /// Who admitted it.
+    pub admitted_by: &'a Admission,
+    /// SHA-256 of the client certificate.
+    pub client_cert_sha256: &'a str,
+    /// Lifetime end (Unix time).
+    pub expires: i64,
+}
+
+impl CredentialStore {
+    /// Opens (creating) the store `bootstrap.redb` in `home`.
+    pub fn open(home: &Path) -> Result<Self> {
+        let path = home.join("bootstrap.redb");
+        let db = redb::Builder::new()
+            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+            .create(&path)
+            .map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
+        let tx = db.begin_write().map_err(db_err)?;
+        tx.open_table(CREDENTIALS).map_err(db_err)?;
+        tx.open_table(LIVE).map_err(db_err)?;
+        tx.open_table(GRANTS).map_err(db_err)?;
+        tx.open_table(META).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        Ok(CredentialStore { db, path })
+    }
+
+    /// Creates a fresh root credential for `new`, sealed under `store_key`, and makes it the
+    /// identity's live credential in one transaction (the previous one is superseded). Two
+    /// racing bootstraps of one identity are serialised: exactly one ends live.
+    pub fn issue(
+        &self,
+        store_key: &Secret32,
+        new: NewCredential<'_>,
+    ) -> Result<(CredentialRecord, Secret32)> {
+        let credential = Secret32::random()?;
+        let mut id = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut id).map_err(|_| Error::internal("random source failed"))?;
+        let identity = new.identity.to_string();
+        let mut record = CredentialRecord {
+            id: hex::encode(id),
+            identity: identity.clone(),
+            admitted_by: new.admitted_by.clone(),
+            client_cert_sha256: new.client_cert_sha256.to_owned(),
+            created: time::OffsetDateTime::now_utc().unix_timestamp(),
+            expires: new.expires,
+            status: CredentialStatus::Live,
+            sealed: hex::encode(protocol::wrap(store_key, &credential)?),
+            supersedes: None,
+        };
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut creds = tx.open_table(CREDENTIALS).map_err(db_err)?;
+            let mut live = tx.open_table(LIVE).map_err(db_err)?;
+            let old_id = live
+                .get(identity.as_str())
+                .map_err(db_err)?
+                .map(|v| v.value().to_owned());
+            if let Some(old_id) = old_id {
+                let old = creds
+                    .get(old_id.as_str())
+                    .map_err(db_err)?
+                    .map(|v| parse::<CredentialRecord>(v.value()))
+                    .transpose()?;
+                if let Some(mut old) = old {
+                    old.status = CredentialStatus::Superseded;
+                    creds
+                        .insert(old_id.as_str(), json(&old)?.as_slice())
+                        .map_err(db_err)?;
+                }
+                record.supersedes = Some(old_id);
+            }
+            creds
+                .insert(record.id.as_str(), json(&record)?.as_slice())
+                .map_err(db_err)?;
+            live.insert(identity.as_str(), record.id.as_str())
+                .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)?;
+        Ok((record, credential))
+    }
+
+    /// A credential record by ID.
+    pub fn credential(&self, id: &str) -> Result<Option<CredentialRecord>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(CREDENTIALS).map_err(db_err)?;
+        let v = t.get(id).map_err(db_err)?;
+        v.map(|v| parse(v.value())).transpose()
+    }
+
+    /// The live credential of an identity.
+    pub fn live(&self, identity: &str) -> Result<Option<CredentialRecord>> {
+        let id = {
+            let tx = self.db.begin_read().map_err(db_err)?;
+            let t = tx.open_table(LIVE).map_err(db_err)?;
+            let v = t.get(identity).map_err(db_err)?;
+            v.map(|v| v.value().to_owned())
+        };
+        match id {
+            Some(id) => self.credential(&id),
+            None => Ok(None),
+        }
+    }
+
+    /// All credential records of an identity (live and superseded).
+    pub fn history(&self, identity: &str) -> Result<Vec<CredentialRecord>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(CREDENTIALS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db_err)? {
+            let (_, v) = row.map_err(db_err)?;
+            let r: CredentialRecord = parse(v.value())?;
+            if r.identity == identity {
+                out.push(r);
+            }
+        }
+        out.sort_by_key(|r| r.created);
+        Ok(out)
+    }
+
+    /// Unseals a stored credential (for the IN's own use, and tests).
+    pub fn unseal(&self, store_key: &Secret32, record: &CredentialRecord) -> Result<Secret32> {
+        let blob = hex::decode(&record.sealed)
+            .map_err(|_| Error::Store("corrupt sealed credential".into()))?;
+        protocol::unwrap(store_key, &blob).map_err(|_| {
+            Error::Store(format!(
+                "credential {} does not unseal with this store key",
+                record.id
+            ))
+        })
+    }
+
+    /// Records the policy the server runs with, so `bootstrap check` answers as the server does.
+    pub fn set_policy(&self, policy: &Policy) -> Result<()> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(META)
+            .map_err(db_err)?
+            .insert("policy", json(policy)?.as_slice())
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// The recorded policy (allow with no default grants when no server has run yet).
+    pub fn policy(&self) -> Result<Policy> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(META).map_err(db_err)?;
+        let v = t.get("policy").map_err(db_err)?;
+        Ok(v.map(|v| parse(v.value())).transpose()?.unwrap_or_default())
+    }
+
+    /// Adds technician grants for an identity; returns its grants now.
+    pub fn grant(&self, identity: &FieldNodeIdentity, resources: &[String]) -> Result<Vec<String>> {
+        self.change_grants(identity, |g| {
+            g.extend(resources.iter().cloned());
+        })
+    }
+
+    /// Removes grants; returns what remains.
+    pub fn revoke_grant(
+        &self,
+        identity: &FieldNodeIdentity,
+        resources: &[String],
+    ) -> Result<Vec<String>> {
+        self.change_grants(identity, |g| {
+            for r in resources {
+                g.remove(r);
+            }
+        })
+    }
+
+    fn change_grants(
+        &self,
+        identity: &FieldNodeIdentity,
+        f: impl FnOnce(&mut BTreeSet<String>),
+    ) -> Result<Vec<String>> {
+        let key = identity.to_string();
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let now = {
+            let mut t = tx.open_table(GRANTS).map_err(db_err)?;
+            let mut set: BTreeSet<String> = t
+                .get(key.as_str())
+                .map_err(db_err)?
+                .map(|v| parse(v.value()))
+                .transpose()?
+                .unwrap_or_default();
+            f(&mut set);
+            if set.is_empty() {
+                t.remove(key.as_str()).map_err(db_err)?;
+            } else {
+                t.insert(key.as_str(), json(&set)?.as_slice())
+                    .map_err(db_err)?;
+            }
+            set.into_iter().collect()
+        };
+        tx.commit().map_err(db_err)?;
+        Ok(now)
+    }
+
+    /// Technician grants of one identity.
+    pub fn grants_of(&self, identity: &FieldNodeIdentity) -> Result<Vec<String>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(GRANTS).map_err(db_err)?;
+        let v = t.get(identity.to_string().as_str()).map_err(db_err)?;
+        Ok(v.map(|v| parse(v.value())).transpose()?.unwrap_or_default())
+    }
+
+    /// Every identity's technician grants.
+    pub fn all_grants(&self) -> Result<Vec<(String, Vec<String>)>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(GRANTS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            out.push((k.value().to_owned(), parse(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// What an identity is granted under `policy`: the default grants (when the policy
+    /// allows every authenticated node) plus its technician grants. `None` when the policy
+    /// refuses it (default deny and no technician grants).
+    pub fn effective_grants(
+        &self,
+        policy: &Policy,
+        identity: &FieldNodeIdentity,
+    ) -> Result<Option<Vec<String>>> {
+        let own = self.grants_of(identity)?;
+        let mut all: BTreeSet<String> = own.iter().cloned().collect();
+        match policy.default {
+            DefaultPolicy::Allow => all.extend(policy.grants.iter().cloned()),
+            DefaultPolicy::Deny if own.is_empty() => return Ok(None),
+            DefaultPolicy::Deny => {}
+        }
+        Ok(Some(all.into_iter().collect()))
+    }
+
+    /// Whether `identity` may access `resource` under the recorded policy.
+    pub fn check(&self, identity: &FieldNodeIdentity, resource: &str) -> Result<bool> {
+        let policy = self.policy()?;
+        Ok(self
+            .effective_grants(&policy, identity)?
+            .is_some_and(|g| g.iter().any(|r| r == resource)))
+    }
+}

@@ -1,0 +1,193 @@
+//! The wire protocol: what `docs/protocol.md` describes, as code.
+
+use aws_lc_rs::key_wrap::{KeyEncryptionKey, KeyWrap, AES_256};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::{Error, Result};
+
+/// The TLS exporter label (RFC 5705 / RFC 8446 §7.5); no context.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-oneM2M-RootCredentialWrapKey";
+/// Length of RootCredentialWrapKey.
+pub const WRAP_KEY_LEN: usize = 32;
+/// Length of a root credential.
+pub const CREDENTIAL_LEN: usize = 32;
+/// Length of a wrapped root credential (RFC 3394 adds 8 bytes).
+pub const WRAPPED_LEN: usize = CREDENTIAL_LEN + 8;
+/// The request path.
+pub const PATH: &str = "/bootstrap";
+/// Protocol version carried in requests and responses.
+pub const VERSION: u32 = 1;
+/// The key-wrap algorithm name in responses.
+pub const WRAP_ALGORITHM: &str = "aes256-kw";
+
+/// A 32-byte secret (RootCredentialWrapKey, a root credential, a store key). `Debug` shows
+/// nothing; memory is zeroed on drop.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret32(Zeroizing<[u8; 32]>);
+
+impl Secret32 {
+    /// Wraps bytes.
+    pub fn new(bytes: [u8; 32]) -> Self {
+        Secret32(Zeroizing::new(bytes))
+    }
+
+    /// 32 fresh random bytes.
+    pub fn random() -> Result<Self> {
+        let mut b = Zeroizing::new([0u8; 32]);
+        aws_lc_rs::rand::fill(&mut *b).map_err(|_| Error::internal("random source failed"))?;
+        Ok(Secret32(b))
+    }
+
+    /// From a slice of exactly 32 bytes.
+    pub fn from_slice(s: &[u8]) -> Option<Self> {
+        let arr: [u8; 32] = s.try_into().ok()?;
+        Some(Secret32::new(arr))
+    }
+
+    /// The bytes.
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret32(<redacted>)")
+    }
+}
+
+/// RFC 3394 AES-256 key wrap (default IV A6A6A6A6A6A6A6A6) of `plain` under `kek`.
+pub fn wrap(kek: &Secret32, plain: &Secret32) -> Result<[u8; WRAPPED_LEN]> {
+    let k =
+        KeyEncryptionKey::new(&AES_256, kek.expose()).map_err(|_| Error::internal("bad KEK"))?;
+    let mut out = [0u8; WRAPPED_LEN];
+    let n = k
+        .wrap(plain.expose(), &mut out)
+        .map_err(|_| Error::internal("key wrap failed"))?
+        .len();
+    if n != WRAPPED_LEN {
+        return Err(Error::internal("key wrap produced an unexpected length"));
+    }
+    Ok(out)
+}
+
+/// RFC 3394 unwrap; an integrity failure (wrong key, tampered blob) is an error.
+pub fn unwrap(kek: &Secret32, wrapped: &[u8]) -> Result<Secret32> {
+    if wrapped.len() != WRAPPED_LEN {
+        return Err(Error::Protocol(format!(
+            "the wrapped credential is {} bytes, expected {WRAPPED_LEN}",
+            wrapped.len()
+        )));
+    }
+    let k =
+        KeyEncryptionKey::new(&AES_256, kek.expose()).map_err(|_| Error::internal("bad KEK"))?;
+    let mut out = Zeroizing::new([0u8; CREDENTIAL_LEN]);
+    k.unwrap(wrapped, &mut *out).map_err(|_| {
+        Error::Protocol(
+            "the wrapped credential failed its integrity check (RFC 3394 unwrap): \
+             the two ends do not share RootCredentialWrapKey, or the response was altered"
+                .into(),
+        )
+    })?;
+    Ok(Secret32(out))
+}
+
+/// `POST /bootstrap` body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapRequest {
+    /// Protocol version: 1.
+    pub version: u32,
+}
+
+/// Which root set admitted the field node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Admission {
+    /// The set's name.
+    pub set: String,
+    /// device or node.
+    pub kind: String,
+    /// The vertical (device sets).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub vertical: Option<String>,
+    /// The enterprise (node sets).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub enterprise: Option<String>,
+}
+
+/// A successful `POST /bootstrap` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BootstrapResponse {
+    /// Protocol version: 1.
+    pub version: u32,
+    /// Identifier of the new root credential (32 hex digits).
+    pub credential_id: String,
+    /// The credential wrapped under RootCredentialWrapKey, base64 (standard, padded).
+    pub wrapped_credential: String,
+    /// Always [`WRAP_ALGORITHM`].
+    pub wrap_algorithm: String,
+    /// The IN's FQDN.
+    pub in_fqdn: String,
+    /// The field node's identity as the IN sees it (canonical form).
+    pub identity: String,
+    /// The root set that admitted it.
+    pub admitted_by: Admission,
+    /// When the credential expires (RFC 3339).
+    pub expires: String,
+    /// Resources the node is authorized for now.
+    pub grants: Vec<String>,
+    /// Configuration parameters from the IN.
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A refusal.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// A refusal's code and message.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable reason code.
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3394_section_4_6_vector() {
+        // RFC 3394 §4.6: 256 bits of key data with a 256-bit KEK.
+        let kek = Secret32::from_slice(
+            &hex::decode("000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F")
+                .unwrap(),
+        )
+        .unwrap();
+        let data = Secret32::from_slice(
+            &hex::decode("00112233445566778899AABBCCDDEEFF000102030405060708090A0B0C0D0E0F")
+                .unwrap(),
+        )
+        .unwrap();
+        let wrapped = wrap(&kek, &data).unwrap();
+        assert_eq!(
+            hex::encode_upper(wrapped),
+            "28C9F404C4B810F4CBCCB35CFB87F8263F5786E2D80ED326CBC7F0E71A99F43BFB988B9B7A02DD21"
+        );
+        assert_eq!(unwrap(&kek, &wrapped).unwrap(), data);
+        let mut bad = wrapped;
+        bad[5] ^= 1;
+        assert!(matches!(unwrap(&kek, &bad), Err(Error::Protocol(_))));
+    }
+
+    #[test]
+    fn secrets_do_not_debug() {
+        let s = Secret32::new([0x41; 32]);
+        assert!(!format!("{s:?}").contains("41"));
+    }
+}

@@ -1,0 +1,500 @@
+//! The Infrastructure Node endpoint: mutual TLS, the exporter, `POST /bootstrap`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use m2mpki_ca::rootset::{RootSet, RootSetKind};
+use m2mpki_ca::verify::Verified;
+use m2mpki_ca::{Home, RedbStore, Store};
+use m2mpki_hsm::tls::TlsKey;
+use m2mpki_hsm::Keystore;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::ServerConfig;
+use crate::credstore::{load_or_create_store_key, CredentialStore, NewCredential};
+use crate::protocol::{
+    self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, ErrorDetail, Secret32, PATH,
+    VERSION, WRAP_ALGORITHM,
+};
+use crate::tls::{self, FieldNodeVerifier, InCert};
+use crate::{Error, Result};
+
+/// How often the trusted root sets (and their CRLs) are re-read from the store.
+const TRUST_REFRESH: Duration = Duration::from_secs(5);
+
+struct Shared {
+    config: ServerConfig,
+    verifier: Arc<FieldNodeVerifier>,
+    creds: CredentialStore,
+    store_key: Secret32,
+}
+
+/// A configured IN endpoint, ready to run.
+pub struct Server {
+    shared: Arc<Shared>,
+    tls: Arc<rustls::ServerConfig>,
+    ca_store: Arc<RedbStore>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("fqdn", &self.shared.config.fqdn)
+            .field("listen", &self.shared.config.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads the named sets, checking each exists and has the kind its list says.
+fn load_sets(store: &dyn Store, config: &ServerConfig) -> Result<Vec<RootSet>> {
+    let mut sets = Vec::new();
+    for (names, want) in [(&config.device_sets, "device"), (&config.node_sets, "node")] {
+        for name in names {
+            let set = store
+                .root_set(name)?
+                .ok_or_else(|| m2mpki_ca::Error::UnknownRootSet(name.clone()))?;
+            if set.kind.as_str() != want {
+                return Err(Error::BadConfig {
+                    path: "trust".into(),
+                    reason: format!("root set `{name}` is a {} set, listed as {want}", set.kind),
+                });
+            }
+            sets.push(set);
+        }
+    }
+    Ok(sets)
+}
+
+fn admission(v: &Verified) -> Admission {
+    let (vertical, enterprise) = match &v.kind {
+        RootSetKind::Device { vertical } => (Some(vertical.clone()), None),
+        RootSetKind::Node { enterprise } => (None, Some(enterprise.to_string())),
+        RootSetKind::Infrastructure => (None, None),
+    };
+    Admission {
+        set: v.set.clone(),
+        kind: v.kind.as_str().to_owned(),
+        vertical,
+        enterprise,
+    }
+}
+
+impl Server {
+    /// Prepares the endpoint: loads the trusted sets, the TLS chain and key (file or token),
+    /// the credential store and its key, and records the policy.
+    pub fn new(config: ServerConfig, home: &Home, keystore: &Keystore) -> Result<Self> {
+        let ca_store = Arc::new(home.store()?);
+        let provider = tls::provider();
+        let verifier = Arc::new(FieldNodeVerifier::new(
+            load_sets(&*ca_store, &config)?,
+            provider.clone(),
+        ));
+        let chain = tls::load_chain(&config.chain)?;
+        let key = keystore.open(&config.key)?;
+        let leaf = chain.first().ok_or_else(|| Error::BadConfig {
+            path: config.chain.clone(),
+            reason: "no certificate".into(),
+        })?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(leaf).map_err(|e| Error::BadConfig {
+                path: config.chain.clone(),
+                reason: format!("malformed certificate ({e})"),
+            })?;
+        if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&*key).as_slice()
+        {
+            return Err(Error::BadConfig {
+                path: config.chain.clone(),
+                reason: format!("the certificate does not belong to the key {}", config.key),
+            });
+        }
+        let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| Error::BadConfig {
+            path: config.chain.clone(),
+            reason: format!("unusable certificate ({e:?})"),
+        })?;
+        let name = rustls::pki_types::ServerName::try_from(config.fqdn.as_str())
+            .map_err(|e| Error::internal(e.to_string()))?;
+        if ee.verify_is_valid_for_subject_name(&name).is_err() {
+            return Err(Error::BadConfig {
+                path: config.chain.clone(),
+                reason: format!(
+                    "the certificate does not name the IN's FQDN `{}`",
+                    config.fqdn
+                ),
+            });
+        }
+        let certified = Arc::new(rustls::sign::CertifiedKey::new(
+            chain,
+            Arc::new(TlsKey::new(key)),
+        ));
+        let mut tls_config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&tls::versions(&config.versions))
+            .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
+            .with_client_cert_verifier(verifier.clone())
+            .with_cert_resolver(Arc::new(InCert {
+                fqdn: config.fqdn.clone(),
+                key: certified,
+            }));
+        // The exporter is only safe over TLS 1.2 with the extended master secret.
+        tls_config.require_ems = true;
+        tls_config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls_config.send_tls13_tickets = 0;
+        let creds = CredentialStore::open(home.root())?;
+        creds.set_policy(&config.policy)?;
+        let key_path = config
+            .store_key
+            .clone()
+            .unwrap_or_else(|| home.root().join("keys").join("credential-store.key"));
+        let store_key = load_or_create_store_key(&key_path)?;
+        Ok(Server {
+            shared: Arc::new(Shared {
+                config,
+                verifier,
+                creds,
+                store_key,
+            }),
+            tls: Arc::new(tls_config),
+            ca_store,
+        })
+    }
+
+    /// The credential store (to read back what was issued).
+    pub fn credentials(&self) -> &CredentialStore {
+        &self.shared.creds
+    }
+
+    /// The store key.
+    pub fn store_key(&self) -> &Secret32 {
+        &self.shared.store_key
+    }
+
+    /// Binds the configured address.
+    pub async fn bind(&self) -> Result<TcpListener> {
+        let addr = self.shared.config.listen;
+        TcpListener::bind(addr).await.map_err(|e| Error::Connect {
+            addr: addr.to_string(),
+            reason: format!("cannot listen: {e}"),
+        })
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and lets open connections
+    /// finish (within the handshake and idle limits).
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()> {
+        let limits = self.shared.config.limits.clone();
+        let permits = Arc::new(Semaphore::new(limits.max_connections));
+        let acceptor = TlsAcceptor::from(self.tls.clone());
+        let refresher = {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(TRUST_REFRESH);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    match load_sets(&*this.ca_store, &this.shared.config) {
+                        Ok(sets) => this.shared.verifier.replace_sets(sets),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not refresh the trusted root sets; keeping the previous ones")
+                        }
+                    }
+                }
+            })
+        };
+        tracing::info!(addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), fqdn = %self.shared.config.fqdn, "bootstrap server listening");
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                _ = &mut shutdown => break,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let (tcp, peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let shared = self.shared.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                serve_connection(shared, acceptor, tcp, peer).await;
+                drop(permit);
+            });
+        }
+        drop(listener);
+        refresher.abort();
+        tracing::info!("draining open connections");
+        let drain = limits.handshake_timeout + limits.idle_timeout;
+        let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+        if tokio::time::timeout(drain, permits.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections were still open after {drain:?}; stopping anyway");
+        }
+        tracing::info!("bootstrap server stopped");
+        Ok(())
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let limits = &shared.config.limits;
+    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "handshake timed out");
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    let leaf = match conn.peer_certificates().and_then(|c| c.first()) {
+        Some(c) => c.as_ref().to_vec(),
+        None => return, // the verifier makes client authentication mandatory
+    };
+    let verified = match shared.verifier.take_admission(&leaf) {
+        Some(v) => v,
+        None => {
+            let chain: Vec<Vec<u8>> = conn
+                .peer_certificates()
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.as_ref().to_vec())
+                .collect();
+            match shared
+                .verifier
+                .verify(&chain, time::OffsetDateTime::now_utc())
+            {
+                Ok(v) => v,
+                Err(r) => {
+                    tracing::warn!(%peer, code = r.code(), "refused after the handshake");
+                    return;
+                }
+            }
+        }
+    };
+    let wrap_key = match tls::export_wrap_key(conn) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "exporter failed");
+            return;
+        }
+    };
+    let version = conn.protocol_version();
+    let session = Arc::new(Session {
+        shared: shared.clone(),
+        wrap_key,
+        verified,
+        peer,
+        tls_version: version.map_or_else(|| "?".into(), |v| format!("{v:?}")),
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let session = session.clone();
+        async move { Ok::<_, Infallible>(session.handle(req).await) }
+    });
+    let http = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.idle_timeout)
+        .serve_connection(TokioIo::new(tls), service);
+    match tokio::time::timeout(limits.idle_timeout, http).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
+        Err(_) => tracing::info!(%peer, "connection idle too long; closed"),
+    }
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    wrap_key: Secret32,
+    verified: Verified,
+    peer: SocketAddr,
+    tls_version: String,
+}
+
+fn reply(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Full<Bytes>> {
+    reply(
+        status,
+        &ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+            },
+        },
+    )
+}
+
+impl Session {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.uri().path() != PATH {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("the only resource is POST {PATH}"),
+            );
+        }
+        if req.method() != Method::POST {
+            return refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("use POST {PATH}"),
+            );
+        }
+        let json = req
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(';')
+                    .next()
+                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+            });
+        if !json {
+            return refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "the body must be application/json",
+            );
+        }
+        let max = self.shared.config.limits.max_body;
+        let body = match Limited::new(req.into_body(), max).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return refuse(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the body may have at most {max} bytes"),
+                );
+            }
+            Err(_) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "the body could not be read",
+                )
+            }
+        };
+        let request: BootstrapRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("malformed request: {e}"),
+                )
+            }
+        };
+        if request.version != VERSION {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "unsupported_version",
+                format!("this server speaks version {VERSION}"),
+            );
+        }
+        match self.bootstrap() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(peer = %self.peer, error = %e, "bootstrap failed");
+                refuse(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the server could not complete the bootstrap",
+                )
+            }
+        }
+    }
+
+    fn bootstrap(&self) -> Result<Response<Full<Bytes>>> {
+        let shared = &self.shared;
+        let identity = self
+            .verified
+            .identity
+            .clone()
+            .ok_or_else(|| Error::internal("admitted certificate without identity"))?;
+        let admitted_by = admission(&self.verified);
+        let Some(grants) = shared
+            .creds
+            .effective_grants(&shared.config.policy, &identity)?
+        else {
+            tracing::info!(%identity, set = %admitted_by.set, "refused by policy");
+            return Ok(refuse(
+                StatusCode::FORBIDDEN,
+                "denied_by_policy",
+                format!("{identity} is authenticated but the IN's policy admits only field nodes with technician grants"),
+            ));
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        let expires = shared.config.lifetime.not_after(now);
+        let (record, credential) = shared.creds.issue(
+            &shared.store_key,
+            NewCredential {
+                identity: &identity,
+                admitted_by: &admitted_by,
+                client_cert_sha256: &self.verified.sha256,
+                expires: expires.unix_timestamp(),
+            },
+        )?;
+        let wrapped = protocol::wrap(&self.wrap_key, &credential)?;
+        tracing::info!(%identity, set = %admitted_by.set, credential_id = %record.id, tls = %self.tls_version, peer = %self.peer, "issued a root credential");
+        Ok(reply(
+            StatusCode::OK,
+            &BootstrapResponse {
+                version: VERSION,
+                credential_id: record.id,
+                wrapped_credential: base64::engine::general_purpose::STANDARD.encode(wrapped),
+                wrap_algorithm: WRAP_ALGORITHM.into(),
+                in_fqdn: shared.config.fqdn.to_string(),
+                identity: identity.to_string(),
+                admitted_by,
+                expires: m2mpki_ca::validity::format_time(expires),
+                grants,
+                parameters: shared.config.parameters.clone(),
+            },
+        ))
+    }
+}

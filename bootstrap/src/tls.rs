@@ -1,0 +1,342 @@
+//! TLS for both ends: one aws-lc-rs provider, mutual authentication against root sets, and the
+//! exporter.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use m2mpki_ca::rootset::RootSet;
+use m2mpki_ca::verify::{self, Purpose, Refusal, Verified};
+use m2mpki_ca::DnsName;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use time::OffsetDateTime;
+
+use crate::config::TlsVersion;
+use crate::protocol::{Secret32, EXPORTER_LABEL, WRAP_KEY_LEN};
+use crate::{Error, Result};
+
+/// The one crypto provider: aws-lc-rs, with its TLS 1.3 suites and its TLS 1.2 suites (all
+/// ECDHE with AEAD). Always passed explicitly, never installed as a process default.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// rustls protocol versions for ours.
+pub fn versions(v: &[TlsVersion]) -> Vec<&'static rustls::SupportedProtocolVersion> {
+    v.iter()
+        .map(|v| match v {
+            TlsVersion::Tls12 => &rustls::version::TLS12,
+            TlsVersion::Tls13 => &rustls::version::TLS13,
+        })
+        .collect()
+}
+
+/// Derives RootCredentialWrapKey from an established connection: the TLS exporter with label
+/// `EXPORTER-oneM2M-RootCredentialWrapKey`, no context, 32 bytes.
+pub fn export_wrap_key<D>(conn: &rustls::ConnectionCommon<D>) -> Result<Secret32> {
+    let mut out = [0u8; WRAP_KEY_LEN];
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, None)
+        .map_err(|e| Error::Protocol(format!("TLS exporter failed: {e}")))?;
+    let key = Secret32::new(out);
+    zeroize::Zeroize::zeroize(&mut out);
+    Ok(key)
+}
+
+fn unix_to_time(now: UnixTime) -> OffsetDateTime {
+    i64::try_from(now.as_secs())
+        .ok()
+        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or_else(OffsetDateTime::now_utc)
+}
+
+/// The rustls error (and so the TLS alert) for a refusal.
+fn tls_error(r: &Refusal) -> rustls::Error {
+    let e = match r {
+        Refusal::UnknownRoot => CertificateError::UnknownIssuer,
+        Refusal::Expired(_) | Refusal::IntermediateExpired(_) => CertificateError::Expired,
+        Refusal::NotYetValid(_) | Refusal::IntermediateNotYetValid(_) => {
+            CertificateError::NotValidYet
+        }
+        Refusal::Revoked => CertificateError::Revoked,
+        Refusal::WrongPurpose(_) => CertificateError::InvalidPurpose,
+        Refusal::NameMismatch(_) => CertificateError::NotValidForName,
+        Refusal::BadSignature => CertificateError::BadSignature,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(other.clone()))),
+    };
+    rustls::Error::InvalidCertificate(e)
+}
+
+fn chain(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Vec<Vec<u8>> {
+    std::iter::once(end_entity)
+        .chain(intermediates)
+        .map(|c| c.as_ref().to_vec())
+        .collect()
+}
+
+/// Verifies field-node client certificates against the IN's trusted device and node root
+/// sets (their CRLs included), remembering which set admitted each certificate.
+#[derive(Debug)]
+pub struct FieldNodeVerifier {
+    sets: RwLock<Arc<Vec<RootSet>>>,
+    admitted: Mutex<HashMap<Vec<u8>, Verified>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl FieldNodeVerifier {
+    /// A verifier over `sets`.
+    pub fn new(sets: Vec<RootSet>, provider: Arc<CryptoProvider>) -> Self {
+        FieldNodeVerifier {
+            sets: RwLock::new(Arc::new(sets)),
+            admitted: Mutex::new(HashMap::new()),
+            provider,
+        }
+    }
+
+    /// Replaces the sets (new anchors or CRLs take effect for the next handshake).
+    pub fn replace_sets(&self, sets: Vec<RootSet>) {
+        if let Ok(mut s) = self.sets.write() {
+            *s = Arc::new(sets);
+        }
+    }
+
+    fn sets(&self) -> Arc<Vec<RootSet>> {
+        self.sets
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Verifies a chain against every set; the first set that admits it wins. When none does,
+    /// the most specific refusal is returned (a known root's reason beats "unknown root").
+    pub fn verify(
+        &self,
+        chain: &[Vec<u8>],
+        at: OffsetDateTime,
+    ) -> std::result::Result<Verified, Refusal> {
+        let mut refusal = Refusal::UnknownRoot;
+        for set in self.sets().iter() {
+            match verify::verify(set, chain, Purpose::Client, None, at) {
+                Ok(v) => return Ok(v),
+                Err(Refusal::UnknownRoot) => {}
+                Err(r) => {
+                    if refusal == Refusal::UnknownRoot {
+                        refusal = r;
+                    }
+                }
+            }
+        }
+        Err(refusal)
+    }
+
+    /// Takes what the handshake learned about the certificate with this DER.
+    pub fn take_admission(&self, leaf: &[u8]) -> Option<Verified> {
+        self.admitted.lock().ok()?.remove(leaf)
+    }
+}
+
+impl ClientCertVerifier for FieldNodeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: field nodes carry one certificate; hints would go stale as sets change.
+        &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        let chain = chain(end_entity, intermediates);
+        match self.verify(&chain, unix_to_time(now)) {
+            Ok(v) => {
+                if let Ok(mut m) = self.admitted.lock() {
+                    // Bounded: entries are taken right after the handshake; a flood of
+                    // abandoned handshakes cannot grow this without limit.
+                    if m.len() > 65_536 {
+                        m.clear();
+                    }
+                    m.insert(end_entity.as_ref().to_vec(), v);
+                }
+                Ok(ClientCertVerified::assertion())
+            }
+            Err(r) => {
+                tracing::warn!(code = r.code(), reason = %r, "refused a field-node certificate");
+                Err(tls_error(&r))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Verifies the IN's server certificate against the profile's IN root set and FQDN.
+#[derive(Debug)]
+pub struct InVerifier {
+    set: RootSet,
+    fqdn: DnsName,
+    provider: Arc<CryptoProvider>,
+}
+
+impl InVerifier {
+    /// A verifier for `fqdn` against `set`.
+    pub fn new(set: RootSet, fqdn: DnsName, provider: Arc<CryptoProvider>) -> Self {
+        InVerifier {
+            set,
+            fqdn,
+            provider,
+        }
+    }
+}
+
+impl ServerCertVerifier for InVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let dialled = match server_name {
+            ServerName::DnsName(d) => d.as_ref().to_ascii_lowercase(),
+            _ => String::new(),
+        };
+        if dialled != self.fqdn.as_str() {
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            ));
+        }
+        let chain = chain(end_entity, intermediates);
+        verify::verify(
+            &self.set,
+            &chain,
+            Purpose::Server,
+            Some(&self.fqdn),
+            unix_to_time(now),
+        )
+        .map(|_| ServerCertVerified::assertion())
+        .map_err(|r| tls_error(&r))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Hands the same certificate and key to every handshake (client side).
+#[derive(Debug)]
+pub struct OneClientCert(pub Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for OneClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.key.choose_scheme(sigschemes).map(|_| self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Serves the IN certificate. A client asking (by SNI) for another name still gets it, and a
+/// warning is logged: the client's own name check then refuses, with a clear error on its side.
+#[derive(Debug)]
+pub struct InCert {
+    /// The IN's FQDN.
+    pub fqdn: DnsName,
+    /// Its certificate and key.
+    pub key: Arc<rustls::sign::CertifiedKey>,
+}
+
+impl rustls::server::ResolvesServerCert for InCert {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        match hello.server_name() {
+            Some(name) if !name.eq_ignore_ascii_case(self.fqdn.as_str()) => {
+                tracing::warn!(sni = name, fqdn = %self.fqdn, "a client asked for another server name");
+                Some(self.key.clone())
+            }
+            _ => Some(self.key.clone()),
+        }
+    }
+}
+
+/// Loads a PEM chain (leaf first) for a TLS endpoint.
+pub fn load_chain(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>> {
+    let ders = m2mpki_ca::input::read_der_objects(path, &["CERTIFICATE"])?;
+    Ok(ders.into_iter().map(CertificateDer::from).collect())
+}

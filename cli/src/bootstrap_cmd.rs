@@ -1,0 +1,313 @@
+//! `m2mpki bootstrap ...`
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use m2mpki_bootstrap::client::{self, Enrolment};
+use m2mpki_bootstrap::config::{FieldNodeProfile, ServerConfig, TlsVersion};
+use m2mpki_bootstrap::credstore::CredentialStore;
+use m2mpki_bootstrap::server::Server;
+use m2mpki_ca::{FieldNodeIdentity, Home, Store};
+use m2mpki_hsm::files::{self, Mode, Overwrite, WriteOptions};
+use m2mpki_hsm::{KeyRef, Keystore};
+use serde::Serialize;
+
+use crate::args::{BootstrapCommand, TlsArg};
+use crate::output::{emit, emit_json, table, UsageError};
+
+/// A refusal by `bootstrap check` (exit 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Denied(pub String);
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("M2MPKI_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// The credential file a Field Node keeps (mode 0600).
+#[derive(Serialize)]
+struct CredentialFile<'a> {
+    m2mpki_credential: u32,
+    #[serde(flatten)]
+    enrolled: &'a client::Enrolled,
+    /// The root credential, hex.
+    credential: String,
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) -> Result<()> {
+    match cmd {
+        BootstrapCommand::Profile {
+            set,
+            fqdn,
+            port,
+            out,
+            force,
+        } => {
+            let home = Home::open(home)?;
+            let store = home.store()?;
+            let s = store
+                .root_set(&set)?
+                .ok_or_else(|| m2mpki_ca::Error::UnknownRootSet(set.clone()))?;
+            let fqdn: m2mpki_ca::DnsName = fqdn.parse()?;
+            let file = FieldNodeProfile::file_for(&s, &fqdn, port)?;
+            let text = format!(
+                "# m2mpki bootstrap profile: write this onto the field node at production.\n{}",
+                toml::to_string(&file).context("encoding the profile")?
+            );
+            files::write_atomic(
+                &out,
+                text.as_bytes(),
+                WriteOptions {
+                    mode: Mode::Public,
+                    overwrite: if force {
+                        Overwrite::Replace
+                    } else {
+                        Overwrite::Refuse
+                    },
+                    sync: true,
+                },
+            )?;
+            if json {
+                emit_json(
+                    &serde_json::json!({ "out": out, "in_fqdn": fqdn, "port": port, "set": set, "anchors": s.anchors.len() }),
+                )
+            } else {
+                emit(&format!(
+                    "wrote profile for {fqdn}:{port} ({} IN roots of `{set}`) to {}",
+                    s.anchors.len(),
+                    out.display()
+                ))
+            }
+        }
+        BootstrapCommand::Serve { config } => {
+            init_logging();
+            let config = ServerConfig::load(&config)?;
+            let home = Home::open(home)?;
+            let server = Arc::new(Server::new(config, &home, keystore)?);
+            runtime()?.block_on(async move {
+                let listener = server.bind().await?;
+                server.run(listener, shutdown_signal()).await
+            })?;
+            Ok(())
+        }
+        BootstrapCommand::Enroll {
+            profile,
+            cert,
+            key,
+            out,
+            force,
+            connect,
+            tls,
+            timeout,
+        } => {
+            if !force && out.exists() {
+                return Err(m2mpki_hsm::Error::FileExists(out).into());
+            }
+            let profile = FieldNodeProfile::load(&profile)?;
+            let chain = m2mpki_bootstrap::tls::load_chain(&cert)?;
+            let key = keystore.open(&key.parse::<KeyRef>()?)?;
+            let versions = match tls {
+                None => vec![TlsVersion::Tls13, TlsVersion::Tls12],
+                Some(TlsArg::V12) => vec![TlsVersion::Tls12],
+                Some(TlsArg::V13) => vec![TlsVersion::Tls13],
+            };
+            let timeout = m2mpki_bootstrap::config::parse_duration(&timeout)
+                .map_err(|e| UsageError(format!("--timeout: {e}")))?;
+            let enrolled = runtime()?.block_on(client::enroll(Enrolment {
+                profile,
+                chain,
+                key,
+                connect,
+                versions,
+                timeout,
+            }))?;
+            let file = CredentialFile {
+                m2mpki_credential: 1,
+                enrolled: &enrolled,
+                credential: hex::encode(enrolled.credential.expose()),
+            };
+            let text = zeroize::Zeroizing::new(serde_json::to_string_pretty(&file)?);
+            files::write_atomic(
+                &out,
+                text.as_bytes(),
+                WriteOptions {
+                    mode: Mode::Secret,
+                    overwrite: if force {
+                        Overwrite::Replace
+                    } else {
+                        Overwrite::Refuse
+                    },
+                    sync: true,
+                },
+            )?;
+            if json {
+                emit_json(&serde_json::json!({ "out": out, "result": enrolled }))
+            } else {
+                emit(&format!(
+                    "bootstrapped as {} with {} ({})\n  credential {} expires {}\n  grants     {}\n  written    {}",
+                    enrolled.identity,
+                    enrolled.in_fqdn,
+                    enrolled.tls_version,
+                    enrolled.credential_id,
+                    enrolled.expires,
+                    if enrolled.grants.is_empty() { "-".to_owned() } else { enrolled.grants.join(", ") },
+                    out.display()
+                ))
+            }
+        }
+        BootstrapCommand::Grant {
+            identity,
+            resources,
+        } => {
+            let id: FieldNodeIdentity = identity.parse()?;
+            check_resources(&resources)?;
+            let now = CredentialStore::open(Home::open(home)?.root())?.grant(&id, &resources)?;
+            grant_out(json, &id, &now)
+        }
+        BootstrapCommand::RevokeGrant {
+            identity,
+            resources,
+        } => {
+            let id: FieldNodeIdentity = identity.parse()?;
+            let now =
+                CredentialStore::open(Home::open(home)?.root())?.revoke_grant(&id, &resources)?;
+            grant_out(json, &id, &now)
+        }
+        BootstrapCommand::Grants => {
+            let store = CredentialStore::open(Home::open(home)?.root())?;
+            let policy = store.policy()?;
+            let all = store.all_grants()?;
+            if json {
+                return emit_json(&serde_json::json!({
+                    "policy": policy,
+                    "grants": all.iter().map(|(i, g)| serde_json::json!({ "identity": i, "resources": g })).collect::<Vec<_>>(),
+                }));
+            }
+            let rows: Vec<Vec<String>> = all
+                .iter()
+                .map(|(i, g)| vec![i.clone(), g.join(", ")])
+                .collect();
+            emit(&format!(
+                "policy: {} (default grants: {})\n{}",
+                serde_json::to_value(policy.default)?
+                    .as_str()
+                    .unwrap_or("?"),
+                if policy.grants.is_empty() {
+                    "-".to_owned()
+                } else {
+                    policy.grants.join(", ")
+                },
+                table(&["IDENTITY", "GRANTS"], &rows)
+            ))
+        }
+        BootstrapCommand::Check { identity, resource } => {
+            let id: FieldNodeIdentity = identity.parse()?;
+            let allowed = CredentialStore::open(Home::open(home)?.root())?.check(&id, &resource)?;
+            if json {
+                emit_json(
+                    &serde_json::json!({ "identity": id.to_string(), "resource": resource, "allowed": allowed }),
+                )?;
+            } else if allowed {
+                emit(&format!("allowed: {id} may access {resource}"))?;
+            }
+            if allowed {
+                Ok(())
+            } else {
+                Err(Denied(format!("denied: {id} may not access {resource}")).into())
+            }
+        }
+        BootstrapCommand::Credentials { identity } => {
+            let id: FieldNodeIdentity = identity.parse()?;
+            let history =
+                CredentialStore::open(Home::open(home)?.root())?.history(&id.to_string())?;
+            let views: Vec<serde_json::Value> = history
+                .iter()
+                .map(|r| serde_json::json!({
+                    "credential_id": r.id, "status": r.status, "admitted_by": r.admitted_by,
+                    "client_cert_sha256": r.client_cert_sha256,
+                    "created": crate::commands::ts(r.created), "expires": crate::commands::ts(r.expires),
+                    "supersedes": r.supersedes,
+                }))
+                .collect();
+            if json {
+                return emit_json(&views);
+            }
+            let rows: Vec<Vec<String>> = history
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.id.clone(),
+                        serde_json::to_value(r.status)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        r.admitted_by.set.clone(),
+                        crate::commands::ts(r.created),
+                        crate::commands::ts(r.expires),
+                    ]
+                })
+                .collect();
+            emit(&table(
+                &["CREDENTIAL", "STATUS", "SET", "CREATED", "EXPIRES"],
+                &rows,
+            ))
+        }
+    }
+}
+
+fn check_resources(resources: &[String]) -> Result<()> {
+    for r in resources {
+        if r.is_empty() || r.len() > 256 || r.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(UsageError(format!(
+                "invalid resource `{r}`: 1 to 256 characters, no spaces"
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+fn grant_out(json: bool, id: &FieldNodeIdentity, now: &[String]) -> Result<()> {
+    if json {
+        emit_json(&serde_json::json!({ "identity": id.to_string(), "grants": now }))
+    } else {
+        emit(&format!(
+            "{id}: {}",
+            if now.is_empty() {
+                "no grants".to_owned()
+            } else {
+                now.join(", ")
+            }
+        ))
+    }
+}
