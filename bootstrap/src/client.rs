@@ -74,6 +74,23 @@ pub struct Enrolled {
     pub credential: Secret32,
 }
 
+/// Explains an HTTP failure: a TLS alert from the IN (it refused our certificate) is a
+/// handshake refusal; anything else breaks the protocol.
+fn http_error(peer: &str, err: &hyper::Error) -> Error {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if text.contains("alert") {
+            return Error::Handshake {
+                peer: peer.to_owned(),
+                reason: text,
+            };
+        }
+        source = e.source();
+    }
+    Error::Protocol(format!("HTTP: {err}"))
+}
+
 /// Runs the bootstrap procedure against the profile's IN.
 pub async fn enroll(e: Enrolment) -> Result<Enrolled> {
     let timeout = e.timeout;
@@ -161,10 +178,13 @@ async fn enroll_inner(e: Enrolment) -> Result<Enrolled> {
         .header(hyper::header::ACCEPT, "application/json")
         .body(Full::new(Bytes::from(body)))
         .map_err(Error::internal)?;
+    // In TLS 1.3 the client's handshake ends before the IN has judged its certificate; a
+    // refusal then arrives as an alert while the request is under way.
+    let peer = format!("{fqdn} ({addr})");
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|err| Error::Protocol(format!("HTTP: {err}")))?;
+        .map_err(|err| http_error(&peer, &err))?;
     let status = resp.status();
     let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
         .collect()

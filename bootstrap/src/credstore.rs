@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use m2mpki_ca::FieldNodeIdentity;
 use m2mpki_hsm::files::{self, Mode, Overwrite, WriteOptions};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DefaultPolicy, Policy};
@@ -202,6 +202,13 @@ impl CredentialStore {
         }
         tx.commit().map_err(db_err)?;
         Ok((record, credential))
+    }
+
+    /// How many credential records exist (live and superseded).
+    pub fn count(&self) -> Result<u64> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(CREDENTIALS).map_err(db_err)?;
+        t.len().map_err(db_err)
     }
 
     /// A credential record by ID.

@@ -1,0 +1,951 @@
+//! The PKI-based bootstrap end to end, on loopback, with real TLS: our server and client,
+//! OpenSSL's s_client, software and SoftHSM2 keys.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use common::*;
+use m2mpki_bootstrap::client::{self, Enrolled, Enrolment};
+use m2mpki_bootstrap::config::{FieldNodeProfile, ServerConfig, TlsVersion};
+use m2mpki_bootstrap::protocol::{self, Secret32};
+use m2mpki_bootstrap::server::Server;
+use m2mpki_bootstrap::Error as BError;
+use m2mpki_ca::{LeafSubject, Store};
+use m2mpki_hsm::pkcs11::{Pkcs11Config, Pkcs11Uri};
+use m2mpki_hsm::{KeyRef, KeyType, Keystore, Signer, SoftwareKey};
+use m2mpki_test_pki::softhsm::process_softhsm;
+use m2mpki_test_pki::{
+    names, server_config_toml, sets, write_chain, KeyBackend, LabPki, LabSpec, ENTERPRISE, HW_TYPE,
+    IN_FQDN,
+};
+
+/// A field node: its chain file and key.
+#[derive(Clone)]
+struct Node {
+    chain: PathBuf,
+    key: Arc<dyn Signer>,
+    key_ref: String,
+    identity: String,
+}
+
+/// A lab IN with a set of prepared field nodes.
+struct Fixture {
+    dir: tempfile::TempDir,
+    home: PathBuf,
+    keystore: Keystore,
+    in_chain: PathBuf,
+    in_key: String,
+    nodes: std::collections::HashMap<&'static str, Node>,
+}
+
+fn software_node(
+    lab: &LabPki,
+    ks: &Keystore,
+    dir: &Path,
+    ca: &str,
+    subject: LeafSubject,
+    name: &str,
+    identity: String,
+) -> Node {
+    let (chain, key) = lab.issue_files(ks, ca, subject, dir, name).unwrap();
+    Node {
+        chain,
+        key: ks.open(&KeyRef::File(key.clone())).unwrap(),
+        key_ref: key.display().to_string(),
+        identity,
+    }
+}
+
+impl Fixture {
+    fn new(backend: Backend) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("in-home");
+        let (spec, keystore, token) = match backend {
+            Backend::Software => (LabSpec::default(), Keystore::default(), None),
+            Backend::SoftHsm => {
+                let hsm = process_softhsm().unwrap();
+                static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                let label = format!(
+                    "bs-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                );
+                hsm.init_token(&label, "1111", "2222").unwrap();
+                let pin = dir.path().join("pin");
+                std::fs::write(&pin, "1111\n").unwrap();
+                let uri: Pkcs11Uri = format!(
+                    "pkcs11:token={label}?module-path={}&pin-source={}",
+                    hsm.module.display(),
+                    pin.display()
+                )
+                .parse()
+                .unwrap();
+                let ks = Keystore::default().with_pkcs11(Pkcs11Config {
+                    sessions: 2,
+                    ..Default::default()
+                });
+                (
+                    LabSpec {
+                        backend: KeyBackend::Pkcs11(uri.clone()),
+                        ..LabSpec::default()
+                    },
+                    ks,
+                    Some(uri),
+                )
+            }
+        };
+        let mut lab = LabPki::build(&home, &keystore, &spec).unwrap();
+        lab.create_root_sets().unwrap();
+        lab.create_rogue_manufacturer(&keystore).unwrap();
+        let d = dir.path();
+        let dev = |id: &str| LeafSubject::Device(id.parse().unwrap());
+        let node = |id: &str| LeafSubject::Node {
+            enterprise: ENTERPRISE.parse().unwrap(),
+            id: id.parse().unwrap(),
+        };
+        let mut nodes = std::collections::HashMap::new();
+
+        // The IN's TLS key: a file, or an object on the token.
+        let (in_chain, in_key) = match &token {
+            None => {
+                let (c, k) = lab
+                    .issue_files(
+                        &keystore,
+                        names::INFRA_CA,
+                        LeafSubject::Server(IN_FQDN.parse().unwrap()),
+                        d,
+                        "in",
+                    )
+                    .unwrap();
+                (c, k.display().to_string())
+            }
+            Some(uri) => {
+                let (key, full) = m2mpki_hsm::pkcs11::generate(
+                    &uri.for_object("in-tls"),
+                    KeyType::P256,
+                    keystore.pkcs11(),
+                )
+                .unwrap();
+                let chain = lab
+                    .issue_for(
+                        &keystore,
+                        names::INFRA_CA,
+                        LeafSubject::Server(IN_FQDN.parse().unwrap()),
+                        &key,
+                        None,
+                    )
+                    .unwrap();
+                let path = d.join("in.pem");
+                write_chain(&path, &chain).unwrap();
+                (path, full.to_string())
+            }
+        };
+
+        // Field nodes. With a token, the device's own key lives on it too.
+        let d1 = match &token {
+            None => software_node(
+                &lab,
+                &keystore,
+                d,
+                names::MFR_CA,
+                dev("D-1"),
+                "d1",
+                format!("device:{HW_TYPE}:D-1"),
+            ),
+            Some(uri) => {
+                let (key, full) = m2mpki_hsm::pkcs11::generate(
+                    &uri.for_object("device-d1"),
+                    KeyType::P256,
+                    keystore.pkcs11(),
+                )
+                .unwrap();
+                let chain = lab
+                    .issue_for(&keystore, names::MFR_CA, dev("D-1"), &key, None)
+                    .unwrap();
+                let path = d.join("d1.pem");
+                write_chain(&path, &chain).unwrap();
+                Node {
+                    chain: path,
+                    key: Arc::new(key),
+                    key_ref: full.to_string(),
+                    identity: format!("device:{HW_TYPE}:D-1"),
+                }
+            }
+        };
+        nodes.insert("d1", d1);
+        nodes.insert(
+            "n1",
+            software_node(
+                &lab,
+                &keystore,
+                d,
+                names::ENT_CA,
+                node("N-1"),
+                "n1",
+                format!("node:{ENTERPRISE}:N-1"),
+            ),
+        );
+        nodes.insert(
+            "rogue",
+            software_node(
+                &lab,
+                &keystore,
+                d,
+                m2mpki_test_pki::ROGUE_CA,
+                dev("R-1"),
+                "rogue",
+                "device:1.3.6.1.4.1.99999.666:R-1".into(),
+            ),
+        );
+        // Expired: valid for one hour, two days ago.
+        {
+            let mut key = SoftwareKey::generate(KeyType::P256).unwrap();
+            let authority =
+                m2mpki_ca::Authority::load(&lab.home, &lab.store, &keystore, names::MFR_CA)
+                    .unwrap();
+            let spki = rcgen::SubjectPublicKeyInfo::from_der(
+                &rcgen::PublicKeyData::subject_public_key_info(&key),
+            )
+            .unwrap();
+            let cert = m2mpki_ca::issue(
+                &lab.store,
+                &authority,
+                &m2mpki_ca::profile::LeafProfile::builtin(m2mpki_ca::profile::ProfileKind::Device),
+                m2mpki_ca::LeafRequest {
+                    subject: dev("D-OLD"),
+                    public_key: spki,
+                    validity: Some(m2mpki_ca::validity::Validity::Hours(1)),
+                    not_before: Some(time::OffsetDateTime::now_utc() - time::Duration::days(2)),
+                },
+                false,
+            );
+            // The CA is younger than two days: issue from "now - 1h" instead if refused.
+            let cert = match cert {
+                Ok(c) => c,
+                Err(_) => panic!("could not issue the expired certificate"),
+            };
+            let mut chain = vec![cert.der];
+            chain.extend(
+                authority
+                    .chain_without_root()
+                    .into_iter()
+                    .map(<[u8]>::to_vec),
+            );
+            let path = d.join("old.pem");
+            write_chain(&path, &chain).unwrap();
+            let kp = d.join("old.key.pem");
+            key.save(&kp, None, m2mpki_hsm::files::Overwrite::Replace)
+                .unwrap();
+            nodes.insert(
+                "expired",
+                Node {
+                    chain: path,
+                    key: keystore.open(&KeyRef::File(kp.clone())).unwrap(),
+                    key_ref: kp.display().to_string(),
+                    identity: format!("device:{HW_TYPE}:D-OLD"),
+                },
+            );
+        }
+        // Revoked, with the CRL attached to the device set before the server starts.
+        let revoked = software_node(
+            &lab,
+            &keystore,
+            d,
+            names::MFR_CA,
+            dev("D-REV"),
+            "rev",
+            format!("device:{HW_TYPE}:D-REV"),
+        );
+        {
+            let serial = lab
+                .store
+                .certs(&m2mpki_ca::CertFilter {
+                    ca: None,
+                    id: Some("D-REV".into()),
+                })
+                .unwrap()[0]
+                .serial
+                .clone();
+            lab.store
+                .revoke(
+                    names::MFR_CA,
+                    &serial,
+                    m2mpki_ca::revocation::RevocationReason::KeyCompromise,
+                    time::OffsetDateTime::now_utc().unix_timestamp(),
+                )
+                .unwrap();
+            let authority =
+                m2mpki_ca::Authority::load(&lab.home, &lab.store, &keystore, names::MFR_CA)
+                    .unwrap();
+            let crl = m2mpki_ca::revocation::issue_crl(
+                &lab.store,
+                &authority,
+                m2mpki_ca::validity::Validity::Days(7),
+            )
+            .unwrap();
+            let rec = m2mpki_ca::rootset::CrlRecord::from_der(&crl.der, "crl").unwrap();
+            lab.store
+                .modify_root_set(sets::DEVICE, &mut |s| {
+                    s.attach_crl(rec.clone())?;
+                    Ok(m2mpki_ca::audit::AuditEvent {
+                        action: "roots.add-crl".into(),
+                        subject: sets::DEVICE.into(),
+                        detail: serde_json::json!({}),
+                    })
+                })
+                .unwrap();
+        }
+        nodes.insert("revoked", revoked);
+        // The IN's own server certificate used as a client certificate.
+        let in_as_client = Node {
+            chain: in_chain.clone(),
+            key: keystore.open(&in_key.parse().unwrap()).unwrap(),
+            key_ref: in_key.clone(),
+            identity: String::new(),
+        };
+        nodes.insert("server-as-client", in_as_client);
+        drop(lab);
+        Fixture {
+            dir,
+            home,
+            keystore,
+            in_chain,
+            in_key,
+            nodes,
+        }
+    }
+
+    fn profile(&self, fqdn: &str, set: &str) -> FieldNodeProfile {
+        let home = m2mpki_ca::Home::open(&self.home).unwrap();
+        let store = home.store().unwrap();
+        let s = store.root_set(set).unwrap().unwrap();
+        let file = FieldNodeProfile::file_for(&s, &fqdn.parse().unwrap(), 0).unwrap();
+        let path = self.dir.path().join(format!("profile-{set}-{fqdn}.toml"));
+        std::fs::write(&path, toml::to_string(&file).unwrap()).unwrap();
+        FieldNodeProfile::load(&path).unwrap()
+    }
+
+    fn config(&self, policy: &str, extra: &str) -> ServerConfig {
+        let text = server_config_toml("127.0.0.1:0", &self.in_chain, &self.in_key, policy) + extra;
+        let path = self.dir.path().join("serve.toml");
+        std::fs::write(&path, text).unwrap();
+        ServerConfig::load(&path).unwrap()
+    }
+}
+
+/// A server running in this process.
+struct Running {
+    rt: tokio::runtime::Runtime,
+    addr: SocketAddr,
+    server: Arc<Server>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<m2mpki_bootstrap::Result<()>>>,
+}
+
+impl Running {
+    fn start(fx: &Fixture, config: ServerConfig) -> Running {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let home = m2mpki_ca::Home::open(&fx.home).unwrap();
+        let server = Arc::new(Server::new(config, &home, &fx.keystore).unwrap());
+        let listener = rt.block_on(server.bind()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let s = server.clone();
+        let task = rt.spawn(async move {
+            s.run(listener, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        Running {
+            rt,
+            addr,
+            server,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    fn enroll(
+        &self,
+        profile: &FieldNodeProfile,
+        node: &Node,
+        versions: &[TlsVersion],
+    ) -> m2mpki_bootstrap::Result<Enrolled> {
+        self.rt.block_on(client::enroll(Enrolment {
+            profile: profile.clone(),
+            chain: m2mpki_bootstrap::tls::load_chain(&node.chain).unwrap(),
+            key: node.key.clone(),
+            connect: Some(self.addr.to_string()),
+            versions: versions.to_vec(),
+            timeout: Duration::from_secs(20),
+        }))
+    }
+
+    /// The credential the IN stored for an identity, unsealed.
+    fn stored(&self, identity: &str) -> Option<(String, Secret32)> {
+        let rec = self.server.credentials().live(identity).unwrap()?;
+        let secret = self
+            .server
+            .credentials()
+            .unseal(self.server.store_key(), &rec)
+            .unwrap();
+        Some((rec.id, secret))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = self.rt.block_on(task);
+        }
+    }
+}
+
+const BOTH: [&[TlsVersion]; 2] = [&[TlsVersion::Tls13], &[TlsVersion::Tls12]];
+
+both_backends!(device_and_node_enrol_over_tls13_and_tls12);
+
+fn device_and_node_enrol_over_tls13_and_tls12(backend: Backend) {
+    let fx = Fixture::new(backend);
+    let run = Running::start(&fx, fx.config("allow", ""));
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    for versions in BOTH {
+        for name in ["d1", "n1"] {
+            let node = &fx.nodes[name];
+            let got = run.enroll(&profile, node, versions).unwrap();
+            assert_eq!(got.identity, node.identity);
+            assert_eq!(got.in_fqdn, IN_FQDN);
+            assert!(
+                got.tls_version
+                    .contains(if versions[0] == TlsVersion::Tls13 {
+                        "1_3"
+                    } else {
+                        "1_2"
+                    }),
+                "{}",
+                got.tls_version
+            );
+            assert_eq!(got.grants, vec!["weather".to_owned()]);
+            assert_eq!(got.parameters["cse_id"], "/in-cse");
+            let (id, secret) = run.stored(&node.identity).unwrap();
+            assert_eq!(id, got.credential_id);
+            assert_eq!(
+                secret, got.credential,
+                "client and IN hold different credentials"
+            );
+        }
+    }
+    assert_eq!(run.server.credentials().count().unwrap(), 4);
+    let adm = run
+        .enroll(&profile, &fx.nodes["n1"], BOTH[0])
+        .unwrap()
+        .admitted_by;
+    assert_eq!(
+        (
+            adm.set.as_str(),
+            adm.kind.as_str(),
+            adm.enterprise.as_deref()
+        ),
+        (sets::NODE, "node", Some(ENTERPRISE))
+    );
+}
+
+fn s_client(
+    run: &Running,
+    fx: &Fixture,
+    node: &Node,
+    tls12: bool,
+    send_cert: bool,
+) -> (String, String) {
+    let d = fx.dir.path();
+    let chain = std::fs::read(&node.chain).unwrap();
+    let blocks = pem::parse_many(&chain).unwrap();
+    std::fs::write(
+        d.join("sc-leaf.pem"),
+        m2mpki_hsm::files::pem_encode("CERTIFICATE", blocks[0].contents()),
+    )
+    .unwrap();
+    let rest: String = blocks[1..]
+        .iter()
+        .map(|b| m2mpki_hsm::files::pem_encode("CERTIFICATE", b.contents()))
+        .collect();
+    std::fs::write(d.join("sc-chain.pem"), rest).unwrap();
+    let mut cmd = tool("openssl");
+    cmd.args([
+        "s_client",
+        "-connect",
+        &run.addr.to_string(),
+        "-servername",
+        IN_FQDN,
+        "-ign_eof",
+        "-keymatexport",
+        "EXPORTER-oneM2M-RootCredentialWrapKey",
+        "-keymatexportlen",
+        "32",
+    ]);
+    if send_cert {
+        cmd.arg("-cert")
+            .arg(d.join("sc-leaf.pem"))
+            .arg("-key")
+            .arg(&node.key_ref)
+            .arg("-cert_chain")
+            .arg(d.join("sc-chain.pem"));
+    }
+    if tls12 {
+        cmd.arg("-tls1_2");
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let body = r#"{"version":1}"#;
+    let req = format!("POST /bootstrap HTTP/1.1\r\nHost: {IN_FQDN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(req.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn openssl_s_client_exports_the_same_key_and_unwraps_the_credential() {
+    let fx = Fixture::new(Backend::Software);
+    let run = Running::start(&fx, fx.config("allow", ""));
+    for tls12 in [false, true] {
+        let node = &fx.nodes["d1"];
+        let (out, err) = s_client(&run, &fx, node, tls12, true);
+        let keymat = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Keying material: "))
+            .unwrap_or_else(|| panic!("no keying material in s_client output: {out}{err}"));
+        let kek = Secret32::from_slice(&hex::decode(keymat).unwrap()).unwrap();
+        let json_start = out
+            .find("{\"version\"")
+            .unwrap_or_else(|| panic!("no response body: {out}{err}"));
+        let resp: serde_json::Value = serde_json::Deserializer::from_str(&out[json_start..])
+            .into_iter()
+            .next()
+            .unwrap()
+            .unwrap();
+        let wrapped = base64::engine::general_purpose::STANDARD
+            .decode(resp["wrapped_credential"].as_str().unwrap())
+            .unwrap();
+        // Our unwrap with OpenSSL's exported key ...
+        let credential = protocol::unwrap(&kek, &wrapped).unwrap();
+        let (id, stored) = run.stored(&node.identity).unwrap();
+        assert_eq!(resp["credential_id"], id);
+        assert_eq!(credential, stored);
+        // ... and OpenSSL's own AES key wrap agree.
+        let wrapped_file = fx.dir.path().join("wrapped.bin");
+        std::fs::write(&wrapped_file, &wrapped).unwrap();
+        let out = tool("openssl")
+            .args([
+                "enc",
+                "-d",
+                "-id-aes256-wrap",
+                "-iv",
+                "A6A6A6A6A6A6A6A6",
+                "-K",
+                keymat,
+                "-in",
+            ])
+            .arg(&wrapped_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(&out.stdout[..], stored.expose());
+    }
+    // Without a client certificate there is no session and no credential.
+    let before = run.server.credentials().count().unwrap();
+    let (out, err) = s_client(&run, &fx, &fx.nodes["d1"], false, false);
+    assert!(!out.contains("wrapped_credential"), "{out}");
+    assert!(err.contains("alert") || out.contains("alert"), "{out}{err}");
+    assert_eq!(run.server.credentials().count().unwrap(), before);
+}
+
+fn assert_handshake_refused(r: m2mpki_bootstrap::Result<Enrolled>, needle: &str) {
+    match r {
+        Err(BError::Handshake { reason, .. }) => {
+            assert!(reason.contains(needle), "handshake refused, but: {reason}")
+        }
+        Err(other) => panic!("expected a handshake refusal ({needle}), got: {other}"),
+        Ok(e) => panic!(
+            "expected a refusal ({needle}), got a credential for {}",
+            e.identity
+        ),
+    }
+}
+
+#[test]
+fn the_in_refuses_untrusted_expired_revoked_and_server_certificates() {
+    let fx = Fixture::new(Backend::Software);
+    let run = Running::start(&fx, fx.config("allow", ""));
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    for versions in BOTH {
+        assert_handshake_refused(
+            run.enroll(&profile, &fx.nodes["rogue"], versions),
+            "UnknownCA",
+        );
+        assert_handshake_refused(
+            run.enroll(&profile, &fx.nodes["expired"], versions),
+            "CertificateExpired",
+        );
+        assert_handshake_refused(
+            run.enroll(&profile, &fx.nodes["revoked"], versions),
+            "CertificateRevoked",
+        );
+        // Our client will not even try with a certificate that names no field node ...
+        assert!(matches!(
+            run.enroll(&profile, &fx.nodes["server-as-client"], versions),
+            Err(BError::Ca(_))
+        ));
+    }
+    // ... so OpenSSL presents the IN's serverAuth-only certificate as a client certificate.
+    for tls12 in [false, true] {
+        let (out, err) = s_client(&run, &fx, &fx.nodes["server-as-client"], tls12, true);
+        assert!(!out.contains("wrapped_credential"), "{out}");
+        assert!((out.clone() + &err).contains("alert"), "{out}{err}");
+    }
+    assert_eq!(
+        run.server.credentials().count().unwrap(),
+        0,
+        "a refused node got a credential"
+    );
+}
+
+#[test]
+fn the_field_node_refuses_a_foreign_or_misnamed_in() {
+    let fx = Fixture::new(Backend::Software);
+    let run = Running::start(&fx, fx.config("allow", ""));
+    // IN roots from the wrong set: the enterprise root is no IN root.
+    let home = m2mpki_ca::Home::open(&fx.home).unwrap();
+    {
+        let store = home.store().unwrap();
+        let ent = store.ca(names::ENT_ROOT).unwrap().unwrap();
+        store.create_root_set(&m2mpki_ca::rootset::RootSet {
+            name: "wrong-in".into(),
+            kind: m2mpki_ca::rootset::RootSetKind::Infrastructure,
+            anchors: vec![m2mpki_ca::rootset::Anchor::from_der(&ent.cert_der, "x").unwrap()],
+            crls: vec![],
+            created: 0,
+        }, m2mpki_ca::audit::AuditEvent { action: "roots.create".into(), subject: "wrong-in".into(), detail: serde_json::json!({}) }).unwrap();
+    }
+    let wrong_roots = fx.profile(IN_FQDN, "wrong-in");
+    assert_handshake_refused(
+        run.enroll(&wrong_roots, &fx.nodes["d1"], BOTH[0]),
+        "UnknownIssuer",
+    );
+    // The right roots, but the profile names another IN.
+    let other_name = fx.profile("other.m2m.localhost", sets::INFRA);
+    assert_handshake_refused(
+        run.enroll(&other_name, &fx.nodes["d1"], BOTH[0]),
+        "NotValidForName",
+    );
+    assert_eq!(run.server.credentials().count().unwrap(), 0);
+}
+
+#[test]
+fn rebootstrap_rotates_and_racing_rebootstraps_leave_one_live_credential() {
+    let fx = Fixture::new(Backend::Software);
+    let run = Running::start(&fx, fx.config("allow", ""));
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    let node = fx.nodes["d1"].clone();
+    let first = run.enroll(&profile, &node, BOTH[0]).unwrap();
+    let second = run.enroll(&profile, &node, BOTH[1]).unwrap();
+    assert_ne!(first.credential, second.credential);
+    let old = run
+        .server
+        .credentials()
+        .credential(&first.credential_id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        old.status,
+        m2mpki_bootstrap::credstore::CredentialStatus::Superseded
+    );
+    assert_eq!(run.stored(&node.identity).unwrap().0, second.credential_id);
+
+    // Sixteen bootstraps of one identity at once.
+    let chain = m2mpki_bootstrap::tls::load_chain(&node.chain).unwrap();
+    let results: Vec<Enrolled> = run.rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..16 {
+            set.spawn(client::enroll(Enrolment {
+                profile: profile.clone(),
+                chain: chain.clone(),
+                key: node.key.clone(),
+                connect: Some(run.addr.to_string()),
+                versions: BOTH[i % 2].to_vec(),
+                timeout: Duration::from_secs(30),
+            }));
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            out.push(r.unwrap().unwrap());
+        }
+        out
+    });
+    let history = run.server.credentials().history(&node.identity).unwrap();
+    assert_eq!(history.len(), 18);
+    let live: Vec<_> = history
+        .iter()
+        .filter(|r| r.status == m2mpki_bootstrap::credstore::CredentialStatus::Live)
+        .collect();
+    assert_eq!(live.len(), 1, "exactly one live credential");
+    let (live_id, live_secret) = run.stored(&node.identity).unwrap();
+    assert_eq!(live[0].id, live_id);
+    let winner = results
+        .iter()
+        .find(|r| r.credential_id == live_id)
+        .expect("the live credential went to one of the racers");
+    assert_eq!(winner.credential, live_secret);
+}
+
+#[test]
+fn policy_deny_grants_while_running_and_check() {
+    let fx = Fixture::new(Backend::Software);
+    let run = Running::start(&fx, fx.config("deny", ""));
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    let node = &fx.nodes["n1"];
+    match run.enroll(&profile, node, BOTH[0]) {
+        Err(BError::Refused {
+            status: 403, code, ..
+        }) => assert_eq!(code, "denied_by_policy"),
+        other => panic!("expected denied_by_policy, got {other:?}"),
+    }
+    assert_eq!(run.server.credentials().count().unwrap(), 0);
+    let m2mpki = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+            .arg("--home")
+            .arg(&fx.home)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // A technician records the node while the server runs; no restart.
+    let out = m2mpki(&["bootstrap", "check", &node.identity, "valve-7"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = m2mpki(&[
+        "bootstrap",
+        "grant",
+        &node.identity,
+        "valve-7",
+        "meter-read",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = m2mpki(&["bootstrap", "check", &node.identity, "valve-7"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = m2mpki(&["bootstrap", "check", &node.identity, "weather"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "deny policy: default grants do not apply"
+    );
+    let got = run.enroll(&profile, node, BOTH[0]).unwrap();
+    assert_eq!(
+        got.grants,
+        vec!["meter-read".to_owned(), "valve-7".to_owned()]
+    );
+    // Other identities are still refused.
+    assert!(matches!(
+        run.enroll(&profile, &fx.nodes["d1"], BOTH[0]),
+        Err(BError::Refused { status: 403, .. })
+    ));
+    let listed: serde_json::Value =
+        serde_json::from_slice(&m2mpki(&["--json", "bootstrap", "grants"]).stdout).unwrap();
+    assert_eq!(listed["policy"]["default"], "deny");
+    assert_eq!(listed["grants"][0]["identity"], node.identity.as_str());
+    let out = m2mpki(&["bootstrap", "grant", "not-an-identity", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn slow_clients_do_not_hold_the_server() {
+    let fx = Fixture::new(Backend::Software);
+    let mut config = fx.config("allow", "");
+    config.limits.max_connections = 2;
+    config.limits.handshake_timeout = Duration::from_millis(700);
+    let run = Running::start(&fx, config);
+    // Two silent connections take every slot ...
+    let idle: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(run.addr).unwrap())
+        .collect();
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    // ... and are dropped by the handshake timeout, so a real client still gets through.
+    let got = run.enroll(&profile, &fx.nodes["d1"], BOTH[0]).unwrap();
+    assert_eq!(got.identity, fx.nodes["d1"].identity);
+    drop(idle);
+}
+
+#[test]
+fn the_cli_enrols_writes_a_private_credential_and_serve_stops_on_sigterm() {
+    let fx = Fixture::new(Backend::Software);
+    // The server as a process of its own.
+    let port = {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let config = fx.dir.path().join("cli-serve.toml");
+    std::fs::write(
+        &config,
+        server_config_toml(
+            &format!("127.0.0.1:{port}"),
+            &fx.in_chain,
+            &fx.in_key,
+            "allow",
+        ),
+    )
+    .unwrap();
+    let serve = Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+        .arg("--home")
+        .arg(&fx.home)
+        .args(["bootstrap", "serve", "--config"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let profile = fx.dir.path().join("profile.toml");
+    let m2mpki = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+            .arg("--home")
+            .arg(&fx.home)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = m2mpki(&[
+        "bootstrap",
+        "profile",
+        "--set",
+        sets::INFRA,
+        "--fqdn",
+        IN_FQDN,
+        "--port",
+        &port.to_string(),
+        "--out",
+        profile.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cred = fx.dir.path().join("d1.cred");
+    let node = &fx.nodes["d1"];
+    let mut result = None;
+    for _ in 0..100 {
+        let out = Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+            .args([
+                "--json",
+                "bootstrap",
+                "enroll",
+                "--profile",
+                profile.to_str().unwrap(),
+                "--cert",
+                node.chain.to_str().unwrap(),
+                "--key",
+                &node.key_ref,
+                "--out",
+                cred.to_str().unwrap(),
+                "--connect",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            result = Some(out);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100)); // the server is still starting
+    }
+    let out = result.expect("enrolment through the CLI never succeeded");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["result"]["identity"], node.identity.as_str());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cred).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&cred).unwrap()).unwrap();
+    let secret = file["credential"].as_str().unwrap();
+    assert_eq!(secret.len(), 64);
+    assert!(!stdout.contains(secret), "--json printed the credential");
+    // An existing credential file is kept without --force.
+    let again = Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+        .args([
+            "bootstrap",
+            "enroll",
+            "--profile",
+            profile.to_str().unwrap(),
+            "--cert",
+            node.chain.to_str().unwrap(),
+            "--key",
+            &node.key_ref,
+            "--out",
+            cred.to_str().unwrap(),
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    // SIGTERM drains and stops cleanly.
+    let status = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = serve.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("bootstrap server stopped"), "{log}");
+    assert!(!log.contains(secret), "the log shows the credential");
+    // The log names the identity it issued for, and nothing secret.
+    assert!(log.contains(&node.identity), "{log}");
+}
