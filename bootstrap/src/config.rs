@@ -443,7 +443,8 @@ handshake_timeout = "2s"
     #[test]
     fn refuses_unknown_keys_and_bad_values() {
         for bad in [
-            GOOD.replace("[limits]", "surprise = 1\n[limits]"),
+            GOOD.replace("[tls]", "surprise = 1\n[tls]"),
+            GOOD.replace("[limits]", "[limits]\nsurprise = 1"),
             GOOD.replace("handshake_timeout = \"2s\"", "handshake_timeout = \"2\""),
             GOOD.replace("127.0.0.1:8443", "localhost"),
             GOOD.replace("device_sets = [\"metering\"]", ""),
