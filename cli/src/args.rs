@@ -90,6 +90,9 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// A complete lab PKI and the end-to-end bootstrap demo
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Lab(LabCommand),
     /// The oneM2M PKI-based bootstrap: IN server, Field Node client, authorization
     #[command(subcommand, after_help = EXIT_CODES)]
     Bootstrap(BootstrapCommand),
@@ -565,5 +568,39 @@ pub enum BootstrapCommand {
     Credentials {
         /// Canonical identity
         identity: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum HsmArg {
+    /// A fresh SoftHSM2 token inside the lab folder
+    Softhsm,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Create a lab PKI in DIR: manufacturer, enterprise and infrastructure CAs, root sets,
+    /// an IN certificate, a bootstrap profile and server config, devices and nodes
+    Init {
+        /// The lab folder (must be new or empty)
+        dir: PathBuf,
+        /// Keep the CA and IN keys on a token
+        #[arg(long, value_enum)]
+        hsm: Option<HsmArg>,
+        /// The IN's port in the profile and server config
+        #[arg(long, default_value_t = 8443)]
+        port: u16,
+    },
+    /// Build a lab and run the whole bootstrap once: exit 0 only when every step did what it should
+    Demo {
+        /// Build the lab here instead of a temporary folder (kept)
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Keep the CA and IN keys on a SoftHSM2 token
+        #[arg(long, value_enum)]
+        hsm: Option<HsmArg>,
+        /// Keep the temporary lab folder
+        #[arg(long)]
+        keep: bool,
     },
 }

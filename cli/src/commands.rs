@@ -73,6 +73,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bootstrap(cmd) => {
             return crate::bootstrap_cmd::run(&home, &keystore, cli.json, cmd)
         }
+        Command::Lab(cmd) => return crate::lab_cmd::run(cli.json, cmd),
         other => other,
     };
     let ctx = Ctx {
@@ -81,7 +82,7 @@ pub fn run(cli: Cli) -> Result<()> {
         keystore,
     };
     match cmd {
-        Command::Hsm(_) | Command::Bootstrap(_) => Ok(()),
+        Command::Hsm(_) | Command::Bootstrap(_) | Command::Lab(_) => Ok(()),
         Command::Roots(cmd) => roots(&ctx, cmd),
         Command::Revoke { serial, ca, reason } => revoke(&ctx, &serial, &ca, &reason),
         Command::Crl {

@@ -7,6 +7,7 @@
 mod args;
 mod bootstrap_cmd;
 mod commands;
+mod lab_cmd;
 mod output;
 mod prompt;
 

@@ -1,0 +1,393 @@
+//! `m2mpki lab`: a complete lab PKI in a folder, and the end-to-end bootstrap demo.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use m2mpki_bootstrap::client::{self, Enrolment};
+use m2mpki_bootstrap::config::{FieldNodeProfile, ServerConfig, TlsVersion};
+use m2mpki_bootstrap::server::Server;
+use m2mpki_ca::{Home, LeafSubject, Store};
+use m2mpki_hsm::pkcs11::{Pkcs11Config, Pkcs11Uri};
+use m2mpki_hsm::{KeyRef, KeyType, Keystore};
+use serde::Serialize;
+
+use crate::softhsm::SoftHsm;
+use crate::{
+    names, server_config_toml, sets, write_chain, KeyBackend, LabPki, LabSpec, ENTERPRISE, IN_FQDN,
+    ROGUE_CA,
+};
+
+/// Where a lab keeps its CA keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LabHsm {
+    /// Software keys in the home folder.
+    None,
+    /// A fresh SoftHSM2 token inside the lab folder.
+    SoftHsm,
+}
+
+/// What `lab init` made.
+#[derive(Debug, Clone, Serialize)]
+pub struct LabLayout {
+    /// The lab folder.
+    pub dir: PathBuf,
+    /// The home folder (CAs, root sets, IN credential store).
+    pub home: PathBuf,
+    /// The IN server certificate chain.
+    pub in_chain: PathBuf,
+    /// The IN key (a file, or a pkcs11: URI).
+    pub in_key: String,
+    /// The `bootstrap serve` config.
+    pub serve_config: PathBuf,
+    /// The field-node bootstrap profile.
+    pub profile: PathBuf,
+    /// The IN's FQDN.
+    pub in_fqdn: String,
+    /// The port in the profile and config.
+    pub port: u16,
+    /// Field nodes: name, chain, key, identity, trusted.
+    pub nodes: Vec<LabNode>,
+    /// The SoftHSM2 config to export as SOFTHSM2_CONF, when the lab uses a token.
+    pub softhsm_conf: Option<PathBuf>,
+    /// CA names.
+    pub cas: Vec<String>,
+}
+
+/// A field node of the lab.
+#[derive(Debug, Clone, Serialize)]
+pub struct LabNode {
+    /// Short name.
+    pub name: String,
+    /// Certificate chain.
+    pub chain: PathBuf,
+    /// Key file.
+    pub key: PathBuf,
+    /// Canonical identity.
+    pub identity: String,
+    /// Whether the IN trusts its issuer.
+    pub trusted: bool,
+}
+
+const LAB_PIN: &str = "lab-user-pin";
+
+/// Builds a lab in `dir` (which must be empty or absent). With `LabHsm::SoftHsm` the CA keys and
+/// the IN's TLS key are generated on a new SoftHSM2 token under `dir/softhsm`; call before any
+/// PKCS#11 module is loaded in this process.
+pub fn init(dir: &Path, hsm: LabHsm, port: u16) -> Result<LabLayout> {
+    if dir.exists()
+        && std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "{} exists and is not empty; choose a new folder",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let home = dir.join("home");
+    let (spec, keystore, token, softhsm_conf) = match hsm {
+        LabHsm::None => (LabSpec::default(), Keystore::default(), None, None),
+        LabHsm::SoftHsm => {
+            let h = SoftHsm::create(&dir.join("softhsm"))?;
+            h.use_in_this_process();
+            h.init_token("m2mpki-lab", LAB_PIN, "lab-so-pin")?;
+            let pin = dir.join("softhsm").join("pin");
+            m2mpki_hsm::files::write_atomic(
+                &pin,
+                format!("{LAB_PIN}\n").as_bytes(),
+                m2mpki_hsm::files::WriteOptions {
+                    mode: m2mpki_hsm::files::Mode::Secret,
+                    overwrite: m2mpki_hsm::files::Overwrite::Refuse,
+                    sync: true,
+                },
+            )?;
+            let uri: Pkcs11Uri = format!(
+                "pkcs11:token=m2mpki-lab?module-path={}&pin-source={}",
+                h.module.display(),
+                pin.display()
+            )
+            .parse()?;
+            (
+                LabSpec {
+                    backend: KeyBackend::Pkcs11(uri.clone()),
+                    ..LabSpec::default()
+                },
+                Keystore::default().with_pkcs11(Pkcs11Config::default()),
+                Some(uri),
+                Some(h.conf),
+            )
+        }
+    };
+    let mut lab = LabPki::build(&home, &keystore, &spec)?;
+    lab.create_root_sets()?;
+    lab.create_rogue_manufacturer(&keystore)?;
+
+    let in_dir = dir.join("in");
+    std::fs::create_dir_all(&in_dir)?;
+    let server = LeafSubject::Server(IN_FQDN.parse()?);
+    let (in_chain, in_key) = match &token {
+        None => {
+            let (c, k) = lab.issue_files(&keystore, names::INFRA_CA, server, &in_dir, "in")?;
+            (c, k.display().to_string())
+        }
+        Some(uri) => {
+            let (key, full) = m2mpki_hsm::pkcs11::generate(
+                &uri.for_object("in-tls"),
+                KeyType::P256,
+                keystore.pkcs11(),
+            )?;
+            let chain = lab.issue_for(&keystore, names::INFRA_CA, server, &key, None)?;
+            let path = in_dir.join("in.pem");
+            write_chain(&path, &chain)?;
+            (path, full.to_string())
+        }
+    };
+
+    let mut nodes = Vec::new();
+    let devices = dir.join("devices");
+    let enterprise = dir.join("nodes");
+    std::fs::create_dir_all(&devices)?;
+    std::fs::create_dir_all(&enterprise)?;
+    let hw = lab
+        .ca(names::MFR_CA)
+        .and_then(|c| c.hw_type.clone())
+        .context("manufacturer CA")?;
+    for id in ["SN-0001", "SN-0002", "SN-0003"] {
+        let (chain, key) = lab.issue_files(
+            &keystore,
+            names::MFR_CA,
+            LeafSubject::Device(id.parse()?),
+            &devices,
+            id,
+        )?;
+        nodes.push(LabNode {
+            name: id.into(),
+            chain,
+            key,
+            identity: format!("device:{hw}:{id}"),
+            trusted: true,
+        });
+    }
+    for id in ["pump-1", "pump-2"] {
+        let subject = LeafSubject::Node {
+            enterprise: ENTERPRISE.parse()?,
+            id: id.parse()?,
+        };
+        let (chain, key) = lab.issue_files(&keystore, names::ENT_CA, subject, &enterprise, id)?;
+        nodes.push(LabNode {
+            name: id.into(),
+            chain,
+            key,
+            identity: format!("node:{ENTERPRISE}:{id}"),
+            trusted: true,
+        });
+    }
+    let rogue_hw = lab
+        .ca(ROGUE_CA)
+        .and_then(|c| c.hw_type.clone())
+        .context("rogue CA")?;
+    let (chain, key) = lab.issue_files(
+        &keystore,
+        ROGUE_CA,
+        LeafSubject::Device("ROGUE-1".parse()?),
+        &devices,
+        "ROGUE-1",
+    )?;
+    nodes.push(LabNode {
+        name: "ROGUE-1".into(),
+        chain,
+        key,
+        identity: format!("device:{rogue_hw}:ROGUE-1"),
+        trusted: false,
+    });
+
+    let infra = lab.store.root_set(sets::INFRA)?.context("IN root set")?;
+    let profile_file = FieldNodeProfile::file_for(&infra, &IN_FQDN.parse()?, port)?;
+    let profile = dir.join("profile.toml");
+    std::fs::write(
+        &profile,
+        format!(
+            "# m2mpki lab bootstrap profile\n{}",
+            toml::to_string(&profile_file)?
+        ),
+    )?;
+    let serve_config = dir.join("serve.toml");
+    std::fs::write(
+        &serve_config,
+        server_config_toml(&format!("127.0.0.1:{port}"), &in_chain, &in_key, "allow"),
+    )?;
+    let cas = lab.cas.iter().map(|c| c.name.clone()).collect();
+    drop(lab);
+    Ok(LabLayout {
+        dir,
+        home,
+        in_chain,
+        in_key,
+        serve_config,
+        profile,
+        in_fqdn: IN_FQDN.into(),
+        port,
+        nodes,
+        softhsm_conf,
+        cas,
+    })
+}
+
+/// One step of the demo.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoStep {
+    /// What was tried.
+    pub step: String,
+    /// What should happen.
+    pub expected: String,
+    /// What happened.
+    pub outcome: String,
+    /// Whether it did what it should.
+    pub ok: bool,
+    /// Milliseconds taken.
+    pub millis: u128,
+}
+
+/// The demo's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoReport {
+    /// The lab.
+    pub lab: LabLayout,
+    /// Where the IN listened.
+    pub listen: String,
+    /// The steps.
+    pub steps: Vec<DemoStep>,
+    /// Whether every step did what it should.
+    pub ok: bool,
+}
+
+fn keystore_for(layout: &LabLayout) -> Keystore {
+    match layout.softhsm_conf {
+        Some(_) => Keystore::default().with_pkcs11(Pkcs11Config::default()),
+        None => Keystore::default(),
+    }
+}
+
+/// Runs the end-to-end demo on a lab made by [`init`]: starts the IN in this process on a free
+/// loopback port, enrols a manufacturer device (TLS 1.3) and an enterprise node (TLS 1.2), shows a
+/// device of an untrusted manufacturer refused, and checks that each credential the nodes
+/// received equals the IN's record.
+pub fn demo(layout: LabLayout) -> Result<DemoReport> {
+    let keystore = keystore_for(&layout);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut config = ServerConfig::load(&layout.serve_config)?;
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let home = Home::open(&layout.home)?;
+    let server = Arc::new(Server::new(config, &home, &keystore)?);
+    let listener = rt.block_on(server.bind())?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = {
+        let s = server.clone();
+        rt.spawn(async move {
+            s.run(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+        })
+    };
+    let profile = FieldNodeProfile::load(&layout.profile)?;
+    let mut steps = Vec::new();
+    let attempts = [
+        (
+            "SN-0001",
+            "manufacturer device over TLS 1.3",
+            TlsVersion::Tls13,
+        ),
+        ("pump-1", "enterprise node over TLS 1.2", TlsVersion::Tls12),
+        (
+            "ROGUE-1",
+            "device of an untrusted manufacturer",
+            TlsVersion::Tls13,
+        ),
+    ];
+    for (name, what, version) in attempts {
+        let node = layout
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .context("lab node missing")?;
+        let started = Instant::now();
+        let result = rt.block_on(client::enroll(Enrolment {
+            profile: profile.clone(),
+            chain: m2mpki_bootstrap::tls::load_chain(&node.chain)?,
+            key: keystore.open(&KeyRef::File(node.key.clone()))?,
+            connect: Some(addr.to_string()),
+            versions: vec![version],
+            timeout: Duration::from_secs(20),
+        }));
+        let millis = started.elapsed().as_millis();
+        let (ok, outcome, expected) = match (node.trusted, result) {
+            (true, Ok(got)) => {
+                let record = server.credentials().live(&node.identity)?;
+                let matches = match &record {
+                    Some(r) => {
+                        r.id == got.credential_id
+                            && server.credentials().unseal(server.store_key(), r)? == got.credential
+                    }
+                    None => false,
+                };
+                let outcome = if matches {
+                    format!(
+                        "credential {} ({}, set `{}`) equals the IN's record",
+                        got.credential_id, got.tls_version, got.admitted_by.set
+                    )
+                } else {
+                    "credential does NOT match the IN's record".into()
+                };
+                (
+                    matches && got.identity == node.identity,
+                    outcome,
+                    format!("{what}: {} gets a root credential", node.identity),
+                )
+            }
+            (true, Err(e)) => (
+                false,
+                format!("refused: {e}"),
+                format!("{what}: gets a root credential"),
+            ),
+            (false, Err(e)) => {
+                let none = server.credentials().live(&node.identity)?.is_none();
+                (
+                    none,
+                    format!("refused: {e}"),
+                    format!("{what}: refused, no credential"),
+                )
+            }
+            (false, Ok(_)) => (
+                false,
+                "was given a credential".into(),
+                format!("{what}: refused"),
+            ),
+        };
+        steps.push(DemoStep {
+            step: format!("enrol {name}"),
+            expected,
+            outcome,
+            ok,
+            millis,
+        });
+    }
+    let _ = stop.send(());
+    rt.block_on(running)??;
+    let ok = steps.iter().all(|s| s.ok);
+    Ok(DemoReport {
+        lab: layout,
+        listen: addr.to_string(),
+        steps,
+        ok,
+    })
+}
