@@ -181,10 +181,18 @@ async fn enroll_inner(e: Enrolment) -> Result<Enrolled> {
     // In TLS 1.3 the client's handshake ends before the IN has judged its certificate; a
     // refusal then arrives as an alert while the request is under way.
     let peer = format!("{fqdn} ({addr})");
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|err| http_error(&peer, &err))?;
+    let resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(err) => {
+            // The connection task may hold the real cause: the IN's alert.
+            if let Ok(Ok(Err(conn_err))) =
+                tokio::time::timeout(Duration::from_secs(2), driver).await
+            {
+                return Err(http_error(&peer, &conn_err));
+            }
+            return Err(http_error(&peer, &err));
+        }
+    };
     let status = resp.status();
     let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
         .collect()

@@ -111,6 +111,27 @@ impl RedbStore {
         Ok(())
     }
 
+    /// Benchmark support: records revocations of `ca` in bulk (100 000 per transaction),
+    /// without certificate records or audit entries, to build CRLs of a given size.
+    #[doc(hidden)]
+    pub fn bulk_insert_revoked(&self, ca: &str, entries: &[RevokedEntry]) -> Result<()> {
+        for chunk in entries.chunks(100_000) {
+            let tx = self.db.begin_write().map_err(db_err)?;
+            {
+                let mut t = tx.open_table(REVOKED).map_err(db_err)?;
+                for e in chunk {
+                    t.insert(
+                        format!("{ca}\x1f{}", e.serial).as_str(),
+                        to_json(e)?.as_slice(),
+                    )
+                    .map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)?;
+        }
+        Ok(())
+    }
+
     /// Test support: rewrites one audit entry's JSON in place, as an attacker with file
     /// access could. Used to prove that `audit verify` notices.
     #[doc(hidden)]

@@ -1,0 +1,1177 @@
+//! `m2mpki-bench`: issuance and bootstrap throughput against this machine's own ceilings and
+//! against OpenSSL and Python `cryptography`, all measured in the same run. Run it through
+//! `scripts/bench` (`--smoke` for the seconds-long CI size).
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark may abort loudly
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use m2mpki_bootstrap::client::{self, Enrolment};
+use m2mpki_bootstrap::config::{FieldNodeProfile, ServerConfig, TlsVersion};
+use m2mpki_bootstrap::server::Server;
+use m2mpki_ca::batch::{self, BatchInput, BatchOptions};
+use m2mpki_ca::profile::ProfileKind;
+use m2mpki_ca::revocation::{issue_crl, RevocationReason, RevokedEntry};
+use m2mpki_ca::validity::Validity;
+use m2mpki_ca::{Authority, LeafSubject, Serial, Store};
+use m2mpki_hsm::pkcs11::{Pkcs11Config, Pkcs11Key, Pkcs11Uri};
+use m2mpki_hsm::{KeyRef, KeyType, Keystore, Signer};
+use m2mpki_test_pki::softhsm::SoftHsm;
+use m2mpki_test_pki::{names, server_config_toml, sets, KeyBackend, LabPki, LabSpec, IN_FQDN};
+use serde::Serialize;
+
+#[derive(Clone, Copy)]
+struct Size {
+    smoke: bool,
+    runs: usize,
+    secs: f64,
+    csrs: usize,
+    peer_csrs: usize,
+    concurrency: &'static [usize],
+    idle_conns: usize,
+    revoked: &'static [usize],
+}
+
+const FULL: Size = Size {
+    smoke: false,
+    runs: 3,
+    secs: 2.0,
+    csrs: 20_000,
+    peer_csrs: 4_000,
+    concurrency: &[1, 16, 256],
+    idle_conns: 500,
+    revoked: &[100_000, 1_000_000],
+};
+
+const SMOKE: Size = Size {
+    smoke: true,
+    runs: 1,
+    secs: 0.2,
+    csrs: 300,
+    peer_csrs: 100,
+    concurrency: &[1, 8],
+    idle_conns: 20,
+    revoked: &[1_000, 10_000],
+};
+
+#[derive(Clone, Debug, Serialize)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stat(mut xs: Vec<f64>) -> Stat {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    Stat {
+        median: xs[xs.len() / 2],
+        min: xs[0],
+        max: xs[xs.len() - 1],
+    }
+}
+
+fn repeat(runs: usize, mut f: impl FnMut() -> Result<f64>) -> Result<Stat> {
+    let mut xs = Vec::new();
+    for _ in 0..runs {
+        xs.push(f()?);
+    }
+    Ok(stat(xs))
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Row {
+    section: String,
+    name: String,
+    unit: String,
+    value: Stat,
+    /// Against what, and the ratio (median / baseline median).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    met: Option<bool>,
+}
+
+struct Report {
+    rows: Vec<Row>,
+    notes: BTreeMap<String, String>,
+}
+
+impl Report {
+    fn add(&mut self, section: &str, name: &str, unit: &str, value: Stat) -> &mut Row {
+        eprintln!(
+            "  {section}: {name} = {:.1} {unit} (min {:.1}, max {:.1})",
+            value.median, value.min, value.max
+        );
+        self.rows.push(Row {
+            section: section.into(),
+            name: name.into(),
+            unit: unit.into(),
+            value,
+            baseline: None,
+            ratio: None,
+            target: None,
+            met: None,
+        });
+        self.rows.last_mut().unwrap()
+    }
+}
+
+impl Row {
+    /// Ratio against a baseline; `target` is the minimum ratio (or, when `at_most`, maximum).
+    fn against(&mut self, baseline: &str, base: f64, target: Option<(f64, bool)>) {
+        let r = self.value.median / base;
+        self.baseline = Some(baseline.into());
+        self.ratio = Some(r);
+        if let Some((t, at_most)) = target {
+            self.target = Some(format!("{} {t}", if at_most { "<=" } else { ">=" }));
+            self.met = Some(if at_most { r <= t } else { r >= t });
+        }
+    }
+
+    fn absolute(&mut self, target: &str, met: bool) {
+        self.target = Some(target.into());
+        self.met = Some(met);
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Runs `f` on `threads` threads until `secs` pass; returns operations per second.
+fn parallel_rate(threads: usize, secs: f64, f: impl Fn() + Sync) -> f64 {
+    let stop = AtomicBool::new(false);
+    let count = AtomicU64::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    f();
+                    n += 1;
+                }
+                count.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        stop.store(true, Ordering::Relaxed);
+    });
+    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn crypto_ceiling(size: Size, report: &mut Report) -> Result<f64> {
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::signature::{
+        EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1,
+        ECDSA_P256_SHA256_ASN1_SIGNING,
+    };
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+        .map_err(|_| anyhow::anyhow!("keygen"))?;
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref())
+        .map_err(|_| anyhow::anyhow!("key"))?;
+    let msg = [7u8; 300];
+    let sig = key.sign(&rng, &msg).map_err(|_| anyhow::anyhow!("sign"))?;
+    let public =
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref().to_vec());
+    let one = || {
+        let ok = public.verify(&msg, sig.as_ref()).is_ok();
+        let s = key.sign(&rng, &msg);
+        assert!(ok && s.is_ok());
+    };
+    let all = repeat(size.runs, || Ok(parallel_rate(cores(), size.secs, one)))?;
+    let single = repeat(size.runs, || Ok(parallel_rate(1, size.secs, one)))?;
+    report.add(
+        "1 crypto ceiling",
+        "aws-lc-rs P-256 verify+sign, 1 core",
+        "pairs/s",
+        single,
+    );
+    let m = all.median;
+    report.add(
+        "1 crypto ceiling",
+        &format!("aws-lc-rs P-256 verify+sign, {} cores", cores()),
+        "pairs/s",
+        all,
+    );
+    Ok(m)
+}
+
+fn token(hsm: &SoftHsm, label: &str, dir: &Path) -> Result<Pkcs11Uri> {
+    hsm.init_token(label, "bench-pin", "bench-so")?;
+    let pin = dir.join(format!("{label}.pin"));
+    std::fs::write(&pin, "bench-pin\n")?;
+    Ok(format!(
+        "pkcs11:token={label}?module-path={}&pin-source={}",
+        hsm.module.display(),
+        pin.display()
+    )
+    .parse()?)
+}
+
+fn hsm_raw(
+    size: Size,
+    report: &mut Report,
+    pool: &Pkcs11Uri,
+    one: &Pkcs11Uri,
+    cfg_pool: &Pkcs11Config,
+    cfg_one: &Pkcs11Config,
+) -> Result<(f64, f64)> {
+    let (kp, _) =
+        m2mpki_hsm::pkcs11::generate(&pool.for_object("raw-bench"), KeyType::P256, cfg_pool)?;
+    let (k1, _) =
+        m2mpki_hsm::pkcs11::generate(&one.for_object("raw-bench"), KeyType::P256, cfg_one)?;
+    let sign = |k: &Pkcs11Key| {
+        let r = k.raw_sign(b"tbs certificate bytes");
+        assert!(r.is_ok());
+    };
+    let pooled = repeat(size.runs, || {
+        Ok(parallel_rate(cores(), size.secs, || sign(&kp)))
+    })?;
+    let single = repeat(size.runs, || {
+        Ok(parallel_rate(cores(), size.secs, || sign(&k1)))
+    })?;
+    let (p, s) = (pooled.median, single.median);
+    report.add(
+        "1 crypto ceiling",
+        &format!(
+            "SoftHSM2 C_Sign P-256, {} threads, pool of {}",
+            cores(),
+            cfg_pool.sessions
+        ),
+        "sig/s",
+        pooled,
+    );
+    report.add(
+        "1 crypto ceiling",
+        &format!("SoftHSM2 C_Sign P-256, {} threads, 1 session", cores()),
+        "sig/s",
+        single,
+    );
+    Ok((p, s))
+}
+
+/// Writes `n` device CSRs (P-256, subject serialNumber = ID) to `dir`.
+fn make_csrs(dir: &Path, n: usize) -> Result<()> {
+    use rayon::prelude::*;
+    std::fs::create_dir_all(dir)?;
+    (0..n).into_par_iter().try_for_each(|i| -> Result<()> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("BENCH-{i:07}"));
+        p.distinguished_name.push(
+            rcgen::DnType::CustomDnType(vec![2, 5, 4, 5]),
+            rcgen::DnValue::PrintableString(format!("BENCH-{i:07}").try_into()?),
+        );
+        let csr = p.serialize_request(&key)?;
+        std::fs::write(dir.join(format!("BENCH-{i:07}.csr")), csr.pem()?)?;
+        Ok(())
+    })
+}
+
+fn batch_rate(
+    lab: &LabPki,
+    keystore: &Keystore,
+    csr_dir: &Path,
+    out: &Path,
+    n: usize,
+) -> Result<f64> {
+    let authority = Authority::load(&lab.home, &lab.store, keystore, names::MFR_CA)?;
+    let _ = std::fs::remove_dir_all(out);
+    let start = Instant::now();
+    let input = BatchInput::Csrs(batch::load_csr_dir(csr_dir)?);
+    let r = batch::run_batch(
+        &lab.store,
+        &authority,
+        input,
+        &BatchOptions {
+            profile: ProfileKind::Device,
+            enterprise: None,
+            key_type: KeyType::P256,
+            key_passphrase: None,
+            validity: None,
+            not_before: None,
+            out_dir: out.to_owned(),
+            reissue: true,
+            der: false,
+            chunk_size: 512,
+        },
+        &|_| {},
+    )?;
+    if r.issued != n {
+        bail!("batch issued {} of {n}", r.issued);
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn openssl_ca_rate(lab: &LabPki, csr_dir: &Path, work: &Path, n: usize) -> Result<f64> {
+    let _ = std::fs::remove_dir_all(work);
+    std::fs::create_dir_all(work.join("newcerts"))?;
+    std::fs::write(work.join("index.txt"), "")?;
+    std::fs::write(work.join("serial"), "1000\n")?;
+    let ca = lab.ca(names::MFR_CA).context("mfr-ca")?;
+    std::fs::write(
+        work.join("ca.pem"),
+        m2mpki_hsm::files::pem_encode("CERTIFICATE", &ca.cert_der),
+    )?;
+    let key = lab
+        .home
+        .root()
+        .join("keys")
+        .join(format!("{}.key.pem", names::MFR_CA));
+    std::fs::write(
+        work.join("ca.cnf"),
+        format!(
+            "[ca]\ndefault_ca=d\n[d]\ndir={w}\ndatabase=$dir/index.txt\nnew_certs_dir=$dir/newcerts\nserial=$dir/serial\ncertificate=$dir/ca.pem\nprivate_key={k}\ndefault_md=sha256\npolicy=p\nx509_extensions=e\ndefault_days=3650\nunique_subject=no\ncopy_extensions=none\n[p]\nserialNumber=supplied\ncommonName=optional\n[e]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+            w = work.display(),
+            k = key.display()
+        ),
+    )?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(csr_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files.truncate(n);
+    let start = Instant::now();
+    let out = Command::new("openssl")
+        .args(["ca", "-batch", "-notext", "-config"])
+        .arg(work.join("ca.cnf"))
+        .arg("-out")
+        .arg(work.join("all.pem"))
+        .arg("-infiles")
+        .args(&files)
+        .output()
+        .context("running openssl ca")?;
+    let secs = start.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "openssl ca failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(n as f64 / secs)
+}
+
+const PY_BENCH: &str = r#"
+import sys, os, time, datetime
+from cryptography import x509
+from cryptography.x509.oid import NameOID, ExtendedKeyUsageOID
+from cryptography.hazmat.primitives import hashes, serialization
+ca_cert = x509.load_der_x509_certificate(open(sys.argv[1], 'rb').read())
+ca_key = serialization.load_pem_private_key(open(sys.argv[2], 'rb').read(), password=None)
+files = sorted(os.listdir(sys.argv[3]))[: int(sys.argv[4])]
+datas = [open(os.path.join(sys.argv[3], f), 'rb').read() for f in files]
+start = time.perf_counter()
+aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+now = datetime.datetime.now(datetime.timezone.utc)
+for d in datas:
+    csr = x509.load_pem_x509_csr(d)
+    assert csr.is_signature_valid
+    sn = csr.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)[0].value
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example Manufacturer"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, sn),
+                         x509.NameAttribute(NameOID.SERIAL_NUMBER, sn)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
+            .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
+            .add_extension(aki, critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert.public_bytes(serialization.Encoding.DER)
+print(len(datas) / (time.perf_counter() - start))
+"#;
+
+fn python_rate(lab: &LabPki, python: &Path, csr_dir: &Path, work: &Path, n: usize) -> Result<f64> {
+    std::fs::create_dir_all(work)?;
+    let ca = lab.ca(names::MFR_CA).context("mfr-ca")?;
+    std::fs::write(work.join("ca.der"), &ca.cert_der)?;
+    std::fs::write(work.join("bench.py"), PY_BENCH)?;
+    let key = lab
+        .home
+        .root()
+        .join("keys")
+        .join(format!("{}.key.pem", names::MFR_CA));
+    let out = Command::new(python)
+        .arg(work.join("bench.py"))
+        .arg(work.join("ca.der"))
+        .arg(&key)
+        .arg(csr_dir)
+        .arg(n.to_string())
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !out.status.success() {
+        bail!(
+            "python cryptography bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+#[derive(Clone)]
+struct Fleet {
+    profile: FieldNodeProfile,
+    nodes: Vec<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        Arc<dyn Signer>,
+    )>,
+}
+
+struct LoadResult {
+    rate: f64,
+    p99_ms: f64,
+    failures: u64,
+}
+
+/// `concurrency` tasks loop until `secs` pass, each doing `op`; returns completions/s and p99.
+async fn load<F, Fut>(concurrency: usize, secs: f64, op: F) -> LoadResult
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..concurrency {
+        let op = op.clone();
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            let mut fails = 0u64;
+            let mut i = t;
+            while Instant::now() < deadline {
+                let s = Instant::now();
+                if op(i).await {
+                    lat.push(s.elapsed().as_secs_f64() * 1000.0);
+                } else {
+                    fails += 1;
+                }
+                i += concurrency;
+            }
+            (lat, fails)
+        });
+    }
+    let mut all = Vec::new();
+    let mut failures = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (l, f) = r.unwrap_or_default();
+        all.extend(l);
+        failures += f;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.total_cmp(b));
+    let p99 = if all.is_empty() {
+        f64::NAN
+    } else {
+        all[((all.len() as f64 * 0.99) as usize).min(all.len() - 1)]
+    };
+    LoadResult {
+        rate: all.len() as f64 / secs,
+        p99_ms: p99,
+        failures,
+    }
+}
+
+fn bare_server_config(
+    lab_home: &Path,
+    chain: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ServerConfig>> {
+    let home = m2mpki_ca::Home::open(lab_home)?;
+    let store = home.store()?;
+    let mut roots = rustls::RootCertStore::empty();
+    for set in [sets::DEVICE, sets::NODE] {
+        for a in store.root_set(set)?.context("set")?.anchors {
+            roots.add(rustls::pki_types::CertificateDer::from(a.der))?;
+        }
+    }
+    let provider = m2mpki_bootstrap::tls::provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()?;
+    let chain = m2mpki_bootstrap::tls::load_chain(chain)?;
+    let key = Keystore::default().open(&KeyRef::File(key.to_owned()))?;
+    let certified = Arc::new(rustls::sign::CertifiedKey::new(
+        chain,
+        Arc::new(m2mpki_hsm::tls::TlsKey::new(key)),
+    ));
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(m2mpki_bootstrap::tls::InCert {
+            fqdn: IN_FQDN.parse()?,
+            key: certified,
+        }));
+    cfg.require_ems = true;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(Arc::new(cfg))
+}
+
+async fn bare_server(
+    cfg: Arc<rustls::ServerConfig>,
+) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+fn client_config(
+    fleet: &Fleet,
+    i: usize,
+    version: TlsVersion,
+) -> Result<Arc<rustls::ClientConfig>> {
+    let provider = m2mpki_bootstrap::tls::provider();
+    let (chain, key) = &fleet.nodes[i % fleet.nodes.len()];
+    let certified = Arc::new(rustls::sign::CertifiedKey::new(
+        chain.clone(),
+        Arc::new(m2mpki_hsm::tls::TlsKey::new(key.clone())),
+    ));
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&m2mpki_bootstrap::tls::versions(&[version]))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(m2mpki_bootstrap::tls::InVerifier::new(
+            fleet.profile.roots.clone(),
+            fleet.profile.in_fqdn.clone(),
+            provider,
+        )))
+        .with_client_cert_resolver(Arc::new(m2mpki_bootstrap::tls::OneClientCert(certified)));
+    cfg.require_ems = true;
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+#[allow(clippy::too_many_lines)]
+fn bootstrap_bench(
+    size: Size,
+    report: &mut Report,
+    work: &Path,
+    m2mpki_bin: Option<&Path>,
+) -> Result<()> {
+    let dir = work.join("bootstrap");
+    let layout = m2mpki_test_pki::lab::init(&dir, m2mpki_test_pki::lab::LabHsm::None, 8443)?;
+    // Field nodes: 256 devices of their own (rotation on every enrolment, like a real fleet).
+    let keystore = Keystore::default();
+    let mut fleet_nodes = Vec::new();
+    {
+        // The lab's store is opened here and closed before the server opens it.
+        let home = m2mpki_ca::Home::open(&layout.home)?;
+        let lab = LabPki {
+            store: home.store()?,
+            home,
+            cas: vec![],
+        };
+        for i in 0..256 {
+            let key = m2mpki_hsm::SoftwareKey::generate(KeyType::P256)?;
+            let chain = issue_direct(&lab, &keystore, &key, &format!("FLEET-{i:04}"))?;
+            fleet_nodes.push((
+                chain
+                    .into_iter()
+                    .map(rustls::pki_types::CertificateDer::from)
+                    .collect(),
+                Arc::new(key) as Arc<dyn Signer>,
+            ));
+        }
+    }
+    let profile = FieldNodeProfile::load(&layout.profile)?;
+    let fleet = Fleet {
+        profile,
+        nodes: fleet_nodes,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut config = ServerConfig::load(&layout.serve_config)?;
+    config.listen = "127.0.0.1:0".parse()?;
+    config.limits.max_connections = 4096;
+    let home = m2mpki_ca::Home::open(&layout.home)?;
+    let server = Arc::new(Server::new(config, &home, &keystore)?);
+    let listener = rt.block_on(server.bind())?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let s2 = server.clone();
+    let running = rt.spawn(async move {
+        s2.run(listener, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let in_key = PathBuf::from(&layout.in_key);
+    let bare_cfg = bare_server_config(&layout.home, &layout.in_chain, &in_key)?;
+    let (bare_addr, bare_task) = rt.block_on(bare_server(bare_cfg))?;
+
+    for version in [TlsVersion::Tls13, TlsVersion::Tls12] {
+        let vname = if version == TlsVersion::Tls13 {
+            "TLS 1.3"
+        } else {
+            "TLS 1.2"
+        };
+        let configs: Arc<Vec<Arc<rustls::ClientConfig>>> = Arc::new(
+            (0..fleet.nodes.len())
+                .map(|i| client_config(&fleet, i, version))
+                .collect::<Result<_>>()?,
+        );
+        for &c in size.concurrency {
+            let mut bare_rates = Vec::new();
+            let mut ours_rates = Vec::new();
+            let mut bare_p99 = Vec::new();
+            let mut ours_p99 = Vec::new();
+            let mut failures = 0;
+            for _ in 0..size.runs {
+                let cfgs = configs.clone();
+                let bare = rt.block_on(load(c, size.secs, move |i| {
+                    let cfg = cfgs[i % cfgs.len()].clone();
+                    async move {
+                        let Ok(tcp) = tokio::net::TcpStream::connect(bare_addr).await else {
+                            return false;
+                        };
+                        let _ = tcp.set_nodelay(true);
+                        let name = rustls::pki_types::ServerName::try_from(IN_FQDN)
+                            .unwrap_or_else(|_| unreachable!());
+                        match tokio_rustls::TlsConnector::from(cfg)
+                            .connect(name, tcp)
+                            .await
+                        {
+                            Ok(mut tls) => {
+                                use tokio::io::AsyncReadExt;
+                                // Wait for the server's close: it has judged our certificate.
+                                let mut b = [0u8; 1];
+                                let _ = tls.read(&mut b).await;
+                                true
+                            }
+                            Err(_) => false,
+                        }
+                    }
+                }));
+                let f = fleet.clone();
+                let ours = rt.block_on(load(c, size.secs, move |i| {
+                    let (chain, key) = f.nodes[i % f.nodes.len()].clone();
+                    let profile = f.profile.clone();
+                    async move {
+                        client::enroll(Enrolment {
+                            profile,
+                            chain,
+                            key,
+                            connect: Some(addr.to_string()),
+                            versions: vec![version],
+                            timeout: Duration::from_secs(60),
+                        })
+                        .await
+                        .is_ok()
+                    }
+                }));
+                failures += ours.failures + bare.failures;
+                bare_rates.push(bare.rate);
+                ours_rates.push(ours.rate);
+                bare_p99.push(bare.p99_ms);
+                ours_p99.push(ours.p99_ms);
+            }
+            let b = stat(bare_rates);
+            let bm = b.median;
+            report.add(
+                "4 bootstrap",
+                &format!("bare rustls mutual-TLS handshakes, {vname}, {c} concurrent"),
+                "conn/s",
+                b,
+            );
+            report
+                .add(
+                    "4 bootstrap",
+                    &format!("enrolments (handshake + POST + stored), {vname}, {c} concurrent"),
+                    "enrol/s",
+                    stat(ours_rates),
+                )
+                .against("bare handshakes", bm, Some((0.80, false)));
+            let bp = stat(bare_p99).median;
+            let row = report.add(
+                "4 bootstrap",
+                &format!("enrolment p99 latency, {vname}, {c} concurrent"),
+                "ms",
+                stat(ours_p99),
+            );
+            if c == *size.concurrency.last().unwrap_or(&1) {
+                row.against("bare p99", bp, Some((1.5, true)));
+            } else {
+                row.against("bare p99", bp, None);
+            }
+            report
+                .add(
+                    "4 bootstrap",
+                    &format!("failed enrolments/handshakes, {vname}, {c} concurrent"),
+                    "count",
+                    stat(vec![failures as f64]),
+                )
+                .absolute("0", failures == 0);
+        }
+    }
+    let _ = stop.send(());
+    rt.block_on(running)??;
+    bare_task.abort();
+
+    // Memory per idle open connection: a separate `m2mpki bootstrap serve`, measured by RSS.
+    if let Some(bin) = m2mpki_bin {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let cfg_path = dir.join("idle.toml");
+        let text = server_config_toml(
+            &format!("127.0.0.1:{port}"),
+            &layout.in_chain,
+            &layout.in_key,
+            "allow",
+        )
+        .replace("idle_timeout = \"30s\"", "idle_timeout = \"120s\"");
+        std::fs::write(&cfg_path, text)?;
+        let mut child = Command::new(bin)
+            .arg("--home")
+            .arg(&layout.home)
+            .args(["bootstrap", "serve", "--config"])
+            .arg(&cfg_path)
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(500));
+        let cfg0 = client_config(&fleet, 0, TlsVersion::Tls13)?;
+        // Warm up: one full connection so lazily allocated state exists before measuring.
+        let held = rt.block_on(async {
+            let mut held = Vec::new();
+            let connect = |cfg: Arc<rustls::ClientConfig>| async move {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()?;
+                let name = rustls::pki_types::ServerName::try_from(IN_FQDN).ok()?;
+                tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await
+                    .ok()
+            };
+            for _ in 0..5 {
+                if let Some(c) = connect(cfg0.clone()).await {
+                    held.push(c);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            held
+        });
+        let before = rss_kib(child.id())?;
+        let n = size.idle_conns;
+        let more = rt.block_on(async {
+            let mut held = Vec::new();
+            for _ in 0..n {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+                let Ok(tcp) = tcp else { continue };
+                let name = rustls::pki_types::ServerName::try_from(IN_FQDN)
+                    .unwrap_or_else(|_| unreachable!());
+                if let Ok(c) = tokio_rustls::TlsConnector::from(cfg0.clone())
+                    .connect(name, tcp)
+                    .await
+                {
+                    held.push(c);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            held
+        });
+        let after = rss_kib(child.id())?;
+        let per = (after.saturating_sub(before)) as f64 / more.len().max(1) as f64;
+        report.notes.insert(
+            "idle connections held".into(),
+            format!("{} (+{} warm-up)", more.len(), held.len()),
+        );
+        report
+            .add(
+                "4 bootstrap",
+                "server memory per idle open connection (after handshake)",
+                "KiB",
+                stat(vec![per]),
+            )
+            .absolute("<= 64", per <= 64.0);
+        drop(more);
+        drop(held);
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
+    Ok(())
+}
+
+fn issue_direct(
+    lab: &LabPki,
+    keystore: &Keystore,
+    key: &dyn Signer,
+    id: &str,
+) -> Result<Vec<Vec<u8>>> {
+    let authority = Authority::load(&lab.home, &lab.store, keystore, names::MFR_CA)?;
+    let spki =
+        rcgen::SubjectPublicKeyInfo::from_der(&rcgen::PublicKeyData::subject_public_key_info(key))?;
+    let cert = m2mpki_ca::issue(
+        &lab.store,
+        &authority,
+        &m2mpki_ca::profile::LeafProfile::builtin(ProfileKind::Device),
+        m2mpki_ca::LeafRequest {
+            subject: LeafSubject::Device(id.parse()?),
+            public_key: spki,
+            validity: None,
+            not_before: None,
+        },
+        true,
+    )?;
+    let mut chain = vec![cert.der];
+    chain.extend(
+        authority
+            .chain_without_root()
+            .into_iter()
+            .map(<[u8]>::to_vec),
+    );
+    Ok(chain)
+}
+
+fn revocation_bench(size: Size, report: &mut Report, work: &Path) -> Result<()> {
+    for &n in size.revoked {
+        let home = work.join(format!("revoked-{n}"));
+        let lab = LabPki::build(&home, &Keystore::default(), &LabSpec::default())?;
+        let authority =
+            Authority::load(&lab.home, &lab.store, &Keystore::default(), names::MFR_CA)?;
+        let far = time::OffsetDateTime::now_utc().unix_timestamp() + 10 * 365 * 86400;
+        let entries: Vec<RevokedEntry> = (0..n as u64)
+            .map(|i| {
+                let mut b = [0u8; 16];
+                b[0] = 0x40;
+                b[8..].copy_from_slice(&i.to_be_bytes());
+                RevokedEntry {
+                    serial: Serial::from_bytes(&b),
+                    revoked_at: far - 5 * 365 * 86400,
+                    reason: RevocationReason::KeyCompromise,
+                    not_after: far,
+                }
+            })
+            .collect();
+        lab.store.bulk_insert_revoked(names::MFR_CA, &entries)?;
+        drop(entries);
+        // Revoking one more certificate: issue it, then time the revocation alone.
+        let mut revoke_ms = Vec::new();
+        for r in 0..size.runs.max(3) {
+            let key = m2mpki_hsm::SoftwareKey::generate(KeyType::P256)?;
+            let chain = issue_direct(&lab, &Keystore::default(), &key, &format!("REV-{r}"))?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&chain[0])?;
+            let serial = Serial::from_bytes(cert.raw_serial());
+            let start = Instant::now();
+            lab.store.revoke(
+                names::MFR_CA,
+                &serial,
+                RevocationReason::Superseded,
+                time::OffsetDateTime::now_utc().unix_timestamp(),
+            )?;
+            revoke_ms.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+        report.add(
+            "5 revocation",
+            &format!("revoke one certificate, CA with {n} revoked"),
+            "ms",
+            stat(revoke_ms),
+        );
+        let crl_runs = if n >= 1_000_000 { 2 } else { size.runs };
+        let mut entries_seen = 0;
+        let secs = repeat(crl_runs, || {
+            let start = Instant::now();
+            let crl = issue_crl(&lab.store, &authority, Validity::Days(7))?;
+            entries_seen = crl.entries;
+            Ok(start.elapsed().as_secs_f64())
+        })?;
+        let met = secs.median < 5.0;
+        report
+            .add(
+                "5 revocation",
+                &format!("CRL with {entries_seen} entries"),
+                "s",
+                secs,
+            )
+            .absolute("< 5 s (1M)", met || n < 1_000_000);
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let size = if args.iter().any(|a| a == "--smoke") {
+        SMOKE
+    } else {
+        FULL
+    };
+    let python = args
+        .iter()
+        .position(|a| a == "--python")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    let m2mpki_bin = args
+        .iter()
+        .position(|a| a == "--m2mpki")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    let out_json = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/bench/results.json"));
+    let work_dir = tempfile::Builder::new().prefix("m2mpki-bench-").tempdir()?;
+    let work = work_dir.path();
+    let mut report = Report {
+        rows: Vec::new(),
+        notes: BTreeMap::new(),
+    };
+    report.notes.insert(
+        "mode".into(),
+        if size.smoke {
+            "smoke".into()
+        } else {
+            "full".into()
+        },
+    );
+    report.notes.insert("cores".into(), cores().to_string());
+
+    // SoftHSM2 for this process (before any module is loaded).
+    let hsm = SoftHsm::create(&work.join("softhsm"))?;
+    hsm.use_in_this_process();
+    let pool_uri = token(&hsm, "bench-pool", work)?;
+    let one_uri = token(&hsm, "bench-one", work)?;
+    let cfg_pool = Pkcs11Config {
+        sessions: cores(),
+        ..Pkcs11Config::default()
+    };
+    let cfg_one = Pkcs11Config {
+        sessions: 1,
+        ..Pkcs11Config::default()
+    };
+
+    eprintln!("1. crypto ceiling");
+    let ceiling = crypto_ceiling(size, &mut report)?;
+    let (raw_pool, _raw_one) =
+        hsm_raw(size, &mut report, &pool_uri, &one_uri, &cfg_pool, &cfg_one)?;
+
+    eprintln!("2. batch issuance from {} CSRs", size.csrs);
+    let csr_dir = work.join("csrs");
+    make_csrs(&csr_dir, size.csrs)?;
+    let ks_sw = Keystore::default();
+    let sw_lab = LabPki::build(&work.join("sw-home"), &ks_sw, &LabSpec::default())?;
+    let sw = repeat(size.runs, || {
+        batch_rate(&sw_lab, &ks_sw, &csr_dir, &work.join("out-sw"), size.csrs)
+    })?;
+    let sw_median = sw.median;
+    report
+        .add(
+            "2 batch",
+            "issue batch --csr-dir, software CA key, durable",
+            "certs/s",
+            sw,
+        )
+        .against(
+            "verify+sign ceiling, all cores",
+            ceiling,
+            Some((0.50, false)),
+        );
+    let ks_pool = Keystore::default().with_pkcs11(cfg_pool.clone());
+    let pool_lab = LabPki::build(
+        &work.join("hsm-home"),
+        &ks_pool,
+        &LabSpec {
+            backend: KeyBackend::Pkcs11(pool_uri.clone()),
+            ..LabSpec::default()
+        },
+    )?;
+    let pooled = repeat(size.runs, || {
+        batch_rate(
+            &pool_lab,
+            &ks_pool,
+            &csr_dir,
+            &work.join("out-hsm"),
+            size.csrs,
+        )
+    })?;
+    let pooled_median = pooled.median;
+    report
+        .add(
+            "2 batch",
+            &format!(
+                "issue batch --csr-dir, SoftHSM2 CA key, pool of {}",
+                cfg_pool.sessions
+            ),
+            "certs/s",
+            pooled,
+        )
+        .against("raw parallel C_Sign", raw_pool, Some((0.50, false)));
+    let ks_one = Keystore::default().with_pkcs11(cfg_one.clone());
+    let one_lab = LabPki::build(
+        &work.join("hsm1-home"),
+        &ks_one,
+        &LabSpec {
+            backend: KeyBackend::Pkcs11(one_uri.clone()),
+            ..LabSpec::default()
+        },
+    )?;
+    let single = repeat(size.runs, || {
+        batch_rate(
+            &one_lab,
+            &ks_one,
+            &csr_dir,
+            &work.join("out-hsm1"),
+            size.csrs,
+        )
+    })?;
+    let single_median = single.median;
+    report.add(
+        "2 batch",
+        "issue batch --csr-dir, SoftHSM2 CA key, 1 session",
+        "certs/s",
+        single,
+    );
+    report
+        .add(
+            "2 batch",
+            "SoftHSM2 batch: pool vs 1 session",
+            "x",
+            stat(vec![pooled_median / single_median]),
+        )
+        .absolute(">= 1.6", pooled_median / single_median >= 1.6);
+
+    eprintln!("3. peers on the same CSRs");
+    let ossl = repeat(size.runs, || {
+        openssl_ca_rate(&sw_lab, &csr_dir, &work.join("openssl-ca"), size.peer_csrs)
+    })?;
+    let om = ossl.median;
+    report.add(
+        "3 peers",
+        &format!(
+            "openssl ca -batch -infiles ({} CSRs, one process)",
+            size.peer_csrs
+        ),
+        "certs/s",
+        ossl,
+    );
+    report
+        .add(
+            "3 peers",
+            "m2mpki batch vs openssl ca",
+            "x",
+            stat(vec![sw_median / om]),
+        )
+        .absolute(">= 15", sw_median / om >= 15.0);
+    match &python {
+        Some(py) => {
+            let p = repeat(size.runs, || {
+                python_rate(&sw_lab, py, &csr_dir, &work.join("python"), size.peer_csrs)
+            })?;
+            let pm = p.median;
+            report.add(
+                "3 peers",
+                &format!("Python cryptography in-process ({} CSRs)", size.peer_csrs),
+                "certs/s",
+                p,
+            );
+            report
+                .add(
+                    "3 peers",
+                    "m2mpki batch vs Python cryptography",
+                    "x",
+                    stat(vec![sw_median / pm]),
+                )
+                .absolute(">= 4", sw_median / pm >= 4.0);
+        }
+        None => {
+            report.notes.insert(
+                "python".into(),
+                "not measured: no --python with the cryptography package".into(),
+            );
+        }
+    }
+    drop(sw_lab);
+    drop(pool_lab);
+    drop(one_lab);
+
+    eprintln!("4. bootstrap");
+    bootstrap_bench(size, &mut report, work, m2mpki_bin.as_deref())?;
+
+    eprintln!("5. revocation scale");
+    revocation_bench(size, &mut report, work)?;
+
+    // The table.
+    println!(
+        "{:<16} {:<72} {:>12} {:>10} {:>10} {:<10} {:>8} {:<10} MET",
+        "SECTION", "MEASURE", "MEDIAN", "MIN", "MAX", "UNIT", "RATIO", "TARGET"
+    );
+    for r in &report.rows {
+        println!(
+            "{:<16} {:<72} {:>12.1} {:>10.1} {:>10.1} {:<10} {:>8} {:<10} {}",
+            r.section,
+            r.name,
+            r.value.median,
+            r.value.min,
+            r.value.max,
+            r.unit,
+            r.ratio.map_or("-".into(), |x| format!("{x:.2}")),
+            r.target.clone().unwrap_or_else(|| "-".into()),
+            match r.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "-",
+            }
+        );
+    }
+    for (k, v) in &report.notes {
+        println!("note: {k}: {v}");
+    }
+    if let Some(parent) = out_json.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(
+        &out_json,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "date": m2mpki_ca::validity::format_time(time::OffsetDateTime::now_utc()),
+            "notes": report.notes,
+            "rows": report.rows,
+        }))?,
+    )?;
+    eprintln!("wrote {}", out_json.display());
+    Ok(())
+}
