@@ -149,21 +149,17 @@ impl CredentialStore {
         Ok(CredentialStore { db, path })
     }
 
-    /// Creates a fresh root credential for `new`, sealed under `store_key`, and makes it the
-    /// identity's live credential in one transaction (the previous one is superseded). Two
-    /// racing bootstraps of one identity are serialised: exactly one ends live.
-    pub fn issue(
-        &self,
+    /// Makes a fresh root credential for `new`, sealed under `store_key`; nothing is stored yet.
+    pub fn prepare(
         store_key: &Secret32,
         new: NewCredential<'_>,
     ) -> Result<(CredentialRecord, Secret32)> {
         let credential = Secret32::random()?;
         let mut id = [0u8; 16];
         aws_lc_rs::rand::fill(&mut id).map_err(|_| Error::internal("random source failed"))?;
-        let identity = new.identity.to_string();
-        let mut record = CredentialRecord {
+        let record = CredentialRecord {
             id: hex::encode(id),
-            identity: identity.clone(),
+            identity: new.identity.to_string(),
             admitted_by: new.admitted_by.clone(),
             client_cert_sha256: new.client_cert_sha256.to_owned(),
             created: time::OffsetDateTime::now_utc().unix_timestamp(),
@@ -172,35 +168,57 @@ impl CredentialStore {
             sealed: hex::encode(protocol::wrap(store_key, &credential)?),
             supersedes: None,
         };
+        Ok((record, credential))
+    }
+
+    /// Stores prepared credentials in one durable transaction, in order: each becomes its
+    /// identity's live credential and supersedes the previous one (`supersedes` is filled in).
+    pub fn commit(&self, records: &mut [CredentialRecord]) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut creds = tx.open_table(CREDENTIALS).map_err(db_err)?;
             let mut live = tx.open_table(LIVE).map_err(db_err)?;
-            let old_id = live
-                .get(identity.as_str())
-                .map_err(db_err)?
-                .map(|v| v.value().to_owned());
-            if let Some(old_id) = old_id {
-                let old = creds
-                    .get(old_id.as_str())
+            for record in records.iter_mut() {
+                let old_id = live
+                    .get(record.identity.as_str())
                     .map_err(db_err)?
-                    .map(|v| parse::<CredentialRecord>(v.value()))
-                    .transpose()?;
-                if let Some(mut old) = old {
-                    old.status = CredentialStatus::Superseded;
-                    creds
-                        .insert(old_id.as_str(), json(&old)?.as_slice())
-                        .map_err(db_err)?;
+                    .map(|v| v.value().to_owned());
+                if let Some(old_id) = old_id {
+                    let old = creds
+                        .get(old_id.as_str())
+                        .map_err(db_err)?
+                        .map(|v| parse::<CredentialRecord>(v.value()))
+                        .transpose()?;
+                    if let Some(mut old) = old {
+                        old.status = CredentialStatus::Superseded;
+                        creds
+                            .insert(old_id.as_str(), json(&old)?.as_slice())
+                            .map_err(db_err)?;
+                    }
+                    record.supersedes = Some(old_id);
                 }
-                record.supersedes = Some(old_id);
+                creds
+                    .insert(record.id.as_str(), json(&*record)?.as_slice())
+                    .map_err(db_err)?;
+                live.insert(record.identity.as_str(), record.id.as_str())
+                    .map_err(db_err)?;
             }
-            creds
-                .insert(record.id.as_str(), json(&record)?.as_slice())
-                .map_err(db_err)?;
-            live.insert(identity.as_str(), record.id.as_str())
-                .map_err(db_err)?;
         }
-        tx.commit().map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Creates, seals and stores a fresh root credential for `new`, making it the identity's
+    /// live credential (the previous one is superseded). Two racing bootstraps of one identity
+    /// are serialised: exactly one ends live.
+    pub fn issue(
+        &self,
+        store_key: &Secret32,
+        new: NewCredential<'_>,
+    ) -> Result<(CredentialRecord, Secret32)> {
+        let (record, credential) = Self::prepare(store_key, new)?;
+        let mut records = [record];
+        self.commit(&mut records)?;
+        let [record] = records;
         Ok((record, credential))
     }
 
@@ -371,5 +389,68 @@ impl CredentialStore {
         Ok(self
             .effective_grants(&policy, identity)?
             .is_some_and(|g| g.iter().any(|r| r == resource)))
+    }
+}
+
+struct Job {
+    record: CredentialRecord,
+    reply: tokio::sync::oneshot::Sender<Result<CredentialRecord>>,
+}
+
+/// Group commit: one writer thread stores every credential that arrives while the previous
+/// transaction is being made durable in the next single transaction, so one fsync serves many
+/// concurrent bootstraps, and async callers never block a runtime thread on disk.
+#[derive(Clone)]
+pub struct GroupCommitter {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for GroupCommitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupCommitter")
+    }
+}
+
+/// Largest group stored in one transaction.
+const MAX_GROUP: usize = 1024;
+
+impl GroupCommitter {
+    /// Starts the writer thread; it ends when every handle is dropped.
+    pub fn start(store: std::sync::Arc<CredentialStore>) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("credential-writer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut jobs = vec![first];
+                    while jobs.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(j) => jobs.push(j),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut records: Vec<CredentialRecord> =
+                        jobs.iter().map(|j| j.record.clone()).collect();
+                    let result = store.commit(&mut records);
+                    for (job, record) in jobs.into_iter().zip(records) {
+                        let _ = job.reply.send(match &result {
+                            Ok(()) => Ok(record),
+                            Err(e) => Err(Error::Store(e.to_string())),
+                        });
+                    }
+                }
+            })
+            .map_err(|e| Error::internal(format!("starting the credential writer: {e}")))?;
+        Ok(GroupCommitter { jobs: tx })
+    }
+
+    /// Stores a prepared credential; resolves once it is durable.
+    pub async fn commit(&self, record: CredentialRecord) -> Result<CredentialRecord> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Job { record, reply })
+            .map_err(|_| Error::Store("the credential writer stopped".into()))?;
+        done.await
+            .map_err(|_| Error::Store("the credential writer stopped".into()))?
     }
 }

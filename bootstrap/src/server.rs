@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
-use crate::credstore::{load_or_create_store_key, CredentialStore, NewCredential};
+use crate::credstore::{load_or_create_store_key, CredentialStore, GroupCommitter, NewCredential};
 use crate::protocol::{
     self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, ErrorDetail, Secret32, PATH,
     VERSION, WRAP_ALGORITHM,
@@ -36,7 +36,8 @@ const TRUST_REFRESH: Duration = Duration::from_secs(5);
 struct Shared {
     config: ServerConfig,
     verifier: Arc<FieldNodeVerifier>,
-    creds: CredentialStore,
+    creds: Arc<CredentialStore>,
+    writer: GroupCommitter,
     store_key: Secret32,
 }
 
@@ -149,8 +150,9 @@ impl Server {
         tls_config.require_ems = true;
         tls_config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         tls_config.send_tls13_tickets = 0;
-        let creds = CredentialStore::open(home.root())?;
+        let creds = Arc::new(CredentialStore::open(home.root())?);
         creds.set_policy(&config.policy)?;
+        let writer = GroupCommitter::start(creds.clone())?;
         let key_path = config
             .store_key
             .clone()
@@ -161,6 +163,7 @@ impl Server {
                 config,
                 verifier,
                 creds,
+                writer,
                 store_key,
             }),
             tls: Arc::new(tls_config),
@@ -435,7 +438,7 @@ impl Session {
                 format!("this server speaks version {VERSION}"),
             );
         }
-        match self.bootstrap() {
+        match self.bootstrap().await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(peer = %self.peer, error = %e, "bootstrap failed");
@@ -448,7 +451,7 @@ impl Session {
         }
     }
 
-    fn bootstrap(&self) -> Result<Response<Full<Bytes>>> {
+    async fn bootstrap(&self) -> Result<Response<Full<Bytes>>> {
         let shared = &self.shared;
         let identity = self
             .verified
@@ -470,7 +473,7 @@ impl Session {
         let now = time::OffsetDateTime::now_utc();
         let now = now.replace_nanosecond(0).unwrap_or(now);
         let expires = shared.config.lifetime.not_after(now);
-        let (record, credential) = shared.creds.issue(
+        let (record, credential) = CredentialStore::prepare(
             &shared.store_key,
             NewCredential {
                 identity: &identity,
@@ -479,6 +482,7 @@ impl Session {
                 expires: expires.unix_timestamp(),
             },
         )?;
+        let record = shared.writer.commit(record).await?;
         let wrapped = protocol::wrap(&self.wrap_key, &credential)?;
         tracing::info!(%identity, set = %admitted_by.set, credential_id = %record.id, tls = %self.tls_version, peer = %self.peer, "issued a root credential");
         Ok(reply(

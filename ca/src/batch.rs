@@ -3,7 +3,8 @@
 //! Work goes in chunks. For each chunk the subjects that already hold a live certificate are
 //! skipped (their files are rewritten from the ledger if missing); the rest are signed on all
 //! cores, their key files written and synced, then the whole chunk is recorded in one durable
-//! transaction, and only then are the certificate files written. A process killed at any
+//! transaction, and only then are the certificate files written (not synced: a rerun rewrites
+//! any that a power cut lost, from the ledger). A process killed at any
 //! instant therefore leaves: no certificate file without its record, no serial reused, and a
 //! rerun that issues exactly what is missing.
 
@@ -272,129 +273,156 @@ pub fn run_batch(
         BatchInput::Csrs(c) => c.into_iter().map(|(id, csr)| (id, Some(csr))).collect(),
     };
 
-    for chunk in items.chunks(opts.chunk_size.max(1)) {
-        // 1. Skip subjects that are done; restore their files if missing.
-        let mut todo = Vec::with_capacity(chunk.len());
-        for (id, csr) in chunk {
-            let subj = subject(id)?;
-            let key = match &subj {
-                LeafSubject::Device(id) => crate::FieldNodeIdentity::Device {
-                    hw_type: authority.record.hw_type.clone().ok_or_else(|| {
-                        Error::Policy(format!(
-                            "CA `{}` has no hwType OID and cannot issue device certificates",
-                            authority.record.name
-                        ))
-                    })?,
-                    id: id.clone(),
-                }
-                .to_string(),
-                LeafSubject::Node { enterprise, id } => crate::FieldNodeIdentity::Node {
-                    enterprise: enterprise.clone(),
-                    id: id.clone(),
-                }
-                .to_string(),
-                LeafSubject::Server(f) => format!("server:{f}"),
-            };
-            let live = if opts.reissue {
-                None
-            } else {
-                store.live_cert(&authority.record.name, &key)?
-            };
-            match live {
-                Some(serial) => {
-                    report.already_issued += 1;
-                    let path = cert_path(id);
-                    if !path.exists() {
-                        let (_, der) = store.cert(&serial)?.ok_or_else(|| {
-                            Error::Store(format!("live certificate {serial} has no record"))
-                        })?;
-                        files::write_atomic(&path, &cert_bytes(&der), NO_SYNC)?;
-                        report.files_restored += 1;
-                    }
-                    if generate_keys && !key_path(id).exists() {
-                        report.missing_keys.push(id.to_string());
-                    }
-                }
-                None => todo.push((id, subj, csr)),
-            }
-        }
-
-        // 2. Sign on all cores.
-        let signed: Vec<(
-            NewCert,
-            Option<zeroize::Zeroizing<String>>,
-            &PreProvisionedId,
-        )> = todo
-            .into_par_iter()
-            .map(|(id, subj, csr)| {
-                let (public_key, key_pem) = match csr {
-                    Some(csr) => (csr.public_key.clone(), None),
-                    None => {
-                        let key = SoftwareKey::generate(opts.key_type)?;
-                        let spki =
-                            rcgen::SubjectPublicKeyInfo::from_der(&key.subject_public_key_info())
-                                .map_err(Error::internal)?;
-                        (spki, Some(key.to_pkcs8_pem(opts.key_passphrase.as_ref())?))
-                    }
-                };
-                let req = LeafRequest {
-                    subject: subj,
-                    public_key,
-                    validity: opts.validity,
-                    not_before: opts.not_before,
-                };
-                let cert = authority.sign(authority.approve(&profile, req)?)?;
-                Ok((cert, key_pem, id))
-            })
-            .collect::<Result<_>>()?;
+    // Signing (all cores) and recording + writing files (one thread) overlap: while chunk k is
+    // being made durable and written out, chunk k+1 is being signed.
+    type Signed<'a> = (
+        NewCert,
+        Option<zeroize::Zeroizing<String>>,
+        &'a PreProvisionedId,
+    );
+    let write_chunk = |signed: Vec<Signed<'_>>, total: usize| -> Result<(usize, usize)> {
         if signed.is_empty() {
-            progress(chunk.len() as u64);
-            continue;
+            progress(total as u64);
+            return Ok((0, 0));
         }
-
-        // 3. Keys first, durably: a recorded certificate must never lack its key.
+        // Keys first, durably: a recorded certificate must never lack its key.
         if generate_keys {
-            signed
-                .par_iter()
-                .try_for_each(|(_, key_pem, id)| match key_pem {
-                    Some(pem) => files::write_atomic(
+            for (_, key_pem, id) in &signed {
+                if let Some(pem) = key_pem {
+                    files::write_atomic(
                         &key_path(id),
                         pem.as_bytes(),
                         WriteOptions {
                             mode: Mode::Secret,
                             ..NO_SYNC
                         },
-                    )
-                    .map_err(Error::from),
-                    None => Ok(()),
-                })?;
+                    )?;
+                }
+            }
             out.sync()?;
         }
-
-        // 4. Record the chunk in one durable transaction.
+        // Record the chunk in one durable transaction.
         let certs: Vec<NewCert> = signed.iter().map(|(c, _, _)| c.clone()).collect();
         let outcomes = store.record_certs(&certs, opts.reissue)?;
-
-        // 5. Certificate files, only for what is recorded.
-        signed
-            .par_iter()
-            .zip(outcomes.par_iter())
-            .try_for_each(|((cert, _, id), outcome)| match outcome {
-                RecordOutcome::Recorded => {
-                    files::write_atomic(&cert_path(id), &cert_bytes(&cert.der), NO_SYNC)
-                        .map_err(Error::from)
-                }
-                // Another process issued this ID meanwhile: its key file is not ours to keep.
-                RecordOutcome::AlreadyLive(_) => Ok(()),
-            })?;
-        out.sync()?;
-        for outcome in &outcomes {
+        // Certificate files, only for what is recorded. No sync: the ledger is the truth, and
+        // a rerun rewrites any certificate file a power cut may have lost.
+        let (mut issued, mut already) = (0, 0);
+        for ((cert, _, id), outcome) in signed.iter().zip(&outcomes) {
             match outcome {
-                RecordOutcome::Recorded => report.issued += 1,
-                RecordOutcome::AlreadyLive(_) => report.already_issued += 1,
+                RecordOutcome::Recorded => {
+                    files::write_atomic(&cert_path(id), &cert_bytes(&cert.der), NO_SYNC)?;
+                    issued += 1;
+                }
+                // Another process issued this ID meanwhile.
+                RecordOutcome::AlreadyLive(_) => already += 1,
             }
         }
-        progress(chunk.len() as u64);
-    }
+        progress(total as u64);
+        Ok((issued, already))
+    };
+    let (issued, already) = std::thread::scope(|scope| -> Result<(usize, usize)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<Signed<'_>>, usize)>(1);
+        let writer = scope.spawn(move || -> Result<(usize, usize)> {
+            let (mut issued, mut already) = (0, 0);
+            for (signed, total) in rx {
+                let (i, a) = write_chunk(signed, total)?;
+                issued += i;
+                already += a;
+            }
+            Ok((issued, already))
+        });
+        let produced = (|| -> Result<()> {
+            for chunk in items.chunks(opts.chunk_size.max(1)) {
+                // 1. Skip subjects that are done; restore their files if missing.
+                let mut todo = Vec::with_capacity(chunk.len());
+                for (id, csr) in chunk {
+                    let subj = subject(id)?;
+                    let key = match &subj {
+                        LeafSubject::Device(id) => crate::FieldNodeIdentity::Device {
+                            hw_type: authority.record.hw_type.clone().ok_or_else(|| {
+                                Error::Policy(format!(
+                                "CA `{}` has no hwType OID and cannot issue device certificates",
+                                authority.record.name
+                            ))
+                            })?,
+                            id: id.clone(),
+                        }
+                        .to_string(),
+                        LeafSubject::Node { enterprise, id } => crate::FieldNodeIdentity::Node {
+                            enterprise: enterprise.clone(),
+                            id: id.clone(),
+                        }
+                        .to_string(),
+                        LeafSubject::Server(f) => format!("server:{f}"),
+                    };
+                    let live = if opts.reissue {
+                        None
+                    } else {
+                        store.live_cert(&authority.record.name, &key)?
+                    };
+                    match live {
+                        Some(serial) => {
+                            report.already_issued += 1;
+                            let path = cert_path(id);
+                            if !path.exists() {
+                                let (_, der) = store.cert(&serial)?.ok_or_else(|| {
+                                    Error::Store(format!("live certificate {serial} has no record"))
+                                })?;
+                                files::write_atomic(&path, &cert_bytes(&der), NO_SYNC)?;
+                                report.files_restored += 1;
+                            }
+                            if generate_keys && !key_path(id).exists() {
+                                report.missing_keys.push(id.to_string());
+                            }
+                        }
+                        None => todo.push((id, subj, csr)),
+                    }
+                }
+
+                // 2. Sign on all cores.
+                let signed: Vec<(
+                    NewCert,
+                    Option<zeroize::Zeroizing<String>>,
+                    &PreProvisionedId,
+                )> = todo
+                    .into_par_iter()
+                    .map(|(id, subj, csr)| {
+                        let (public_key, key_pem) = match csr {
+                            Some(csr) => (csr.public_key.clone(), None),
+                            None => {
+                                let key = SoftwareKey::generate(opts.key_type)?;
+                                let spki = rcgen::SubjectPublicKeyInfo::from_der(
+                                    &key.subject_public_key_info(),
+                                )
+                                .map_err(Error::internal)?;
+                                (spki, Some(key.to_pkcs8_pem(opts.key_passphrase.as_ref())?))
+                            }
+                        };
+                        let req = LeafRequest {
+                            subject: subj,
+                            public_key,
+                            validity: opts.validity,
+                            not_before: opts.not_before,
+                        };
+                        let cert = authority.sign(authority.approve(&profile, req)?)?;
+                        Ok((cert, key_pem, id))
+                    })
+                    .collect::<Result<_>>()?;
+                if tx.send((signed, chunk.len())).is_err() {
+                    // The writer failed; its error is reported below.
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(tx);
+        let written = writer
+            .join()
+            .map_err(|_| Error::internal("the batch writer thread panicked"))?;
+        produced?;
+        written
+    })?;
+    report.issued += issued;
+    report.already_issued += already;
     Ok(report)
 }

@@ -290,7 +290,11 @@ fn batch_rate(
     n: usize,
 ) -> Result<f64> {
     let authority = Authority::load(&lab.home, &lab.store, keystore, names::MFR_CA)?;
-    let _ = std::fs::remove_dir_all(out);
+    // A fresh folder per run (deleting the last one first would make ext4 scan for recently
+    // deleted inodes on every create, which measures the benchmark, not the batch).
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let out = out.join(RUN.fetch_add(1, Ordering::Relaxed).to_string());
+    let out = out.as_path();
     let start = Instant::now();
     let input = BatchInput::Csrs(batch::load_csr_dir(csr_dir)?);
     let r = batch::run_batch(
@@ -955,6 +959,13 @@ fn main() -> Result<()> {
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/bench/results.json"));
+    // `--only 2,4` runs some sections (for profiling); the default is all of them.
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_owned).collect());
+    let run = |n: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == n));
     let work_dir = tempfile::Builder::new().prefix("m2mpki-bench-").tempdir()?;
     let work = work_dir.path();
     let mut report = Report {
@@ -985,155 +996,160 @@ fn main() -> Result<()> {
         ..Pkcs11Config::default()
     };
 
-    eprintln!("1. crypto ceiling");
-    let ceiling = crypto_ceiling(size, &mut report)?;
-    let (raw_pool, _raw_one) =
-        hsm_raw(size, &mut report, &pool_uri, &one_uri, &cfg_pool, &cfg_one)?;
+    if run("1") || run("2") || run("3") {
+        eprintln!("1. crypto ceiling");
+        let ceiling = crypto_ceiling(size, &mut report)?;
+        let (raw_pool, _raw_one) =
+            hsm_raw(size, &mut report, &pool_uri, &one_uri, &cfg_pool, &cfg_one)?;
 
-    eprintln!("2. batch issuance from {} CSRs", size.csrs);
-    let csr_dir = work.join("csrs");
-    make_csrs(&csr_dir, size.csrs)?;
-    let ks_sw = Keystore::default();
-    let sw_lab = LabPki::build(&work.join("sw-home"), &ks_sw, &LabSpec::default())?;
-    let sw = repeat(size.runs, || {
-        batch_rate(&sw_lab, &ks_sw, &csr_dir, &work.join("out-sw"), size.csrs)
-    })?;
-    let sw_median = sw.median;
-    report
-        .add(
-            "2 batch",
-            "issue batch --csr-dir, software CA key, durable",
-            "certs/s",
-            sw,
-        )
-        .against(
-            "verify+sign ceiling, all cores",
-            ceiling,
-            Some((0.50, false)),
-        );
-    let ks_pool = Keystore::default().with_pkcs11(cfg_pool.clone());
-    let pool_lab = LabPki::build(
-        &work.join("hsm-home"),
-        &ks_pool,
-        &LabSpec {
-            backend: KeyBackend::Pkcs11(pool_uri.clone()),
-            ..LabSpec::default()
-        },
-    )?;
-    let pooled = repeat(size.runs, || {
-        batch_rate(
-            &pool_lab,
+        eprintln!("2. batch issuance from {} CSRs", size.csrs);
+        let csr_dir = work.join("csrs");
+        make_csrs(&csr_dir, size.csrs)?;
+        let ks_sw = Keystore::default();
+        let sw_lab = LabPki::build(&work.join("sw-home"), &ks_sw, &LabSpec::default())?;
+        let sw = repeat(size.runs, || {
+            batch_rate(&sw_lab, &ks_sw, &csr_dir, &work.join("out-sw"), size.csrs)
+        })?;
+        let sw_median = sw.median;
+        report
+            .add(
+                "2 batch",
+                "issue batch --csr-dir, software CA key, durable",
+                "certs/s",
+                sw,
+            )
+            .against(
+                "verify+sign ceiling, all cores",
+                ceiling,
+                Some((0.50, false)),
+            );
+        let ks_pool = Keystore::default().with_pkcs11(cfg_pool.clone());
+        let pool_lab = LabPki::build(
+            &work.join("hsm-home"),
             &ks_pool,
-            &csr_dir,
-            &work.join("out-hsm"),
-            size.csrs,
-        )
-    })?;
-    let pooled_median = pooled.median;
-    report
-        .add(
+            &LabSpec {
+                backend: KeyBackend::Pkcs11(pool_uri.clone()),
+                ..LabSpec::default()
+            },
+        )?;
+        let pooled = repeat(size.runs, || {
+            batch_rate(
+                &pool_lab,
+                &ks_pool,
+                &csr_dir,
+                &work.join("out-hsm"),
+                size.csrs,
+            )
+        })?;
+        let pooled_median = pooled.median;
+        report
+            .add(
+                "2 batch",
+                &format!(
+                    "issue batch --csr-dir, SoftHSM2 CA key, pool of {}",
+                    cfg_pool.sessions
+                ),
+                "certs/s",
+                pooled,
+            )
+            .against("raw parallel C_Sign", raw_pool, Some((0.50, false)));
+        let ks_one = Keystore::default().with_pkcs11(cfg_one.clone());
+        let one_lab = LabPki::build(
+            &work.join("hsm1-home"),
+            &ks_one,
+            &LabSpec {
+                backend: KeyBackend::Pkcs11(one_uri.clone()),
+                ..LabSpec::default()
+            },
+        )?;
+        let single = repeat(size.runs, || {
+            batch_rate(
+                &one_lab,
+                &ks_one,
+                &csr_dir,
+                &work.join("out-hsm1"),
+                size.csrs,
+            )
+        })?;
+        let single_median = single.median;
+        report.add(
             "2 batch",
+            "issue batch --csr-dir, SoftHSM2 CA key, 1 session",
+            "certs/s",
+            single,
+        );
+        report
+            .add(
+                "2 batch",
+                "SoftHSM2 batch: pool vs 1 session",
+                "x",
+                stat(vec![pooled_median / single_median]),
+            )
+            .absolute(">= 1.6", pooled_median / single_median >= 1.6);
+
+        eprintln!("3. peers on the same CSRs");
+        let ossl = repeat(size.runs, || {
+            openssl_ca_rate(&sw_lab, &csr_dir, &work.join("openssl-ca"), size.peer_csrs)
+        })?;
+        let om = ossl.median;
+        report.add(
+            "3 peers",
             &format!(
-                "issue batch --csr-dir, SoftHSM2 CA key, pool of {}",
-                cfg_pool.sessions
+                "openssl ca -batch -infiles ({} CSRs, one process)",
+                size.peer_csrs
             ),
             "certs/s",
-            pooled,
-        )
-        .against("raw parallel C_Sign", raw_pool, Some((0.50, false)));
-    let ks_one = Keystore::default().with_pkcs11(cfg_one.clone());
-    let one_lab = LabPki::build(
-        &work.join("hsm1-home"),
-        &ks_one,
-        &LabSpec {
-            backend: KeyBackend::Pkcs11(one_uri.clone()),
-            ..LabSpec::default()
-        },
-    )?;
-    let single = repeat(size.runs, || {
-        batch_rate(
-            &one_lab,
-            &ks_one,
-            &csr_dir,
-            &work.join("out-hsm1"),
-            size.csrs,
-        )
-    })?;
-    let single_median = single.median;
-    report.add(
-        "2 batch",
-        "issue batch --csr-dir, SoftHSM2 CA key, 1 session",
-        "certs/s",
-        single,
-    );
-    report
-        .add(
-            "2 batch",
-            "SoftHSM2 batch: pool vs 1 session",
-            "x",
-            stat(vec![pooled_median / single_median]),
-        )
-        .absolute(">= 1.6", pooled_median / single_median >= 1.6);
-
-    eprintln!("3. peers on the same CSRs");
-    let ossl = repeat(size.runs, || {
-        openssl_ca_rate(&sw_lab, &csr_dir, &work.join("openssl-ca"), size.peer_csrs)
-    })?;
-    let om = ossl.median;
-    report.add(
-        "3 peers",
-        &format!(
-            "openssl ca -batch -infiles ({} CSRs, one process)",
-            size.peer_csrs
-        ),
-        "certs/s",
-        ossl,
-    );
-    report
-        .add(
-            "3 peers",
-            "m2mpki batch vs openssl ca",
-            "x",
-            stat(vec![sw_median / om]),
-        )
-        .absolute(">= 15", sw_median / om >= 15.0);
-    match &python {
-        Some(py) => {
-            let p = repeat(size.runs, || {
-                python_rate(&sw_lab, py, &csr_dir, &work.join("python"), size.peer_csrs)
-            })?;
-            let pm = p.median;
-            report.add(
+            ossl,
+        );
+        report
+            .add(
                 "3 peers",
-                &format!("Python cryptography in-process ({} CSRs)", size.peer_csrs),
-                "certs/s",
-                p,
-            );
-            report
-                .add(
+                "m2mpki batch vs openssl ca",
+                "x",
+                stat(vec![sw_median / om]),
+            )
+            .absolute(">= 15", sw_median / om >= 15.0);
+        match &python {
+            Some(py) => {
+                let p = repeat(size.runs, || {
+                    python_rate(&sw_lab, py, &csr_dir, &work.join("python"), size.peer_csrs)
+                })?;
+                let pm = p.median;
+                report.add(
                     "3 peers",
-                    "m2mpki batch vs Python cryptography",
-                    "x",
-                    stat(vec![sw_median / pm]),
-                )
-                .absolute(">= 4", sw_median / pm >= 4.0);
+                    &format!("Python cryptography in-process ({} CSRs)", size.peer_csrs),
+                    "certs/s",
+                    p,
+                );
+                report
+                    .add(
+                        "3 peers",
+                        "m2mpki batch vs Python cryptography",
+                        "x",
+                        stat(vec![sw_median / pm]),
+                    )
+                    .absolute(">= 4", sw_median / pm >= 4.0);
+            }
+            None => {
+                report.notes.insert(
+                    "python".into(),
+                    "not measured: no --python with the cryptography package".into(),
+                );
+            }
         }
-        None => {
-            report.notes.insert(
-                "python".into(),
-                "not measured: no --python with the cryptography package".into(),
-            );
-        }
+        drop(sw_lab);
+        drop(pool_lab);
+        drop(one_lab);
     }
-    drop(sw_lab);
-    drop(pool_lab);
-    drop(one_lab);
 
-    eprintln!("4. bootstrap");
-    bootstrap_bench(size, &mut report, work, m2mpki_bin.as_deref())?;
-
-    eprintln!("5. revocation scale");
-    revocation_bench(size, &mut report, work)?;
+    if run("4") {
+        eprintln!("4. bootstrap");
+        bootstrap_bench(size, &mut report, work, m2mpki_bin.as_deref())?;
+    }
+    if run("5") {
+        eprintln!("5. revocation scale");
+        revocation_bench(size, &mut report, work)?;
+    }
 
     // The table.
     println!(
