@@ -136,24 +136,6 @@ pub struct CaInit {
     pub name_constraints: NameConstraints,
 }
 
-fn check_ca_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "CA name",
-            name,
-            "use 1 to 64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit",
-        ))
-    }
-}
-
 fn now() -> OffsetDateTime {
     // Whole seconds: certificates carry no fractions.
     let t = OffsetDateTime::now_utc();
@@ -205,7 +187,7 @@ pub fn init_ca(
     keystore: &Keystore,
     req: CaInit,
 ) -> Result<CaRecord> {
-    check_ca_name(&req.name)?;
+    crate::identity::check_object_name("CA name", &req.name)?;
     if store.ca(&req.name)?.is_some() {
         return Err(Error::CaExists(req.name));
     }

@@ -82,6 +82,27 @@ impl fmt::Display for PreProvisionedId {
     }
 }
 
+/// Checks the name of something the store keeps by name (a CA, a root set): 1 to 64
+/// characters from `A-Z a-z 0-9 . _ -`, starting with a letter or digit, so it is also a safe
+/// file name.
+pub fn check_object_name(what: &'static str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            what,
+            name,
+            "use 1 to 64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit",
+        ))
+    }
+}
+
 /// A DNS name in canonical (lowercase, no trailing dot) form: used for enterprise identities
 /// and Infrastructure Node FQDNs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

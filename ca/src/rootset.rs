@@ -112,21 +112,7 @@ pub struct RootSet {
 
 /// Checks a set name.
 pub fn check_set_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "root set name",
-            name,
-            "use 1 to 64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit",
-        ))
-    }
+    crate::identity::check_object_name("root set name", name)
 }
 
 fn key_type_name(cert: &X509Certificate<'_>) -> String {

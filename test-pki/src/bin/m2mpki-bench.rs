@@ -846,29 +846,13 @@ fn issue_direct(
     key: &dyn Signer,
     id: &str,
 ) -> Result<Vec<Vec<u8>>> {
-    let authority = Authority::load(&lab.home, &lab.store, keystore, names::MFR_CA)?;
-    let spki =
-        rcgen::SubjectPublicKeyInfo::from_der(&rcgen::PublicKeyData::subject_public_key_info(key))?;
-    let cert = m2mpki_ca::issue(
-        &lab.store,
-        &authority,
-        &m2mpki_ca::profile::LeafProfile::builtin(ProfileKind::Device),
-        m2mpki_ca::LeafRequest {
-            subject: LeafSubject::Device(id.parse()?),
-            public_key: spki,
-            validity: None,
-            not_before: None,
-        },
-        true,
-    )?;
-    let mut chain = vec![cert.der];
-    chain.extend(
-        authority
-            .chain_without_root()
-            .into_iter()
-            .map(<[u8]>::to_vec),
-    );
-    Ok(chain)
+    lab.issue_for(
+        keystore,
+        names::MFR_CA,
+        LeafSubject::Device(id.parse()?),
+        key,
+        None,
+    )
 }
 
 fn revocation_bench(size: Size, report: &mut Report, work: &Path) -> Result<()> {
