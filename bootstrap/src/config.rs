@@ -121,7 +121,7 @@ struct TrustFile {
 #[serde(deny_unknown_fields)]
 struct CredentialsFile {
     lifetime: Option<String>,
-    store_key: Option<PathBuf>,
+    store_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -176,8 +176,9 @@ pub struct ServerConfig {
     pub node_sets: Vec<String>,
     /// Lifetime of issued root credentials.
     pub lifetime: Validity,
-    /// The store key file (default: `<home>/keys/credential-store.key`).
-    pub store_key: Option<PathBuf>,
+    /// The store key: a key file (default: `<home>/keys/credential-store.key`, created when
+    /// missing) or a `pkcs11:` URI naming an AES-256 key on a token.
+    pub store_key: Option<String>,
     /// Authorization policy.
     pub policy: Policy,
     /// Parameters handed to every field node.
@@ -285,7 +286,13 @@ impl ServerConfig {
             device_sets: f.trust.device_sets,
             node_sets: f.trust.node_sets,
             lifetime,
-            store_key: f.credentials.store_key.map(|p| rel(base, p)),
+            store_key: f.credentials.store_key.map(|k| {
+                if k.starts_with("pkcs11:") {
+                    k
+                } else {
+                    rel(base, PathBuf::from(k)).display().to_string()
+                }
+            }),
             policy: f.policy,
             parameters,
             limits,

@@ -83,6 +83,48 @@ fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
     serde_json::from_slice(b).map_err(|e| Error::Store(format!("corrupt record: {e}")))
 }
 
+/// The key credentials are sealed under at the IN: a 0600 key file (AES-256 key wrap), or an
+/// AES-256 key on a PKCS#11 token (AES-256-GCM on the token). `Debug` shows no key.
+#[derive(Debug, Clone)]
+pub enum StoreKey {
+    /// A key file's key.
+    File(Secret32),
+    /// A key that stays on a token.
+    Token(std::sync::Arc<m2mpki_hsm::pkcs11::Pkcs11SecretKey>),
+}
+
+impl StoreKey {
+    /// Loads the key named by `spec`: a `pkcs11:` URI, else a file path (created when missing).
+    pub fn load(spec: &str, keystore: &m2mpki_hsm::Keystore) -> Result<Self> {
+        if spec.starts_with("pkcs11:") {
+            let uri: m2mpki_hsm::pkcs11::Pkcs11Uri = spec.parse()?;
+            Ok(StoreKey::Token(std::sync::Arc::new(
+                m2mpki_hsm::pkcs11::Pkcs11SecretKey::open(&uri, keystore.pkcs11())?,
+            )))
+        } else {
+            Ok(StoreKey::File(load_or_create_store_key(Path::new(spec))?))
+        }
+    }
+
+    fn seal(&self, credential: &Secret32) -> Result<Vec<u8>> {
+        match self {
+            StoreKey::File(k) => Ok(protocol::wrap(k, credential)?.to_vec()),
+            StoreKey::Token(k) => Ok(k.seal(credential.expose())?),
+        }
+    }
+
+    fn unseal(&self, blob: &[u8]) -> Result<Secret32> {
+        match self {
+            StoreKey::File(k) => protocol::unwrap(k, blob),
+            StoreKey::Token(k) => {
+                let plain = k.unseal(blob)?;
+                Secret32::from_slice(&plain)
+                    .ok_or_else(|| Error::Store("sealed credential of the wrong size".into()))
+            }
+        }
+    }
+}
+
 /// Loads the store key from `path`, creating it (32 random bytes, hex, mode 0600) when missing.
 pub fn load_or_create_store_key(path: &Path) -> Result<Secret32> {
     match std::fs::read_to_string(path) {
@@ -151,7 +193,7 @@ impl CredentialStore {
 
     /// Makes a fresh root credential for `new`, sealed under `store_key`; nothing is stored yet.
     pub fn prepare(
-        store_key: &Secret32,
+        store_key: &StoreKey,
         new: NewCredential<'_>,
     ) -> Result<(CredentialRecord, Secret32)> {
         let credential = Secret32::random()?;
@@ -165,7 +207,7 @@ impl CredentialStore {
             created: time::OffsetDateTime::now_utc().unix_timestamp(),
             expires: new.expires,
             status: CredentialStatus::Live,
-            sealed: hex::encode(protocol::wrap(store_key, &credential)?),
+            sealed: hex::encode(store_key.seal(&credential)?),
             supersedes: None,
         };
         Ok((record, credential))
@@ -212,7 +254,7 @@ impl CredentialStore {
     /// are serialised: exactly one ends live.
     pub fn issue(
         &self,
-        store_key: &Secret32,
+        store_key: &StoreKey,
         new: NewCredential<'_>,
     ) -> Result<(CredentialRecord, Secret32)> {
         let (record, credential) = Self::prepare(store_key, new)?;
@@ -268,10 +310,10 @@ impl CredentialStore {
     }
 
     /// Unseals a stored credential (for the IN's own use, and tests).
-    pub fn unseal(&self, store_key: &Secret32, record: &CredentialRecord) -> Result<Secret32> {
+    pub fn unseal(&self, store_key: &StoreKey, record: &CredentialRecord) -> Result<Secret32> {
         let blob = hex::decode(&record.sealed)
             .map_err(|_| Error::Store("corrupt sealed credential".into()))?;
-        protocol::unwrap(store_key, &blob).map_err(|_| {
+        store_key.unseal(&blob).map_err(|_| {
             Error::Store(format!(
                 "credential {} does not unseal with this store key",
                 record.id

@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
-use crate::credstore::{load_or_create_store_key, CredentialStore, GroupCommitter, NewCredential};
+use crate::credstore::{CredentialStore, GroupCommitter, NewCredential, StoreKey};
 use crate::protocol::{
     self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, ErrorDetail, Secret32, PATH,
     VERSION, WRAP_ALGORITHM,
@@ -38,7 +38,7 @@ struct Shared {
     verifier: Arc<FieldNodeVerifier>,
     creds: Arc<CredentialStore>,
     writer: GroupCommitter,
-    store_key: Secret32,
+    store_key: StoreKey,
 }
 
 /// A configured IN endpoint, ready to run.
@@ -153,11 +153,14 @@ impl Server {
         let creds = Arc::new(CredentialStore::open(home.root())?);
         creds.set_policy(&config.policy)?;
         let writer = GroupCommitter::start(creds.clone())?;
-        let key_path = config
-            .store_key
-            .clone()
-            .unwrap_or_else(|| home.root().join("keys").join("credential-store.key"));
-        let store_key = load_or_create_store_key(&key_path)?;
+        let spec = config.store_key.clone().unwrap_or_else(|| {
+            home.root()
+                .join("keys")
+                .join("credential-store.key")
+                .display()
+                .to_string()
+        });
+        let store_key = StoreKey::load(&spec, keystore)?;
         Ok(Server {
             shared: Arc::new(Shared {
                 config,
@@ -177,7 +180,7 @@ impl Server {
     }
 
     /// The store key.
-    pub fn store_key(&self) -> &Secret32 {
+    pub fn store_key(&self) -> &StoreKey {
         &self.shared.store_key
     }
 

@@ -125,6 +125,11 @@ pub enum HsmCommand {
         #[arg(long, value_enum, default_value_t = KeyTypeArg::P256)]
         key_type: KeyTypeArg,
     },
+    /// Generate an AES-256 key on a token (e.g. the IN's credential store key)
+    KeygenSecret {
+        /// pkcs11: URI naming the token and the new key's label (object=)
+        uri: String,
+    },
     /// List tokens and their key objects
     List {
         /// PKCS#11 module [default: --pkcs11-module / M2MPKI_PKCS11_MODULE]

@@ -671,6 +671,15 @@ fn hsm(keystore: &Keystore, json: bool, cmd: HsmCommand) -> Result<()> {
                 ))
             }
         }
+        HsmCommand::KeygenSecret { uri } => {
+            let uri: pkcs11::Pkcs11Uri = uri.parse()?;
+            let (_, full) = pkcs11::Pkcs11SecretKey::generate(&uri, keystore.pkcs11())?;
+            if json {
+                emit_json(&serde_json::json!({ "uri": full.to_string(), "key_type": "aes256" }))
+            } else {
+                emit(&format!("generated AES-256 key\n  uri  {full}"))
+            }
+        }
         HsmCommand::List { module, login } => {
             let module = module
                 .or_else(|| keystore.pkcs11().module.clone())

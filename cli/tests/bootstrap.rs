@@ -42,6 +42,8 @@ struct Fixture {
     keystore: Keystore,
     in_chain: PathBuf,
     in_key: String,
+    /// With a token: the credential store key on it.
+    store_key: Option<String>,
     nodes: std::collections::HashMap<&'static str, Node>,
 }
 
@@ -311,6 +313,15 @@ impl Fixture {
             identity: String::new(),
         };
         nodes.insert("server-as-client", in_as_client);
+        // With a token, the IN's credential store key lives there too.
+        let store_key = token.as_ref().map(|uri| {
+            let (_, full) = m2mpki_hsm::pkcs11::Pkcs11SecretKey::generate(
+                &uri.for_object("credential-store"),
+                keystore.pkcs11(),
+            )
+            .unwrap();
+            full.to_string()
+        });
         drop(lab);
         Fixture {
             dir,
@@ -318,6 +329,7 @@ impl Fixture {
             keystore,
             in_chain,
             in_key,
+            store_key,
             nodes,
         }
     }
@@ -333,7 +345,14 @@ impl Fixture {
     }
 
     fn config(&self, policy: &str, extra: &str) -> ServerConfig {
-        let text = server_config_toml("127.0.0.1:0", &self.in_chain, &self.in_key, policy) + extra;
+        let mut text =
+            server_config_toml("127.0.0.1:0", &self.in_chain, &self.in_key, policy) + extra;
+        if let Some(k) = &self.store_key {
+            text = text.replace(
+                "lifetime = \"365d\"",
+                &format!("lifetime = \"365d\"\nstore_key = \"{k}\""),
+            );
+        }
         let path = self.dir.path().join("serve.toml");
         std::fs::write(&path, text).unwrap();
         ServerConfig::load(&path).unwrap()
@@ -451,6 +470,20 @@ fn device_and_node_enrol_over_tls13_and_tls12(backend: Backend) {
         }
     }
     assert_eq!(run.server.credentials().count().unwrap(), 4);
+    let sealed_on_token = matches!(
+        run.server.store_key(),
+        m2mpki_bootstrap::credstore::StoreKey::Token(_)
+    );
+    assert_eq!(sealed_on_token, backend == Backend::SoftHsm);
+    // The record holds no plaintext credential.
+    let rec = run
+        .server
+        .credentials()
+        .live(&fx.nodes["d1"].identity)
+        .unwrap()
+        .unwrap();
+    let (_, secret) = run.stored(&fx.nodes["d1"].identity).unwrap();
+    assert!(!rec.sealed.contains(&hex::encode(secret.expose())));
     let adm = run
         .enroll(&profile, &fx.nodes["n1"], BOTH[0])
         .unwrap()

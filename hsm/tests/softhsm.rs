@@ -221,3 +221,28 @@ fn pins_never_show() {
     assert!(!r.to_string().contains("987654"));
     assert!(!format!("{r:?}").contains("987654"));
 }
+
+#[test]
+fn aes_store_keys_seal_on_the_token() {
+    use m2mpki_hsm::pkcs11::Pkcs11SecretKey;
+    let (uri, _d) = token("aes");
+    let (key, full) = Pkcs11SecretKey::generate(&uri.for_object("store"), &cfg()).unwrap();
+    let sealed = key.seal(b"0123456789abcdef0123456789abcdef").unwrap();
+    assert_eq!(sealed.len(), 12 + 32 + 16);
+    assert!(!sealed.windows(16).any(|w| w == b"0123456789abcdef"));
+    let again = Pkcs11SecretKey::open(&full, &cfg()).unwrap();
+    assert_eq!(
+        &again.unseal(&sealed).unwrap()[..],
+        b"0123456789abcdef0123456789abcdef"
+    );
+    let mut bad = sealed.clone();
+    bad[20] ^= 1;
+    assert!(again.unseal(&bad).is_err(), "an altered blob must not open");
+    assert!(matches!(
+        Pkcs11SecretKey::generate(&uri.for_object("store"), &cfg()),
+        Err(Error::ObjectExists { .. })
+    ));
+    let listing =
+        pkcs11::list_tokens(uri.module_path.as_ref().unwrap(), Some(&uri), &cfg()).unwrap();
+    assert!(listing.iter().any(|t| Some(&t.label) == uri.token.as_ref()));
+}

@@ -2,6 +2,7 @@
 
 mod admin;
 mod key;
+mod secret;
 mod token;
 mod uri;
 
@@ -12,6 +13,7 @@ use zeroize::Zeroizing;
 
 pub use admin::init_token;
 pub use key::{generate, list_tokens, KeyListing, Pkcs11Key, TokenListing};
+pub use secret::Pkcs11SecretKey;
 pub use token::{Token, MODULE_ENV, PIN_ENV};
 pub use uri::Pkcs11Uri;
 

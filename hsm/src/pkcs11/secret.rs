@@ -1,0 +1,159 @@
+//! AES-256 secret keys on a token, for sealing data at rest (the IN's credential store).
+
+use std::sync::Arc;
+
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType as CkKeyType, ObjectClass, ObjectHandle};
+use zeroize::Zeroizing;
+
+use super::token::{p11, Token};
+use super::{Pkcs11Config, Pkcs11Uri};
+use crate::{Error, Result};
+
+const IV_LEN: usize = 12;
+const TAG_BITS: u64 = 128;
+
+/// An AES-256 key that never leaves its token; seals with AES-256-GCM (random 96-bit IV).
+pub struct Pkcs11SecretKey {
+    token: Arc<Token>,
+    handle: ObjectHandle,
+    uri: Pkcs11Uri,
+}
+
+impl std::fmt::Debug for Pkcs11SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11SecretKey")
+            .field("uri", &self.uri)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pkcs11SecretKey {
+    /// Generates an AES-256 key on the token (CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, not
+    /// CKA_EXTRACTABLE, CKA_ENCRYPT/DECRYPT); refuses a label or id that exists.
+    pub fn generate(uri: &Pkcs11Uri, cfg: &Pkcs11Config) -> Result<(Self, Pkcs11Uri)> {
+        let label = uri.object.clone().ok_or_else(|| Error::BadPkcs11Uri {
+            uri: uri.to_string(),
+            reason: "give the new key a label with object=".into(),
+        })?;
+        let id = match &uri.id {
+            Some(id) => id.clone(),
+            None => {
+                let mut id = vec![0u8; 8];
+                aws_lc_rs::rand::fill(&mut id)
+                    .map_err(|_| Error::Crypto("random source failed".into()))?;
+                id
+            }
+        };
+        let token = Token::open(uri, cfg, true)?;
+        let full = Pkcs11Uri {
+            object: Some(label.clone()),
+            id: Some(id.clone()),
+            ..uri.without_pin_value()
+        };
+        token.with_session(|s| {
+            for t in [
+                vec![Attribute::Label(label.as_bytes().to_vec())],
+                vec![Attribute::Id(id.clone())],
+            ] {
+                if !s
+                    .find_objects(&t)
+                    .map_err(|e| p11(&token.label, "finding objects", e))?
+                    .is_empty()
+                {
+                    return Err(Error::ObjectExists {
+                        uri: full.to_string(),
+                        token: token.label.clone(),
+                    });
+                }
+            }
+            s.generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::Id(id.clone()),
+                ],
+            )
+            .map_err(|e| p11(&token.label, "generating an AES key", e))?;
+            Ok(())
+        })?;
+        Ok((Self::open(&full, cfg)?, full))
+    }
+
+    /// Opens the AES key the URI names.
+    pub fn open(uri: &Pkcs11Uri, cfg: &Pkcs11Config) -> Result<Self> {
+        let token = Token::open(uri, cfg, true)?;
+        let mut template = vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(CkKeyType::AES),
+        ];
+        if let Some(l) = &uri.object {
+            template.push(Attribute::Label(l.as_bytes().to_vec()));
+        }
+        if let Some(id) = &uri.id {
+            template.push(Attribute::Id(id.clone()));
+        }
+        let found = token.with_session(|s| {
+            s.find_objects(&template)
+                .map_err(|e| p11(&token.label, "finding objects", e))
+        })?;
+        let handle = match found.as_slice() {
+            [h] => *h,
+            [] => {
+                return Err(Error::KeyObjectNotFound {
+                    uri: uri.to_string(),
+                    token: token.label.clone(),
+                })
+            }
+            _ => {
+                return Err(Error::BadPkcs11Uri {
+                    uri: uri.to_string(),
+                    reason: "matches several AES keys: add id= or object=".into(),
+                })
+            }
+        };
+        Ok(Pkcs11SecretKey {
+            token,
+            handle,
+            uri: uri.without_pin_value(),
+        })
+    }
+
+    /// `IV || AES-256-GCM(plain) || tag`.
+    pub fn seal(&self, plain: &[u8]) -> Result<Vec<u8>> {
+        let mut iv = [0u8; IV_LEN];
+        aws_lc_rs::rand::fill(&mut iv).map_err(|_| Error::Crypto("random source failed".into()))?;
+        let mut iv_param = iv;
+        let params = GcmParams::new(&mut iv_param, &[], TAG_BITS.into())
+            .map_err(|e| Error::Crypto(e.to_string()))?;
+        let ct = self.token.with_session(|s| {
+            s.encrypt(&Mechanism::AesGcm(params), self.handle, plain)
+                .map_err(|e| p11(&self.token.label, "sealing", e))
+        })?;
+        Ok([&iv[..], &ct].concat())
+    }
+
+    /// Opens what [`seal`](Self::seal) made; fails on any alteration.
+    pub fn unseal(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        if blob.len() < IV_LEN + 16 {
+            return Err(Error::Crypto("sealed blob too short".into()));
+        }
+        let mut iv = [0u8; IV_LEN];
+        iv.copy_from_slice(&blob[..IV_LEN]);
+        let params = GcmParams::new(&mut iv, &[], TAG_BITS.into())
+            .map_err(|e| Error::Crypto(e.to_string()))?;
+        let plain = self.token.with_session(|s| {
+            s.decrypt(&Mechanism::AesGcm(params), self.handle, &blob[IV_LEN..])
+                .map_err(|e| p11(&self.token.label, "unsealing", e))
+        })?;
+        Ok(Zeroizing::new(plain))
+    }
+}
