@@ -288,6 +288,64 @@ impl Signer for Pkcs11Key {
     }
 }
 
+/// A new token object about to be made: its token (logged in), label, id (random when the URI
+/// has none) and full URI.
+pub(crate) struct NewObject {
+    pub(crate) token: Arc<Token>,
+    pub(crate) label: String,
+    pub(crate) id: Vec<u8>,
+    pub(crate) full: Pkcs11Uri,
+}
+
+impl NewObject {
+    pub(crate) fn prepare(uri: &Pkcs11Uri, cfg: &Pkcs11Config) -> Result<Self> {
+        let label = uri.object.clone().ok_or_else(|| Error::BadPkcs11Uri {
+            uri: uri.to_string(),
+            reason: "give the new key a label with object=".into(),
+        })?;
+        let id = match &uri.id {
+            Some(id) => id.clone(),
+            None => {
+                let mut id = vec![0u8; 8];
+                aws_lc_rs::rand::fill(&mut id)
+                    .map_err(|_| Error::Crypto("random source failed".into()))?;
+                id
+            }
+        };
+        let token = Token::open(uri, cfg, true)?;
+        let full = Pkcs11Uri {
+            object: Some(label.clone()),
+            id: Some(id.clone()),
+            ..uri.without_pin_value()
+        };
+        Ok(NewObject {
+            token,
+            label,
+            id,
+            full,
+        })
+    }
+
+    /// Refuses when any object on the token has this label or id.
+    pub(crate) fn refuse_existing(&self, s: &Session) -> Result<()> {
+        for t in [
+            vec![Attribute::Label(self.label.as_bytes().to_vec())],
+            vec![Attribute::Id(self.id.clone())],
+        ] {
+            let found = s
+                .find_objects(&t)
+                .map_err(|e| p11(&self.token.label, "finding objects", e))?;
+            if !found.is_empty() {
+                return Err(Error::ObjectExists {
+                    uri: self.full.to_string(),
+                    token: self.token.label.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Generates a key pair on the token: private key CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, not
 /// CKA_EXTRACTABLE, CKA_SIGN. Refuses when an object with that label or id exists. Returns the
 /// key and its full URI (with the id, chosen at random when the URI has none).
@@ -296,40 +354,10 @@ pub fn generate(
     key_type: KeyType,
     cfg: &Pkcs11Config,
 ) -> Result<(Pkcs11Key, Pkcs11Uri)> {
-    let label = uri.object.clone().ok_or_else(|| Error::BadPkcs11Uri {
-        uri: uri.to_string(),
-        reason: "give the new key a label with object=".into(),
-    })?;
-    let id = match &uri.id {
-        Some(id) => id.clone(),
-        None => {
-            let mut id = vec![0u8; 8];
-            aws_lc_rs::rand::fill(&mut id)
-                .map_err(|_| Error::Crypto("random source failed".into()))?;
-            id
-        }
-    };
-    let token = Token::open(uri, cfg, true)?;
-    let full = Pkcs11Uri {
-        object: Some(label.clone()),
-        id: Some(id.clone()),
-        ..uri.without_pin_value()
-    };
+    let new = NewObject::prepare(uri, cfg)?;
+    let (token, label, id, full) = (&new.token, &new.label, &new.id, &new.full);
     token.with_session(|s| {
-        for t in [
-            vec![Attribute::Label(label.as_bytes().to_vec())],
-            vec![Attribute::Id(id.clone())],
-        ] {
-            let found = s
-                .find_objects(&t)
-                .map_err(|e| p11(&token.label, "finding objects", e))?;
-            if !found.is_empty() {
-                return Err(Error::ObjectExists {
-                    uri: full.to_string(),
-                    token: token.label.clone(),
-                });
-            }
-        }
+        new.refuse_existing(s)?;
         let (mech, ck_type, params) = match key_type {
             KeyType::P256 => (Mechanism::EccKeyPairGen, CkKeyType::EC, P256_PARAMS),
             KeyType::P384 => (Mechanism::EccKeyPairGen, CkKeyType::EC, P384_PARAMS),
@@ -362,8 +390,8 @@ pub fn generate(
             .map_err(|e| p11(&token.label, "generating a key pair", e))?;
         Ok(())
     })?;
-    let key = Pkcs11Key::open(&full, cfg)?;
-    Ok((key, full))
+    let key = Pkcs11Key::open(full, cfg)?;
+    Ok((key, new.full))
 }
 
 /// A key object as `hsm list` shows it.

@@ -33,41 +33,10 @@ impl Pkcs11SecretKey {
     /// Generates an AES-256 key on the token (CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, not
     /// CKA_EXTRACTABLE, CKA_ENCRYPT/DECRYPT); refuses a label or id that exists.
     pub fn generate(uri: &Pkcs11Uri, cfg: &Pkcs11Config) -> Result<(Self, Pkcs11Uri)> {
-        let label = uri.object.clone().ok_or_else(|| Error::BadPkcs11Uri {
-            uri: uri.to_string(),
-            reason: "give the new key a label with object=".into(),
-        })?;
-        let id = match &uri.id {
-            Some(id) => id.clone(),
-            None => {
-                let mut id = vec![0u8; 8];
-                aws_lc_rs::rand::fill(&mut id)
-                    .map_err(|_| Error::Crypto("random source failed".into()))?;
-                id
-            }
-        };
-        let token = Token::open(uri, cfg, true)?;
-        let full = Pkcs11Uri {
-            object: Some(label.clone()),
-            id: Some(id.clone()),
-            ..uri.without_pin_value()
-        };
+        let new = super::key::NewObject::prepare(uri, cfg)?;
+        let (token, label, id) = (&new.token, &new.label, &new.id);
         token.with_session(|s| {
-            for t in [
-                vec![Attribute::Label(label.as_bytes().to_vec())],
-                vec![Attribute::Id(id.clone())],
-            ] {
-                if !s
-                    .find_objects(&t)
-                    .map_err(|e| p11(&token.label, "finding objects", e))?
-                    .is_empty()
-                {
-                    return Err(Error::ObjectExists {
-                        uri: full.to_string(),
-                        token: token.label.clone(),
-                    });
-                }
-            }
+            new.refuse_existing(s)?;
             s.generate_key(
                 &Mechanism::AesKeyGen,
                 &[
@@ -85,7 +54,7 @@ impl Pkcs11SecretKey {
             .map_err(|e| p11(&token.label, "generating an AES key", e))?;
             Ok(())
         })?;
-        Ok((Self::open(&full, cfg)?, full))
+        Ok((Self::open(&new.full, cfg)?, new.full))
     }
 
     /// Opens the AES key the URI names.
