@@ -208,6 +208,19 @@ fn clear_errors_for_bad_pin_token_module_and_key() {
     );
     let err = Pkcs11Key::open(&uri.for_object("rsa"), &cfg()).unwrap_err();
     assert!(matches!(err, Error::UnsupportedTokenKey { .. }), "{err}");
+    // Listing a token that holds a key we cannot use still works, and shows it for what it is.
+    let listing =
+        pkcs11::list_tokens(uri.module_path.as_ref().unwrap(), Some(&uri), &cfg()).unwrap();
+    let t = listing
+        .iter()
+        .find(|t| Some(&t.label) == uri.token.as_ref())
+        .unwrap();
+    let rsa = t
+        .keys
+        .iter()
+        .find(|k| k.label.as_deref() == Some("rsa") && k.class == "private")
+        .unwrap();
+    assert_eq!(rsa.key_type, "other");
 }
 
 #[test]

@@ -499,9 +499,15 @@ pub fn list_tokens(
                             AttributeType::NeverExtractable,
                         ]);
                     }
-                    let attrs = s
-                        .get_attributes(h, &types)
-                        .map_err(|e| p11(&label, "reading attributes", e))?;
+                    // A token may hold objects we do not understand (another key type, a
+                    // vendor attribute value): read what can be read, one by one if need be.
+                    let attrs = s.get_attributes(h, &types).unwrap_or_else(|_| {
+                        types
+                            .iter()
+                            .filter_map(|t| s.get_attributes(h, &[*t]).ok())
+                            .flatten()
+                            .collect()
+                    });
                     let mut k = KeyListing {
                         label: label_str(&attrs),
                         id: String::new(),
