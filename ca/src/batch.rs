@@ -7,16 +7,22 @@
 //! any that a power cut lost, from the ledger). A process killed at any
 //! instant therefore leaves: no certificate file without its record, no serial reused, and a
 //! rerun that issues exactly what is missing.
+//!
+//! Output is a file per certificate (`<ID>.pem` or `<ID>.der`), or with [`BatchOutput::Bundle`]
+//! one JSON Lines file per chunk (`bundle-<N>.jsonl`, see [`BundleLine`]) beside `chain.pem`.
+//! Creating a file costs the file system far more than signing a certificate costs the CPU
+//! (see docs/benchmarks.md), so lines that issue tens of thousands at a time want bundles.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use m2mpki_hsm::files::{self, Mode, Overwrite, WriteOptions};
 use m2mpki_hsm::{KeyType, Passphrase, SoftwareKey};
 use rayon::prelude::*;
 use rcgen::PublicKeyData;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::authority::{Authority, LeafRequest, LeafSubject};
@@ -24,7 +30,7 @@ use crate::identity::{DnsName, PreProvisionedId};
 use crate::input::VerifiedCsr;
 use crate::issue::chain_pem;
 use crate::profile::{LeafProfile, ProfileKind};
-use crate::store::{NewCert, RecordOutcome, Store};
+use crate::store::{CertRecord, NewCert, RecordOutcome, Store};
 use crate::validity::Validity;
 use crate::{Error, Result};
 
@@ -71,10 +77,44 @@ pub struct BatchOptions {
     pub out_dir: PathBuf,
     /// Issue a new certificate even when the ID has a live one.
     pub reissue: bool,
-    /// Write DER (`<ID>.der`) instead of PEM with chain (`<ID>.pem`).
-    pub der: bool,
+    /// How certificates are written.
+    pub output: BatchOutput,
     /// Subjects per durable transaction.
     pub chunk_size: usize,
+}
+
+/// How a batch writes what it issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutput {
+    /// `<ID>.pem`: the certificate and its chain (without the root), one file per certificate.
+    Pem,
+    /// `<ID>.der`: the certificate alone, one file per certificate.
+    Der,
+    /// `bundle-<N>.jsonl`, one per chunk, a [`BundleLine`] per certificate, and `chain.pem`
+    /// once. Generated keys go to `keys-<N>.jsonl` (0600, synced before the chunk is
+    /// recorded), a line `{"id": ID, "key": PKCS#8 PEM}` per key.
+    Bundle,
+}
+
+/// One certificate in a `bundle-<N>.jsonl` file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundleLine {
+    /// The pre-provisioned ID.
+    pub id: String,
+    /// The canonical identity (`device:<hwType>:<ID>` or `node:<enterprise>:<ID>`).
+    pub identity: String,
+    /// Certificate serial number (hex).
+    pub serial: String,
+    /// The certificate, PEM (leaf only; the chain is in `chain.pem`).
+    pub certificate: String,
+}
+
+/// One generated key in a `keys-<N>.jsonl` file: `{"id": ID, "key": PKCS#8 PEM}` (the PEM is
+/// encrypted when the batch was given a passphrase).
+#[derive(Serialize)]
+struct KeyLine<'a> {
+    id: String,
+    key: &'a str,
 }
 
 /// What a batch did.
@@ -215,6 +255,96 @@ impl OutDir {
     }
 }
 
+/// What the bundles already in an output folder hold.
+#[derive(Default)]
+struct Bundles {
+    /// IDs in `bundle-<N>.jsonl` files.
+    certs: HashSet<String>,
+    /// IDs in `keys-<N>.jsonl` files.
+    keys: HashSet<String>,
+    /// The next free bundle number.
+    next: u64,
+}
+
+impl Bundles {
+    /// Reads every bundle in `dir`. A line that is not a bundle entry is an error naming the
+    /// file and line: a damaged bundle is for a person to look at, not for a batch to overwrite.
+    fn scan(dir: &Path) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct IdOnly {
+            id: String,
+        }
+        let bad = |path: &Path, reason: String| Error::BadFile {
+            path: path.to_owned(),
+            reason,
+        };
+        let mut out = Bundles::default();
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let Some((kind, rest)) = name.split_once('-') else {
+                continue;
+            };
+            let Some(n) = rest
+                .strip_suffix(".jsonl")
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let ids = match kind {
+                "bundle" => &mut out.certs,
+                "keys" => &mut out.keys,
+                _ => continue,
+            };
+            out.next = out.next.max(n + 1);
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            for (i, line) in BufReader::new(file).lines().enumerate() {
+                let line = line.map_err(|e| bad(&path, format!("line {}: {e}", i + 1)))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let entry: IdOnly = serde_json::from_str(&line).map_err(|e| {
+                    bad(
+                        &path,
+                        format!("line {}: not a bundle entry ({})", i + 1, e.classify_name()),
+                    )
+                })?;
+                ids.insert(entry.id);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A short name for a serde_json error class, without echoing the input (a key file's line
+/// must not end up in an error message).
+trait ClassifyName {
+    fn classify_name(&self) -> &'static str;
+}
+
+impl ClassifyName for serde_json::Error {
+    fn classify_name(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Io => "read error",
+            serde_json::error::Category::Syntax => "invalid JSON",
+            serde_json::error::Category::Data => "missing or mistyped `id`",
+            serde_json::error::Category::Eof => "truncated JSON",
+        }
+    }
+}
+
+/// JSON Lines: one serialized value per line.
+fn jsonl<T: Serialize>(items: impl IntoIterator<Item = T>) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for item in items {
+        serde_json::to_writer(&mut out, &item).map_err(Error::internal)?;
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
 const NO_SYNC: WriteOptions = WriteOptions {
     mode: Mode::Public,
     overwrite: Overwrite::Replace,
@@ -253,19 +383,58 @@ pub fn run_batch(
             )),
         }
     };
+    let bundled = opts.output == BatchOutput::Bundle;
     let cert_path = |id: &PreProvisionedId| {
-        out.path
-            .join(format!("{id}.{}", if opts.der { "der" } else { "pem" }))
+        out.path.join(format!(
+            "{id}.{}",
+            if opts.output == BatchOutput::Der {
+                "der"
+            } else {
+                "pem"
+            }
+        ))
     };
     let key_path = |id: &PreProvisionedId| out.path.join(format!("{id}.key.pem"));
     let cert_bytes = |der: &[u8]| -> Vec<u8> {
-        if opts.der {
+        if opts.output == BatchOutput::Der {
             der.to_vec()
         } else {
             chain_pem(der, &chain).into_bytes()
         }
     };
+    let bundle_line = |id: &PreProvisionedId, record: &CertRecord, der: &[u8]| BundleLine {
+        id: id.to_string(),
+        identity: record.subject_key.clone(),
+        serial: record.serial.to_string(),
+        certificate: files::pem_encode("CERTIFICATE", der),
+    };
     let generate_keys = matches!(input, BatchInput::Ids(_));
+    let existing = if bundled {
+        let chain_text: String = chain
+            .iter()
+            .map(|der| files::pem_encode("CERTIFICATE", der))
+            .collect();
+        files::write_atomic(&out.path.join("chain.pem"), chain_text.as_bytes(), NO_SYNC)?;
+        Bundles::scan(&out.path)?
+    } else {
+        Bundles::default()
+    };
+    let next_bundle = std::sync::atomic::AtomicU64::new(existing.next);
+    // Writes one bundle (and returns its number); `sync` for key bundles.
+    let write_bundle = |kind: &str, body: &[u8], mode: Mode| -> Result<()> {
+        let n = next_bundle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = out.path.join(format!("{kind}-{n:06}.jsonl"));
+        files::write_atomic(
+            &path,
+            body,
+            WriteOptions {
+                mode,
+                overwrite: Overwrite::Refuse,
+                sync: mode == Mode::Secret,
+            },
+        )?;
+        Ok(())
+    };
 
     // One list of (ID, optional CSR) so both inputs share the loop below.
     let items: Vec<(PreProvisionedId, Option<VerifiedCsr>)> = match input {
@@ -280,13 +449,30 @@ pub fn run_batch(
         Option<zeroize::Zeroizing<String>>,
         &'a PreProvisionedId,
     );
-    let write_chunk = |signed: Vec<Signed<'_>>, total: usize| -> Result<(usize, usize)> {
-        if signed.is_empty() {
+    let write_chunk = |signed: Vec<Signed<'_>>,
+                       restored: Vec<BundleLine>,
+                       total: usize|
+     -> Result<(usize, usize)> {
+        if signed.is_empty() && restored.is_empty() {
             progress(total as u64);
             return Ok((0, 0));
         }
         // Keys first, durably: a recorded certificate must never lack its key.
-        if generate_keys {
+        if generate_keys && bundled {
+            let keys: Vec<KeyLine> = signed
+                .iter()
+                .filter_map(|(_, key_pem, id)| {
+                    key_pem.as_ref().map(|k| KeyLine {
+                        id: id.to_string(),
+                        key: k.as_str(),
+                    })
+                })
+                .collect();
+            if !keys.is_empty() {
+                let body = zeroize::Zeroizing::new(jsonl(&keys)?);
+                write_bundle("keys", &body, Mode::Secret)?;
+            }
+        } else if generate_keys {
             for (_, key_pem, id) in &signed {
                 if let Some(pem) = key_pem {
                     files::write_atomic(
@@ -307,8 +493,13 @@ pub fn run_batch(
         // Certificate files, only for what is recorded. No sync: the ledger is the truth, and
         // a rerun rewrites any certificate file a power cut may have lost.
         let (mut issued, mut already) = (0, 0);
+        let mut lines = restored;
         for ((cert, _, id), outcome) in signed.iter().zip(&outcomes) {
             match outcome {
+                RecordOutcome::Recorded if bundled => {
+                    lines.push(bundle_line(id, &cert.record, &cert.der));
+                    issued += 1;
+                }
                 RecordOutcome::Recorded => {
                     files::write_atomic(&cert_path(id), &cert_bytes(&cert.der), NO_SYNC)?;
                     issued += 1;
@@ -317,15 +508,19 @@ pub fn run_batch(
                 RecordOutcome::AlreadyLive(_) => already += 1,
             }
         }
+        if !lines.is_empty() {
+            write_bundle("bundle", &jsonl(&lines)?, Mode::Public)?;
+        }
         progress(total as u64);
         Ok((issued, already))
     };
     let (issued, already) = std::thread::scope(|scope| -> Result<(usize, usize)> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<Signed<'_>>, usize)>(1);
+        let (tx, rx) =
+            std::sync::mpsc::sync_channel::<(Vec<Signed<'_>>, Vec<BundleLine>, usize)>(1);
         let writer = scope.spawn(move || -> Result<(usize, usize)> {
             let (mut issued, mut already) = (0, 0);
-            for (signed, total) in rx {
-                let (i, a) = write_chunk(signed, total)?;
+            for (signed, restored, total) in rx {
+                let (i, a) = write_chunk(signed, restored, total)?;
                 issued += i;
                 already += a;
             }
@@ -335,6 +530,7 @@ pub fn run_batch(
             for chunk in items.chunks(opts.chunk_size.max(1)) {
                 // 1. Skip subjects that are done; restore their files if missing.
                 let mut todo = Vec::with_capacity(chunk.len());
+                let mut restored = Vec::new();
                 for (id, csr) in chunk {
                     let subj = subject(id)?;
                     let key = match &subj {
@@ -363,16 +559,33 @@ pub fn run_batch(
                     match live {
                         Some(serial) => {
                             report.already_issued += 1;
-                            let path = cert_path(id);
-                            if !path.exists() {
-                                let (_, der) = store.cert(&serial)?.ok_or_else(|| {
+                            let recorded = || {
+                                store.cert(&serial)?.ok_or_else(|| {
                                     Error::Store(format!("live certificate {serial} has no record"))
-                                })?;
-                                files::write_atomic(&path, &cert_bytes(&der), NO_SYNC)?;
-                                report.files_restored += 1;
+                                })
+                            };
+                            let id_text = id.to_string();
+                            if bundled {
+                                if !existing.certs.contains(&id_text) {
+                                    let (record, der) = recorded()?;
+                                    restored.push(bundle_line(id, &record, &der));
+                                    report.files_restored += 1;
+                                }
+                            } else {
+                                let path = cert_path(id);
+                                if !path.exists() {
+                                    let (_, der) = recorded()?;
+                                    files::write_atomic(&path, &cert_bytes(&der), NO_SYNC)?;
+                                    report.files_restored += 1;
+                                }
                             }
-                            if generate_keys && !key_path(id).exists() {
-                                report.missing_keys.push(id.to_string());
+                            let has_key = if bundled {
+                                existing.keys.contains(&id_text)
+                            } else {
+                                key_path(id).exists()
+                            };
+                            if generate_keys && !has_key {
+                                report.missing_keys.push(id_text);
                             }
                         }
                         None => todo.push((id, subj, csr)),
@@ -408,7 +621,7 @@ pub fn run_batch(
                         Ok((cert, key_pem, id))
                     })
                     .collect::<Result<_>>()?;
-                if tx.send((signed, chunk.len())).is_err() {
+                if tx.send((signed, restored, chunk.len())).is_err() {
                     // The writer failed; its error is reported below.
                     break;
                 }

@@ -462,7 +462,13 @@ fn issue_batch(ctx: &Ctx, a: BatchArgs) -> Result<()> {
         not_before: opt_time("--not-before", a.not_before.as_deref())?,
         out_dir: a.out_dir.clone(),
         reissue: a.reissue,
-        der: a.der,
+        output: if a.bundle {
+            batch::BatchOutput::Bundle
+        } else if a.der {
+            batch::BatchOutput::Der
+        } else {
+            batch::BatchOutput::Pem
+        },
         chunk_size: a.chunk,
     };
     let store = ctx.store()?;
