@@ -455,6 +455,22 @@ struct LoadResult {
     rate: f64,
     p99_ms: f64,
     failures: u64,
+    /// CPU time of this whole process (clients and servers) per completed operation, µs.
+    cpu_us: f64,
+}
+
+/// CPU time (user + system) this process has used so far, in seconds.
+fn process_cpu_secs() -> f64 {
+    // /proc/self/stat fields 14 and 15 (utime, stime) in clock ticks; the command name (field 2)
+    // may hold spaces, so count from after its closing parenthesis.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0);
+    ticks / 100.0
 }
 
 /// `concurrency` tasks loop until `secs` pass, each doing `op`; returns completions/s and p99.
@@ -464,6 +480,7 @@ where
     Fut: std::future::Future<Output = bool> + Send,
 {
     let op = Arc::new(op);
+    let cpu_start = process_cpu_secs();
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -503,6 +520,7 @@ where
         rate: all.len() as f64 / secs,
         p99_ms: p99,
         failures,
+        cpu_us: (process_cpu_secs() - cpu_start) * 1e6 / all.len().max(1) as f64,
     }
 }
 
@@ -674,6 +692,8 @@ fn bootstrap_bench(
             let mut ours_rates = Vec::new();
             let mut bare_p99 = Vec::new();
             let mut ours_p99 = Vec::new();
+            let mut bare_cpu = Vec::new();
+            let mut ours_cpu = Vec::new();
             let mut failures = 0;
             for _ in 0..size.runs {
                 let cfgs = configs.clone();
@@ -723,6 +743,8 @@ fn bootstrap_bench(
                 ours_rates.push(ours.rate);
                 bare_p99.push(bare.p99_ms);
                 ours_p99.push(ours.p99_ms);
+                bare_cpu.push(bare.cpu_us);
+                ours_cpu.push(ours.cpu_us);
             }
             let b = stat(bare_rates);
             let bm = b.median;
@@ -740,6 +762,22 @@ fn bootstrap_bench(
                     stat(ours_rates),
                 )
                 .against("bare handshakes", bm, Some((0.80, false)));
+            let bc = stat(bare_cpu);
+            let bcm = bc.median;
+            report.add(
+                "4 bootstrap",
+                &format!("CPU per bare handshake (client + server), {vname}, {c} concurrent"),
+                "us",
+                bc,
+            );
+            report
+                .add(
+                    "4 bootstrap",
+                    &format!("CPU per enrolment (client + server), {vname}, {c} concurrent"),
+                    "us",
+                    stat(ours_cpu),
+                )
+                .against("bare handshake CPU", bcm, None);
             let bp = stat(bare_p99).median;
             let row = report.add(
                 "4 bootstrap",
