@@ -109,11 +109,15 @@ pub struct BundleLine {
     pub certificate: String,
 }
 
-/// One generated key in a `keys-<N>.jsonl` file: `{"id": ID, "key": PKCS#8 PEM}` (the PEM is
-/// encrypted when the batch was given a passphrase).
+/// One generated key in a `keys-<N>.jsonl` file: `{"id": ID, "serial": hex, "key": PKCS#8
+/// PEM}` (the PEM is encrypted when the batch was given a passphrase). `serial` names the
+/// certificate the key was made for: keys are synced before their chunk is recorded, so a run
+/// killed in between leaves key lines whose serial is in no bundle (and no ledger); the rerun
+/// makes new keys for those IDs, and the pair to use is the one whose serials match.
 #[derive(Serialize)]
 struct KeyLine<'a> {
     id: String,
+    serial: String,
     key: &'a str,
 }
 
@@ -260,8 +264,8 @@ impl OutDir {
 struct Bundles {
     /// IDs in `bundle-<N>.jsonl` files.
     certs: HashSet<String>,
-    /// IDs in `keys-<N>.jsonl` files.
-    keys: HashSet<String>,
+    /// (ID, serial) pairs in `keys-<N>.jsonl` files.
+    keys: HashSet<(String, String)>,
     /// The next free bundle number.
     next: u64,
 }
@@ -273,6 +277,8 @@ impl Bundles {
         #[derive(Deserialize)]
         struct IdOnly {
             id: String,
+            #[serde(default)]
+            serial: String,
         }
         let bad = |path: &Path, reason: String| Error::BadFile {
             path: path.to_owned(),
@@ -293,9 +299,9 @@ impl Bundles {
             else {
                 continue;
             };
-            let ids = match kind {
-                "bundle" => &mut out.certs,
-                "keys" => &mut out.keys,
+            let keys = match kind {
+                "bundle" => false,
+                "keys" => true,
                 _ => continue,
             };
             out.next = out.next.max(n + 1);
@@ -311,7 +317,11 @@ impl Bundles {
                         format!("line {}: not a bundle entry ({})", i + 1, e.classify_name()),
                     )
                 })?;
-                ids.insert(entry.id);
+                if keys {
+                    out.keys.insert((entry.id, entry.serial));
+                } else {
+                    out.certs.insert(entry.id);
+                }
             }
         }
         Ok(out)
@@ -461,9 +471,10 @@ pub fn run_batch(
         if generate_keys && bundled {
             let keys: Vec<KeyLine> = signed
                 .iter()
-                .filter_map(|(_, key_pem, id)| {
+                .filter_map(|(cert, key_pem, id)| {
                     key_pem.as_ref().map(|k| KeyLine {
                         id: id.to_string(),
+                        serial: cert.record.serial.to_string(),
                         key: k.as_str(),
                     })
                 })
@@ -580,7 +591,9 @@ pub fn run_batch(
                                 }
                             }
                             let has_key = if bundled {
-                                existing.keys.contains(&id_text)
+                                existing
+                                    .keys
+                                    .contains(&(id_text.clone(), serial.to_string()))
                             } else {
                                 key_path(id).exists()
                             };

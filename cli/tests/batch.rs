@@ -409,6 +409,7 @@ fn bundles_hold_every_certificate_once_and_a_lost_bundle_is_restored() {
         .iter()
         .map(|k| (k["id"].as_str().unwrap(), k["key"].as_str().unwrap()))
         .collect();
+    assert_eq!(keys.len(), n, "one key per ID when nothing was interrupted");
 
     // Each entry: its certificate is the recorded one, names its ID, and its key is beside it.
     let store = RedbStore::open(&lab.home.join("store.redb")).unwrap();
@@ -458,6 +459,28 @@ fn bundles_hold_every_certificate_once_and_a_lost_bundle_is_restored() {
     assert_eq!((restored.len(), ids.len()), (n, n));
     assert_eq!(lab.cert_count(), n);
 
+    // Key lines count only for the serial they were made for: a stray key line for an issued
+    // ID (what a run killed between syncing keys and recording leaves) does not hide a lost
+    // key bundle.
+    let lost_keys = std::fs::read_to_string(out.join("keys-000002.jsonl")).unwrap();
+    std::fs::remove_file(out.join("keys-000002.jsonl")).unwrap();
+    let stray: serde_json::Value = serde_json::from_str(lost_keys.lines().next().unwrap()).unwrap();
+    std::fs::write(
+        out.join("keys-000900.jsonl"),
+        format!(
+            "{}\n",
+            serde_json::json!({"id": stray["id"], "serial": "0badc0de", "key": stray["key"]})
+        ),
+    )
+    .unwrap();
+    let keyless = lab.json(&args);
+    assert_eq!(keyless["issued"], 0);
+    assert_eq!(keyless["missing_keys"].as_array().unwrap().len(), 256);
+    assert!(keyless["missing_keys"]
+        .as_array()
+        .unwrap()
+        .contains(&stray["id"]));
+
     // A damaged bundle stops the batch with its name and line, before anything is issued.
     let mut damaged = std::fs::read_to_string(out.join("bundle-000005.jsonl")).unwrap();
     damaged.push_str("{\"id\": 42}\n");
@@ -468,4 +491,116 @@ fn bundles_hold_every_certificate_once_and_a_lost_bundle_is_restored() {
         "{err}"
     );
     assert_eq!(lab.cert_count(), n);
+}
+
+/// Every bundle entry has its record and its key; returns how many entries there are.
+fn check_bundles_against_ledger(home: &Path, out: &Path) -> usize {
+    let store = RedbStore::open(&home.join("store.redb")).unwrap();
+    let (_, certs) = bundle_lines(out, "bundle");
+    let (_, keys) = bundle_lines(out, "keys");
+    // Keys by (ID, serial): a run killed between syncing a chunk's keys and recording it
+    // leaves keys for serials that were never issued; the rerun makes new ones.
+    let keys: std::collections::HashMap<(&str, &str), &str> = keys
+        .iter()
+        .map(|k| {
+            (
+                (k["id"].as_str().unwrap(), k["serial"].as_str().unwrap()),
+                k["key"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    for line in &certs {
+        let id = line["id"].as_str().unwrap();
+        let der = ::pem::parse(line["certificate"].as_str().unwrap())
+            .unwrap()
+            .into_contents();
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let serial = Serial::from_bytes(cert.raw_serial());
+        let (_, stored) = store
+            .cert(&serial)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{id} is in a bundle without a record"));
+        assert_eq!(stored, der);
+        let serial = serial.to_string();
+        let key = keys
+            .get(&(id, serial.as_str()))
+            .unwrap_or_else(|| panic!("{id} has a certificate but no key"));
+        let key = rcgen::KeyPair::from_pem(key).unwrap();
+        assert_eq!(
+            key.subject_public_key_info(),
+            cert.tbs_certificate.subject_pki.raw
+        );
+    }
+    certs.len()
+}
+
+#[test]
+fn a_bundle_batch_killed_midway_and_rerun_loses_nothing() {
+    let lab = Lab::new();
+    let n = 6_000;
+    let ids = lab.path("ids.txt");
+    write_ids(&ids, "KB-", n);
+    let out = lab.path("out");
+    let args = [
+        "issue",
+        "batch",
+        "--ca",
+        names::MFR_CA,
+        "--profile",
+        "device",
+        "--ids",
+        ids.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+        "--bundle",
+        "--chunk",
+        "64",
+    ];
+    for min_bundles in [1, 30] {
+        let mut child = lab
+            .cmd()
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            let have = std::fs::read_dir(&out)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| e.file_name().to_string_lossy().starts_with("bundle-"))
+                        .count()
+                })
+                .unwrap_or(0);
+            if have > min_bundles || start.elapsed() > Duration::from_secs(60) {
+                break;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let entries = check_bundles_against_ledger(&lab.home, &out);
+        assert!(entries < n, "the batch finished before it could be killed");
+        lab.ok(&["audit", "verify"]);
+    }
+    let report = lab.json(&args);
+    assert_eq!(
+        report["issued"].as_u64().unwrap() + report["already_issued"].as_u64().unwrap(),
+        n as u64
+    );
+    assert_eq!(report["missing_keys"].as_array().unwrap().len(), 0);
+    assert_eq!(check_bundles_against_ledger(&lab.home, &out), n);
+    let (_, lines) = bundle_lines(&out, "bundle");
+    let distinct: HashSet<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(distinct.len(), n, "each ID in exactly one bundle line");
+    assert_eq!(lab.cert_count(), n);
+    let stray: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
 }
