@@ -1,6 +1,8 @@
 //! Verifying a certificate chain against a root set: rustls-webpki path building (the same
 //! verifier the bootstrap server uses) plus the field-node identity checks of m2mpki.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
@@ -184,15 +186,26 @@ pub fn verify(
         .iter()
         .map(|d| CertificateDer::from(d.as_slice()))
         .collect();
-    let crls: Vec<CertRevocationList<'_>> = set
-        .crls
-        .iter()
-        .filter_map(|c| {
-            BorrowedCertRevocationList::from_der(&c.der)
-                .ok()
-                .map(Into::into)
-        })
-        .collect();
+    // CRLs without an issuingDistributionPoint (all that m2mpki issues) are checked here after
+    // path building, against a parsed copy cached by digest: webpki would check the signature
+    // over the whole CRL and scan its entries linearly at every verification (270 ms per
+    // handshake for a CRL of a million entries, measured in docs/benchmarks.md). Any CRL with
+    // a distribution-point scope, or one x509-parser cannot read, leaves the whole check to
+    // webpki as before.
+    let prepared: Option<Vec<Arc<PreparedCrl>>> = set.crls.iter().map(prepare_crl).collect();
+    let prepared = prepared.filter(|p| p.iter().all(|c| !c.scoped));
+    let crls: Vec<CertRevocationList<'_>> = if prepared.is_some() {
+        Vec::new()
+    } else {
+        set.crls
+            .iter()
+            .filter_map(|c| {
+                BorrowedCertRevocationList::from_der(&c.der)
+                    .ok()
+                    .map(Into::into)
+            })
+            .collect()
+    };
     let crl_refs: Vec<&CertRevocationList<'_>> = crls.iter().collect();
     let revocation = RevocationOptionsBuilder::new(&crl_refs).ok().map(|b| {
         b.with_depth(RevocationCheckDepth::Chain)
@@ -257,6 +270,9 @@ pub fn verify(
                 other => Refusal::Unusable(format!("{other:?}")),
             }
         })?;
+    if let Some(prepared) = &prepared {
+        check_prepared_crls(prepared, set, &leaf, &path)?;
+    }
     if let (Purpose::Server, Some(name)) = (purpose, name) {
         let server_name = ServerName::try_from(name.as_str())
             .map_err(|_| Refusal::NameMismatch(name.to_string()))?;
@@ -312,6 +328,141 @@ pub fn verify(
         sha256: hex::encode(sha256(leaf_der)),
         anchor,
     })
+}
+
+/// A CRL ready for lookups: parsed once, its revoked serials in a set, its signature checked
+/// once per issuer key.
+struct PreparedCrl {
+    /// The CRL (kept to check its signature against a new issuer key).
+    der: Arc<[u8]>,
+    /// Its issuer, as the raw DER Name.
+    issuer: Vec<u8>,
+    /// Whether it carries an issuingDistributionPoint (its scope is then left to webpki).
+    scoped: bool,
+    /// Raw serials (INTEGER contents) of the revoked certificates.
+    revoked: HashSet<Vec<u8>>,
+    /// Issuer SPKI (DER) → whether the signature verified with it.
+    signature_ok: Mutex<HashMap<Vec<u8>, bool>>,
+}
+
+/// The prepared form of `crl`, from a process-wide cache keyed by its digest and length.
+fn prepare_crl(crl: &crate::rootset::CrlRecord) -> Option<Arc<PreparedCrl>> {
+    use x509_parser::revocation_list::CertificateRevocationList;
+    /// (SHA-256 hex, length) of a CRL's DER → its prepared form.
+    type Cache = Mutex<HashMap<(String, usize), Arc<PreparedCrl>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (crl.sha256.clone(), crl.der.len());
+    if let Some(p) = cache.lock().ok()?.get(&key) {
+        return Some(p.clone());
+    }
+    let (rest, parsed) = CertificateRevocationList::from_der(&crl.der).ok()?;
+    if !rest.is_empty() {
+        return None;
+    }
+    let scoped = parsed
+        .extensions()
+        .iter()
+        .any(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_ISSUER_DISTRIBUTION_POINT);
+    let prepared = Arc::new(PreparedCrl {
+        der: Arc::from(crl.der.as_slice()),
+        issuer: parsed.issuer().as_raw().to_vec(),
+        scoped,
+        revoked: parsed
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial().to_vec())
+            .collect(),
+        signature_ok: Mutex::new(HashMap::new()),
+    });
+    let mut cache = cache.lock().ok()?;
+    // Sets change rarely; a bound keeps replaced CRLs from piling up.
+    if cache.len() >= 64 {
+        cache.clear();
+    }
+    cache.insert(key, prepared.clone());
+    Some(prepared)
+}
+
+impl PreparedCrl {
+    /// Whether the CRL's signature verifies with `issuer_spki` (DER), checked once per key.
+    fn signed_by(&self, issuer_spki: &[u8]) -> bool {
+        use x509_parser::revocation_list::CertificateRevocationList;
+        if let Some(ok) = self
+            .signature_ok
+            .lock()
+            .ok()
+            .and_then(|m| m.get(issuer_spki).copied())
+        {
+            return ok;
+        }
+        let ok = match (
+            CertificateRevocationList::from_der(&self.der),
+            x509_parser::x509::SubjectPublicKeyInfo::from_der(issuer_spki),
+        ) {
+            (Ok((_, crl)), Ok((_, spki))) => crl.verify_signature(&spki).is_ok(),
+            _ => false,
+        };
+        if let Ok(mut m) = self.signature_ok.lock() {
+            m.insert(issuer_spki.to_vec(), ok);
+        }
+        ok
+    }
+}
+
+/// Revocation over the verified path, as webpki does it with `RevocationCheckDepth::Chain`,
+/// `UnknownStatusPolicy::Allow` and `ExpirationPolicy::Ignore`: for each certificate below the
+/// anchor, a CRL from its issuer (by name) must be signed by the issuer's key, the issuer must
+/// not deny cRLSign, and the certificate's serial must not be listed.
+fn check_prepared_crls(
+    crls: &[Arc<PreparedCrl>],
+    set: &RootSet,
+    leaf: &X509Certificate<'_>,
+    path: &webpki::VerifiedPath<'_>,
+) -> std::result::Result<(), Refusal> {
+    if crls.is_empty() {
+        return Ok(());
+    }
+    // The path from the leaf up: each certificate (DER) and, after it, its issuer's.
+    let mut certs: Vec<Vec<u8>> = vec![leaf.as_raw().to_vec()];
+    for c in path.intermediate_certificates() {
+        certs.push(c.der().as_ref().to_vec());
+    }
+    let anchor_spki = path.anchor().subject_public_key_info.as_ref();
+    let anchor_cert = set.anchors.iter().find_map(|a| {
+        let der = CertificateDer::from(a.der.as_slice());
+        let t = webpki::anchor_from_trusted_cert(&der).ok()?;
+        (t.subject_public_key_info.as_ref() == anchor_spki).then(|| a.der.clone())
+    });
+    for (i, der) in certs.iter().enumerate() {
+        let (_, cert) = X509Certificate::from_der(der)
+            .map_err(|e| Refusal::Unusable(format!("malformed certificate in the path ({e})")))?;
+        let issuer_name = cert.issuer().as_raw();
+        let Some(crl) = crls.iter().find(|c| c.issuer == issuer_name) else {
+            continue; // no CRL from this issuer: status unknown, allowed
+        };
+        let issuer_der = match certs.get(i + 1) {
+            Some(d) => d.clone(),
+            None => anchor_cert.clone().ok_or_else(|| {
+                Refusal::Unusable("the path's trust anchor is not in the set".into())
+            })?,
+        };
+        let (_, issuer) = X509Certificate::from_der(&issuer_der)
+            .map_err(|e| Refusal::Unusable(format!("malformed issuer certificate ({e})")))?;
+        if !crl.signed_by(issuer.public_key().raw) {
+            return Err(Refusal::BadSignature);
+        }
+        if let Ok(Some(ku)) = issuer.key_usage() {
+            if !ku.value.crl_sign() {
+                return Err(Refusal::Unusable(
+                    "a CRL's issuer does not have the cRLSign key usage".into(),
+                ));
+            }
+        }
+        if crl.revoked.contains(cert.raw_serial()) {
+            return Err(Refusal::Revoked);
+        }
+    }
+    Ok(())
 }
 
 /// Reads a chain file (PEM bundle, leaf first; or one DER certificate).

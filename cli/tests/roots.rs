@@ -697,3 +697,104 @@ fn managing_sets() {
     // 6 CAs, 1 certificate, create, add, add (duplicates only), remove.
     assert_eq!(lab.audit_entries(), 6 + 1 + 4);
 }
+
+/// CRLs are consulted for every certificate below the root (a revoked issuing CA refuses its
+/// leaves), and a set holding CRLs from both levels still admits good chains, repeatedly (the
+/// prepared CRLs are cached by digest, so the second verification takes the cached path).
+#[test]
+fn a_revoked_issuing_ca_refuses_its_leaves() {
+    let lab = lab_with_sets();
+    // A set anchored at the manufacturer's root, so the issuing CA is an intermediate of the
+    // path (a CA added with add-ca is itself an anchor, and anchors are not revocation-checked).
+    lab.ok(&[
+        "roots",
+        "create",
+        "by-root",
+        "--kind",
+        "device",
+        "--vertical",
+        "smart-metering",
+    ]);
+    let root_pem = lab.root_pem(names::MFR_CA);
+    lab.ok(&["roots", "add", "by-root", root_pem.to_str().unwrap()]);
+    let good = issue(&lab, "device", &["--id", "LEAF-1"], "leaf1");
+    // The mfr root's CRL, empty, and the mfr CA's, empty: the leaf verifies twice.
+    let root_crl = lab.path("root0.crl");
+    lab.ok(&[
+        "crl",
+        "--ca",
+        names::MFR_ROOT,
+        "--out",
+        root_crl.to_str().unwrap(),
+    ]);
+    let ca_crl = lab.path("ca0.crl");
+    lab.ok(&[
+        "crl",
+        "--ca",
+        names::MFR_CA,
+        "--out",
+        ca_crl.to_str().unwrap(),
+    ]);
+    lab.ok(&["roots", "add-crl", "by-root", root_crl.to_str().unwrap()]);
+    lab.ok(&["roots", "add-crl", "by-root", ca_crl.to_str().unwrap()]);
+    lab.ok(&["roots", "verify", "by-root", good.to_str().unwrap()]);
+    lab.ok(&["roots", "verify", "by-root", good.to_str().unwrap()]);
+
+    // The root revokes the issuing CA (`m2mpki revoke` covers leaves only, so this CRL is
+    // made with rcgen and the root's own key): its leaves are refused from then on.
+    let ca_serial = lab.json(&["ca", "show", names::MFR_CA])["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let root_key = std::fs::read_to_string(
+        lab.home
+            .join("keys")
+            .join(format!("{}.key.pem", names::MFR_ROOT)),
+    )
+    .unwrap();
+    let root_key = KeyPair::from_pem(&root_key).unwrap();
+    let root_text = std::fs::read_to_string(&root_pem).unwrap();
+    let root_der = ::pem::parse(&root_text).unwrap().into_contents();
+    let (_, root_cert) = x509_parser::parse_x509_certificate(&root_der).unwrap();
+    let root_ski = root_cert
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        })
+        .unwrap();
+    let root = rcgen::Issuer::from_ca_cert_pem(&root_text, root_key).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: now - time::Duration::minutes(1),
+        next_update: now + time::Duration::days(7),
+        crl_number: rcgen::SerialNumber::from(1_000_000_000u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![rcgen::RevokedCertParams {
+            serial_number: rcgen::SerialNumber::from_slice(&hex::decode(&ca_serial).unwrap()),
+            revocation_time: now - time::Duration::minutes(1),
+            reason_code: Some(rcgen::RevocationReason::CaCompromise),
+            invalidity_date: None,
+        }],
+        // The root's own key identifier, so the set takes this CRL as the root's newer one.
+        key_identifier_method: rcgen::KeyIdMethod::PreSpecified(root_ski),
+    }
+    .signed_by(&root)
+    .unwrap();
+    let root_crl = lab.path("root1.crl");
+    std::fs::write(&root_crl, crl.pem().unwrap()).unwrap();
+    lab.ok(&["roots", "add-crl", "by-root", root_crl.to_str().unwrap()]);
+    let sets = lab.json(&["roots", "list"]);
+    let by_root = sets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["set"] == "by-root")
+        .unwrap();
+    assert_eq!(
+        by_root["crls"], 2,
+        "the newer root CRL replaced the older one"
+    );
+    refused(&lab, "by-root", &good, &[], "revoked", "revoked");
+}

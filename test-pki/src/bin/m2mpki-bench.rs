@@ -952,10 +952,12 @@ fn revocation_bench(size: Size, report: &mut Report, work: &Path) -> Result<()> 
         );
         let crl_runs = if n >= 1_000_000 { 2 } else { size.runs };
         let mut entries_seen = 0;
+        let mut crl_der = Vec::new();
         let secs = repeat(crl_runs, || {
             let start = Instant::now();
             let crl = issue_crl(&lab.store, &authority, Validity::Days(7))?;
             entries_seen = crl.entries;
+            crl_der = crl.der;
             Ok(start.elapsed().as_secs_f64())
         })?;
         let met = secs.median < 5.0;
@@ -967,6 +969,46 @@ fn revocation_bench(size: Size, report: &mut Report, work: &Path) -> Result<()> 
                 secs,
             )
             .absolute("< 5 s (1M)", met || n < 1_000_000);
+
+        // What a verifier (the IN's, at every handshake) pays for a set carrying this CRL:
+        // one good device chain against the device set, without and with the CRL attached.
+        let key = m2mpki_hsm::SoftwareKey::generate(KeyType::P256)?;
+        let chain = issue_direct(&lab, &Keystore::default(), &key, "VERIFY-1")?;
+        lab.create_root_sets()?;
+        let plain = lab.store.root_set(sets::DEVICE)?.context("device set")?;
+        let mut with_crl = plain.clone();
+        with_crl.attach_crl(m2mpki_ca::rootset::CrlRecord::from_der(&crl_der, "bench")?)?;
+        let time_verify = |set: &m2mpki_ca::rootset::RootSet| {
+            let now = time::OffsetDateTime::now_utc();
+            repeat(size.runs.max(5), || {
+                let start = Instant::now();
+                m2mpki_ca::verify::verify(
+                    set,
+                    &chain,
+                    m2mpki_ca::verify::Purpose::Client,
+                    None,
+                    now,
+                )
+                .map_err(|r| anyhow::anyhow!("refused: {r}"))?;
+                Ok(start.elapsed().as_secs_f64() * 1000.0)
+            })
+        };
+        let base = time_verify(&plain)?;
+        let base_median = base.median;
+        report.add(
+            "5 revocation",
+            "verify one device chain, set without CRL",
+            "ms",
+            base,
+        );
+        report
+            .add(
+                "5 revocation",
+                &format!("verify one device chain, set with the {entries_seen}-entry CRL"),
+                "ms",
+                time_verify(&with_crl)?,
+            )
+            .against("set without CRL", base_median, None);
     }
     Ok(())
 }
