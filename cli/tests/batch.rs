@@ -36,6 +36,36 @@ fn pem_files(dir: &Path) -> Vec<std::path::PathBuf> {
     v
 }
 
+/// Runs `m2mpki args` and SIGKILLs it as soon as `ready` says enough is on disk (or after 60 s,
+/// or when it ends by itself).
+fn kill_when(lab: &Lab, args: &[&str], ready: impl Fn() -> bool) {
+    let mut child = lab
+        .cmd()
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !ready()
+        && start.elapsed() < Duration::from_secs(60)
+        && child.try_wait().unwrap().is_none()
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+/// No temporary file of a killed run is left in `out`.
+fn assert_no_temp_files(out: &Path) {
+    let stray: Vec<_> = std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
 both_backends!(
     ten_thousand_ids_get_ten_thousand_distinct_serials,
     a_batch_killed_midway_and_rerun_ends_with_one_live_certificate_per_id,
@@ -150,25 +180,9 @@ fn a_batch_killed_midway_and_rerun_ends_with_one_live_certificate_per_id(backend
     ];
     // Kill it twice at different points, then let it finish.
     for min_files in [1, n / 3] {
-        let mut child = lab
-            .cmd()
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        loop {
-            let have = std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0);
-            if have > min_files * 2 || start.elapsed() > Duration::from_secs(60) {
-                break;
-            }
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        kill_when(&lab, &args, || {
+            std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0) > min_files * 2
+        });
         let files = check_files_against_ledger(&lab.home, &out);
         assert!(files < n, "the batch finished before it could be killed");
         lab.ok(&["audit", "verify"]);
@@ -189,13 +203,7 @@ fn a_batch_killed_midway_and_rerun_ends_with_one_live_certificate_per_id(backend
         .collect();
     assert_eq!(subjects.len(), n);
     lab.ok(&["audit", "verify"]);
-    // No temporary files are left behind.
-    let stray: Vec<_> = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
-        .collect();
-    assert!(stray.is_empty(), "{stray:?}");
+    assert_no_temp_files(&out);
 }
 
 fn csr_folders_from_openssl(backend: Backend) {
@@ -557,31 +565,16 @@ fn a_bundle_batch_killed_midway_and_rerun_loses_nothing() {
         "64",
     ];
     for min_bundles in [1, 30] {
-        let mut child = lab
-            .cmd()
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        loop {
-            let have = std::fs::read_dir(&out)
+        kill_when(&lab, &args, || {
+            std::fs::read_dir(&out)
                 .map(|d| {
                     d.flatten()
                         .filter(|e| e.file_name().to_string_lossy().starts_with("bundle-"))
                         .count()
                 })
-                .unwrap_or(0);
-            if have > min_bundles || start.elapsed() > Duration::from_secs(60) {
-                break;
-            }
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+                .unwrap_or(0)
+                > min_bundles
+        });
         let entries = check_bundles_against_ledger(&lab.home, &out);
         assert!(entries < n, "the batch finished before it could be killed");
         lab.ok(&["audit", "verify"]);
@@ -597,10 +590,5 @@ fn a_bundle_batch_killed_midway_and_rerun_loses_nothing() {
     let distinct: HashSet<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
     assert_eq!(distinct.len(), n, "each ID in exactly one bundle line");
     assert_eq!(lab.cert_count(), n);
-    let stray: Vec<_> = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
-        .collect();
-    assert!(stray.is_empty(), "{stray:?}");
+    assert_no_temp_files(&out);
 }
