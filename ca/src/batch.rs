@@ -314,7 +314,11 @@ impl Bundles {
                 let entry: IdOnly = serde_json::from_str(&line).map_err(|e| {
                     bad(
                         &path,
-                        format!("line {}: not a bundle entry ({})", i + 1, e.classify_name()),
+                        format!(
+                            "line {}: not a bundle entry ({})",
+                            i + 1,
+                            json_error_kind(&e)
+                        ),
                     )
                 })?;
                 if keys {
@@ -328,20 +332,14 @@ impl Bundles {
     }
 }
 
-/// A short name for a serde_json error class, without echoing the input (a key file's line
+/// A short name for a serde_json error's class, without echoing the input (a key bundle's line
 /// must not end up in an error message).
-trait ClassifyName {
-    fn classify_name(&self) -> &'static str;
-}
-
-impl ClassifyName for serde_json::Error {
-    fn classify_name(&self) -> &'static str {
-        match self.classify() {
-            serde_json::error::Category::Io => "read error",
-            serde_json::error::Category::Syntax => "invalid JSON",
-            serde_json::error::Category::Data => "missing or mistyped `id`",
-            serde_json::error::Category::Eof => "truncated JSON",
-        }
+fn json_error_kind(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "invalid JSON",
+        serde_json::error::Category::Data => "missing or mistyped `id`",
+        serde_json::error::Category::Eof => "truncated JSON",
     }
 }
 
@@ -430,7 +428,7 @@ pub fn run_batch(
         Bundles::default()
     };
     let next_bundle = std::sync::atomic::AtomicU64::new(existing.next);
-    // Writes one bundle (and returns its number); `sync` for key bundles.
+    // Writes the next bundle of `kind`; key bundles (Mode::Secret) are synced.
     let write_bundle = |kind: &str, body: &[u8], mode: Mode| -> Result<()> {
         let n = next_bundle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = out.path.join(format!("{kind}-{n:06}.jsonl"));

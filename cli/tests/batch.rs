@@ -420,28 +420,7 @@ fn bundles_hold_every_certificate_once_and_a_lost_bundle_is_restored() {
     assert_eq!(keys.len(), n, "one key per ID when nothing was interrupted");
 
     // Each entry: its certificate is the recorded one, names its ID, and its key is beside it.
-    let store = RedbStore::open(&lab.home.join("store.redb")).unwrap();
-    let mut seen = HashSet::new();
-    for line in &certs {
-        let id = line["id"].as_str().unwrap();
-        assert!(seen.insert(id.to_owned()), "{id} is in two bundles");
-        let der = ::pem::parse(line["certificate"].as_str().unwrap())
-            .unwrap()
-            .into_contents();
-        let (_, cert) = X509Certificate::from_der(&der).unwrap();
-        let serial = Serial::from_bytes(cert.raw_serial());
-        assert_eq!(line["serial"], serial.to_string());
-        let (record, stored) = store.cert(&serial).unwrap().unwrap();
-        assert_eq!(stored, der);
-        assert_eq!(line["identity"], record.subject_key.as_str());
-        assert!(record.subject_key.ends_with(&format!(":{id}")));
-        let key = rcgen::KeyPair::from_pem(keys[id]).unwrap();
-        assert_eq!(
-            key.subject_public_key_info(),
-            cert.tbs_certificate.subject_pki.raw
-        );
-    }
-    drop(store);
+    assert_eq!(check_bundles_against_ledger(&lab.home, &out), n);
 
     // One of them with the folder's chain.pem, checked by OpenSSL.
     let chain = std::fs::read_to_string(out.join("chain.pem")).unwrap();
@@ -501,7 +480,8 @@ fn bundles_hold_every_certificate_once_and_a_lost_bundle_is_restored() {
     assert_eq!(lab.cert_count(), n);
 }
 
-/// Every bundle entry has its record and its key; returns how many entries there are.
+/// Every bundle entry is in one bundle only, is its ledger record (serial, identity, DER) and
+/// has its key; returns how many entries there are.
 fn check_bundles_against_ledger(home: &Path, out: &Path) -> usize {
     let store = RedbStore::open(&home.join("store.redb")).unwrap();
     let (_, certs) = bundle_lines(out, "bundle");
@@ -517,18 +497,23 @@ fn check_bundles_against_ledger(home: &Path, out: &Path) -> usize {
             )
         })
         .collect();
+    let mut seen = HashSet::new();
     for line in &certs {
         let id = line["id"].as_str().unwrap();
+        assert!(seen.insert(id.to_owned()), "{id} is in two bundles");
         let der = ::pem::parse(line["certificate"].as_str().unwrap())
             .unwrap()
             .into_contents();
         let (_, cert) = X509Certificate::from_der(&der).unwrap();
         let serial = Serial::from_bytes(cert.raw_serial());
-        let (_, stored) = store
+        let (record, stored) = store
             .cert(&serial)
             .unwrap()
             .unwrap_or_else(|| panic!("{id} is in a bundle without a record"));
         assert_eq!(stored, der);
+        assert_eq!(line["serial"], serial.to_string());
+        assert_eq!(line["identity"], record.subject_key.as_str());
+        assert!(record.subject_key.ends_with(&format!(":{id}")));
         let serial = serial.to_string();
         let key = keys
             .get(&(id, serial.as_str()))
