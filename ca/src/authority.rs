@@ -4,10 +4,7 @@ use std::sync::Arc;
 
 use m2mpki_hsm::files::Overwrite;
 use m2mpki_hsm::{KeyRef, KeyType, Keystore, Signer, SoftwareKey};
-use rcgen::{
-    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, DnValue, IsCa,
-    KeyIdMethod, PublicKeyData, SanType,
-};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyIdMethod, PublicKeyData};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use x509_parser::prelude::FromDer;
@@ -16,17 +13,13 @@ use crate::audit::AuditEvent;
 use crate::constraints::NameConstraints;
 use crate::dn::{dn_to_string, organization, parse_dn};
 use crate::home::Home;
-use crate::identity::{
-    DnsName, FieldNodeIdentity, Oid, PreProvisionedId, HARDWARE_MODULE_NAME, SERIAL_NUMBER_ATTR,
-};
+use crate::identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId};
+use crate::leaf_der::{LeafFields, LeafSan, LeafTemplate, SubjectAttr};
 use crate::profile::{KeyUsage, LeafProfile, ProfileKind};
 use crate::serial::Serial;
 use crate::store::{CertRecord, CertStatus, NewCert, Store};
 use crate::validity::{format_time, Validity};
 use crate::{Error, Result};
-
-/// OID of subjectAltName.
-const SUBJECT_ALT_NAME: &[u64] = &[2, 5, 29, 17];
 
 /// A CA as the store remembers it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -266,7 +259,8 @@ pub fn init_ca(
             KeyUsage::CrlSign.to_rcgen(),
         ];
         params.extended_key_usages = vec![];
-        params.key_identifier_method = key_identifier(signer.der_bytes());
+        params.key_identifier_method =
+            KeyIdMethod::PreSpecified(key_identifier(signer.der_bytes()));
         params.use_authority_key_identifier_extension = parent.is_some();
         params.custom_extensions = req.name_constraints.to_extension().into_iter().collect();
         let subject_key = SharedSigner(signer.clone());
@@ -369,8 +363,7 @@ pub struct LeafRequest {
 /// A request that passed the profile and CA policy, ready to sign.
 #[derive(Debug)]
 pub struct Approved {
-    params: CertificateParams,
-    public_key: rcgen::SubjectPublicKeyInfo,
+    fields: LeafFields,
     kind: ProfileKind,
     identity: Option<FieldNodeIdentity>,
     subject_key: String,
@@ -390,6 +383,8 @@ pub struct Authority {
     /// The record.
     pub record: CaRecord,
     issuer: rcgen::Issuer<'static, SharedSigner>,
+    /// The parts of every leaf's DER that come from this CA.
+    template: LeafTemplate,
     /// Name constraints of this CA and every ancestor.
     constraints: Vec<NameConstraints>,
 }
@@ -422,6 +417,7 @@ impl Authority {
                 reason: format!("this key does not belong to CA `{name}`'s certificate"),
             });
         }
+        let template = LeafTemplate::new(&record.cert_der, signer.key_type())?;
         let issuer =
             rcgen::Issuer::from_ca_cert_der(&record.cert_der.clone().into(), SharedSigner(signer))
                 .map_err(|e| Error::Store(format!("CA `{name}` certificate: {e}")))?;
@@ -439,6 +435,7 @@ impl Authority {
         Ok(Authority {
             record,
             issuer,
+            template,
             constraints,
         })
     }
@@ -488,15 +485,8 @@ impl Authority {
             ));
         }
 
-        let mut dn = DistinguishedName::new();
-        let mut sans = Vec::new();
-        let mut custom = Vec::<CustomExtension>::new();
-        let serial_attr = |id: &PreProvisionedId| -> Result<DnValue> {
-            Ok(DnValue::PrintableString(
-                id.as_str().try_into().map_err(Error::internal)?,
-            ))
-        };
-        let (identity, subject_key) = match &req.subject {
+        let key_type = key_type.ok_or_else(|| Error::internal("key type checked above"))?;
+        let (subject, san, identity, subject_key) = match &req.subject {
             LeafSubject::Device(id) => {
                 let hw_type = ca.hw_type.clone().ok_or_else(|| {
                     Error::Policy(format!(
@@ -507,19 +497,21 @@ impl Authority {
                 let org = ca.organization.clone().ok_or_else(|| {
                     Error::Policy(format!("CA `{}` has no O in its subject", ca.name))
                 })?;
-                dn.push(DnType::OrganizationName, DnValue::Utf8String(org));
-                dn.push(DnType::CommonName, DnValue::Utf8String(id.to_string()));
-                dn.push(
-                    DnType::CustomDnType(SERIAL_NUMBER_ATTR.to_vec()),
-                    serial_attr(id)?,
-                );
-                custom.push(hardware_module_name_san(&hw_type, id));
+                let subject = vec![
+                    SubjectAttr::Organization(org),
+                    SubjectAttr::CommonName(id.to_string()),
+                    SubjectAttr::SerialNumber(id.to_string()),
+                ];
+                let san = LeafSan::HardwareModule {
+                    hw_type: hw_type.clone(),
+                    serial: id.to_string(),
+                };
                 let identity = FieldNodeIdentity::Device {
                     hw_type,
                     id: id.clone(),
                 };
                 let key = identity.to_string();
-                (Some(identity), key)
+                (subject, san, Some(identity), key)
             }
             LeafSubject::Node { enterprise, id } => {
                 if let Some(nc) = self
@@ -532,25 +524,18 @@ impl Authority {
                         nc.permitted_uri_domains
                     )));
                 }
-                dn.push(
-                    DnType::OrganizationName,
-                    DnValue::Utf8String(enterprise.to_string()),
-                );
-                dn.push(DnType::CommonName, DnValue::Utf8String(id.to_string()));
-                dn.push(
-                    DnType::CustomDnType(SERIAL_NUMBER_ATTR.to_vec()),
-                    serial_attr(id)?,
-                );
-                let uri = FieldNodeIdentity::node_uri(enterprise, id);
-                sans.push(SanType::URI(
-                    uri.as_str().try_into().map_err(Error::internal)?,
-                ));
+                let subject = vec![
+                    SubjectAttr::Organization(enterprise.to_string()),
+                    SubjectAttr::CommonName(id.to_string()),
+                    SubjectAttr::SerialNumber(id.to_string()),
+                ];
+                let san = LeafSan::Uri(FieldNodeIdentity::node_uri(enterprise, id));
                 let identity = FieldNodeIdentity::Node {
                     enterprise: enterprise.clone(),
                     id: id.clone(),
                 };
                 let key = identity.to_string();
-                (Some(identity), key)
+                (subject, san, Some(identity), key)
             }
             LeafSubject::Server(fqdn) => {
                 if let Some(nc) = self.constraints.iter().find(|nc| !nc.allows_dns(fqdn)) {
@@ -559,50 +544,50 @@ impl Authority {
                         nc.permitted_dns
                     )));
                 }
-                dn.push(DnType::CommonName, DnValue::Utf8String(fqdn.to_string()));
-                sans.push(SanType::DnsName(
-                    fqdn.as_str().try_into().map_err(Error::internal)?,
-                ));
-                (None, format!("server:{fqdn}"))
+                let subject = vec![SubjectAttr::CommonName(fqdn.to_string())];
+                (
+                    subject,
+                    LeafSan::Dns(fqdn.to_string()),
+                    None,
+                    format!("server:{fqdn}"),
+                )
             }
         };
-
-        let serial = Serial::random()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn;
-        params.subject_alt_names = sans;
-        params.custom_extensions = custom;
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial.as_bytes()));
-        params.not_before = not_before;
-        params.not_after = not_after;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = profile.key_usage.iter().map(|k| k.to_rcgen()).collect();
-        params.extended_key_usages = profile
-            .extended_key_usage
+        // Most specific first, as `dn_to_string` writes names.
+        let subject_text = subject
             .iter()
-            .map(|k| k.to_rcgen())
-            .collect();
-        params.key_identifier_method = key_identifier(req.public_key.der_bytes());
-        params.use_authority_key_identifier_extension = true;
-        let subject = dn_to_string(&params.distinguished_name);
+            .rev()
+            .map(SubjectAttr::text)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let serial = Serial::random()?;
+        let public_key = req.public_key.der_bytes().to_vec();
         Ok(Approved {
-            params,
-            public_key: req.public_key,
+            fields: LeafFields {
+                serial: serial.as_bytes().to_vec(),
+                not_before,
+                not_after,
+                subject,
+                san,
+                key_type,
+                subject_key_id: key_identifier(&public_key),
+                public_key,
+                key_usage: profile.key_usage.clone(),
+                extended_key_usage: profile.extended_key_usage.clone(),
+            },
             kind: profile.kind,
             identity,
             subject_key,
-            subject,
+            subject: subject_text,
             serial,
         })
     }
 
     /// Signs an approved request. The result is not yet recorded.
     pub fn sign(&self, approved: Approved) -> Result<NewCert> {
-        let cert = approved
-            .params
-            .signed_by(&approved.public_key, &self.issuer)
-            .map_err(sign_failed)?;
-        let der = cert.der().to_vec();
+        let tbs = self.template.tbs(&approved.fields);
+        let signature = rcgen::SigningKey::sign(self.issuer.key(), &tbs).map_err(sign_failed)?;
+        let der = self.template.certificate(&tbs, &signature);
         // Read the identity back from what we signed: the certificate must say what we meant.
         if let Some(expected) = &approved.identity {
             let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&der)
@@ -623,8 +608,8 @@ impl Authority {
                 subject_key: approved.subject_key,
                 identity: approved.identity,
                 subject: approved.subject,
-                not_before: approved.params.not_before.unix_timestamp(),
-                not_after: approved.params.not_after.unix_timestamp(),
+                not_before: approved.fields.not_before.unix_timestamp(),
+                not_after: approved.fields.not_after.unix_timestamp(),
                 issued_at: now().unix_timestamp(),
                 sha256,
                 status: CertStatus::Valid,
@@ -656,35 +641,8 @@ impl Authority {
 
 /// The subject key identifier of RFC 7093 §2 method 1: the leftmost 160 bits of the SHA-256 of
 /// the subjectPublicKey bits (recognised by linters, unlike a hash over the whole SPKI).
-fn key_identifier(subject_public_key: &[u8]) -> KeyIdMethod {
+fn key_identifier(subject_public_key: &[u8]) -> Vec<u8> {
     let mut id = crate::input::sha256(subject_public_key);
     id.truncate(20);
-    KeyIdMethod::PreSpecified(id)
-}
-
-/// subjectAltName with one RFC 4108 hardwareModuleName otherName:
-/// `otherName [0] { type-id id-on-hardwareModuleName, value [0] EXPLICIT SEQUENCE {
-/// hwType OID, hwSerialNum OCTET STRING } }`.
-fn hardware_module_name_san(hw_type: &Oid, id: &PreProvisionedId) -> CustomExtension {
-    use yasna::models::ObjectIdentifier;
-    use yasna::Tag;
-    let der = yasna::construct_der(|w| {
-        w.write_sequence(|w| {
-            w.next().write_tagged_implicit(Tag::context(0), |w| {
-                w.write_sequence(|w| {
-                    w.next()
-                        .write_oid(&ObjectIdentifier::from_slice(HARDWARE_MODULE_NAME));
-                    w.next().write_tagged(Tag::context(0), |w| {
-                        w.write_sequence(|w| {
-                            w.next()
-                                .write_oid(&ObjectIdentifier::from_slice(hw_type.arcs()));
-                            w.next().write_bytes(id.as_str().as_bytes());
-                        })
-                    });
-                })
-            });
-        })
-    });
-    // The subject is not empty, so subjectAltName is not critical (RFC 5280 §4.2.1.6).
-    CustomExtension::from_oid_content(SUBJECT_ALT_NAME, der)
+    id
 }

@@ -359,6 +359,24 @@ const NO_SYNC: WriteOptions = WriteOptions {
     sync: false,
 };
 
+/// A signed certificate on its way to the writer, beside its ledger record.
+struct Signed<'a> {
+    id: &'a PreProvisionedId,
+    /// The generated key (ID batches).
+    key_pem: Option<zeroize::Zeroizing<String>>,
+    /// What goes out once the certificate is recorded: its bundle line, or its file.
+    output: Vec<u8>,
+}
+
+/// One chunk for the writer: new certificates (`certs[i]` belongs to `signed[i]`), lines
+/// restored from the ledger, and how many subjects the chunk held.
+struct Chunk<'a> {
+    certs: Vec<NewCert>,
+    signed: Vec<Signed<'a>>,
+    restored: Vec<BundleLine>,
+    total: usize,
+}
+
 /// Runs a batch. `progress` is told how many subjects each finished chunk held.
 pub fn run_batch(
     store: &dyn Store,
@@ -451,27 +469,28 @@ pub fn run_batch(
     };
 
     // Signing (all cores) and recording + writing files (one thread) overlap: while chunk k is
-    // being made durable and written out, chunk k+1 is being signed.
-    type Signed<'a> = (
-        NewCert,
-        Option<zeroize::Zeroizing<String>>,
-        &'a PreProvisionedId,
-    );
-    let write_chunk = |signed: Vec<Signed<'_>>,
-                       restored: Vec<BundleLine>,
-                       total: usize|
-     -> Result<(usize, usize)> {
+    // being made durable and written out, chunk k+1 is being signed. The writer is the one
+    // serial stage, so everything that can be prepared in parallel (the output bytes of each
+    // certificate) is prepared by the signers.
+    let write_chunk = |chunk: Chunk<'_>| -> Result<(usize, usize)> {
+        let Chunk {
+            certs,
+            signed,
+            restored,
+            total,
+        } = chunk;
         if signed.is_empty() && restored.is_empty() {
             progress(total as u64);
             return Ok((0, 0));
         }
         // Keys first, durably: a recorded certificate must never lack its key.
         if generate_keys && bundled {
-            let keys: Vec<KeyLine> = signed
+            let keys: Vec<KeyLine> = certs
                 .iter()
-                .filter_map(|(cert, key_pem, id)| {
-                    key_pem.as_ref().map(|k| KeyLine {
-                        id: id.to_string(),
+                .zip(&signed)
+                .filter_map(|(cert, s)| {
+                    s.key_pem.as_ref().map(|k| KeyLine {
+                        id: s.id.to_string(),
                         serial: cert.record.serial.to_string(),
                         key: k.as_str(),
                     })
@@ -482,10 +501,10 @@ pub fn run_batch(
                 write_bundle("keys", &body, Mode::Secret)?;
             }
         } else if generate_keys {
-            for (_, key_pem, id) in &signed {
-                if let Some(pem) = key_pem {
+            for s in &signed {
+                if let Some(pem) = &s.key_pem {
                     files::write_atomic(
-                        &key_path(id),
+                        &key_path(s.id),
                         pem.as_bytes(),
                         WriteOptions {
                             mode: Mode::Secret,
@@ -497,39 +516,37 @@ pub fn run_batch(
             out.sync()?;
         }
         // Record the chunk in one durable transaction.
-        let certs: Vec<NewCert> = signed.iter().map(|(c, _, _)| c.clone()).collect();
         let outcomes = store.record_certs(&certs, opts.reissue)?;
         // Certificate files, only for what is recorded. No sync: the ledger is the truth, and
         // a rerun rewrites any certificate file a power cut may have lost.
         let (mut issued, mut already) = (0, 0);
-        let mut lines = restored;
-        for ((cert, _, id), outcome) in signed.iter().zip(&outcomes) {
+        let mut body = jsonl(&restored)?;
+        for (s, outcome) in signed.iter().zip(&outcomes) {
             match outcome {
                 RecordOutcome::Recorded if bundled => {
-                    lines.push(bundle_line(id, &cert.record, &cert.der));
+                    body.extend_from_slice(&s.output);
                     issued += 1;
                 }
                 RecordOutcome::Recorded => {
-                    files::write_atomic(&cert_path(id), &cert_bytes(&cert.der), NO_SYNC)?;
+                    files::write_atomic(&cert_path(s.id), &s.output, NO_SYNC)?;
                     issued += 1;
                 }
                 // Another process issued this ID meanwhile.
                 RecordOutcome::AlreadyLive(_) => already += 1,
             }
         }
-        if !lines.is_empty() {
-            write_bundle("bundle", &jsonl(&lines)?, Mode::Public)?;
+        if !body.is_empty() {
+            write_bundle("bundle", &body, Mode::Public)?;
         }
         progress(total as u64);
         Ok((issued, already))
     };
     let (issued, already) = std::thread::scope(|scope| -> Result<(usize, usize)> {
-        let (tx, rx) =
-            std::sync::mpsc::sync_channel::<(Vec<Signed<'_>>, Vec<BundleLine>, usize)>(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk<'_>>(1);
         let writer = scope.spawn(move || -> Result<(usize, usize)> {
             let (mut issued, mut already) = (0, 0);
-            for (signed, restored, total) in rx {
-                let (i, a) = write_chunk(signed, restored, total)?;
+            for chunk in rx {
+                let (i, a) = write_chunk(chunk)?;
                 issued += i;
                 already += a;
             }
@@ -603,12 +620,8 @@ pub fn run_batch(
                     }
                 }
 
-                // 2. Sign on all cores.
-                let signed: Vec<(
-                    NewCert,
-                    Option<zeroize::Zeroizing<String>>,
-                    &PreProvisionedId,
-                )> = todo
+                // 2. Sign on all cores, and encode each certificate's output.
+                let (certs, signed): (Vec<NewCert>, Vec<Signed<'_>>) = todo
                     .into_par_iter()
                     .map(|(id, subj, csr)| {
                         let (public_key, key_pem) = match csr {
@@ -629,10 +642,30 @@ pub fn run_batch(
                             not_before: opts.not_before,
                         };
                         let cert = authority.sign(authority.approve(&profile, req)?)?;
-                        Ok((cert, key_pem, id))
+                        let output = if bundled {
+                            jsonl([bundle_line(id, &cert.record, &cert.der)])?
+                        } else {
+                            cert_bytes(&cert.der)
+                        };
+                        Ok((
+                            cert,
+                            Signed {
+                                id,
+                                key_pem,
+                                output,
+                            },
+                        ))
                     })
-                    .collect::<Result<_>>()?;
-                if tx.send((signed, restored, chunk.len())).is_err() {
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .unzip();
+                let chunk = Chunk {
+                    certs,
+                    signed,
+                    restored,
+                    total: chunk.len(),
+                };
+                if tx.send(chunk).is_err() {
                     // The writer failed; its error is reported below.
                     break;
                 }

@@ -17,6 +17,7 @@ mod home;
 pub mod identity;
 pub mod input;
 mod issue;
+mod leaf_der;
 pub mod profile;
 mod redb_store;
 pub mod revocation;

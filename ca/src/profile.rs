@@ -92,6 +92,8 @@ pub enum ExtKeyUsage {
 }
 
 impl ExtKeyUsage {
+    /// rcgen's name for it (the reference encoding in tests).
+    #[cfg(test)]
     pub(crate) fn to_rcgen(self) -> rcgen::ExtendedKeyUsagePurpose {
         match self {
             ExtKeyUsage::ClientAuth => rcgen::ExtendedKeyUsagePurpose::ClientAuth,

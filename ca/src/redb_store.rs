@@ -198,12 +198,6 @@ impl Store for RedbStore {
             for cert in certs {
                 let r = &cert.record;
                 let serial = r.serial.as_bytes();
-                if records.get(serial).map_err(db_err)?.is_some() {
-                    return Err(Error::Internal(format!(
-                        "serial {} exists already; nothing was recorded",
-                        r.serial
-                    )));
-                }
                 let lk = live_key(&r.ca, &r.subject_key);
                 if !reissue {
                     if let Some(existing) = live.get(lk.as_str()).map_err(db_err)? {
@@ -213,9 +207,17 @@ impl Store for RedbStore {
                         continue;
                     }
                 }
-                records
+                // A serial is never reused: finding one in place aborts the whole transaction.
+                if records
                     .insert(serial, to_json(r)?.as_slice())
-                    .map_err(db_err)?;
+                    .map_err(db_err)?
+                    .is_some()
+                {
+                    return Err(Error::Internal(format!(
+                        "serial {} exists already; nothing was recorded",
+                        r.serial
+                    )));
+                }
                 ders.insert(serial, cert.der.as_slice()).map_err(db_err)?;
                 live.insert(lk.as_str(), serial).map_err(db_err)?;
                 by_id
@@ -469,5 +471,93 @@ impl Store for RedbStore {
         )?;
         tx.commit().map_err(db_err)?;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::ProfileKind;
+    use crate::store::CertStatus;
+
+    fn new_cert(subject_key: &str, serial: Serial) -> NewCert {
+        NewCert {
+            record: CertRecord {
+                serial,
+                ca: "ca".into(),
+                profile: ProfileKind::Device,
+                subject_key: subject_key.into(),
+                identity: None,
+                subject: format!("CN={subject_key}"),
+                not_before: 0,
+                not_after: 1,
+                issued_at: 0,
+                sha256: String::new(),
+                status: CertStatus::Valid,
+                revoked_at: None,
+                revocation_reason: None,
+            },
+            der: vec![0x30, 0],
+        }
+    }
+
+    fn audit_len(store: &RedbStore) -> usize {
+        let mut n = 0;
+        store
+            .audit_log(&mut |_| {
+                n += 1;
+                Ok(())
+            })
+            .unwrap();
+        n
+    }
+
+    #[test]
+    fn a_reused_serial_aborts_the_whole_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
+        let taken = Serial::random().unwrap();
+        store
+            .record_certs(&[new_cert("first", taken.clone())], false)
+            .unwrap();
+        let audit_before = audit_len(&store);
+        let fresh = Serial::random().unwrap();
+        let err = store
+            .record_certs(
+                &[
+                    new_cert("second", fresh.clone()),
+                    new_cert("third", taken.clone()),
+                ],
+                true,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("exists already"), "{err}");
+        // Nothing of the chunk is recorded, the first certificate is untouched.
+        assert!(store.cert(&fresh).unwrap().is_none());
+        assert_eq!(store.live_cert("ca", "second").unwrap(), None);
+        assert_eq!(store.live_cert("ca", "third").unwrap(), None);
+        let (first, _) = store.cert(&taken).unwrap().unwrap();
+        assert_eq!(first.subject_key, "first");
+        assert_eq!(audit_len(&store), audit_before);
+    }
+
+    #[test]
+    fn a_live_subject_is_reported_not_reissued() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
+        let first = Serial::random().unwrap();
+        store
+            .record_certs(&[new_cert("dev", first.clone())], false)
+            .unwrap();
+        let second = Serial::random().unwrap();
+        let outcomes = store
+            .record_certs(&[new_cert("dev", second.clone())], false)
+            .unwrap();
+        assert_eq!(outcomes, [RecordOutcome::AlreadyLive(first.clone())]);
+        assert!(store.cert(&second).unwrap().is_none());
+        store
+            .record_certs(&[new_cert("dev", second.clone())], true)
+            .unwrap();
+        assert_eq!(store.live_cert("ca", "dev").unwrap(), Some(second));
     }
 }
