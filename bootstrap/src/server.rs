@@ -77,6 +77,14 @@ fn load_sets(store: &dyn Store, config: &ServerConfig) -> Result<Vec<RootSet>> {
     Ok(sets)
 }
 
+/// `sets` with their CRLs prepared for verification (see [`m2mpki_ca::verify::prepare_crls`]).
+fn prepared(sets: Vec<RootSet>) -> Vec<RootSet> {
+    for set in &sets {
+        m2mpki_ca::verify::prepare_crls(set);
+    }
+    sets
+}
+
 fn admission(v: &Verified) -> Admission {
     let (vertical, enterprise) = match &v.kind {
         RootSetKind::Device { vertical } => (Some(vertical.clone()), None),
@@ -98,7 +106,7 @@ impl Server {
         let ca_store = Arc::new(home.store()?);
         let provider = tls::provider();
         let verifier = Arc::new(FieldNodeVerifier::new(
-            load_sets(&*ca_store, &config)?,
+            prepared(load_sets(&*ca_store, &config)?),
             provider.clone(),
         ));
         let chain = tls::load_chain(&config.chain)?;
@@ -210,7 +218,16 @@ impl Server {
                 tick.tick().await;
                 loop {
                     tick.tick().await;
-                    match load_sets(&*this.ca_store, &this.shared.config) {
+                    // CRLs are prepared here, off the handshake path, before the sets go live.
+                    let loaded = {
+                        let this = this.clone();
+                        tokio::task::spawn_blocking(move || {
+                            load_sets(&*this.ca_store, &this.shared.config).map(prepared)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(Error::internal(format!("trust refresh: {e}"))))
+                    };
+                    match loaded {
                         Ok(sets) => this.shared.verifier.replace_sets(sets),
                         Err(e) => {
                             tracing::warn!(error = %e, "could not refresh the trusted root sets; keeping the previous ones")

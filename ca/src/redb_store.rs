@@ -102,11 +102,9 @@ impl RedbStore {
         let t = now();
         for event in events {
             seq += 1;
-            let entry = audit::seal(seq, t, event, &prev)?;
-            table
-                .insert(seq, to_json(&entry)?.as_slice())
-                .map_err(db_err)?;
-            prev = entry.hash;
+            let (hash, json) = audit::seal_json(seq, t, &event, &prev)?;
+            table.insert(seq, json.as_slice()).map_err(db_err)?;
+            prev = hash;
         }
         Ok(())
     }

@@ -345,6 +345,17 @@ struct PreparedCrl {
     signature_ok: Mutex<HashMap<Vec<u8>, bool>>,
 }
 
+/// Prepares the CRLs of `set` for [`verify`]: parsed, revoked serials in a set, cached by
+/// digest. [`verify`] does this itself on first use, on the caller's thread; a long-running
+/// verifier (the IN) calls this when it loads a set, so that no handshake pays it (seconds
+/// for a CRL of a million entries). Returns how many CRLs are prepared.
+pub fn prepare_crls(set: &RootSet) -> usize {
+    set.crls
+        .iter()
+        .filter(|crl| prepare_crl(crl).is_some())
+        .count()
+}
+
 /// The prepared form of `crl`, from a process-wide cache keyed by its digest and length.
 fn prepare_crl(crl: &crate::rootset::CrlRecord) -> Option<Arc<PreparedCrl>> {
     use x509_parser::revocation_list::CertificateRevocationList;
