@@ -163,11 +163,16 @@ pub fn load_ids(path: &Path) -> Result<Vec<PreProvisionedId>> {
     Ok(out)
 }
 
+/// Threads reading CSR files for [`load_csr_dir`].
+const CSR_READERS: usize = 8;
+/// CSRs read ahead of the checking threads, at most.
+const READ_AHEAD: usize = 4096;
+
 /// Reads every file in `dir` as a CSR (in parallel), verifying each self-signature.
 ///
 /// The ID of each CSR is its subject serialNumber attribute; a CSR without one takes the file
 /// name without its extension (`SN-0001.csr` → `SN-0001`). Any bad CSR fails the whole load,
-/// naming the file, before anything is issued.
+/// naming the file (the first bad one in name order), before anything is issued.
 pub fn load_csr_dir(dir: &Path) -> Result<Vec<(PreProvisionedId, VerifiedCsr)>> {
     let bad_dir = |e: std::io::Error| Error::BadFile {
         path: dir.to_owned(),
@@ -185,25 +190,52 @@ pub fn load_csr_dir(dir: &Path) -> Result<Vec<(PreProvisionedId, VerifiedCsr)>> 
         }
     }
     paths.sort();
-    let csrs: Vec<(PreProvisionedId, VerifiedCsr)> = paths
-        .par_iter()
-        .map(|path| {
-            let csr = VerifiedCsr::from_file(path)?;
-            let id_text = match &csr.serial_number {
-                Some(sn) => sn.clone(),
-                None => path
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .unwrap_or_default()
-                    .to_owned(),
-            };
-            let id = id_text.parse().map_err(|e: Error| Error::BadCsr {
-                source_name: path.display().to_string(),
-                reason: format!("no usable ID: {e}"),
-            })?;
-            Ok((id, csr))
-        })
-        .collect::<Result<_>>()?;
+    let check = |path: &Path, bytes: std::io::Result<Vec<u8>>| {
+        let bytes = bytes.map_err(|e| Error::BadFile {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let csr = VerifiedCsr::from_bytes(&bytes, &path.display().to_string())?;
+        let id_text = match &csr.serial_number {
+            Some(sn) => sn.clone(),
+            None => path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        let id = id_text.parse().map_err(|e: Error| Error::BadCsr {
+            source_name: path.display().to_string(),
+            reason: format!("no usable ID: {e}"),
+        })?;
+        Ok((id, csr))
+    };
+    // Reading and checking overlap: a few threads read the files in name order (a folder that
+    // is not in the page cache costs a disk round trip per file, which the checking threads
+    // would otherwise sit out), and every core checks signatures as the bytes arrive.
+    let mut checked: Vec<(usize, Result<(PreProvisionedId, VerifiedCsr)>)> =
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
+            for first in 0..CSR_READERS.min(paths.len()) {
+                let (tx, paths) = (tx.clone(), &paths);
+                scope.spawn(move || {
+                    for i in (first..paths.len()).step_by(CSR_READERS) {
+                        if tx.send((i, std::fs::read(&paths[i]))).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            rx.into_iter()
+                .par_bridge()
+                .map(|(i, bytes)| (i, check(&paths[i], bytes)))
+                .collect()
+        });
+    // Name order, so that the error reported is the first bad file's, whatever the timing.
+    checked.sort_unstable_by_key(|(i, _)| *i);
+    let csrs: Vec<(PreProvisionedId, VerifiedCsr)> =
+        checked.into_iter().map(|(_, r)| r).collect::<Result<_>>()?;
     let mut seen: HashMap<&PreProvisionedId, usize> = HashMap::new();
     for (i, (id, _)) in csrs.iter().enumerate() {
         if let Some(first) = seen.insert(id, i) {
