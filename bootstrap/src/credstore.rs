@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use m2mpki_ca::FieldNodeIdentity;
 use m2mpki_hsm::files::{self, Mode, Overwrite, WriteOptions};
@@ -455,6 +456,9 @@ impl std::fmt::Debug for GroupCommitter {
 
 /// Largest group stored in one transaction.
 const MAX_GROUP: usize = 1024;
+/// How long a group waits for more enrolments when the last group had several (measured: groups
+/// of 2.9 on average instead of 1.5 at 16 and 256 clients; at most this much added latency).
+const LINGER: Duration = Duration::from_millis(2);
 
 impl GroupCommitter {
     /// Starts the writer thread; it ends when every handle is dropped.
@@ -463,6 +467,7 @@ impl GroupCommitter {
         std::thread::Builder::new()
             .name("credential-writer".into())
             .spawn(move || {
+                let mut last_group = 1;
                 while let Ok(first) = rx.recv() {
                     let mut jobs = vec![first];
                     while jobs.len() < MAX_GROUP {
@@ -471,6 +476,21 @@ impl GroupCommitter {
                             Err(_) => break,
                         }
                     }
+                    // Under load (the last group shared its commit), wait a moment for the
+                    // enrolments already in flight, so that one commit serves several: a
+                    // commit's cost is mostly fixed, and without this, groups averaged 1.5
+                    // enrolments at 16 and 256 concurrent clients. A lone enrolment never waits.
+                    if last_group > 1 {
+                        let deadline = Instant::now() + LINGER;
+                        while jobs.len() < MAX_GROUP {
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            match rx.recv_timeout(left) {
+                                Ok(j) => jobs.push(j),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    last_group = jobs.len();
                     let mut records: Vec<CredentialRecord> =
                         jobs.iter().map(|j| j.record.clone()).collect();
                     let result = store.commit(&mut records);
