@@ -77,6 +77,25 @@ fn load_sets(store: &dyn Store, config: &ServerConfig) -> Result<Vec<RootSet>> {
     Ok(sets)
 }
 
+/// A listening socket on `addr` whose accept queue holds `backlog` connections (the kernel caps
+/// it at `net.core.somaxconn`).
+///
+/// `TcpListener::bind` asks for 128. Field nodes reconnect in bursts (after a power cut, a
+/// whole site at once; 256 clients in the benchmark), and with 128 the queue overflowed while
+/// handshakes kept the workers busy: the kernel dropped SYNs, clients resent them a second
+/// later, and the p99 latency at 256 clients was that second.
+pub fn listen(addr: SocketAddr, backlog: usize) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted IN can bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(backlog.clamp(128, 65_535)).unwrap_or(65_535))
+}
+
 /// `sets` with their CRLs prepared for verification (see [`m2mpki_ca::verify::prepare_crls`]).
 fn prepared(sets: Vec<RootSet>) -> Vec<RootSet> {
     for set in &sets {
@@ -192,10 +211,10 @@ impl Server {
         &self.shared.store_key
     }
 
-    /// Binds the configured address.
+    /// Binds the configured address, with an accept queue of `limits.max_connections`.
     pub async fn bind(&self) -> Result<TcpListener> {
         let addr = self.shared.config.listen;
-        TcpListener::bind(addr).await.map_err(|e| Error::Connect {
+        listen(addr, self.shared.config.limits.max_connections).map_err(|e| Error::Connect {
             addr: addr.to_string(),
             reason: format!("cannot listen: {e}"),
         })

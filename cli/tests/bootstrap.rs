@@ -835,6 +835,31 @@ fn policy_deny_grants_while_running_and_check() {
 }
 
 #[test]
+fn a_burst_of_connections_waits_in_the_accept_queue() {
+    // 250 field nodes connecting at once, before the server takes any: the accept queue
+    // (`max_connections`) holds them all. With the default queue of 128 the kernel drops the
+    // SYNs of the rest, which retry a second later.
+    let fx = Fixture::new(Backend::Software);
+    let mut config = fx.config("allow", "");
+    config.limits.max_connections = 300;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let home = m2mpki_ca::Home::open(&fx.home).unwrap();
+    let server = Server::new(config, &home, &fx.keystore).unwrap();
+    let listener = rt.block_on(server.bind()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held: Vec<_> = (0..250)
+        .map(|i| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+                .unwrap_or_else(|e| panic!("connection {i} was not queued: {e}"))
+        })
+        .collect();
+    assert_eq!(held.len(), 250);
+}
+
+#[test]
 fn slow_clients_do_not_hold_the_server() {
     let fx = Fixture::new(Backend::Software);
     let mut config = fx.config("allow", "");

@@ -609,7 +609,8 @@ fn bare_server_config(
 async fn bare_server(
     cfg: Arc<rustls::ServerConfig>,
 ) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    // The same accept queue as the bootstrap server's (its `max_connections` here).
+    let listener = m2mpki_bootstrap::server::listen("127.0.0.1:0".parse()?, 4096)?;
     let addr = listener.local_addr()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let task = tokio::spawn(async move {
