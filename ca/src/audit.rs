@@ -48,7 +48,8 @@ struct Sealed<'a> {
     prev: &'a str,
 }
 
-fn entry_hash(seq: u64, time: i64, event: &AuditEvent, prev: &str) -> Result<String> {
+/// The JSON an entry's hash is taken over, and that hash (SHA-256, hex).
+fn sealed(seq: u64, time: i64, event: &AuditEvent, prev: &str) -> Result<(Vec<u8>, String)> {
     let body = serde_json::to_vec(&Sealed {
         seq,
         time,
@@ -58,26 +59,19 @@ fn entry_hash(seq: u64, time: i64, event: &AuditEvent, prev: &str) -> Result<Str
         prev,
     })
     .map_err(Error::internal)?;
-    Ok(hex::encode(aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        &body,
-    )))
+    let hash = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &body));
+    Ok((body, hash))
+}
+
+fn entry_hash(seq: u64, time: i64, event: &AuditEvent, prev: &str) -> Result<String> {
+    Ok(sealed(seq, time, event, prev)?.1)
 }
 
 /// Seals `event` as entry `seq` after an entry whose hash is `prev`, straight to the stored
 /// form: returns the entry's hash and its JSON, which is the hashed JSON with `hash` appended
 /// (one serialization instead of two; the store writes thousands of these per batch chunk).
 pub fn seal_json(seq: u64, time: i64, event: &AuditEvent, prev: &str) -> Result<(String, Vec<u8>)> {
-    let mut body = serde_json::to_vec(&Sealed {
-        seq,
-        time,
-        action: &event.action,
-        subject: &event.subject,
-        detail: &event.detail,
-        prev,
-    })
-    .map_err(Error::internal)?;
-    let hash = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &body));
+    let (mut body, hash) = sealed(seq, time, event, prev)?;
     if body.pop() != Some(b'}') {
         return Err(Error::internal("a sealed audit entry is not a JSON object"));
     }

@@ -333,8 +333,8 @@ pub fn verify(
 /// A CRL ready for lookups: parsed once, its revoked serials in a set, its signature checked
 /// once per issuer key.
 struct PreparedCrl {
-    /// The CRL (kept to check its signature against a new issuer key).
-    der: Arc<[u8]>,
+    /// What checking its signature against an issuer key takes.
+    signature: CrlSignature,
     /// Its issuer, as the raw DER Name.
     issuer: Vec<u8>,
     /// Whether it carries an issuingDistributionPoint (its scope is then left to webpki).
@@ -356,6 +356,40 @@ pub fn prepare_crls(set: &RootSet) -> usize {
         .count()
 }
 
+/// How a prepared CRL's signature is checked against an issuer key.
+enum CrlSignature {
+    /// ECDSA: the digest of the TBSCertList, taken once, and the signature. A new issuer key
+    /// costs one verification, not a parse and a hash of the whole CRL (1 s for a million
+    /// entries, on the handshake that met the key first).
+    Ecdsa {
+        sha_bits: u16,
+        digest: aws_lc_rs::digest::Digest,
+        signature: Vec<u8>,
+    },
+    /// Any other algorithm: the whole CRL, parsed again for each new issuer key.
+    Whole(Arc<[u8]>),
+}
+
+/// The aws-lc-rs algorithm for an ECDSA signature with SHA-`sha_bits` by the key `spki`.
+fn ecdsa_algorithm(
+    spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>,
+    sha_bits: u16,
+) -> Option<&'static aws_lc_rs::signature::EcdsaVerificationAlgorithm> {
+    use aws_lc_rs::signature as sig;
+    use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384};
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
+        return None;
+    }
+    let curve = spki.algorithm.parameters.as_ref()?.as_oid().ok()?;
+    match (curve, sha_bits) {
+        (c, 256) if c == OID_EC_P256 => Some(&sig::ECDSA_P256_SHA256_ASN1),
+        (c, 384) if c == OID_EC_P256 => Some(&sig::ECDSA_P256_SHA384_ASN1),
+        (c, 256) if c == OID_NIST_EC_P384 => Some(&sig::ECDSA_P384_SHA256_ASN1),
+        (c, 384) if c == OID_NIST_EC_P384 => Some(&sig::ECDSA_P384_SHA384_ASN1),
+        _ => None,
+    }
+}
+
 /// The prepared form of `crl`, from a process-wide cache keyed by its digest and length.
 fn prepare_crl(crl: &crate::rootset::CrlRecord) -> Option<Arc<PreparedCrl>> {
     use x509_parser::revocation_list::CertificateRevocationList;
@@ -375,8 +409,26 @@ fn prepare_crl(crl: &crate::rootset::CrlRecord) -> Option<Arc<PreparedCrl>> {
         .extensions()
         .iter()
         .any(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_ISSUER_DISTRIBUTION_POINT);
+    let signature = {
+        use aws_lc_rs::digest::{digest, SHA256, SHA384};
+        use x509_parser::oid_registry::{OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384};
+        let alg = &parsed.signature_algorithm.algorithm;
+        let tbs = parsed.tbs_cert_list.as_ref();
+        let ecdsa = |sha_bits, digest| CrlSignature::Ecdsa {
+            sha_bits,
+            digest,
+            signature: parsed.signature_value.data.to_vec(),
+        };
+        if *alg == OID_SIG_ECDSA_WITH_SHA256 {
+            ecdsa(256, digest(&SHA256, tbs))
+        } else if *alg == OID_SIG_ECDSA_WITH_SHA384 {
+            ecdsa(384, digest(&SHA384, tbs))
+        } else {
+            CrlSignature::Whole(Arc::from(crl.der.as_slice()))
+        }
+    };
     let prepared = Arc::new(PreparedCrl {
-        der: Arc::from(crl.der.as_slice()),
+        signature,
         issuer: parsed.issuer().as_raw().to_vec(),
         scoped,
         revoked: parsed
@@ -406,12 +458,21 @@ impl PreparedCrl {
         {
             return ok;
         }
-        let ok = match (
-            CertificateRevocationList::from_der(&self.der),
-            x509_parser::x509::SubjectPublicKeyInfo::from_der(issuer_spki),
-        ) {
-            (Ok((_, crl)), Ok((_, spki))) => crl.verify_signature(&spki).is_ok(),
-            _ => false,
+        let Ok((_, spki)) = x509_parser::x509::SubjectPublicKeyInfo::from_der(issuer_spki) else {
+            return false;
+        };
+        let ok = match &self.signature {
+            CrlSignature::Ecdsa {
+                sha_bits,
+                digest,
+                signature,
+            } => ecdsa_algorithm(&spki, *sha_bits).is_some_and(|alg| {
+                aws_lc_rs::signature::UnparsedPublicKey::new(alg, &spki.subject_public_key.data)
+                    .verify_digest(digest, signature)
+                    .is_ok()
+            }),
+            CrlSignature::Whole(der) => CertificateRevocationList::from_der(der)
+                .is_ok_and(|(_, crl)| crl.verify_signature(&spki).is_ok()),
         };
         if let Ok(mut m) = self.signature_ok.lock() {
             m.insert(issuer_spki.to_vec(), ok);
@@ -484,5 +545,78 @@ pub fn read_chain(path: &std::path::Path) -> Result<Vec<Vec<u8>>> {
 impl From<Refusal> for Error {
     fn from(r: Refusal) -> Self {
         Error::NotTrusted(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use m2mpki_hsm::{KeyType, SoftwareKey};
+    use rcgen::PublicKeyData;
+
+    /// A CRL revoking serial 0x0a, signed by a fresh CA key of `key_type`; and that key.
+    fn crl_by(key_type: KeyType) -> (crate::rootset::CrlRecord, SoftwareKey) {
+        let key = SoftwareKey::generate(key_type).unwrap();
+        let mut ca = rcgen::CertificateParams::default();
+        ca.distinguished_name = rcgen::DistinguishedName::new();
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "CRL test CA");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        let issuer = rcgen::Issuer::new(ca, &key);
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from(10u64),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            }],
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .unwrap();
+        let record = crate::rootset::CrlRecord::from_der(crl.der(), "test").unwrap();
+        (record, key)
+    }
+
+    #[test]
+    fn prepared_crls_check_signatures_against_the_right_key_only() {
+        let stranger = SoftwareKey::generate(KeyType::P256).unwrap();
+        for key_type in [KeyType::P256, KeyType::P384, KeyType::Ed25519] {
+            let (crl, key) = crl_by(key_type);
+            let prepared = prepare_crl(&crl).expect("prepared");
+            assert!(prepared.revoked.contains([10u8].as_slice()), "{key_type}");
+            // Twice each: the second answer comes from the per-key memo.
+            for _ in 0..2 {
+                assert!(
+                    prepared.signed_by(&key.subject_public_key_info()),
+                    "{key_type}"
+                );
+                assert!(
+                    !prepared.signed_by(&stranger.subject_public_key_info()),
+                    "{key_type}"
+                );
+            }
+            assert!(!prepared.signed_by(b"not an SPKI"), "{key_type}");
+        }
+    }
+
+    #[test]
+    fn a_tampered_crl_signature_is_refused() {
+        let (crl, key) = crl_by(KeyType::P256);
+        // Flip a bit of the signature (the last octet of the DER is inside it).
+        let mut der = crl.der.clone();
+        *der.last_mut().unwrap() ^= 1;
+        let tampered = crate::rootset::CrlRecord::from_der(&der, "tampered").unwrap();
+        let prepared = prepare_crl(&tampered).expect("still parses");
+        assert!(!prepared.signed_by(&key.subject_public_key_info()));
     }
 }
