@@ -90,14 +90,17 @@ impl Der {
         self.0.extend_from_slice(der);
     }
 
+    /// An OBJECT IDENTIFIER. [`Oid`] guarantees two arcs at least; the first two share one
+    /// subidentifier, which can exceed 64 bits (arc 2 takes any second arc).
     fn oid(&mut self, arcs: &[u64]) {
         self.tlv(OID, |d| {
             let (first, rest) = match arcs {
-                [a, b, rest @ ..] => (a * 40 + b, rest),
-                _ => unreachable!("OIDs here have at least two arcs"),
+                [a, b, rest @ ..] => (u128::from(*a) * 40 + u128::from(*b), rest),
+                [a] => (u128::from(*a) * 40, &[][..]),
+                [] => (0, &[][..]),
             };
-            for arc in std::iter::once(first).chain(rest.iter().copied()) {
-                let groups = (64 - arc.leading_zeros()).max(1).div_ceil(7);
+            for arc in std::iter::once(first).chain(rest.iter().map(|a| u128::from(*a))) {
+                let groups = (128 - arc.leading_zeros()).max(1).div_ceil(7);
                 for i in (0..groups).rev() {
                     let septet = ((arc >> (7 * i)) & 0x7f) as u8;
                     d.0.push(if i == 0 { septet } else { septet | 0x80 });
@@ -627,6 +630,30 @@ mod tests {
             l.not_after = na;
             assert_same_as_rcgen(KeyType::P256, &l);
         }
+    }
+
+    #[test]
+    fn oids_with_huge_arcs_encode_like_yasna() {
+        for arcs in [
+            &[2u64, 999, 3][..],
+            &[1, 3, 6, 1, 4, 1, u64::MAX],
+            &[2, 1 << 40],
+        ] {
+            let mut d = Der::default();
+            d.oid(arcs);
+            let reference = yasna::construct_der(|w| {
+                w.write_oid(&yasna::models::ObjectIdentifier::from_slice(arcs))
+            });
+            assert_eq!(d.0, reference, "{arcs:?}");
+        }
+        // Beyond 64 bits for the first subidentifier: 2.(2^64 - 1) is 2^64 + 79 = 2 * 128^9 + 79,
+        // ten base-128 digits (yasna refuses such OIDs with a panic; `Oid` accepts them).
+        let mut d = Der::default();
+        d.oid(&[2, u64::MAX]);
+        assert_eq!(
+            d.0,
+            [6, 10, 0x82, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x4f]
+        );
     }
 
     #[test]
