@@ -205,6 +205,11 @@ impl FromStr for Oid {
         if arcs[0] > 2 || (arcs[0] < 2 && arcs[1] > 39) {
             return bad("the first arcs are out of range");
         }
+        // The first two arcs share one subidentifier (40 * first + second), which parsers,
+        // ours included, read as 64 bits, and yasna (rcgen's writer) refuses from 2^64 - 81 on.
+        if arcs[1] >= u64::MAX - 80 {
+            return bad("the second arc is too large");
+        }
         Ok(Oid(arcs))
     }
 }
@@ -497,8 +502,20 @@ mod tests {
             "1.3.6.1.4.1.99999.1".parse::<Oid>().unwrap().to_string(),
             "1.3.6.1.4.1.99999.1"
         );
-        for bad in ["1", "3.1", "1.40", "1..2", "a.b"] {
+        for bad in ["1", "3.1", "1.40", "1..2", "a.b", "2.18446744073709551535"] {
             assert!(bad.parse::<Oid>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_largest_accepted_oid_reads_back_from_der() {
+        // 2.(2^64 - 82): its first subidentifier, 2^64 - 2, is the largest yasna writes and
+        // reads (`from_certificate` reads hwType with it).
+        let oid: Oid = "2.18446744073709551534.7".parse().unwrap();
+        let der = yasna::construct_der(|w| {
+            w.write_oid(&yasna::models::ObjectIdentifier::from_slice(oid.arcs()))
+        });
+        let read = yasna::parse_der(&der, |r| r.read_oid()).unwrap();
+        assert_eq!(read.components().as_slice(), oid.arcs());
     }
 }
