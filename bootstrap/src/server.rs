@@ -211,7 +211,8 @@ impl Server {
         &self.shared.store_key
     }
 
-    /// Binds the configured address, with an accept queue of `limits.max_connections`.
+    /// Binds the configured address, with an accept queue of `limits.max_connections` (at
+    /// least 128).
     pub async fn bind(&self) -> Result<TcpListener> {
         let addr = self.shared.config.listen;
         listen(addr, self.shared.config.limits.max_connections).map_err(|e| Error::Connect {

@@ -14,7 +14,7 @@ use crate::constraints::NameConstraints;
 use crate::dn::{dn_to_string, organization, parse_dn};
 use crate::home::Home;
 use crate::identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId};
-use crate::leaf_der::{LeafFields, LeafSan, LeafTemplate, SubjectAttr};
+use crate::leaf_der::{subject_text, LeafFields, LeafSan, LeafTemplate, SubjectAttr};
 use crate::profile::{KeyUsage, LeafProfile, ProfileKind};
 use crate::serial::Serial;
 use crate::store::{CertRecord, CertStatus, NewCert, Store};
@@ -368,7 +368,6 @@ pub struct Approved {
     identity: Option<FieldNodeIdentity>,
     subject_key: String,
     subject: String,
-    serial: Serial,
 }
 
 impl Approved {
@@ -553,18 +552,11 @@ impl Authority {
                 )
             }
         };
-        // Most specific first, as `dn_to_string` writes names.
-        let subject_text = subject
-            .iter()
-            .rev()
-            .map(SubjectAttr::text)
-            .collect::<Vec<_>>()
-            .join(", ");
-        let serial = Serial::random()?;
+        let subject_text = subject_text(&subject);
         let public_key = req.public_key.der_bytes().to_vec();
         Ok(Approved {
             fields: LeafFields {
-                serial: serial.as_bytes().to_vec(),
+                serial: Serial::random()?,
                 not_before,
                 not_after,
                 subject,
@@ -579,7 +571,6 @@ impl Authority {
             identity,
             subject_key,
             subject: subject_text,
-            serial,
         })
     }
 
@@ -602,7 +593,7 @@ impl Authority {
         let sha256 = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &der));
         Ok(NewCert {
             record: CertRecord {
-                serial: approved.serial,
+                serial: approved.fields.serial,
                 ca: self.record.name.clone(),
                 profile: approved.kind,
                 subject_key: approved.subject_key,

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 
 use crate::identity::{Oid, HARDWARE_MODULE_NAME, SERIAL_NUMBER_ATTR};
 use crate::profile::{ExtKeyUsage, KeyUsage};
+use crate::serial::Serial;
 use crate::{Error, Result};
 
 const SEQUENCE: u8 = 0x30;
@@ -181,14 +182,25 @@ pub(crate) enum SubjectAttr {
 }
 
 impl SubjectAttr {
-    /// `O=...` and the like, as `dn_to_string` writes them.
-    pub(crate) fn text(&self) -> String {
+    /// `O=...` and the like, as [`crate::dn::dn_to_string`] writes them.
+    fn text(&self) -> String {
         match self {
             SubjectAttr::Organization(v) => format!("O={v}"),
             SubjectAttr::CommonName(v) => format!("CN={v}"),
             SubjectAttr::SerialNumber(v) => format!("serialNumber={v}"),
         }
     }
+}
+
+/// A subject as text, most specific attribute first, as [`crate::dn::dn_to_string`] writes
+/// names (the tests hold the two to the same output).
+pub(crate) fn subject_text(subject: &[SubjectAttr]) -> String {
+    subject
+        .iter()
+        .rev()
+        .map(SubjectAttr::text)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The one subjectAltName entry of a leaf.
@@ -205,7 +217,7 @@ pub(crate) enum LeafSan {
 /// Every field of one end-entity certificate.
 #[derive(Clone, Debug)]
 pub(crate) struct LeafFields {
-    pub serial: Vec<u8>,
+    pub serial: Serial,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
     pub subject: Vec<SubjectAttr>,
@@ -261,7 +273,7 @@ impl LeafTemplate {
         let mut d = Der::with_capacity(512);
         d.tlv(SEQUENCE, |d| {
             d.tlv(context_constructed(0), |d| d.primitive(INTEGER, &[2]));
-            d.unsigned(&leaf.serial);
+            d.unsigned(leaf.serial.as_bytes());
             d.raw(&self.signature_algorithm);
             d.raw(&self.issuer);
             d.tlv(SEQUENCE, |d| {
@@ -450,7 +462,7 @@ mod tests {
                 p.subject_alt_names = vec![SanType::DnsName(n.as_str().try_into().unwrap())]
             }
         }
-        p.serial_number = Some(rcgen::SerialNumber::from_slice(&leaf.serial));
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(leaf.serial.as_bytes()));
         p.not_before = leaf.not_before;
         p.not_after = leaf.not_after;
         p.is_ca = IsCa::ExplicitNoCa;
@@ -493,9 +505,9 @@ mod tests {
         let key = SoftwareKey::generate(key_type).unwrap();
         let public_key = key.der_bytes().to_vec();
         LeafFields {
-            serial: vec![
+            serial: Serial::from_bytes(&[
                 0x01, 0x9a, 0xc0, 0xff, 0xee, 0x00, 0x80, 0x7f, 0, 1, 2, 3, 4, 5, 6, 7,
-            ],
+            ]),
             not_before: datetime!(2026-11-28 06:00:00 UTC),
             not_after: datetime!(2051-01-01 00:00:00 UTC),
             subject,
@@ -535,7 +547,12 @@ mod tests {
             d.0
         })
         .unwrap();
-        let reference = rcgen_params(leaf).signed_by(&spki, &issuer).unwrap();
+        let params = rcgen_params(leaf);
+        assert_eq!(
+            subject_text(&leaf.subject),
+            crate::dn::dn_to_string(&params.distinguished_name)
+        );
+        let reference = params.signed_by(&spki, &issuer).unwrap();
         let (_, parsed) = X509Certificate::from_der(reference.der()).unwrap();
         assert_eq!(
             hex::encode(&ours),
@@ -611,7 +628,7 @@ mod tests {
             ],
             KeyType::P256,
         );
-        l.serial = vec![0, 0, 0x80, 1];
+        l.serial = Serial::from_bytes(&[0, 0, 0x80, 1]);
         for (nb, na) in [
             (
                 datetime!(1949-12-31 23:59:59 UTC),
