@@ -134,6 +134,59 @@ pub struct BatchReport {
     pub files_restored: usize,
     /// IDs whose certificate exists but whose generated key file is missing.
     pub missing_keys: Vec<String>,
+    /// IDs whose key file in the output folder is not the key of their certificate. Their
+    /// certificate file was not written: a certificate is never left beside a key that is not
+    /// its own. Callers must treat a non-empty list as a failed batch.
+    pub key_mismatches: Vec<KeyMismatch>,
+}
+
+/// A key file that does not belong to the certificate it would sit beside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyMismatch {
+    /// The pre-provisioned ID.
+    pub id: String,
+    /// The key file (`<ID>.key.pem` in the output folder).
+    pub key_file: PathBuf,
+    /// Why it does not pair with the certificate.
+    pub reason: String,
+}
+
+/// Whether the key file at `path`, if there is one, is the key of the public key `spki` (DER
+/// SubjectPublicKeyInfo). `None`: no file, or the file holds exactly that key. `Some(reason)`:
+/// a file is there and it is not (or cannot be shown to be) that key.
+fn key_file_mismatch(
+    path: &Path,
+    spki: &[u8],
+    passphrase: Option<&Passphrase>,
+) -> Result<Option<String>> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, e)),
+        Ok(_) => {}
+    }
+    match SoftwareKey::load(path, passphrase) {
+        Ok(key) if key.subject_public_key_info() == spki => Ok(None),
+        Ok(_) => Ok(Some(
+            "the key file holds a different key than the certificate's".into(),
+        )),
+        Err(e) => Ok(Some(format!("the key file cannot be read to compare: {e}"))),
+    }
+}
+
+/// Removes a file; one that is already gone is fine.
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// The DER SubjectPublicKeyInfo of a certificate from the ledger.
+fn cert_spki(der: &[u8]) -> Result<Vec<u8>> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| Error::Store(format!("a certificate in the ledger does not parse: {e}")))?;
+    Ok(cert.tbs_certificate.subject_pki.raw.to_vec())
 }
 
 /// Reads an ID list: one ID per line; blank lines and lines starting with `#` are skipped.
@@ -563,8 +616,15 @@ pub fn run_batch(
                     files::write_atomic(&cert_path(s.id), &s.output, NO_SYNC)?;
                     issued += 1;
                 }
-                // Another process issued this ID meanwhile.
-                RecordOutcome::AlreadyLive(_) => already += 1,
+                // Another process issued this ID meanwhile. The key written for it above was
+                // never certified: remove it, so no later run restores the other process's
+                // certificate beside it.
+                RecordOutcome::AlreadyLive(_) => {
+                    if generate_keys && !bundled {
+                        remove_if_present(&key_path(s.id))?;
+                    }
+                    already += 1
+                }
             }
         }
         if !body.is_empty() {
@@ -633,8 +693,25 @@ pub fn run_batch(
                                 let path = cert_path(id);
                                 if !path.exists() {
                                     let (_, der) = recorded()?;
-                                    files::write_atomic(&path, &cert_bytes(&der), NO_SYNC)?;
-                                    report.files_restored += 1;
+                                    let key_file = key_path(id);
+                                    match key_file_mismatch(
+                                        &key_file,
+                                        &cert_spki(&der)?,
+                                        opts.key_passphrase.as_ref(),
+                                    )? {
+                                        Some(reason) => {
+                                            report.key_mismatches.push(KeyMismatch {
+                                                id: id_text.clone(),
+                                                key_file,
+                                                reason,
+                                            });
+                                            continue;
+                                        }
+                                        None => {
+                                            files::write_atomic(&path, &cert_bytes(&der), NO_SYNC)?;
+                                            report.files_restored += 1;
+                                        }
+                                    }
                                 }
                             }
                             let has_key = if bundled {
@@ -648,7 +725,26 @@ pub fn run_batch(
                                 report.missing_keys.push(id_text);
                             }
                         }
-                        None => todo.push((id, subj, csr)),
+                        None => {
+                            // A CSR's certificate goes beside no key of ours: a key file already
+                            // there under its name belongs to some other certificate.
+                            if let (Some(csr), false) = (csr, bundled) {
+                                let key_file = key_path(id);
+                                if let Some(reason) = key_file_mismatch(
+                                    &key_file,
+                                    &csr.public_key.subject_public_key_info(),
+                                    opts.key_passphrase.as_ref(),
+                                )? {
+                                    report.key_mismatches.push(KeyMismatch {
+                                        id: id.to_string(),
+                                        key_file,
+                                        reason,
+                                    });
+                                    continue;
+                                }
+                            }
+                            todo.push((id, subj, csr))
+                        }
                     }
                 }
 

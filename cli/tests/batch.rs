@@ -583,3 +583,170 @@ fn a_bundle_batch_killed_midway_and_rerun_loses_nothing() {
     assert_eq!(lab.cert_count(), n);
     assert_no_temp_files(&out);
 }
+
+/// The SubjectPublicKeyInfo of the certificate in a PEM file and of a key file.
+fn cert_spki(cert_pem: &Path) -> Vec<u8> {
+    let der = first_der(cert_pem);
+    let (_, c) = X509Certificate::from_der(&der).unwrap();
+    c.tbs_certificate.subject_pki.raw.to_vec()
+}
+
+fn key_spki(key_pem: &Path) -> Vec<u8> {
+    SoftwareKey::load(key_pem, None)
+        .unwrap()
+        .subject_public_key_info()
+}
+
+/// Every `<ID>.pem` in `out` that has an `<ID>.key.pem` beside it holds that key's public key.
+/// Returns (pairs, certificates without a key).
+fn assert_pairs_match(out: &Path) -> (usize, usize) {
+    let (mut pairs, mut keyless) = (0, 0);
+    for cert in pem_files(out) {
+        let key = cert.with_extension("key.pem");
+        if key.exists() {
+            assert_eq!(cert_spki(&cert), key_spki(&key), "{}", cert.display());
+            pairs += 1;
+        } else {
+            keyless += 1;
+        }
+    }
+    (pairs, keyless)
+}
+
+fn batch_args<'a>(ids: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "issue",
+        "batch",
+        "--ca",
+        names::MFR_CA,
+        "--profile",
+        "device",
+        "--ids",
+        ids,
+        "--out-dir",
+        out,
+    ]
+}
+
+/// A stray key file under an ID's name never gets a certificate written beside it: a live ID
+/// whose certificate would be restored there is reported (exit 2) and left without one; an ID
+/// issued now gets a fresh key that replaces the stray.
+#[test]
+fn a_stray_key_file_never_gets_a_foreign_certificate() {
+    let lab = Lab::new();
+    let ids = lab.path("ids.txt");
+    let (first, out) = (lab.path("first"), lab.path("out"));
+    std::fs::write(&ids, "X-1\n").unwrap();
+    let (ids_s, first_s, out_s) = (
+        ids.to_str().unwrap(),
+        first.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    lab.json(&batch_args(ids_s, first_s)); // X-1 is live, its files in `first`
+    std::fs::create_dir_all(&out).unwrap();
+    let stray = SoftwareKey::generate(m2mpki_hsm::KeyType::P256).unwrap();
+    for id in ["X-1", "X-2"] {
+        std::fs::write(
+            out.join(format!("{id}.key.pem")),
+            stray.to_pkcs8_pem(None).unwrap().as_bytes(),
+        )
+        .unwrap();
+    }
+    std::fs::write(&ids, "X-1\nX-2\n").unwrap();
+    let mut args = vec!["--json"];
+    args.extend(batch_args(ids_s, out_s));
+    let run = lab.run(&args);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert!(err.contains("X-1") && err.contains("X-1.key.pem"), "{err}");
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(report["issued"], 1);
+    assert_eq!(report["files_restored"], 0);
+    assert_eq!(report["key_mismatches"][0]["id"], "X-1");
+    assert!(
+        !out.join("X-1.pem").exists(),
+        "no certificate beside a foreign key"
+    );
+    // X-2 was issued now: its key file is the new key, not the stray.
+    assert_ne!(
+        key_spki(&out.join("X-2.key.pem")),
+        stray.subject_public_key_info()
+    );
+    assert_eq!(assert_pairs_match(&out), (1, 0));
+    // With the stray moved away, the rerun restores X-1's certificate (keyless, reported).
+    std::fs::remove_file(out.join("X-1.key.pem")).unwrap();
+    let again = lab.json(&batch_args(ids_s, out_s));
+    assert_eq!(again["files_restored"], 1);
+    assert_eq!(again["missing_keys"][0], "X-1");
+    assert_eq!(
+        cert_spki(&out.join("X-1.pem")),
+        key_spki(&first.join("X-1.key.pem"))
+    );
+}
+
+/// Two batches of the same IDs into two folders at once: each ID is issued once, and neither
+/// folder ever holds a certificate beside a key that is not its own, also after a rerun.
+#[test]
+fn concurrent_batches_of_the_same_ids_never_mismatch_keys() {
+    let lab = Lab::new();
+    let ids = lab.path("ids.txt");
+    write_ids(&ids, "C-", 2000);
+    let (a, b) = (lab.path("a"), lab.path("b"));
+    let spawn = |out: &Path| {
+        let mut args = vec!["--json".to_owned()];
+        args.extend(
+            batch_args(ids.to_str().unwrap(), out.to_str().unwrap())
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        args.extend(["--chunk".into(), "64".into()]);
+        lab.cmd()
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (ca, cb) = (spawn(&a), spawn(&b));
+    let (ra, rb) = (
+        ca.wait_with_output().unwrap(),
+        cb.wait_with_output().unwrap(),
+    );
+    for r in [&ra, &rb] {
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    }
+    let (va, vb): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_slice(&ra.stdout).unwrap(),
+        serde_json::from_slice(&rb.stdout).unwrap(),
+    );
+    let issued = va["issued"].as_u64().unwrap() + vb["issued"].as_u64().unwrap();
+    assert_eq!(issued, 2000, "{va} {vb}");
+    assert_eq!(lab.cert_count(), 2000);
+    // A folder also gets (keyless, reported) the certificates of IDs the other batch won: the
+    // batch restores every live ID's certificate. None sits beside a foreign key.
+    let (pa, ka) = assert_pairs_match(&a);
+    let (pb, kb) = assert_pairs_match(&b);
+    assert_eq!(pa + pb, 2000);
+    assert_eq!(ka, va["missing_keys"].as_array().unwrap().len(), "{va}");
+    assert_eq!(kb, vb["missing_keys"].as_array().unwrap().len(), "{vb}");
+    // Keys of IDs a folder lost are gone (they were never certified).
+    let keys = |d: &Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".key.pem"))
+            .count()
+    };
+    assert_eq!(keys(&a) + keys(&b), 2000);
+    // A rerun after losing every certificate file: all come back, each beside its own key or
+    // none.
+    for cert in pem_files(&b) {
+        std::fs::remove_file(cert).unwrap();
+    }
+    let again = lab.json(&batch_args(ids.to_str().unwrap(), b.to_str().unwrap()));
+    assert_eq!(again["files_restored"], 2000);
+    assert_eq!(again["issued"], 0);
+    assert_eq!(again["missing_keys"].as_array().unwrap().len(), 2000 - pb);
+    assert_eq!(again["key_mismatches"].as_array().unwrap().len(), 0);
+    assert_eq!(assert_pairs_match(&b), (pb, 2000 - pb));
+}
