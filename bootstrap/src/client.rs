@@ -74,19 +74,58 @@ pub struct Enrolled {
     pub credential: Secret32,
 }
 
-/// Explains an HTTP failure: a TLS alert from the IN (it refused our certificate) is a
-/// handshake refusal; anything else breaks the protocol.
+/// Whether an I/O error carries a TLS-level failure (an alert received or sent, a certificate
+/// refused): a refusal, not a broken network.
+fn tls_failure(err: &std::io::Error) -> bool {
+    err.get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+}
+
+/// Explains a failed TLS handshake: a TLS-level failure is a refusal ([`Error::Handshake`]);
+/// anything else (EOF, reset) a broken network ([`Error::Network`]).
+fn handshake_error(peer: &str, err: std::io::Error) -> Error {
+    if tls_failure(&err) {
+        Error::Handshake {
+            peer: peer.to_owned(),
+            reason: err.to_string(),
+        }
+    } else {
+        Error::Network {
+            peer: peer.to_owned(),
+            reason: format!("during the TLS handshake: {err}"),
+        }
+    }
+}
+
+/// Explains an HTTP failure: a TLS failure such as the IN's alert (it refused our certificate,
+/// which TLS 1.3 tells only now) is a handshake refusal; a connection that closed or broke is
+/// the network; anything else breaks the protocol.
 fn http_error(peer: &str, err: &hyper::Error) -> Error {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    let mut io = false;
     while let Some(e) = source {
-        let text = e.to_string();
-        if text.contains("alert") {
+        if let Some(ioe) = e.downcast_ref::<std::io::Error>() {
+            if tls_failure(ioe) {
+                return Error::Handshake {
+                    peer: peer.to_owned(),
+                    reason: ioe.to_string(),
+                };
+            }
+            io = true;
+        }
+        if e.downcast_ref::<rustls::Error>().is_some() {
             return Error::Handshake {
                 peer: peer.to_owned(),
-                reason: text,
+                reason: e.to_string(),
             };
         }
         source = e.source();
+    }
+    if io || err.is_closed() || err.is_incomplete_message() || err.is_canceled() {
+        return Error::Network {
+            peer: peer.to_owned(),
+            reason: format!("HTTP: {err}"),
+        };
     }
     Error::Protocol(format!("HTTP: {err}"))
 }
@@ -103,7 +142,32 @@ pub async fn enroll(e: Enrolment) -> Result<Enrolled> {
         })?
 }
 
-async fn enroll_inner(e: Enrolment) -> Result<Enrolled> {
+/// A mutually authenticated TLS session with the IN, before any request: what
+/// [`enroll`] builds on, and a way for tests and other bindings to speak on the session.
+pub struct Connected {
+    /// The TLS stream.
+    pub tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    /// `RootCredentialWrapKey`, exported from the session.
+    pub wrap_key: Secret32,
+    /// The negotiated TLS version.
+    pub tls_version: String,
+    /// `FQDN (address)`, for messages.
+    pub peer: String,
+    /// The identity in our own certificate.
+    pub own_identity: FieldNodeIdentity,
+}
+
+impl std::fmt::Debug for Connected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connected")
+            .field("peer", &self.peer)
+            .field("tls_version", &self.tls_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects to the profile's IN and completes the mutual TLS handshake and the export.
+pub async fn connect(e: &Enrolment) -> Result<Connected> {
     let fqdn = e.profile.in_fqdn.clone();
     let leaf = e.chain.first().ok_or_else(|| Error::BadConfig {
         path: "--cert".into(),
@@ -151,18 +215,34 @@ async fn enroll_inner(e: Enrolment) -> Result<Enrolled> {
         })?;
     let _ = tcp.set_nodelay(true);
     let server_name = ServerName::try_from(fqdn.to_string()).map_err(Error::internal)?;
+    let peer = format!("{fqdn} ({addr})");
     let tls = TlsConnector::from(Arc::new(config))
         .connect(server_name, tcp)
         .await
-        .map_err(|err| Error::Handshake {
-            peer: format!("{fqdn} ({addr})"),
-            reason: err.to_string(),
-        })?;
+        .map_err(|err| handshake_error(&peer, err))?;
     let (_, conn) = tls.get_ref();
     let wrap_key = tls::export_wrap_key(conn)?;
     let tls_version = conn
         .protocol_version()
         .map_or_else(|| "?".into(), |v| format!("{v:?}"));
+    Ok(Connected {
+        tls,
+        wrap_key,
+        tls_version,
+        peer,
+        own_identity,
+    })
+}
+
+async fn enroll_inner(e: Enrolment) -> Result<Enrolled> {
+    let fqdn = e.profile.in_fqdn.clone();
+    let Connected {
+        tls,
+        wrap_key,
+        tls_version,
+        peer,
+        own_identity,
+    } = connect(&e).await?;
 
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
@@ -180,7 +260,6 @@ async fn enroll_inner(e: Enrolment) -> Result<Enrolled> {
         .map_err(Error::internal)?;
     // In TLS 1.3 the client's handshake ends before the IN has judged its certificate; a
     // refusal then arrives as an alert while the request is under way.
-    let peer = format!("{fqdn} ({addr})");
     let resp = match sender.send_request(req).await {
         Ok(r) => r,
         Err(err) => {
@@ -197,7 +276,10 @@ async fn enroll_inner(e: Enrolment) -> Result<Enrolled> {
     let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
         .collect()
         .await
-        .map_err(|err| Error::Protocol(format!("reading the response: {err}")))?
+        .map_err(|err| match err.downcast::<hyper::Error>() {
+            Ok(h) => http_error(&peer, &h),
+            Err(other) => Error::Protocol(format!("reading the response: {other}")),
+        })?
         .to_bytes();
     driver.abort();
     if !status.is_success() {

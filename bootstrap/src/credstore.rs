@@ -179,6 +179,7 @@ impl CredentialStore {
     /// Opens (creating) the store `bootstrap.redb` in `home`.
     pub fn open(home: &Path) -> Result<Self> {
         let path = home.join("bootstrap.redb");
+        m2mpki_hsm::files::ensure_private_file(&path).map_err(|e| Error::Store(e.to_string()))?;
         let db = redb::Builder::new()
             .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
             .create(&path)

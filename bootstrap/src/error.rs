@@ -45,6 +45,14 @@ pub enum Error {
     /// integrity failure (verification).
     #[error("protocol violation by the Infrastructure Node: {0}")]
     Protocol(String),
+    /// The connection broke (reset, closed early) without a refusal from the peer (network).
+    #[error("the connection to {peer} broke: {reason}")]
+    Network {
+        /// The peer.
+        peer: String,
+        /// What happened.
+        reason: String,
+    },
     /// The peer took too long (network).
     #[error("timed out {0}")]
     Timeout(String),
@@ -81,6 +89,7 @@ impl Error {
             Error::Key(e) if e.is_bad_input() => K::BadInput,
             Error::Key(_)
             | Error::Connect { .. }
+            | Error::Network { .. }
             | Error::Timeout(_)
             | Error::Store(_)
             | Error::Io { .. }

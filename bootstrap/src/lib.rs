@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod credstore;
 mod error;
+mod http_head;
 pub mod protocol;
 pub mod server;
 pub mod tls;

@@ -17,12 +17,14 @@ use m2mpki_ca::verify::Verified;
 use m2mpki_ca::{Home, RedbStore, Store};
 use m2mpki_hsm::tls::TlsKey;
 use m2mpki_hsm::Keystore;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
 use crate::credstore::{CredentialStore, GroupCommitter, NewCredential, StoreKey};
+use crate::http_head::{self, Head, Rewind};
 use crate::protocol::{
     self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, ErrorDetail, Secret32, PATH,
     VERSION, WRAP_ALGORITHM,
@@ -364,15 +366,47 @@ async fn serve_connection(
         let session = session.clone();
         async move { Ok::<_, Infallible>(session.handle(req).await) }
     });
-    let http = hyper::server::conn::http1::Builder::new()
-        .keep_alive(false)
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.idle_timeout)
-        .serve_connection(TokioIo::new(tls), service);
-    match tokio::time::timeout(limits.idle_timeout, http).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
-        Err(_) => tracing::info!(%peer, "connection idle too long; closed"),
+    let max_body = limits.max_body;
+    let exchange = async move {
+        let mut tls = tls;
+        // The head is checked here, so that every refusal carries the JSON error document.
+        let buffered = match http_head::read(&mut tls, max_body).await {
+            Ok(Head::Ok { buffered }) => buffered,
+            Ok(Head::Closed) => return,
+            Ok(Head::Refuse(r)) => {
+                tracing::info!(%peer, code = r.code, "malformed request refused");
+                let body = error_body(r.code, r.message);
+                let _ = tls
+                    .write_all(&http_head::json_response(r.status, &body))
+                    .await;
+                let _ = tls.shutdown().await;
+                // Read on for a moment before closing: closing with unread input makes the
+                // kernel send a reset, which can destroy the answer before the client reads it.
+                http_head::drain(&mut tls).await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection ended before a request");
+                return;
+            }
+        };
+        // Half-close on: a client that shuts its write side after a whole request still gets
+        // its answer.
+        let http = hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .half_close(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.idle_timeout)
+            .serve_connection(TokioIo::new(Rewind::new(buffered, tls)), service);
+        if let Err(e) = http.await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    };
+    if tokio::time::timeout(limits.idle_timeout, exchange)
+        .await
+        .is_err()
+    {
+        tracing::info!(%peer, "connection idle too long; closed");
     }
 }
 
@@ -385,7 +419,13 @@ struct Session {
 }
 
 fn reply(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
-    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    json_reply(
+        status,
+        serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec()),
+    )
+}
+
+fn json_reply(status: StatusCode, bytes: Vec<u8>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(bytes)));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -399,16 +439,19 @@ fn reply(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Byte
     r
 }
 
-fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Full<Bytes>> {
-    reply(
-        status,
-        &ErrorBody {
-            error: ErrorDetail {
-                code: code.to_owned(),
-                message: message.into(),
-            },
+/// The error document of docs/protocol.md §5.
+fn error_body(code: &str, message: impl Into<String>) -> Vec<u8> {
+    let doc = ErrorBody {
+        error: ErrorDetail {
+            code: code.to_owned(),
+            message: message.into(),
         },
-    )
+    };
+    serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json_reply(status, error_body(code, message))
 }
 
 impl Session {
@@ -461,7 +504,19 @@ impl Session {
                 )
             }
         };
-        let request: BootstrapRequest = match serde_json::from_slice(&body) {
+        // An object, and nothing else: serde would read a struct from a JSON array too.
+        let object: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(&body)
+        {
+            Ok(o) => o,
+            Err(e) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("the body must be a JSON object: {e}"),
+                )
+            }
+        };
+        let request: BootstrapRequest = match serde_json::from_value(object.into()) {
             Ok(r) => r,
             Err(e) => {
                 return refuse(

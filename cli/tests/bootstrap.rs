@@ -412,6 +412,53 @@ impl Running {
         }))
     }
 
+    /// Sends `request` as it is over a fresh mutual-TLS session of `node`, shutting our write
+    /// side after it when `half_close`; returns the response's status, its JSON body and the
+    /// session's wrap key.
+    fn raw(
+        &self,
+        profile: &FieldNodeProfile,
+        node: &Node,
+        versions: &[TlsVersion],
+        request: &[u8],
+        half_close: bool,
+    ) -> (u16, serde_json::Value, Secret32) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.rt.block_on(async {
+            let e = Enrolment {
+                profile: profile.clone(),
+                chain: m2mpki_bootstrap::tls::load_chain(&node.chain).unwrap(),
+                key: node.key.clone(),
+                connect: Some(self.addr.to_string()),
+                versions: versions.to_vec(),
+                timeout: Duration::from_secs(20),
+            };
+            let mut c = client::connect(&e).await.unwrap();
+            c.tls.write_all(request).await.unwrap();
+            if half_close {
+                c.tls.shutdown().await.unwrap();
+            } else {
+                c.tls.flush().await.unwrap();
+            }
+            let mut out = Vec::new();
+            // Far below the IN's idle timeout (30 s): an answer must come at once. A close
+            // without close_notify ends the read with an error; what was read counts.
+            let _ = tokio::time::timeout(Duration::from_secs(10), c.tls.read_to_end(&mut out))
+                .await
+                .expect("the IN answers within 10 s");
+            let text = String::from_utf8_lossy(&out).into_owned();
+            let (head, body) = text
+                .split_once("\r\n\r\n")
+                .unwrap_or_else(|| panic!("no HTTP response: {text:?}"));
+            let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+            let lower = head.to_ascii_lowercase();
+            assert!(lower.contains("content-type: application/json"), "{head}");
+            let json = serde_json::from_str(body)
+                .unwrap_or_else(|e| panic!("body is not JSON ({e}): {text:?}"));
+            (status, json, c.wrap_key)
+        })
+    }
+
     /// The credential the IN stored for an identity, unsealed.
     fn stored(&self, identity: &str) -> Option<(String, Secret32)> {
         let rec = self.server.credentials().live(identity).unwrap()?;
@@ -1006,4 +1053,158 @@ fn the_cli_enrols_writes_a_private_credential_and_serve_stops_on_sigterm() {
     assert!(!log.contains(secret), "the log shows the credential");
     // The log names the identity it issued for, and nothing secret.
     assert!(log.contains(&node.identity), "{log}");
+}
+
+fn request(headers: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST /bootstrap HTTP/1.1\r\nHost: {IN_FQDN}\r\nContent-Type: application/json\r\n{headers}\r\n{body}"
+    )
+    .into_bytes()
+}
+
+/// docs/protocol.md §5: every refusal carries the JSON error document, and a declared body over
+/// the limit is refused at once, not held until the idle timeout.
+#[test]
+fn malformed_requests_get_their_status_and_the_json_error_document() {
+    let fx = Fixture::new(Backend::Software);
+    let run = Running::start(&fx, fx.config("allow", ""));
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    let node = &fx.nodes["d1"];
+    let ok = r#"{"version":1}"#;
+    let many: String = (0..5000).map(|i| format!("X-{i}: y\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "a JSON array",
+            request("Content-Length: 3\r\n", "[1]"),
+            400,
+            "bad_request",
+        ),
+        (
+            "a JSON string",
+            request("Content-Length: 3\r\n", "\"a\""),
+            400,
+            "bad_request",
+        ),
+        (
+            "a declared body over the limit",
+            request("Content-Length: 1048576\r\n", ok),
+            413,
+            "body_too_large",
+        ),
+        (
+            "two Content-Length headers",
+            request("Content-Length: 13\r\nContent-Length: 13\r\n", ok),
+            400,
+            "bad_request",
+        ),
+        (
+            "a negative Content-Length",
+            request("Content-Length: -13\r\n", ok),
+            400,
+            "bad_request",
+        ),
+        (
+            "an overflowing Content-Length",
+            request("Content-Length: 184467440737095516160\r\n", ok),
+            400,
+            "bad_request",
+        ),
+        (
+            "a NUL in a header",
+            request("X-Evil: a\0b\r\nContent-Length: 13\r\n", ok),
+            400,
+            "bad_request",
+        ),
+        (
+            "5 000 headers",
+            request(&format!("{many}Content-Length: 13\r\n"), ok),
+            431,
+            "header_too_large",
+        ),
+    ];
+    for (what, req, status, code) in cases {
+        let (got, body, _) = run.raw(&profile, node, BOTH[0], &req, false);
+        assert_eq!(got, status, "{what}: {body}");
+        assert_eq!(body["error"]["code"], code, "{what}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{what}"
+        );
+    }
+    assert!(
+        run.stored(&node.identity).is_none(),
+        "no refused request got a credential"
+    );
+    // A well-formed request still gets its credential.
+    let (got, body, _) = run.raw(
+        &profile,
+        node,
+        BOTH[0],
+        &request("Content-Length: 13\r\n", ok),
+        false,
+    );
+    assert_eq!(got, 200, "{body}");
+}
+
+/// A client that shuts its write side right after a whole request (as gnutls-cli does when its
+/// input ends) still gets its credential, over TLS 1.3 and 1.2.
+#[test]
+fn a_client_that_half_closes_after_its_request_gets_its_answer() {
+    let fx = Fixture::new(Backend::Software);
+    let run = Running::start(&fx, fx.config("allow", ""));
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    let node = &fx.nodes["d1"];
+    for versions in BOTH {
+        let req = request("Content-Length: 13\r\n", r#"{"version":1}"#);
+        let (status, body, wrap_key) = run.raw(&profile, node, versions, &req, true);
+        assert_eq!(status, 200, "{versions:?}: {body}");
+        let wrapped = base64::engine::general_purpose::STANDARD
+            .decode(body["wrapped_credential"].as_str().unwrap())
+            .unwrap();
+        let credential = protocol::unwrap(&wrap_key, &wrapped).unwrap();
+        let (id, stored) = run.stored(&node.identity).unwrap();
+        assert_eq!(body["credential_id"], id);
+        assert_eq!(credential.expose(), stored.expose(), "{versions:?}");
+    }
+}
+
+/// A server that accepts and closes at once: the network failed, no IN refused anything (exit 3,
+/// not 1).
+#[test]
+fn an_enrolment_cut_off_by_the_network_exits_3() {
+    let fx = Fixture::new(Backend::Software);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = dead.local_addr().unwrap();
+    let closer = std::thread::spawn(move || {
+        for conn in dead.incoming().take(1) {
+            drop(conn);
+        }
+    });
+    fx.profile(IN_FQDN, sets::INFRA); // writes the profile file
+    let profile_path = fx
+        .dir
+        .path()
+        .join(format!("profile-{}-{IN_FQDN}.toml", sets::INFRA));
+    let node = &fx.nodes["d1"];
+    let out = Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+        .arg("--home")
+        .arg(&fx.home)
+        .args(["bootstrap", "enroll", "--profile"])
+        .arg(&profile_path)
+        .arg("--cert")
+        .arg(&node.chain)
+        .arg("--key")
+        .arg(&node.key_ref)
+        .arg("--out")
+        .arg(fx.dir.path().join("dead.cred"))
+        .args(["--connect", &addr.to_string()])
+        .output()
+        .unwrap();
+    closer.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("broke"), "{err}");
+    assert!(!fx.dir.path().join("dead.cred").exists());
 }
