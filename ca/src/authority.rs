@@ -106,6 +106,9 @@ pub enum CaKey {
     Existing(KeyRef),
 }
 
+/// A CA's lifetime when none is asked for.
+pub const DEFAULT_CA_VALIDITY: Validity = Validity::Years(20);
+
 /// A request to create a CA.
 #[derive(Clone, Debug)]
 pub struct CaInit {
@@ -117,8 +120,9 @@ pub struct CaInit {
     pub parent: Option<String>,
     /// The key.
     pub key: CaKey,
-    /// Lifetime.
-    pub validity: Validity,
+    /// Lifetime. `None`: [`DEFAULT_CA_VALIDITY`], cut to the parent's notAfter when the parent
+    /// expires sooner (a lifetime asked for explicitly is never cut: it is refused).
+    pub validity: Option<Validity>,
     /// notBefore; now when `None`.
     pub not_before: Option<OffsetDateTime>,
     /// pathLenConstraint; `None` means unconstrained for a root and 0 for an issuing CA.
@@ -196,7 +200,10 @@ pub fn init_ca(
         None => None,
     };
     let not_before = req.not_before.unwrap_or_else(now);
-    let not_after = req.validity.not_after(not_before);
+    let mut not_after = req
+        .validity
+        .unwrap_or(DEFAULT_CA_VALIDITY)
+        .not_after(not_before);
     let path_len = match (&parent, req.path_len) {
         (None, p) => p,
         (Some(_), None) => Some(0),
@@ -221,7 +228,9 @@ pub fn init_ca(
             }
             _ => {}
         }
-        if not_after.unix_timestamp() > pr.not_after {
+        if not_after.unix_timestamp() > pr.not_after && req.validity.is_none() {
+            not_after = time_of(pr.not_after)?;
+        } else if not_after.unix_timestamp() > pr.not_after {
             return Err(Error::Policy(format!(
                 "the new CA would outlive its parent `{}` (which expires {}); choose a shorter --validity",
                 pr.name,

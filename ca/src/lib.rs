@@ -29,6 +29,7 @@ pub mod verify;
 
 pub use authority::{
     init_ca, Approved, Authority, CaInit, CaKey, CaRecord, LeafRequest, LeafSubject,
+    DEFAULT_CA_VALIDITY,
 };
 pub use constraints::NameConstraints;
 pub use error::{Error, ErrorKind, Result};

@@ -63,6 +63,7 @@ fn now() -> i64 {
 impl RedbStore {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        m2mpki_hsm::files::ensure_private_file(path)?;
         let db = redb::Builder::new()
             .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
             .create(path)

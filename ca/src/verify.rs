@@ -538,8 +538,23 @@ fn check_prepared_crls(
 }
 
 /// Reads a chain file (PEM bundle, leaf first; or one DER certificate).
+///
+/// Every certificate must parse, with nothing after it: a malformed file is bad input (naming
+/// the file and which certificate), not a chain to refuse.
 pub fn read_chain(path: &std::path::Path) -> Result<Vec<Vec<u8>>> {
-    crate::input::read_der_objects(path, &["CERTIFICATE"])
+    let ders = crate::input::read_der_objects(path, &["CERTIFICATE"])?;
+    for (i, der) in ders.iter().enumerate() {
+        let bad = |reason: String| Error::BadFile {
+            path: path.to_owned(),
+            reason: format!("certificate {} of {}: {reason}", i + 1, ders.len()),
+        };
+        match X509Certificate::from_der(der) {
+            Ok(([], _)) => {}
+            Ok(_) => return Err(bad("trailing bytes after the certificate".into())),
+            Err(e) => return Err(bad(format!("malformed certificate ({e})"))),
+        }
+    }
+    Ok(ders)
 }
 
 impl From<Refusal> for Error {

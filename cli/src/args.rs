@@ -173,9 +173,9 @@ pub struct CaInitArgs {
     /// Use an existing key instead of generating one: a PKCS#8 PEM file or a pkcs11: URI
     #[arg(long, value_name = "KEY")]
     pub key: Option<String>,
-    /// Lifetime: 20y, 3650d, 12h or forever
-    #[arg(long, default_value = "20y")]
-    pub validity: String,
+    /// Lifetime: 20y, 3650d, 12h or forever [default: 20y, cut to the parent's notAfter]
+    #[arg(long)]
+    pub validity: Option<String>,
     /// notBefore (RFC 3339) [default: now]
     #[arg(long, value_name = "TIME")]
     pub not_before: Option<String>,

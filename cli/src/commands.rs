@@ -194,7 +194,7 @@ fn ca_init(ctx: &Ctx, a: Box<CaInitArgs>) -> Result<()> {
         subject: a.subject.clone(),
         parent: a.parent.clone(),
         key,
-        validity: a.validity.parse()?,
+        validity: opt_validity(a.validity.as_deref())?,
         not_before: opt_time("--not-before", a.not_before.as_deref())?,
         path_len: a.path_len,
         hw_type: a.hw_type.as_deref().map(str::parse).transpose()?,
@@ -206,6 +206,20 @@ fn ca_init(ctx: &Ctx, a: Box<CaInitArgs>) -> Result<()> {
         )?,
     };
     let record = m2mpki_ca::init_ca(&ctx.home, &store, &ctx.keystore, req)?;
+    // A defaulted lifetime is cut to the parent's: say so.
+    let parent_not_after = match &a.parent {
+        Some(p) if a.validity.is_none() => store.ca(p)?.map(|p| p.not_after),
+        _ => None,
+    };
+    let cut_to_parent = parent_not_after == Some(record.not_after);
+    if cut_to_parent && !ctx.json {
+        eprintln!(
+            "m2mpki: note: the default lifetime ({}) would outlive the parent CA; CA `{}` ends with its parent, {}",
+            m2mpki_ca::DEFAULT_CA_VALIDITY,
+            record.name,
+            ts(record.not_after)
+        );
+    }
     let nc = &record.name_constraints;
     if !(nc.permitted_uri_domains.is_empty() && nc.excluded_uri_domains.is_empty()) {
         eprintln!(
@@ -217,7 +231,17 @@ fn ca_init(ctx: &Ctx, a: Box<CaInitArgs>) -> Result<()> {
         );
     }
     if ctx.json {
-        emit_json(&ca_view(&record))
+        #[derive(Serialize)]
+        struct Out<'a> {
+            #[serde(flatten)]
+            ca: CaView<'a>,
+            /// The defaulted lifetime was cut to the parent's notAfter.
+            lifetime_cut_to_parent: bool,
+        }
+        emit_json(&Out {
+            ca: ca_view(&record),
+            lifetime_cut_to_parent: cut_to_parent,
+        })
     } else {
         emit(&format!(
             "created {} CA `{}`\n  subject   {}\n  key       {} ({})\n  valid to  {}",
@@ -522,6 +546,28 @@ fn issue_batch(ctx: &Ctx, a: BatchArgs) -> Result<()> {
             report.missing_keys.len(),
             report.missing_keys[0]
         );
+    }
+    if let Some(first) = report.key_mismatches.first() {
+        if !ctx.json {
+            for m in &report.key_mismatches {
+                eprintln!(
+                    "m2mpki: {}: {} ({}); its certificate was not written",
+                    m.id,
+                    m.reason,
+                    m.key_file.display()
+                );
+            }
+        }
+        return Err(m2mpki_ca::Error::BadFile {
+            path: first.key_file.clone(),
+            reason: format!(
+                "{} key file(s) in the output folder are not their certificate's key, first for ID `{}` ({}); those certificates were not written: move the foreign key files away and run the batch again",
+                report.key_mismatches.len(),
+                first.id,
+                first.reason
+            ),
+        }
+        .into());
     }
     Ok(())
 }

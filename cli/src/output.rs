@@ -61,12 +61,42 @@ pub fn print_error(err: &anyhow::Error, code: u8, json: bool) {
         let doc = serde_json::json!({ "error": message, "exit_code": code });
         eprintln!("{doc}");
     } else {
-        eprintln!("m2mpki: error: {message}");
+        eprintln!("m2mpki: error: {}", escape_controls(&message));
     }
 }
 
-/// Writes text to stdout.
+/// Whether `c` must not reach a terminal as it is: C0 and C1 controls (ESC starts terminal
+/// escape sequences, CR rewrites the line) and the bidirectional overrides and isolates that
+/// reorder what is shown. A line break is kept.
+fn unsafe_for_terminal(c: char) -> bool {
+    (c.is_control() && c != '\n')
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Text with every character a terminal would act on written as an escape (`\x1b`,
+/// `\u{202e}`), so certificate text (subjects, names) is shown, never executed.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(unsafe_for_terminal) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            c if !unsafe_for_terminal(c) => out.push(c),
+            c if (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Writes text to stdout, control characters escaped (see [`escape_controls`]).
 pub fn emit(text: &str) -> anyhow::Result<()> {
+    write_stdout(&escape_controls(text))
+}
+
+/// Writes text to stdout as it is, with a final line break.
+fn write_stdout(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;
     if !text.ends_with('\n') {
@@ -78,11 +108,17 @@ pub fn emit(text: &str) -> anyhow::Result<()> {
 
 /// Writes a JSON document to stdout.
 pub fn emit_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    emit(&serde_json::to_string_pretty(value)?)
+    // JSON escapes control characters itself; other escapes would break the document.
+    write_stdout(&serde_json::to_string_pretty(value)?)
 }
 
 /// Formats rows as an aligned table.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| escape_controls(c).into_owned()).collect())
+        .collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -114,5 +150,24 @@ pub fn csv_field(s: &str) -> String {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_plain_text_is_not() {
+        assert_eq!(
+            escape_controls("CN=plain, O=Acme\nnext"),
+            "CN=plain, O=Acme\nnext"
+        );
+        assert_eq!(
+            escape_controls("a\x1b[31mb\x07c\rd\0e\tf\u{9b}g\u{202e}h"),
+            "a\\x1b[31mb\\x07c\\x0dd\\x00e\\x09f\\u{9b}g\\u{202e}h"
+        );
+        let t = table(&["A", "B"], &[vec!["x\x1by".into(), "z".into()]]);
+        assert!(!t.contains('\x1b') && t.contains("x\\x1by"), "{t}");
     }
 }

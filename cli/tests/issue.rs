@@ -883,3 +883,85 @@ fn listing_formats() {
     let status = child.wait().unwrap();
     assert!(status.success() || status.code() == Some(0));
 }
+
+/// A sub-CA with the default lifetime, made after its root (also with the default), ends with
+/// its root and says so; an explicit lifetime that outlives the root is still refused. The
+/// store is private to its owner.
+#[test]
+fn default_ca_lifetime_is_cut_to_the_parent_and_the_store_is_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::empty();
+    lab.ok(&[
+        "ca",
+        "init",
+        "root",
+        "--subject",
+        "CN=Root,O=X",
+        "--path-len",
+        "1",
+    ]);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let out = lab.run(&[
+        "ca",
+        "init",
+        "sub",
+        "--parent",
+        "root",
+        "--subject",
+        "CN=Sub,O=X",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("ends with its parent"), "{err}");
+    let (root, sub) = (
+        lab.json(&["ca", "show", "root"]),
+        lab.json(&["ca", "show", "sub"]),
+    );
+    assert_eq!(sub["not_after"], root["not_after"]);
+    assert_ne!(sub["not_before"], root["not_before"]);
+    let v = lab.json(&[
+        "ca",
+        "init",
+        "sub2",
+        "--parent",
+        "root",
+        "--subject",
+        "CN=Sub2,O=X",
+    ]);
+    assert_eq!(v["lifetime_cut_to_parent"], true);
+    assert_eq!(v["not_after"], root["not_after"]);
+    let err = lab.fails(
+        1,
+        &[
+            "ca",
+            "init",
+            "sub3",
+            "--parent",
+            "root",
+            "--subject",
+            "CN=Sub3,O=X",
+            "--validity",
+            "20y",
+        ],
+    );
+    assert!(err.contains("outlive"), "{err}");
+    // OpenSSL accepts the chain.
+    let chain = lab.path("sub.pem");
+    std::fs::write(&chain, lab.ok(&["ca", "show", "sub", "--pem"])).unwrap();
+    let out = tool("openssl")
+        .args(["verify", "-x509_strict", "-CAfile"])
+        .arg(lab.root_pem("root"))
+        .arg(&chain)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = std::fs::metadata(lab.home.join("store.redb"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}

@@ -798,3 +798,72 @@ fn a_revoked_issuing_ca_refuses_its_leaves() {
     );
     refused(&lab, "by-root", &good, &[], "revoked", "revoked");
 }
+
+/// Subjects are printed, never executed: ESC, BEL, CR, NUL and a bidi override in a root's
+/// subject come out escaped in text mode and intact in --json.
+#[test]
+fn control_characters_in_a_subject_do_not_reach_the_terminal() {
+    let lab = Lab::new();
+    lab.ok(&["roots", "create", "evil", "--kind", "infrastructure"]);
+    let evil = "Evil\u{1b}[2J\u{7}Root\r\0CA\u{202e}";
+    let root = make("x", Some(None), None, |p| {
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(DnType::CommonName, rcgen::DnValue::Utf8String(evil.into()));
+    });
+    let file = write(&lab, "evil.pem", &[&root]);
+    lab.ok(&["roots", "add", "evil", file.to_str().unwrap()]);
+    for args in [&["roots", "list", "evil"][..], &["roots", "list"][..]] {
+        let out = lab.run(args);
+        assert!(out.status.success());
+        let bad: Vec<u8> = out
+            .stdout
+            .iter()
+            .copied()
+            .filter(|b| b.is_ascii_control() && *b != b'\n')
+            .collect();
+        assert!(bad.is_empty(), "{args:?}: raw control bytes {bad:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(!text.contains('\u{202e}'), "{text}");
+        if args.len() == 3 {
+            assert!(
+                text.contains(r"Evil\x1b[2J\x07Root\x0d\x00CA\u{202e}"),
+                "{text}"
+            );
+        }
+    }
+    let v = lab.json(&["roots", "list", "evil"]);
+    assert!(
+        v["anchors"][0]["subject"].as_str().unwrap().contains(evil),
+        "{v}"
+    );
+}
+
+/// A file that is not a certificate is bad input (exit 2) for `roots verify`, not a chain that
+/// was refused (exit 1).
+#[test]
+fn malformed_files_given_to_verify_exit_2() {
+    let lab = lab_with_sets();
+    let good = issue(&lab, "server", &["--fqdn", IN_FQDN], "srv");
+    let der = first_der(&good);
+    let mut cut = der.clone();
+    cut.truncate(der.len() - 10);
+    let mut trailing = der.clone();
+    trailing.extend_from_slice(b"\x05\x00");
+    let mut bad_len = der.clone();
+    bad_len[1] ^= 0x01; // the outer length
+    for (name, bytes) in [
+        ("cut.der", cut),
+        ("trailing.der", trailing),
+        ("len.der", bad_len),
+        (
+            "junk.pem",
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_vec(),
+        ),
+    ] {
+        let p = lab.path(name);
+        std::fs::write(&p, bytes).unwrap();
+        let err = lab.fails(2, &["roots", "verify", "in", p.to_str().unwrap()]);
+        assert!(err.contains(name), "{name}: {err}");
+    }
+}

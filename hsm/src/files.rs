@@ -92,6 +92,27 @@ pub fn create_private_dir(path: &Path) -> Result<()> {
         .map_err(|e| Error::io(path, e))
 }
 
+/// Makes `path` a file only its owner can read and write (0600): created empty when missing
+/// (a database such as redb initialises an empty file), tightened when it is wider.
+pub fn ensure_private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(path, e)),
+    }
+    let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(path, permissions(Mode::Secret)).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
 fn permissions(mode: Mode) -> fs::Permissions {
     use std::os::unix::fs::PermissionsExt;
     fs::Permissions::from_mode(match mode {
@@ -131,5 +152,24 @@ mod tests {
         assert_eq!(fs::read(&f).unwrap(), b"two");
         // no temporary files are left behind
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn private_files_are_made_0600_and_wider_ones_tightened() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("store.db");
+        ensure_private_file(&f).unwrap();
+        assert_eq!(
+            fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        fs::write(&f, b"data").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
+        ensure_private_file(&f).unwrap();
+        assert_eq!(
+            fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(fs::read(&f).unwrap(), b"data", "contents untouched");
     }
 }

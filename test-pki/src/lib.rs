@@ -120,11 +120,11 @@ fn ca(
         subject: subject.into(),
         parent: parent.map(Into::into),
         key: CaKey::Generate(spec.key_type), // replaced for token backends in `build`
-        validity: if parent.is_some() {
+        validity: Some(if parent.is_some() {
             Validity::Years(10)
         } else {
             Validity::Years(20)
-        },
+        }),
         not_before: None,
         path_len,
         hw_type: hw_type.map(str::parse).transpose()?,
