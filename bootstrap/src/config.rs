@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use m2mpki_ca::rootset::{Anchor, CrlRecord, RootSet, RootSetKind};
+use m2mpki_ca::rootset::{Anchor, CrlRecord, RevocationPolicy, RootSet, RootSetKind};
 use m2mpki_ca::validity::Validity;
 use m2mpki_ca::DnsName;
 use serde::{Deserialize, Serialize};
@@ -318,6 +318,10 @@ pub struct ProfileFile {
     /// CRLs for the IN chain, PEM (optional).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub crls: String,
+    /// What unknown revocation status of the IN's chain does (default: `require`, so the
+    /// CRLs above must cover the IN's chain and be current).
+    #[serde(default)]
+    pub revocation: RevocationPolicy,
 }
 
 /// A loaded, checked profile.
@@ -366,6 +370,7 @@ impl FieldNodeProfile {
                     .collect(),
             ),
             crls: pems(set.crls.iter().map(|c| ("X509 CRL", &c.der)).collect()),
+            revocation: set.revocation,
         })
     }
 
@@ -409,7 +414,9 @@ impl FieldNodeProfile {
                 name: f.root_set,
                 kind: RootSetKind::Infrastructure,
                 anchors,
+                // Applied only where they verify with the IN chain's own issuer keys.
                 crls,
+                revocation: f.revocation,
                 created: 0,
             },
         })

@@ -56,7 +56,12 @@ fn unix_to_time(now: UnixTime) -> OffsetDateTime {
 fn tls_error(r: &Refusal) -> rustls::Error {
     let e = match r {
         Refusal::UnknownRoot => CertificateError::UnknownIssuer,
-        Refusal::Expired(_) | Refusal::IntermediateExpired(_) => CertificateError::Expired,
+        Refusal::Expired(_) | Refusal::IntermediateExpired(_) | Refusal::AnchorExpired(_) => {
+            CertificateError::Expired
+        }
+        // rustls (like OpenSSL) sends unknown_ca for these.
+        Refusal::RevocationUnknown(_) => CertificateError::UnknownRevocationStatus,
+        Refusal::CrlExpired(_) => CertificateError::ExpiredRevocationList,
         Refusal::NotYetValid(_) | Refusal::IntermediateNotYetValid(_) => {
             CertificateError::NotValidYet
         }

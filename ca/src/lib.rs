@@ -11,6 +11,7 @@ pub mod audit;
 mod authority;
 pub mod batch;
 mod constraints;
+mod crl_status;
 pub mod dn;
 mod error;
 mod home;

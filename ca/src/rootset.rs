@@ -51,6 +51,65 @@ impl fmt::Display for RootSetKind {
     }
 }
 
+/// What a set does with a certificate whose revocation status no current CRL of the set
+/// establishes (see [`RevocationPolicy`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RevocationMode {
+    /// Every certificate of a chain below the anchor needs its status from a current CRL of the
+    /// set; otherwise the chain is refused (`revocation_unknown`, `crl_expired`).
+    #[default]
+    Require,
+    /// Unknown status is accepted; a certificate a CRL of the set lists is still refused.
+    BestEffort,
+}
+
+impl RevocationMode {
+    /// `require` or `best-effort`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationMode::Require => "require",
+            RevocationMode::BestEffort => "best-effort",
+        }
+    }
+}
+
+impl std::str::FromStr for RevocationMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "require" => Ok(RevocationMode::Require),
+            "best-effort" => Ok(RevocationMode::BestEffort),
+            _ => Err(Error::invalid(
+                "revocation mode",
+                s,
+                "expected `require` or `best-effort`",
+            )),
+        }
+    }
+}
+
+/// How a set judges revocation. Sets made before policies existed read as the default:
+/// `require`, no grace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationPolicy {
+    /// Require a status, or accept unknown ones.
+    pub mode: RevocationMode,
+    /// Seconds past a CRL's nextUpdate during which it still counts as current.
+    #[serde(default)]
+    pub crl_grace: u64,
+}
+
+impl fmt::Display for RevocationPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.mode.as_str())?;
+        if self.crl_grace > 0 {
+            write!(f, " (CRL grace {}s)", self.crl_grace)?;
+        }
+        Ok(())
+    }
+}
+
 /// A trust anchor of a set.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Anchor {
@@ -88,6 +147,14 @@ pub struct CrlRecord {
     pub entries: usize,
     /// SHA-256 of the DER (hex).
     pub sha256: String,
+    /// SHA-256 (hex) of the SubjectPublicKeyInfo whose key signed it, as checked when it was
+    /// attached (`None` for CRLs attached before signatures were checked).
+    #[serde(default)]
+    pub signer: Option<String>,
+    /// SHA-256 (hex) of its issuingDistributionPoint extension, `None` for a complete CRL:
+    /// CRLs of one key replace each other only within one scope.
+    #[serde(default)]
+    pub scope: Option<String>,
     /// The CRL.
     #[serde(with = "crate::authority::hex_bytes")]
     pub der: Vec<u8>,
@@ -106,6 +173,9 @@ pub struct RootSet {
     /// CRLs used when verifying against the set.
     #[serde(default)]
     pub crls: Vec<CrlRecord>,
+    /// What unknown revocation status does to a chain.
+    #[serde(default)]
+    pub revocation: RevocationPolicy,
     /// When it was created (Unix time).
     pub created: i64,
 }
@@ -190,7 +260,14 @@ impl CrlRecord {
                 authority_key_id = aki.key_identifier.as_ref().map(|k| hex::encode(k.0));
             }
         }
+        let scope = crl
+            .extensions()
+            .iter()
+            .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_ISSUER_DISTRIBUTION_POINT)
+            .map(|e| hex::encode(sha256(e.value)));
         Ok(CrlRecord {
+            scope,
+            signer: None,
             issuer: crl.issuer().to_string(),
             authority_key_id,
             number: crl.crl_number().map(|n| n.to_str_radix(16)),
@@ -232,30 +309,49 @@ impl RootSet {
         report
     }
 
-    /// Attaches a CRL; a CRL from the same issuer (same AKI, else same issuer name) with a
-    /// lower or equal number is replaced, a newer one already attached wins.
-    pub fn attach_crl(&mut self, crl: CrlRecord) -> Result<bool> {
-        let same_issuer = |x: &CrlRecord| match (&x.authority_key_id, &crl.authority_key_id) {
-            (Some(a), Some(b)) => a == b,
-            _ => x.issuer == crl.issuer,
-        };
+    /// Attaches a CRL after checking that a CA this set trusts signed it: an anchor of the
+    /// set, or a CA certificate among `issuers` that chains (by signatures, through
+    /// `issuers`) to an anchor, with cRLSign when its keyUsage is present. CRLs this crate
+    /// cannot apply (delta, indirect, reason-partitioned, without nextUpdate, ...) are refused
+    /// with the reason, so whatever is attached is applied by verification.
+    ///
+    /// A CRL replaces the one of the same issuer, signing key and scope when its number is
+    /// higher; a lower or equal number (with other content) is refused, so CRLs never go back.
+    /// Numbers count per key: a CRL of another key (a forgery could claim any number) never
+    /// blocks the genuine one. Returns whether the set changed.
+    pub fn attach_crl(&mut self, mut crl: CrlRecord, issuers: &[Vec<u8>]) -> Result<bool> {
+        let refused =
+            |reason: String| Error::Policy(format!("CRL of `{}` refused: {reason}", crl.issuer));
+        let prepared = crate::crl_status::prepare_crl(&crl)
+            .ok_or_else(|| refused("it does not parse".into()))?;
+        if let Some(why) = prepared.unsupported() {
+            return Err(refused(why.to_owned()));
+        }
+        crl.signer = Some(self.crl_signer(&prepared, issuers).map_err(refused)?);
         let number = |c: &CrlRecord| {
             c.number
                 .as_deref()
                 .and_then(|n| u128::from_str_radix(n, 16).ok())
         };
-        if let Some(i) = self.crls.iter().position(same_issuer) {
-            let (old, new) = (number(&self.crls[i]), number(&crl));
-            if old.is_some() && new.is_some() && new <= old && self.crls[i].sha256 != crl.sha256 {
+        let same_series = |x: &CrlRecord| {
+            x.issuer == crl.issuer
+                && x.scope == crl.scope
+                // CRLs attached before signatures were checked give way to a checked one.
+                && x.signer.as_ref().is_none_or(|s| Some(s) == crl.signer.as_ref())
+        };
+        if let Some(i) = self.crls.iter().position(same_series) {
+            let old = &self.crls[i];
+            if old.sha256 == crl.sha256 {
+                return Ok(false);
+            }
+            let (o, n) = (number(old), number(&crl));
+            if old.signer.is_some() && o.is_some() && n.is_some() && n <= o {
                 return Err(Error::Policy(format!(
-                    "the set already has a CRL of `{}` with number {} (this one has {}); CRLs never go back",
+                    "the set already has a CRL of `{}` with number {} from the same key (this one has {}); CRLs never go back",
                     crl.issuer,
-                    self.crls[i].number.clone().unwrap_or_default(),
+                    old.number.clone().unwrap_or_default(),
                     crl.number.clone().unwrap_or_default()
                 )));
-            }
-            if self.crls[i].sha256 == crl.sha256 {
-                return Ok(false);
             }
             self.crls[i] = crl;
         } else {
@@ -263,4 +359,105 @@ impl RootSet {
         }
         Ok(true)
     }
+
+    /// Detaches the CRL with this SHA-256 (hex).
+    pub fn detach_crl(&mut self, sha256: &str) -> Result<CrlRecord> {
+        let i = self
+            .crls
+            .iter()
+            .position(|c| c.sha256 == sha256)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "CRL fingerprint",
+                    sha256,
+                    format!("no CRL with it in set `{}`", self.name),
+                )
+            })?;
+        Ok(self.crls.remove(i))
+    }
+
+    /// The SHA-256 (hex) of the SubjectPublicKeyInfo that signed `crl`: an anchor's, or a
+    /// CA certificate's from `issuers` that chains to an anchor. Err: why none qualifies.
+    fn crl_signer(
+        &self,
+        crl: &crate::crl_status::PreparedCrl,
+        issuers: &[Vec<u8>],
+    ) -> std::result::Result<String, String> {
+        fn parse(der: &[u8]) -> Option<X509Certificate<'_>> {
+            X509Certificate::from_der(der).ok().map(|(_, c)| c)
+        }
+        let anchors: Vec<X509Certificate<'_>> =
+            self.anchors.iter().filter_map(|a| parse(&a.der)).collect();
+        let others: Vec<X509Certificate<'_>> = issuers.iter().filter_map(|d| parse(d)).collect();
+        let mut named = false;
+        for (cert, is_anchor) in anchors
+            .iter()
+            .map(|c| (c, true))
+            .chain(others.iter().map(|c| (c, false)))
+        {
+            if cert.subject().as_raw() != crl.issuer.as_slice() {
+                continue;
+            }
+            named = true;
+            if !crl.signed_by(cert.public_key().raw) {
+                continue;
+            }
+            if !crate::crl_status::may_sign_crls(cert) {
+                return Err(format!(
+                    "its issuer `{}` lacks the cRLSign key usage",
+                    cert.subject()
+                ));
+            }
+            if !is_anchor && !chains_to(cert, &anchors, &others, 8) {
+                continue;
+            }
+            return Ok(hex::encode(sha256(cert.public_key().raw)));
+        }
+        Err(if named {
+            format!(
+                "its signature does not verify with the key of any CA named `{}` that set `{}` trusts",
+                name_text(&crl.issuer),
+                self.name
+            )
+        } else {
+            format!(
+                "set `{}` trusts no CA named `{}`: neither an anchor nor an issuing CA certificate that chains to one (give it with --issuer-cert) signed it",
+                self.name,
+                name_text(&crl.issuer)
+            )
+        })
+    }
+}
+
+/// The DN text of a raw DER Name (its hex when it does not parse).
+fn name_text(raw: &[u8]) -> String {
+    x509_parser::x509::X509Name::from_der(raw)
+        .map(|(_, n)| n.to_string())
+        .unwrap_or_else(|_| hex::encode(raw))
+}
+
+/// Whether `cert` is a CA certificate that chains, by signatures through `others`, to one of
+/// `anchors` within `depth` steps.
+fn chains_to(
+    cert: &X509Certificate<'_>,
+    anchors: &[X509Certificate<'_>],
+    others: &[X509Certificate<'_>],
+    depth: usize,
+) -> bool {
+    let is_ca = cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca);
+    if !is_ca || depth == 0 {
+        return false;
+    }
+    let signed_by = |parent: &X509Certificate<'_>| {
+        parent.subject().as_raw() == cert.issuer().as_raw()
+            && cert.verify_signature(Some(parent.public_key())).is_ok()
+    };
+    anchors.iter().any(signed_by)
+        || others
+            .iter()
+            .any(|p| signed_by(p) && chains_to(p, anchors, others, depth - 1))
 }

@@ -1,19 +1,16 @@
 //! Verifying a certificate chain against a root set: rustls-webpki path building (the same
 //! verifier the bootstrap server uses) plus the field-node identity checks of m2mpki.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Serialize;
 use time::OffsetDateTime;
-use webpki::{
-    BorrowedCertRevocationList, CertRevocationList, ExpirationPolicy, KeyUsage,
-    RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy,
-};
+use webpki::KeyUsage;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::crl_status::{self, prepare_crl, PreparedCrl};
 use crate::identity::{DnsName, FieldNodeIdentity};
 use crate::input::sha256;
 use crate::rootset::{RootSet, RootSetKind};
@@ -75,6 +72,21 @@ pub enum Refusal {
     /// The identity does not belong to what the set admits.
     #[error("{0}")]
     IdentityOutsideSet(String),
+    /// The trust anchor the path ends at is expired (or not valid yet) at the verification
+    /// time.
+    #[error("the root the chain leads to is not valid at this time: {0}")]
+    AnchorExpired(String),
+    /// A CA of the path lacks keyCertSign in its keyUsage, so it may not issue certificates.
+    #[error("{0}")]
+    CaKeyUsage(String),
+    /// The set requires a revocation status and no CRL of the set covers a certificate of the
+    /// chain.
+    #[error("revocation status unknown: {0}")]
+    RevocationUnknown(String),
+    /// The set requires a revocation status and the only CRL that covers a certificate of the
+    /// chain is past its nextUpdate.
+    #[error("revocation status unknown: {0}")]
+    CrlExpired(String),
     /// The chain is malformed or uses something unsupported.
     #[error("the chain cannot be verified: {0}")]
     Unusable(String),
@@ -98,6 +110,10 @@ impl Refusal {
             Refusal::BadSignature => "bad_signature",
             Refusal::NoIdentity(_) => "no_identity",
             Refusal::IdentityOutsideSet(_) => "identity_outside_set",
+            Refusal::AnchorExpired(_) => "anchor_expired",
+            Refusal::CaKeyUsage(_) => "ca_key_usage",
+            Refusal::RevocationUnknown(_) => "revocation_unknown",
+            Refusal::CrlExpired(_) => "crl_expired",
             Refusal::Unusable(_) => "unusable_chain",
         }
     }
@@ -186,33 +202,11 @@ pub fn verify(
         .iter()
         .map(|d| CertificateDer::from(d.as_slice()))
         .collect();
-    // CRLs without an issuingDistributionPoint (all that m2mpki issues) are checked here after
-    // path building, against a parsed copy cached by digest: webpki would check the signature
-    // over the whole CRL and scan its entries linearly at every verification (270 ms per
-    // handshake for a CRL of a million entries, measured in docs/benchmarks.md). Any CRL with
-    // a distribution-point scope, or one x509-parser cannot read, leaves the whole check to
-    // webpki as before.
-    let prepared: Option<Vec<Arc<PreparedCrl>>> = set.crls.iter().map(prepare_crl).collect();
-    let prepared = prepared.filter(|p| p.iter().all(|c| !c.scoped));
-    let crls: Vec<CertRevocationList<'_>> = if prepared.is_some() {
-        Vec::new()
-    } else {
-        set.crls
-            .iter()
-            .filter_map(|c| {
-                BorrowedCertRevocationList::from_der(&c.der)
-                    .ok()
-                    .map(Into::into)
-            })
-            .collect()
-    };
-    let crl_refs: Vec<&CertRevocationList<'_>> = crls.iter().collect();
-    let revocation = RevocationOptionsBuilder::new(&crl_refs).ok().map(|b| {
-        b.with_depth(RevocationCheckDepth::Chain)
-            .with_status_policy(UnknownStatusPolicy::Allow)
-            .with_expiration_policy(ExpirationPolicy::Ignore)
-            .build()
-    });
+    // Revocation is checked after path building, by crl_status (fail-closed, scoped CRLs,
+    // freshness), against parsed copies cached by digest: webpki would check the signature over
+    // the whole CRL and scan its entries at every verification (270 ms per handshake for a CRL
+    // of a million entries, measured in docs/benchmarks.md), and it cannot require a status.
+    let prepared: Vec<Arc<PreparedCrl>> = set.crls.iter().filter_map(prepare_crl).collect();
     let leaf_cert = CertificateDer::from(leaf_der.as_slice());
     let ee = webpki::EndEntityCert::try_from(&leaf_cert)
         .map_err(|e| Refusal::Unusable(format!("{e:?}")))?;
@@ -230,7 +224,7 @@ pub fn verify(
             &intermediates,
             now,
             usage,
-            revocation,
+            None,
             None,
         )
         .map_err(|e| {
@@ -270,8 +264,59 @@ pub fn verify(
                 other => Refusal::Unusable(format!("{other:?}")),
             }
         })?;
-    if let Some(prepared) = &prepared {
-        check_prepared_crls(prepared, set, &leaf, &path)?;
+    // rustls-webpki accepts a leaf without extendedKeyUsage; m2mpki requires the purpose.
+    let eku_ok = match leaf.extended_key_usage() {
+        Ok(Some(eku)) => match purpose {
+            Purpose::Client => eku.value.client_auth,
+            Purpose::Server => eku.value.server_auth,
+        },
+        _ => false,
+    };
+    if !eku_ok {
+        return Err(Refusal::WrongPurpose(purpose));
+    }
+    // The path from the leaf up, ending at the anchor's certificate.
+    let anchor_spki = path.anchor().subject_public_key_info.as_ref().to_vec();
+    let anchor_record = set
+        .anchors
+        .iter()
+        .find(|a| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(a.der.as_slice()))
+                .is_ok_and(|t| t.subject_public_key_info.as_ref() == anchor_spki.as_slice())
+        })
+        .ok_or_else(|| Refusal::Unusable("the path's trust anchor is not in the set".into()))?;
+    let t = at.unix_timestamp();
+    if t > anchor_record.not_after || t < anchor_record.not_before {
+        let (what, when_) = if t > anchor_record.not_after {
+            ("expired at", anchor_record.not_after)
+        } else {
+            ("not valid before", anchor_record.not_before)
+        };
+        return Err(Refusal::AnchorExpired(format!(
+            "`{}` {what} {}",
+            anchor_record.subject,
+            OffsetDateTime::from_unix_timestamp(when_)
+                .map_or_else(|_| when_.to_string(), crate::validity::format_time)
+        )));
+    }
+    let mut path_ders: Vec<Vec<u8>> = vec![leaf_der.clone()];
+    path_ders.extend(
+        path.intermediate_certificates()
+            .map(|c| c.der().as_ref().to_vec()),
+    );
+    path_ders.push(anchor_record.der.clone());
+    // rustls-webpki does not look at the keyUsage of issuing CAs.
+    for der in &path_ders[1..] {
+        let (_, ca) = X509Certificate::from_der(der)
+            .map_err(|e| Refusal::Unusable(format!("malformed CA certificate ({e})")))?;
+        if let Ok(Some(ku)) = ca.key_usage() {
+            if !ku.value.key_cert_sign() {
+                return Err(Refusal::CaKeyUsage(format!(
+                    "the CA `{}` lacks keyCertSign in its keyUsage and may not issue certificates",
+                    ca.subject()
+                )));
+            }
+        }
     }
     if let (Purpose::Server, Some(name)) = (purpose, name) {
         let server_name = ServerName::try_from(name.as_str())
@@ -279,16 +324,7 @@ pub fn verify(
         ee.verify_is_valid_for_subject_name(&server_name)
             .map_err(|_| Refusal::NameMismatch(name.to_string()))?;
     }
-    let anchor_spki = path.anchor().subject_public_key_info.as_ref().to_vec();
-    let anchor = set
-        .anchors
-        .iter()
-        .find(|a| {
-            webpki::anchor_from_trusted_cert(&CertificateDer::from(a.der.as_slice()))
-                .is_ok_and(|t| t.subject_public_key_info.as_ref() == anchor_spki.as_slice())
-        })
-        .map(|a| a.sha256.clone())
-        .unwrap_or_default();
+    let anchor = anchor_record.sha256.clone();
 
     let identity = match &set.kind {
         RootSetKind::Infrastructure => FieldNodeIdentity::from_certificate(&leaf).ok(),
@@ -319,6 +355,8 @@ pub fn verify(
             Some(id)
         }
     };
+    // Last: the most specific reasons above are reported first.
+    crl_status::check_path(&prepared, &set.revocation, &path_ders, t)?;
     Ok(Verified {
         set: set.name.clone(),
         kind: set.kind.clone(),
@@ -330,21 +368,6 @@ pub fn verify(
     })
 }
 
-/// A CRL ready for lookups: parsed once, its revoked serials in a set, its signature checked
-/// once per issuer key.
-struct PreparedCrl {
-    /// What checking its signature against an issuer key takes.
-    signature: CrlSignature,
-    /// Its issuer, as the raw DER Name.
-    issuer: Vec<u8>,
-    /// Whether it carries an issuingDistributionPoint (its scope is then left to webpki).
-    scoped: bool,
-    /// Raw serials (INTEGER contents) of the revoked certificates.
-    revoked: HashSet<Vec<u8>>,
-    /// Issuer SPKI (DER) → whether the signature verified with it.
-    signature_ok: Mutex<HashMap<Vec<u8>, bool>>,
-}
-
 /// Prepares the CRLs of `set` for [`verify`]: parsed, revoked serials in a set, cached by
 /// digest. [`verify`] does this itself on first use, on the caller's thread; a long-running
 /// verifier (the IN) calls this when it loads a set, so that no handshake pays it (seconds
@@ -354,187 +377,6 @@ pub fn prepare_crls(set: &RootSet) -> usize {
         .iter()
         .filter(|crl| prepare_crl(crl).is_some())
         .count()
-}
-
-/// How a prepared CRL's signature is checked against an issuer key.
-enum CrlSignature {
-    /// ECDSA: the digest of the TBSCertList, taken once, and the signature. A new issuer key
-    /// costs one verification, not a parse and a hash of the whole CRL (1 s for a million
-    /// entries, on the handshake that met the key first).
-    Ecdsa {
-        sha_bits: u16,
-        digest: aws_lc_rs::digest::Digest,
-        signature: Vec<u8>,
-    },
-    /// Any other algorithm: the whole CRL, parsed again for each new issuer key.
-    Whole(Arc<[u8]>),
-}
-
-/// The aws-lc-rs algorithm for an ECDSA signature with SHA-`sha_bits` by the key `spki`.
-fn ecdsa_algorithm(
-    spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>,
-    sha_bits: u16,
-) -> Option<&'static aws_lc_rs::signature::EcdsaVerificationAlgorithm> {
-    use aws_lc_rs::signature as sig;
-    use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384};
-    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
-        return None;
-    }
-    let curve = spki.algorithm.parameters.as_ref()?.as_oid().ok()?;
-    match (curve, sha_bits) {
-        (c, 256) if c == OID_EC_P256 => Some(&sig::ECDSA_P256_SHA256_ASN1),
-        (c, 384) if c == OID_EC_P256 => Some(&sig::ECDSA_P256_SHA384_ASN1),
-        (c, 256) if c == OID_NIST_EC_P384 => Some(&sig::ECDSA_P384_SHA256_ASN1),
-        (c, 384) if c == OID_NIST_EC_P384 => Some(&sig::ECDSA_P384_SHA384_ASN1),
-        _ => None,
-    }
-}
-
-/// The prepared form of `crl`, from a process-wide cache keyed by its digest and length.
-fn prepare_crl(crl: &crate::rootset::CrlRecord) -> Option<Arc<PreparedCrl>> {
-    use x509_parser::revocation_list::CertificateRevocationList;
-    /// (SHA-256 hex, length) of a CRL's DER → its prepared form.
-    type Cache = Mutex<HashMap<(String, usize), Arc<PreparedCrl>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    let key = (crl.sha256.clone(), crl.der.len());
-    if let Some(p) = cache.lock().ok()?.get(&key) {
-        return Some(p.clone());
-    }
-    let (rest, parsed) = CertificateRevocationList::from_der(&crl.der).ok()?;
-    if !rest.is_empty() {
-        return None;
-    }
-    let scoped = parsed
-        .extensions()
-        .iter()
-        .any(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_ISSUER_DISTRIBUTION_POINT);
-    let signature = {
-        use aws_lc_rs::digest::{digest, SHA256, SHA384};
-        use x509_parser::oid_registry::{OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384};
-        let alg = &parsed.signature_algorithm.algorithm;
-        let tbs = parsed.tbs_cert_list.as_ref();
-        let ecdsa = |sha_bits, digest| CrlSignature::Ecdsa {
-            sha_bits,
-            digest,
-            signature: parsed.signature_value.data.to_vec(),
-        };
-        if *alg == OID_SIG_ECDSA_WITH_SHA256 {
-            ecdsa(256, digest(&SHA256, tbs))
-        } else if *alg == OID_SIG_ECDSA_WITH_SHA384 {
-            ecdsa(384, digest(&SHA384, tbs))
-        } else {
-            CrlSignature::Whole(Arc::from(crl.der.as_slice()))
-        }
-    };
-    let prepared = Arc::new(PreparedCrl {
-        signature,
-        issuer: parsed.issuer().as_raw().to_vec(),
-        scoped,
-        revoked: parsed
-            .iter_revoked_certificates()
-            .map(|r| r.raw_serial().to_vec())
-            .collect(),
-        signature_ok: Mutex::new(HashMap::new()),
-    });
-    let mut cache = cache.lock().ok()?;
-    // Sets change rarely; a bound keeps replaced CRLs from piling up.
-    if cache.len() >= 64 {
-        cache.clear();
-    }
-    cache.insert(key, prepared.clone());
-    Some(prepared)
-}
-
-impl PreparedCrl {
-    /// Whether the CRL's signature verifies with `issuer_spki` (DER), checked once per key.
-    fn signed_by(&self, issuer_spki: &[u8]) -> bool {
-        use x509_parser::revocation_list::CertificateRevocationList;
-        if let Some(ok) = self
-            .signature_ok
-            .lock()
-            .ok()
-            .and_then(|m| m.get(issuer_spki).copied())
-        {
-            return ok;
-        }
-        let Ok((_, spki)) = x509_parser::x509::SubjectPublicKeyInfo::from_der(issuer_spki) else {
-            return false;
-        };
-        let ok = match &self.signature {
-            CrlSignature::Ecdsa {
-                sha_bits,
-                digest,
-                signature,
-            } => ecdsa_algorithm(&spki, *sha_bits).is_some_and(|alg| {
-                aws_lc_rs::signature::UnparsedPublicKey::new(alg, &spki.subject_public_key.data)
-                    .verify_digest(digest, signature)
-                    .is_ok()
-            }),
-            CrlSignature::Whole(der) => CertificateRevocationList::from_der(der)
-                .is_ok_and(|(_, crl)| crl.verify_signature(&spki).is_ok()),
-        };
-        if let Ok(mut m) = self.signature_ok.lock() {
-            m.insert(issuer_spki.to_vec(), ok);
-        }
-        ok
-    }
-}
-
-/// Revocation over the verified path, as webpki does it with `RevocationCheckDepth::Chain`,
-/// `UnknownStatusPolicy::Allow` and `ExpirationPolicy::Ignore`: for each certificate below the
-/// anchor, a CRL from its issuer (by name) must be signed by the issuer's key, the issuer must
-/// not deny cRLSign, and the certificate's serial must not be listed.
-fn check_prepared_crls(
-    crls: &[Arc<PreparedCrl>],
-    set: &RootSet,
-    leaf: &X509Certificate<'_>,
-    path: &webpki::VerifiedPath<'_>,
-) -> std::result::Result<(), Refusal> {
-    if crls.is_empty() {
-        return Ok(());
-    }
-    // The path from the leaf up: each certificate (DER) and, after it, its issuer's.
-    let mut certs: Vec<Vec<u8>> = vec![leaf.as_raw().to_vec()];
-    for c in path.intermediate_certificates() {
-        certs.push(c.der().as_ref().to_vec());
-    }
-    let anchor_spki = path.anchor().subject_public_key_info.as_ref();
-    let anchor_cert = set.anchors.iter().find_map(|a| {
-        let der = CertificateDer::from(a.der.as_slice());
-        let t = webpki::anchor_from_trusted_cert(&der).ok()?;
-        (t.subject_public_key_info.as_ref() == anchor_spki).then(|| a.der.clone())
-    });
-    for (i, der) in certs.iter().enumerate() {
-        let (_, cert) = X509Certificate::from_der(der)
-            .map_err(|e| Refusal::Unusable(format!("malformed certificate in the path ({e})")))?;
-        let issuer_name = cert.issuer().as_raw();
-        let Some(crl) = crls.iter().find(|c| c.issuer == issuer_name) else {
-            continue; // no CRL from this issuer: status unknown, allowed
-        };
-        let issuer_der = match certs.get(i + 1) {
-            Some(d) => d.clone(),
-            None => anchor_cert.clone().ok_or_else(|| {
-                Refusal::Unusable("the path's trust anchor is not in the set".into())
-            })?,
-        };
-        let (_, issuer) = X509Certificate::from_der(&issuer_der)
-            .map_err(|e| Refusal::Unusable(format!("malformed issuer certificate ({e})")))?;
-        if !crl.signed_by(issuer.public_key().raw) {
-            return Err(Refusal::BadSignature);
-        }
-        if let Ok(Some(ku)) = issuer.key_usage() {
-            if !ku.value.crl_sign() {
-                return Err(Refusal::Unusable(
-                    "a CRL's issuer does not have the cRLSign key usage".into(),
-                ));
-            }
-        }
-        if crl.revoked.contains(cert.raw_serial()) {
-            return Err(Refusal::Revoked);
-        }
-    }
-    Ok(())
 }
 
 /// Reads a chain file (PEM bundle, leaf first; or one DER certificate).
@@ -560,78 +402,5 @@ pub fn read_chain(path: &std::path::Path) -> Result<Vec<Vec<u8>>> {
 impl From<Refusal> for Error {
     fn from(r: Refusal) -> Self {
         Error::NotTrusted(r)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use m2mpki_hsm::{KeyType, SoftwareKey};
-    use rcgen::PublicKeyData;
-
-    /// A CRL revoking serial 0x0a, signed by a fresh CA key of `key_type`; and that key.
-    fn crl_by(key_type: KeyType) -> (crate::rootset::CrlRecord, SoftwareKey) {
-        let key = SoftwareKey::generate(key_type).unwrap();
-        let mut ca = rcgen::CertificateParams::default();
-        ca.distinguished_name = rcgen::DistinguishedName::new();
-        ca.distinguished_name
-            .push(rcgen::DnType::CommonName, "CRL test CA");
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let now = time::OffsetDateTime::now_utc();
-        let issuer = rcgen::Issuer::new(ca, &key);
-        let crl = rcgen::CertificateRevocationListParams {
-            this_update: now,
-            next_update: now + time::Duration::days(1),
-            crl_number: rcgen::SerialNumber::from(1u64),
-            issuing_distribution_point: None,
-            revoked_certs: vec![rcgen::RevokedCertParams {
-                serial_number: rcgen::SerialNumber::from(10u64),
-                revocation_time: now,
-                reason_code: None,
-                invalidity_date: None,
-            }],
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
-        }
-        .signed_by(&issuer)
-        .unwrap();
-        let record = crate::rootset::CrlRecord::from_der(crl.der(), "test").unwrap();
-        (record, key)
-    }
-
-    #[test]
-    fn prepared_crls_check_signatures_against_the_right_key_only() {
-        let stranger = SoftwareKey::generate(KeyType::P256).unwrap();
-        for key_type in [KeyType::P256, KeyType::P384, KeyType::Ed25519] {
-            let (crl, key) = crl_by(key_type);
-            let prepared = prepare_crl(&crl).expect("prepared");
-            assert!(prepared.revoked.contains([10u8].as_slice()), "{key_type}");
-            // Twice each: the second answer comes from the per-key memo.
-            for _ in 0..2 {
-                assert!(
-                    prepared.signed_by(&key.subject_public_key_info()),
-                    "{key_type}"
-                );
-                assert!(
-                    !prepared.signed_by(&stranger.subject_public_key_info()),
-                    "{key_type}"
-                );
-            }
-            assert!(!prepared.signed_by(b"not an SPKI"), "{key_type}");
-        }
-    }
-
-    #[test]
-    fn a_tampered_crl_signature_is_refused() {
-        let (crl, key) = crl_by(KeyType::P256);
-        // Flip a bit of the signature (the last octet of the DER is inside it).
-        let mut der = crl.der.clone();
-        *der.last_mut().unwrap() ^= 1;
-        let tampered = crate::rootset::CrlRecord::from_der(&der, "tampered").unwrap();
-        let prepared = prepare_crl(&tampered).expect("still parses");
-        assert!(!prepared.signed_by(&key.subject_public_key_info()));
     }
 }

@@ -421,6 +421,24 @@ pub enum RootsCommand {
         /// The enterprise domain (node sets)
         #[arg(long, required_if_eq("kind", "node"))]
         enterprise: Option<String>,
+        /// Revocation policy: `require` (every certificate below the anchor needs a status
+        /// from a current CRL of the set) or `best-effort` (unknown status accepted)
+        #[arg(long, value_enum, default_value = "require")]
+        revocation: RevocationArg,
+        /// How long past its nextUpdate a CRL still counts as current: 0, 12h, 2d
+        #[arg(long, value_name = "DURATION", default_value = "0")]
+        crl_grace: String,
+    },
+    /// Change a set's revocation policy
+    Set {
+        /// Set name
+        set: String,
+        /// `require` or `best-effort`
+        #[arg(long, value_enum)]
+        revocation: Option<RevocationArg>,
+        /// How long past its nextUpdate a CRL still counts as current: 0, 12h, 2d
+        #[arg(long, value_name = "DURATION")]
+        crl_grace: Option<String>,
     },
     /// Add CA certificates (PEM bundles or DER) as anchors
     Add {
@@ -460,12 +478,24 @@ pub enum RootsCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Attach a CRL (PEM or DER) used when verifying against the set
+    /// Attach a CRL (PEM or DER) used when verifying against the set, after checking that a
+    /// CA the set trusts signed it
     AddCrl {
         /// Set name
         set: String,
         /// CRL file
         file: PathBuf,
+        /// Certificates of the issuing CA that signed the CRL and of CAs between it and an
+        /// anchor of the set (PEM bundles or DER); this home's CAs are known already
+        #[arg(long, value_name = "FILE")]
+        issuer_cert: Vec<PathBuf>,
+    },
+    /// Detach a CRL by its SHA-256 fingerprint (see `roots list SET --json`)
+    RemoveCrl {
+        /// Set name
+        set: String,
+        /// SHA-256 fingerprint of the CRL (hex, colons allowed)
+        fingerprint: String,
     },
     /// Verify a certificate chain against the set (exit 0 valid, 1 refused with the reason)
     Verify {
@@ -484,6 +514,14 @@ pub enum RootsCommand {
         #[arg(long, value_name = "TIME")]
         at: Option<String>,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RevocationArg {
+    /// Every certificate below the anchor needs a status from a current CRL of the set
+    Require,
+    /// A certificate without a status from a current CRL is accepted
+    BestEffort,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

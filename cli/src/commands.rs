@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 
 use crate::args::{
     AuditCommand, BatchArgs, BatchProfile, CaCommand, CaInitArgs, CertsCommand, Cli, Command,
-    HsmCommand, IssueArgs, IssueCommand, PurposeArg, RootsCommand, SetKind,
+    HsmCommand, IssueArgs, IssueCommand, PurposeArg, RevocationArg, RootsCommand, SetKind,
 };
 use crate::output::{csv_field, emit, emit_json, table, UsageError};
 
@@ -828,7 +828,9 @@ fn anchor_view(a: &m2mpki_ca::rootset::Anchor) -> AnchorView<'_> {
 
 fn roots(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
     use m2mpki_ca::audit::AuditEvent;
-    use m2mpki_ca::rootset::{check_set_name, Anchor, CrlRecord, RootSet, RootSetKind};
+    use m2mpki_ca::rootset::{
+        check_set_name, Anchor, CrlRecord, RevocationPolicy, RootSet, RootSetKind,
+    };
     let store = ctx.store()?;
     let unknown = |name: &str| m2mpki_ca::Error::UnknownRootSet(name.to_owned());
     match cmd {
@@ -837,8 +839,14 @@ fn roots(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
             kind,
             vertical,
             enterprise,
+            revocation,
+            crl_grace,
         } => {
             check_set_name(&set)?;
+            let revocation = RevocationPolicy {
+                mode: revocation_mode(revocation),
+                crl_grace: grace_seconds(&crl_grace)?,
+            };
             let kind = match kind {
                 SetKind::Device => {
                     let v = vertical
@@ -860,20 +868,55 @@ fn roots(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
                 kind: kind.clone(),
                 anchors: vec![],
                 crls: vec![],
+                revocation,
                 created: OffsetDateTime::now_utc().unix_timestamp(),
             };
+            let mut detail = serde_json::to_value(&kind)?;
+            detail["revocation"] = serde_json::to_value(revocation)?;
             store.create_root_set(
                 &record,
                 AuditEvent {
                     action: "roots.create".into(),
                     subject: set.clone(),
-                    detail: serde_json::to_value(&kind)?,
+                    detail,
                 },
             )?;
             if ctx.json {
-                emit_json(&serde_json::json!({ "set": set, "kind": kind }))
+                emit_json(
+                    &serde_json::json!({ "set": set, "kind": kind, "revocation": revocation }),
+                )
             } else {
-                emit(&format!("created root set `{set}`: {kind}"))
+                emit(&format!(
+                    "created root set `{set}`: {kind}, revocation {revocation}"
+                ))
+            }
+        }
+        RootsCommand::Set {
+            set,
+            revocation,
+            crl_grace,
+        } => {
+            if revocation.is_none() && crl_grace.is_none() {
+                return Err(UsageError("give --revocation and/or --crl-grace".into()).into());
+            }
+            let grace = crl_grace.as_deref().map(grace_seconds).transpose()?;
+            let s = store.modify_root_set(&set, &mut |s| {
+                if let Some(r) = revocation {
+                    s.revocation.mode = revocation_mode(r);
+                }
+                if let Some(g) = grace {
+                    s.revocation.crl_grace = g;
+                }
+                Ok(AuditEvent {
+                    action: "roots.set".into(),
+                    subject: set.clone(),
+                    detail: serde_json::json!({ "revocation": s.revocation }),
+                })
+            })?;
+            if ctx.json {
+                emit_json(&serde_json::json!({ "set": set, "revocation": s.revocation }))
+            } else {
+                emit(&format!("`{set}`: revocation {}", s.revocation))
             }
         }
         RootsCommand::Add { set, files } => {
@@ -930,7 +973,8 @@ fn roots(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
                 let v: Vec<_> = sets
                     .iter()
                     .map(|s| serde_json::json!({
-                        "set": s.name, "kind": s.kind, "anchors": s.anchors.len(), "crls": s.crls.len()
+                        "set": s.name, "kind": s.kind, "anchors": s.anchors.len(), "crls": s.crls.len(),
+                        "revocation": s.revocation
                     }))
                     .collect();
                 return emit_json(&v);
@@ -943,10 +987,14 @@ fn roots(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
                         s.kind.to_string(),
                         s.anchors.len().to_string(),
                         s.crls.len().to_string(),
+                        s.revocation.to_string(),
                     ]
                 })
                 .collect();
-            emit(&table(&["SET", "KIND", "ANCHORS", "CRLS"], &rows))
+            emit(&table(
+                &["SET", "KIND", "ANCHORS", "CRLS", "REVOCATION"],
+                &rows,
+            ))
         }
         RootsCommand::List { set: Some(name) } => {
             let s = store.root_set(&name)?.ok_or_else(|| unknown(&name))?;
@@ -954,6 +1002,7 @@ fn roots(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
                 return emit_json(&serde_json::json!({
                     "set": s.name,
                     "kind": s.kind,
+                    "revocation": s.revocation,
                     "anchors": s.anchors.iter().map(anchor_view).collect::<Vec<_>>(),
                     "crls": s.crls.iter().map(|c| serde_json::json!({
                         "issuer": c.issuer, "number": c.number, "entries": c.entries,
@@ -974,15 +1023,19 @@ fn roots(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
                     ]
                 })
                 .collect();
-            let mut out = format!("root set `{}`: {}\n", s.name, s.kind);
+            let mut out = format!(
+                "root set `{}`: {}, revocation {}\n",
+                s.name, s.kind, s.revocation
+            );
             out.push_str(&table(&["SHA256", "KEY", "NOT AFTER", "SUBJECT"], &rows));
             for c in &s.crls {
                 out.push_str(&format!(
-                    "CRL of `{}`: number {}, {} entries, next update {}\n",
+                    "CRL of `{}`: number {}, {} entries, next update {}, sha256 {}\n",
                     c.issuer,
                     c.number.as_deref().unwrap_or("-"),
                     c.entries,
-                    c.next_update.map_or("-".into(), ts)
+                    c.next_update.map_or("-".into(), ts),
+                    c.sha256
                 ));
             }
             emit(&out)
@@ -1007,7 +1060,47 @@ fn roots(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
                 ))
             }
         }
-        RootsCommand::AddCrl { set, file } => {
+        RootsCommand::RemoveCrl {
+            set,
+            fingerprint: fp,
+        } => {
+            let fp = fingerprint(&fp);
+            let mut removed = None;
+            store.modify_root_set(&set, &mut |s| {
+                let crl = s.detach_crl(&fp)?;
+                let detail = serde_json::json!({ "issuer": crl.issuer, "number": crl.number, "sha256": crl.sha256 });
+                removed = Some(crl);
+                Ok(AuditEvent {
+                    action: "roots.remove-crl".into(),
+                    subject: set.clone(),
+                    detail,
+                })
+            })?;
+            let crl = removed.ok_or_else(|| unknown(&set))?;
+            if ctx.json {
+                emit_json(
+                    &serde_json::json!({ "set": set, "removed": { "issuer": crl.issuer, "number": crl.number, "sha256": crl.sha256 } }),
+                )
+            } else {
+                emit(&format!(
+                    "detached CRL of `{}` (number {}) from `{set}`",
+                    crl.issuer,
+                    crl.number.as_deref().unwrap_or("-")
+                ))
+            }
+        }
+        RootsCommand::AddCrl {
+            set,
+            file,
+            issuer_cert,
+        } => {
+            // Candidate signers: the given certificates and every CA of this home. Only those
+            // that chain to an anchor of the set count (checked by attach_crl).
+            let mut issuers: Vec<Vec<u8>> = Vec::new();
+            for f in &issuer_cert {
+                issuers.extend(verify_read_certs(f)?);
+            }
+            issuers.extend(store.cas()?.into_iter().map(|c| c.cert_der));
             let mut ders = m2mpki_ca::input::read_der_objects(&file, &["X509 CRL"])?;
             if ders.len() != 1 {
                 return Err(UsageError(format!(
@@ -1021,7 +1114,7 @@ fn roots(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
             let mut changed = false;
             let view = serde_json::json!({ "issuer": crl.issuer, "number": crl.number, "entries": crl.entries, "sha256": crl.sha256 });
             store.modify_root_set(&set, &mut |s| {
-                changed = s.attach_crl(crl.clone())?;
+                changed = s.attach_crl(crl.clone(), &issuers)?;
                 Ok(AuditEvent {
                     action: "roots.add-crl".into(),
                     subject: set.clone(),
@@ -1087,6 +1180,38 @@ fn roots(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
             }
         }
     }
+}
+
+/// Certificates from a file (PEM bundle or DER), each checked to parse.
+fn verify_read_certs(path: &Path) -> Result<Vec<Vec<u8>>> {
+    Ok(m2mpki_ca::verify::read_chain(path)?)
+}
+
+fn revocation_mode(arg: RevocationArg) -> m2mpki_ca::rootset::RevocationMode {
+    match arg {
+        RevocationArg::Require => m2mpki_ca::rootset::RevocationMode::Require,
+        RevocationArg::BestEffort => m2mpki_ca::rootset::RevocationMode::BestEffort,
+    }
+}
+
+/// A CRL grace period in seconds: `0`, or hours or days (`12h`, `2d`).
+fn grace_seconds(text: &str) -> Result<u64> {
+    if text == "0" {
+        return Ok(0);
+    }
+    let bad = || {
+        UsageError(format!(
+            "invalid --crl-grace `{text}`: expected 0, hours (12h) or days (2d)"
+        ))
+    };
+    let (n, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    };
+    Ok(secs.filter(|s| *s <= 366 * 86_400).ok_or_else(bad)?)
 }
 
 fn roots_add(

@@ -104,7 +104,7 @@ impl Fixture {
             }
         };
         let mut lab = LabPki::build(&home, &keystore, &spec).unwrap();
-        lab.create_root_sets().unwrap();
+        lab.create_root_sets(&keystore).unwrap();
         lab.create_rogue_manufacturer(&keystore).unwrap();
         let d = dir.path();
         let dev = |id: &str| LeafSubject::Device(id.parse().unwrap());
@@ -293,9 +293,10 @@ impl Fixture {
             )
             .unwrap();
             let rec = m2mpki_ca::rootset::CrlRecord::from_der(&crl.der, "crl").unwrap();
+            let issuers: Vec<Vec<u8>> = lab.cas.iter().map(|c| c.cert_der.clone()).collect();
             lab.store
                 .modify_root_set(sets::DEVICE, &mut |s| {
-                    s.attach_crl(rec.clone())?;
+                    s.attach_crl(rec.clone(), &issuers)?;
                     Ok(m2mpki_ca::audit::AuditEvent {
                         action: "roots.add-crl".into(),
                         subject: sets::DEVICE.into(),
@@ -735,6 +736,7 @@ fn the_field_node_refuses_a_foreign_or_misnamed_in() {
             kind: m2mpki_ca::rootset::RootSetKind::Infrastructure,
             anchors: vec![m2mpki_ca::rootset::Anchor::from_der(&ent.cert_der, "x").unwrap()],
             crls: vec![],
+            revocation: Default::default(),
             created: 0,
         }, m2mpki_ca::audit::AuditEvent { action: "roots.create".into(), subject: "wrong-in".into(), detail: serde_json::json!({}) }).unwrap();
     }
@@ -1207,4 +1209,232 @@ fn an_enrolment_cut_off_by_the_network_exits_3() {
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("broke"), "{err}");
     assert!(!fx.dir.path().join("dead.cred").exists());
+}
+
+/// Changes the device set in the fixture's store (before a server starts on it).
+fn edit_device_set(fx: &Fixture, edit: impl Fn(&mut m2mpki_ca::rootset::RootSet)) {
+    let home = m2mpki_ca::Home::open(&fx.home).unwrap();
+    home.store()
+        .unwrap()
+        .modify_root_set(sets::DEVICE, &mut |s| {
+            edit(s);
+            Ok(m2mpki_ca::audit::AuditEvent {
+                action: "test.edit".into(),
+                subject: sets::DEVICE.into(),
+                detail: serde_json::json!({}),
+            })
+        })
+        .unwrap();
+}
+
+/// A CRL of `ca` (a software key) that was due to be replaced an hour ago, listing every
+/// revoked certificate of the CA; attached to the device set.
+fn attach_stale_crl(fx: &Fixture, ca: &str) {
+    let home = m2mpki_ca::Home::open(&fx.home).unwrap();
+    let store = home.store().unwrap();
+    let record = store.ca(ca).unwrap().unwrap();
+    let key = SoftwareKey::load(&fx.home.join(m2mpki_ca::Home::ca_key_path(ca)), None).unwrap();
+    let mut revoked = Vec::new();
+    store
+        .revoked(ca, &mut |e| {
+            revoked.push(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(e.serial.as_bytes()),
+                revocation_time: time::OffsetDateTime::from_unix_timestamp(e.revoked_at).unwrap(),
+                reason_code: None,
+                invalidity_date: None,
+            });
+            Ok(())
+        })
+        .unwrap();
+    let issuers: Vec<Vec<u8>> = store
+        .cas()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.cert_der)
+        .collect();
+    drop(store);
+    let issuer = rcgen::Issuer::from_ca_cert_der(&record.cert_der.clone().into(), key).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: now - time::Duration::hours(2),
+        next_update: now - time::Duration::hours(1),
+        crl_number: rcgen::SerialNumber::from(1_000_000u64),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)
+    .unwrap();
+    let rec = m2mpki_ca::rootset::CrlRecord::from_der(crl.der(), ca).unwrap();
+    edit_device_set(fx, |s| {
+        assert!(s.attach_crl(rec.clone(), &issuers).unwrap())
+    });
+}
+
+/// The IN fails closed: under `require` (the default) a device whose issuer has no CRL in the
+/// set, or only a stale one, gets no credential; a revoked device stays refused when its CRL is
+/// stale; `best-effort` or a grace period admit the unknown status again.
+#[test]
+fn the_in_requires_a_current_revocation_status() {
+    let profile_of = |fx: &Fixture| fx.profile(IN_FQDN, sets::INFRA);
+    // No CRL of the device CA in the set.
+    let fx = Fixture::new(Backend::Software);
+    edit_device_set(&fx, |s| s.crls.retain(|c| !c.issuer.contains("Device CA")));
+    {
+        let run = Running::start(&fx, fx.config("allow", ""));
+        for versions in BOTH {
+            assert_handshake_refused(
+                run.enroll(&profile_of(&fx), &fx.nodes["d1"], versions),
+                "UnknownCA",
+            );
+        }
+        // The node set is untouched: its nodes still bootstrap.
+        run.enroll(&profile_of(&fx), &fx.nodes["n1"], BOTH[0])
+            .unwrap();
+    }
+    edit_device_set(&fx, |s| {
+        s.revocation.mode = m2mpki_ca::rootset::RevocationMode::BestEffort
+    });
+    {
+        let run = Running::start(&fx, fx.config("allow", ""));
+        run.enroll(&profile_of(&fx), &fx.nodes["d1"], BOTH[0])
+            .unwrap();
+    }
+
+    // Only a stale CRL: refused; the revoked device it lists stays refused.
+    let fx = Fixture::new(Backend::Software);
+    attach_stale_crl(&fx, names::MFR_CA);
+    {
+        let run = Running::start(&fx, fx.config("allow", ""));
+        for versions in BOTH {
+            assert_handshake_refused(
+                run.enroll(&profile_of(&fx), &fx.nodes["d1"], versions),
+                "UnknownCA",
+            );
+            assert_handshake_refused(
+                run.enroll(&profile_of(&fx), &fx.nodes["revoked"], versions),
+                "CertificateRevoked",
+            );
+        }
+        assert!(run.stored(&fx.nodes["d1"].identity).is_none());
+    }
+    // A grace period covers the stale CRL for the good device, never for the revoked one.
+    edit_device_set(&fx, |s| s.revocation.crl_grace = 3600);
+    let run = Running::start(&fx, fx.config("allow", ""));
+    run.enroll(&profile_of(&fx), &fx.nodes["d1"], BOTH[0])
+        .unwrap();
+    assert_handshake_refused(
+        run.enroll(&profile_of(&fx), &fx.nodes["revoked"], BOTH[0]),
+        "CertificateRevoked",
+    );
+}
+
+/// What rustls-webpki leaves out, checked by the IN: an anchor that has expired, and a device
+/// certificate without the clientAuth EKU.
+#[test]
+fn the_in_refuses_an_expired_anchor_and_a_certificate_without_eku() {
+    let fx = Fixture::new(Backend::Software);
+    let home = m2mpki_ca::Home::open(&fx.home).unwrap();
+    let store = home.store().unwrap();
+    // A device issued under a profile that has no EKU.
+    let no_eku = {
+        let mut key = SoftwareKey::generate(KeyType::P256).unwrap();
+        let authority =
+            m2mpki_ca::Authority::load(&home, &store, &fx.keystore, names::MFR_CA).unwrap();
+        let mut profile =
+            m2mpki_ca::profile::LeafProfile::builtin(m2mpki_ca::profile::ProfileKind::Device);
+        profile.extended_key_usage.clear();
+        let spki = rcgen::SubjectPublicKeyInfo::from_der(
+            &rcgen::PublicKeyData::subject_public_key_info(&key),
+        )
+        .unwrap();
+        let cert = m2mpki_ca::issue(
+            &store,
+            &authority,
+            &profile,
+            m2mpki_ca::LeafRequest {
+                subject: LeafSubject::Device("D-NOEKU".parse().unwrap()),
+                public_key: spki,
+                validity: None,
+                not_before: None,
+            },
+            false,
+        )
+        .unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert.der).unwrap();
+        assert!(parsed.extended_key_usage().unwrap().is_none(), "no EKU");
+        let mut chain = vec![cert.der];
+        chain.extend(
+            authority
+                .chain_without_root()
+                .into_iter()
+                .map(<[u8]>::to_vec),
+        );
+        let path = fx.dir.path().join("noeku.pem");
+        write_chain(&path, &chain).unwrap();
+        let kp = fx.dir.path().join("noeku.key.pem");
+        key.save(&kp, None, m2mpki_hsm::files::Overwrite::Replace)
+            .unwrap();
+        Node {
+            chain: path,
+            key: fx.keystore.open(&KeyRef::File(kp.clone())).unwrap(),
+            key_ref: kp.display().to_string(),
+            identity: format!("device:{HW_TYPE}:D-NOEKU"),
+        }
+    };
+    // The manufacturer root re-certified (same name, same key) with a lifetime that is over.
+    let expired_root = {
+        let root = store.ca(names::MFR_ROOT).unwrap().unwrap();
+        // Our own CA machinery, given the root's key and subject and a lifetime in the past.
+        let old = m2mpki_ca::init_ca(
+            &home,
+            &store,
+            &fx.keystore,
+            m2mpki_ca::CaInit {
+                name: "mfr-root-old".into(),
+                subject: root.subject.clone(),
+                parent: None,
+                key: m2mpki_ca::CaKey::Existing(KeyRef::File(
+                    fx.home.join(m2mpki_ca::Home::ca_key_path(names::MFR_ROOT)),
+                )),
+                validity: Some(m2mpki_ca::validity::Validity::Hours(1)),
+                not_before: Some(time::OffsetDateTime::now_utc() - time::Duration::days(3)),
+                path_len: root.path_len,
+                hw_type: None,
+                name_constraints: m2mpki_ca::NameConstraints::default(),
+            },
+        )
+        .unwrap();
+        let (_, a) = x509_parser::parse_x509_certificate(&old.cert_der).unwrap();
+        let (_, b) = x509_parser::parse_x509_certificate(&root.cert_der).unwrap();
+        assert_eq!(a.subject().as_raw(), b.subject().as_raw());
+        assert_eq!(a.public_key().raw, b.public_key().raw);
+        old.cert_der
+    };
+    drop(store);
+    {
+        let run = Running::start(&fx, fx.config("allow", ""));
+        let profile = fx.profile(IN_FQDN, sets::INFRA);
+        for versions in BOTH {
+            assert_handshake_refused(
+                run.enroll(&profile, &no_eku, versions),
+                "UnsupportedCertificate",
+            );
+        }
+        assert!(run.stored(&no_eku.identity).is_none());
+        // The same chain under the current anchor bootstraps ...
+        run.enroll(&profile, &fx.nodes["d1"], BOTH[0]).unwrap();
+    }
+    // ... and under the expired one it does not.
+    let anchor = m2mpki_ca::rootset::Anchor::from_der(&expired_root, "expired root").unwrap();
+    edit_device_set(&fx, |s| s.anchors = vec![anchor.clone()]);
+    let run = Running::start(&fx, fx.config("allow", ""));
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    for versions in BOTH {
+        assert_handshake_refused(
+            run.enroll(&profile, &fx.nodes["n1"], versions)
+                .and(run.enroll(&profile, &fx.nodes["d1"], versions)),
+            "CertificateExpired",
+        );
+    }
 }

@@ -38,7 +38,27 @@ fn lab_with_sets() -> Lab {
     lab.ok(&["roots", "add-ca", "metering", names::MFR_CA]);
     lab.ok(&["roots", "add-ca", "acme", names::ENT_CA]);
     lab.ok(&["roots", "add-ca", "in", names::INFRA_CA]);
+    // The sets require a revocation status (the default): a current CRL of every CA.
+    for (set, cas) in [
+        ("metering", [names::MFR_ROOT, names::MFR_CA]),
+        ("acme", [names::ENT_ROOT, names::ENT_CA]),
+        ("in", [names::INFRA_ROOT, names::INFRA_CA]),
+    ] {
+        for ca in cas {
+            attach_crl(&lab, set, ca);
+        }
+    }
     lab
+}
+
+/// Issues a CRL of `ca` (next update in ten years, so `--at` in the 2030s still finds it
+/// current) and attaches it to `set`.
+fn attach_crl(lab: &Lab, set: &str, ca: &str) -> PathBuf {
+    let crl = lab.path(&format!("{ca}-{}.crl", rand_u64()));
+    let c = crl.display().to_string();
+    lab.ok(&["crl", "--ca", ca, "--out", &c, "--next-update", "3650d"]);
+    lab.ok(&["roots", "add-crl", set, &c]);
+    crl
 }
 
 fn issue(lab: &Lab, kind: &str, extra: &[&str], name: &str) -> PathBuf {
@@ -451,7 +471,16 @@ fn write(lab: &Lab, name: &str, parts: &[&Made]) -> PathBuf {
 #[test]
 fn chains_made_elsewhere_expired_intermediates_constraints_and_path_length() {
     let lab = Lab::empty();
-    lab.ok(&["roots", "create", "ext", "--kind", "infrastructure"]);
+    // These chains have no CRLs: the set accepts an unknown status until the end of the test.
+    lab.ok(&[
+        "roots",
+        "create",
+        "ext",
+        "--kind",
+        "infrastructure",
+        "--revocation",
+        "best-effort",
+    ]);
 
     // An expired intermediate below a valid root, with a leaf that is still valid.
     let root = make("Ext Root", Some(None), None, |_| {});
@@ -597,14 +626,154 @@ fn chains_made_elsewhere_expired_intermediates_constraints_and_path_length() {
         "ext",
         d.join("o-root.pem").to_str().unwrap(),
     ]);
-    lab.ok(&[
+    let verify_args = [
         "roots",
         "verify",
         "ext",
         d.join("o-leaf.pem").to_str().unwrap(),
         "--name",
         "in.openssl.example",
+    ]
+    .map(str::to_owned);
+    let verify_args: Vec<&str> = verify_args.iter().map(String::as_str).collect();
+    lab.ok(&verify_args);
+    let listed = lab.json(&["roots", "list"]);
+    assert_eq!(listed[0]["revocation"]["mode"], "best-effort", "{listed}");
+
+    // Switched to `require`, the same chain has no status: refused.
+    lab.ok(&["roots", "set", "ext", "--revocation", "require"]);
+    assert!(lab.ok(&["roots", "list"]).contains("require"));
+    let leaf = d.join("o-leaf.pem");
+    refused(
+        &lab,
+        "ext",
+        &leaf,
+        &["--name", "in.openssl.example"],
+        "revocation_unknown",
+        "no CRL of the set",
+    );
+
+    // CRLs made by `openssl ca`: by an impostor with the root's name, by the root itself.
+    std::fs::write(d.join("index.txt"), "").unwrap();
+    std::fs::write(d.join("crlnumber"), "1000\n").unwrap(); // hex
+    std::fs::write(
+        d.join("ca.cnf"),
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\ncrlnumber = crlnumber\ndefault_md = sha256\ndefault_crl_days = 30\n",
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "fake-root.key",
+        "-out",
+        "fake-root.pem",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=OpenSSL Root",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
     ]);
+    run(&[
+        "ca",
+        "-gencrl",
+        "-config",
+        "ca.cnf",
+        "-keyfile",
+        "fake-root.key",
+        "-cert",
+        "fake-root.pem",
+        "-out",
+        "forged.crl",
+    ]);
+    std::fs::write(d.join("crlnumber"), "01\n").unwrap();
+    run(&[
+        "ca",
+        "-gencrl",
+        "-config",
+        "ca.cnf",
+        "-keyfile",
+        "o-root.key",
+        "-cert",
+        "o-root.pem",
+        "-out",
+        "genuine.crl",
+    ]);
+    // The forgery (number 0x1000, signed by another key) is refused and attaches nothing ...
+    let err = lab.fails(
+        1,
+        &[
+            "roots",
+            "add-crl",
+            "ext",
+            d.join("forged.crl").to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("does not verify"), "{err}");
+    // ... as is a CRL of an issuer the set does not trust ...
+    std::fs::write(d.join("crlnumber"), "01\n").unwrap();
+    let err = lab.fails(
+        1,
+        &[
+            "roots",
+            "add-crl",
+            "ext",
+            d.join("forged.crl").to_str().unwrap(),
+            "--issuer-cert",
+            d.join("fake-root.pem").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        err.contains("does not verify") || err.contains("trusts no"),
+        "{err}"
+    );
+    // ... and every bit-flipped copy of the genuine CRL (none verifies).
+    let genuine = std::fs::read(d.join("genuine.crl")).unwrap();
+    let der = pem::parse(&genuine).unwrap().contents().to_vec();
+    for i in (0..der.len()).step_by(7) {
+        let mut flipped = der.clone();
+        flipped[i] ^= 0x04;
+        let p = d.join("flipped.crl");
+        std::fs::write(&p, &flipped).unwrap();
+        let out = lab.run(&["roots", "add-crl", "ext", p.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            matches!(out.status.code(), Some(1 | 2)),
+            "bit {i}: {:?} {err}",
+            out.status
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert_eq!(
+        lab.json(&["roots", "list", "ext"])["crls"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    // The genuine CRL attaches (its number 1 is not blocked by the forgery's) and applies.
+    lab.ok(&[
+        "roots",
+        "add-crl",
+        "ext",
+        d.join("genuine.crl").to_str().unwrap(),
+    ]);
+    lab.ok(&verify_args);
+    // Detached again, the status is unknown again.
+    let fp = lab.json(&["roots", "list", "ext"])["crls"][0]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    lab.ok(&["roots", "remove-crl", "ext", &fp]);
+    lab.fails(1, &verify_args);
 }
 
 #[test]

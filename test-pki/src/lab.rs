@@ -124,7 +124,7 @@ pub fn init(dir: &Path, hsm: LabHsm, port: u16) -> Result<LabLayout> {
         }
     };
     let mut lab = LabPki::build(&home, &keystore, &spec)?;
-    lab.create_root_sets()?;
+    lab.create_root_sets(&keystore)?;
     lab.create_rogue_manufacturer(&keystore)?;
 
     let in_dir = dir.join("in");

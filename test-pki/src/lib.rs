@@ -18,7 +18,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use m2mpki_ca::audit::AuditEvent;
 use m2mpki_ca::profile::LeafProfile;
-use m2mpki_ca::rootset::{Anchor, RootSet, RootSetKind};
+use m2mpki_ca::rootset::{Anchor, CrlRecord, RootSet, RootSetKind};
 use m2mpki_ca::validity::Validity;
 use m2mpki_ca::{
     init_ca, Authority, CaInit, CaKey, CaRecord, Home, LeafRequest, LeafSubject, NameConstraints,
@@ -224,16 +224,20 @@ impl LabPki {
         self.cas.iter().find(|c| c.name == name)
     }
 
-    /// Creates the three root sets ([`sets`]), each holding its hierarchy's root.
-    pub fn create_root_sets(&self) -> Result<()> {
+    /// Creates the three root sets ([`sets`]), each holding its hierarchy's root and a
+    /// current CRL (next update in 30 days) of each CA of the hierarchy, so that sets that
+    /// require a revocation status (the default) admit the lab's chains.
+    pub fn create_root_sets(&self, keystore: &Keystore) -> Result<()> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        for (name, kind, root) in [
+        let issuers: Vec<Vec<u8>> = self.cas.iter().map(|c| c.cert_der.clone()).collect();
+        for (name, kind, root, issuing) in [
             (
                 sets::DEVICE,
                 RootSetKind::Device {
                     vertical: sets::VERTICAL.into(),
                 },
                 names::MFR_ROOT,
+                names::MFR_CA,
             ),
             (
                 sets::NODE,
@@ -241,18 +245,31 @@ impl LabPki {
                     enterprise: ENTERPRISE.parse()?,
                 },
                 names::ENT_ROOT,
+                names::ENT_CA,
             ),
-            (sets::INFRA, RootSetKind::Infrastructure, names::INFRA_ROOT),
+            (
+                sets::INFRA,
+                RootSetKind::Infrastructure,
+                names::INFRA_ROOT,
+                names::INFRA_CA,
+            ),
         ] {
             let ca = self.ca(root).context("lab root missing")?;
             let anchor = Anchor::from_der(&ca.cert_der, root)?;
-            let set = RootSet {
+            let mut set = RootSet {
                 name: name.into(),
                 kind: kind.clone(),
                 anchors: vec![anchor],
                 crls: vec![],
+                revocation: Default::default(),
                 created: now,
             };
+            for ca in [root, issuing] {
+                let authority = Authority::load(&self.home, &self.store, keystore, ca)?;
+                let crl =
+                    m2mpki_ca::revocation::issue_crl(&self.store, &authority, Validity::Days(30))?;
+                set.attach_crl(CrlRecord::from_der(&crl.der, ca)?, &issuers)?;
+            }
             self.store.create_root_set(
                 &set,
                 AuditEvent {

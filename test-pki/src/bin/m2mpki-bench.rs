@@ -1019,10 +1019,18 @@ fn revocation_bench(size: Size, report: &mut Report, work: &Path) -> Result<()> 
         // one good device chain against the device set, without and with the CRL attached.
         let key = m2mpki_hsm::SoftwareKey::generate(KeyType::P256)?;
         let chain = issue_direct(&lab, &Keystore::default(), &key, "VERIFY-1")?;
-        lab.create_root_sets()?;
-        let plain = lab.store.root_set(sets::DEVICE)?.context("device set")?;
-        let mut with_crl = plain.clone();
-        with_crl.attach_crl(m2mpki_ca::rootset::CrlRecord::from_der(&crl_der, "bench")?)?;
+        lab.create_root_sets(&Keystore::default())?;
+        let lab_set = lab.store.root_set(sets::DEVICE)?.context("device set")?;
+        // Without: no CRL and no status required. With: the lab's root CRL and this one.
+        let mut plain = lab_set.clone();
+        plain.crls.clear();
+        plain.revocation.mode = m2mpki_ca::rootset::RevocationMode::BestEffort;
+        let mut with_crl = lab_set;
+        let issuers: Vec<Vec<u8>> = lab.cas.iter().map(|c| c.cert_der.clone()).collect();
+        with_crl.attach_crl(
+            m2mpki_ca::rootset::CrlRecord::from_der(&crl_der, "bench")?,
+            &issuers,
+        )?;
         let time_verify = |set: &m2mpki_ca::rootset::RootSet| {
             let now = time::OffsetDateTime::now_utc();
             repeat(size.runs.max(5), || {
