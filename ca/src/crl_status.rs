@@ -22,35 +22,16 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use x509_parser::extensions::{DistributionPointName, GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::rootset::{CrlRecord, RevocationMode, RevocationPolicy};
 use crate::verify::Refusal;
 
-/// A distribution point name, in a form that compares as RFC 5280 §6.3.3 needs.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum PointName {
-    Uri(String),
-    Dns(String),
-    /// The DER of a directoryName.
-    Directory(Vec<u8>),
-}
-
-fn point_name(n: &GeneralName<'_>) -> Option<PointName> {
-    match n {
-        GeneralName::URI(u) => Some(PointName::Uri((*u).to_owned())),
-        GeneralName::DNSName(d) => Some(PointName::Dns(d.to_ascii_lowercase())),
-        GeneralName::DirectoryName(d) => Some(PointName::Directory(d.as_raw().to_vec())),
-        _ => None,
-    }
-}
-
 /// What part of its issuer's certificates a CRL speaks for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Scope {
     /// The distribution point names of the issuingDistributionPoint; `None`: all points.
-    points: Option<Vec<PointName>>,
+    points: Option<Vec<crate::der::PointName>>,
     only_user: bool,
     only_ca: bool,
 }
@@ -68,19 +49,14 @@ impl Scope {
         let Some(points) = &self.points else {
             return true;
         };
-        // The certificate's own distribution points (those without a cRLIssuer: indirect
-        // CRLs are not supported); one name in common is a match.
+        // The certificate's own distribution points (read strictly; points with a cRLIssuer
+        // belong to indirect CRLs and are left out): one name in common is a match.
         cert.extensions()
             .iter()
+            .filter(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_CRL_DISTRIBUTION_POINTS)
             .any(|e| {
-                match e.parsed_extension() {
-            ParsedExtension::CRLDistributionPoints(dps) => dps.points.iter().any(|dp| {
-                dp.crl_issuer.is_none()
-                    && matches!(&dp.distribution_point, Some(DistributionPointName::FullName(names))
-                        if names.iter().filter_map(point_name).any(|n| points.contains(&n)))
-            }),
-            _ => false,
-        }
+                crate::der::crl_distribution_points(e.value, cert.issuer().as_raw())
+                    .is_ok_and(|names| names.iter().any(|n| points.contains(n)))
             })
     }
 }
@@ -147,10 +123,21 @@ fn scope_of(
 ) -> (Scope, Option<String>) {
     use x509_parser::oid_registry::{
         OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER, OID_X509_EXT_CRL_NUMBER,
-        OID_X509_EXT_DELTA_CRL_INDICATOR, OID_X509_EXT_ISSUER_DISTRIBUTION_POINT,
+        OID_X509_EXT_DELTA_CRL_INDICATOR, OID_X509_EXT_FRESHEST_CRL,
+        OID_X509_EXT_ISSUER_DISTRIBUTION_POINT,
     };
     let mut scope = Scope::default();
     for ext in crl.extensions() {
+        if ext.oid == OID_X509_EXT_FRESHEST_CRL {
+            // Its status is only current together with its delta CRLs, which are not applied.
+            return (
+                scope,
+                Some(
+                    "it announces delta CRLs (freshestCRL), and m2mpki applies complete CRLs only"
+                        .into(),
+                ),
+            );
+        }
         if ext.oid == OID_X509_EXT_DELTA_CRL_INDICATOR {
             return (
                 scope,
@@ -158,35 +145,33 @@ fn scope_of(
             );
         }
         if ext.oid == OID_X509_EXT_ISSUER_DISTRIBUTION_POINT {
-            let ParsedExtension::IssuingDistributionPoint(idp) = ext.parsed_extension() else {
-                return (
-                    scope,
-                    Some("its issuingDistributionPoint is malformed".into()),
-                );
+            // Read strictly here: x509-parser skips the fields it cannot read, which would
+            // turn a scoped CRL into a complete one.
+            let idp = match crate::der::issuing_distribution_point(ext.value, crl.issuer().as_raw())
+            {
+                Ok(idp) => idp,
+                Err(e) => {
+                    return (
+                        scope,
+                        Some(format!("its issuingDistributionPoint cannot be read ({e})")),
+                    )
+                }
             };
-            if idp.indirect_crl {
+            if idp.indirect {
                 return (scope, Some("it is an indirect CRL (indirectCRL)".into()));
             }
-            if idp.only_some_reasons.is_some() {
+            if idp.some_reasons {
                 return (
                     scope,
                     Some("it covers only some revocation reasons (onlySomeReasons)".into()),
                 );
             }
-            if idp.only_contains_attribute_certs {
+            if idp.only_attribute {
                 return (scope, Some("it covers attribute certificates only".into()));
             }
-            scope.only_user = idp.only_contains_user_certs;
-            scope.only_ca = idp.only_contains_ca_certs;
-            match &idp.distribution_point {
-                None => {}
-                Some(DistributionPointName::FullName(names)) => {
-                    scope.points = Some(names.iter().filter_map(point_name).collect());
-                }
-                Some(DistributionPointName::NameRelativeToCRLIssuer(_)) => {
-                    return (scope, Some("its distribution point is named relative to the issuer (nameRelativeToCRLIssuer)".into()));
-                }
-            }
+            scope.only_user = idp.only_user;
+            scope.only_ca = idp.only_ca;
+            scope.points = idp.points;
             continue;
         }
         let known =

@@ -92,6 +92,7 @@ impl VerifiedCsr {
         if !rest.is_empty() {
             return Err(bad("trailing bytes after the CSR".into()));
         }
+        crate::der::check_csr(&der).map_err(|e| bad(format!("malformed CSR ({e})")))?;
         csr.verify_signature()
             .map_err(|e| bad(format!("self-signature does not verify ({e})")))?;
         let spki_der = csr.certification_request_info.subject_pki.raw;

@@ -12,6 +12,7 @@ mod authority;
 pub mod batch;
 mod constraints;
 mod crl_status;
+pub mod der;
 pub mod dn;
 mod error;
 mod home;

@@ -214,6 +214,8 @@ impl Anchor {
         if !rest.is_empty() {
             return Err(bad("trailing bytes after the certificate".into()));
         }
+        crate::der::check_certificate(der, &cert)
+            .map_err(|e| bad(format!("malformed certificate ({e})")))?;
         let subject = cert.subject().to_string();
         let is_ca = cert
             .basic_constraints()
@@ -251,9 +253,7 @@ impl CrlRecord {
         if !rest.is_empty() {
             return Err(bad("trailing bytes after the CRL".into()));
         }
-        // webpki must accept it too, or verification would fail later on.
-        webpki::BorrowedCertRevocationList::from_der(der)
-            .map_err(|e| bad(format!("CRL not usable for verification ({e:?})")))?;
+        crate::der::check_crl(der).map_err(|e| bad(format!("malformed CRL ({e})")))?;
         let mut authority_key_id = None;
         for ext in crl.extensions() {
             if let ParsedExtension::AuthorityKeyIdentifier(aki) = ext.parsed_extension() {

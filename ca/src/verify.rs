@@ -26,6 +26,17 @@ pub enum Purpose {
     Server,
 }
 
+/// How the leaf's extendedKeyUsage is judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EkuPolicy {
+    /// The leaf must carry an EKU that allows the purpose (m2mpki's rule, everywhere it
+    /// verifies).
+    Required,
+    /// RFC 5280's rule: an EKU that is present must allow the purpose; none at all is fine.
+    /// For conformance suites such as NIST PKITS, whose end-entity certificates carry none.
+    IfPresent,
+}
+
 /// Why a chain was refused. Each reason has a stable code for scripts and protocol errors.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -151,6 +162,38 @@ fn when(t: UnixTime) -> String {
         .map_or_else(|| t.as_secs().to_string(), crate::validity::format_time)
 }
 
+/// A readable refusal for a signature algorithm rustls-webpki does not verify; `id` is the DER
+/// inside its AlgorithmIdentifier (the OID's TLV, then any parameters).
+fn unsupported_algorithm(id: &[u8]) -> String {
+    let oid = match id {
+        [0x06, len, rest @ ..] if usize::from(*len) <= rest.len() => {
+            x509_parser::der_parser::oid::Oid::new(std::borrow::Cow::Borrowed(
+                &rest[..usize::from(*len)],
+            ))
+            .to_id_string()
+        }
+        _ => String::new(),
+    };
+    let name = match oid.as_str() {
+        "1.2.840.10040.4.3" | "2.16.840.1.101.3.4.3.1" | "2.16.840.1.101.3.4.3.2" => "DSA",
+        "1.2.840.113549.1.1.4" => "RSA with MD5",
+        "1.2.840.113549.1.1.5" => "RSA with SHA-1",
+        "1.2.840.10045.4.1" => "ECDSA with SHA-1",
+        "" => "a signature algorithm",
+        _ => "",
+    };
+    let what = if name.is_empty() {
+        format!("the signature algorithm {oid}")
+    } else if oid.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name} ({oid})")
+    };
+    format!(
+        "{what} in the chain is not supported: m2mpki verifies ECDSA (P-256, P-384) with SHA-256/384, Ed25519, and RSA with SHA-256/384/512"
+    )
+}
+
 fn chain_has_uri_constraints(chain: &[Vec<u8>], set: &RootSet) -> bool {
     use x509_parser::extensions::{GeneralName, ParsedExtension};
     chain
@@ -184,11 +227,37 @@ pub fn verify(
     name: Option<&DnsName>,
     at: OffsetDateTime,
 ) -> std::result::Result<Verified, Refusal> {
+    verify_with(set, chain, purpose, name, at, EkuPolicy::Required)
+}
+
+/// [`verify`] with a choice of how the leaf's EKU is judged.
+pub fn verify_with(
+    set: &RootSet,
+    chain: &[Vec<u8>],
+    purpose: Purpose,
+    name: Option<&DnsName>,
+    at: OffsetDateTime,
+    eku: EkuPolicy,
+) -> std::result::Result<Verified, Refusal> {
     let leaf_der = chain
         .first()
         .ok_or_else(|| Refusal::Unusable("the chain is empty".into()))?;
     let (_, leaf) = X509Certificate::from_der(leaf_der)
         .map_err(|e| Refusal::Unusable(format!("malformed leaf certificate ({e})")))?;
+    // Strict DER for every certificate presented (the bootstrap hands chains straight here).
+    for (i, der) in chain.iter().enumerate() {
+        let strict = match X509Certificate::from_der(der) {
+            Ok(([], cert)) => crate::der::check_certificate(der, &cert),
+            Ok(_) => Err("trailing bytes".into()),
+            Err(e) => Err(e.to_string()),
+        };
+        strict.map_err(|e| {
+            Refusal::Unusable(format!(
+                "certificate {} of the chain is malformed ({e})",
+                i + 1
+            ))
+        })?;
+    }
     let anchors: Vec<_> = set
         .anchors
         .iter()
@@ -261,6 +330,12 @@ pub fn verify(
                 W::InvalidSignatureForPublicKey | W::InvalidCrlSignatureForPublicKey => {
                     Refusal::BadSignature
                 }
+                W::UnsupportedSignatureAlgorithmContext(c) => {
+                    Refusal::Unusable(unsupported_algorithm(&c.signature_algorithm_id))
+                }
+                W::UnsupportedSignatureAlgorithmForPublicKeyContext(c) => {
+                    Refusal::Unusable(unsupported_algorithm(&c.signature_algorithm_id))
+                }
                 other => Refusal::Unusable(format!("{other:?}")),
             }
         })?;
@@ -272,7 +347,8 @@ pub fn verify(
         },
         _ => false,
     };
-    if !eku_ok {
+    // (With IfPresent, rustls-webpki has already refused an EKU without the purpose.)
+    if !eku_ok && eku == EkuPolicy::Required {
         return Err(Refusal::WrongPurpose(purpose));
     }
     // The path from the leaf up, ending at the anchor's certificate.
@@ -391,7 +467,8 @@ pub fn read_chain(path: &std::path::Path) -> Result<Vec<Vec<u8>>> {
             reason: format!("certificate {} of {}: {reason}", i + 1, ders.len()),
         };
         match X509Certificate::from_der(der) {
-            Ok(([], _)) => {}
+            Ok(([], cert)) => crate::der::check_certificate(der, &cert)
+                .map_err(|e| bad(format!("malformed certificate ({e})")))?,
             Ok(_) => return Err(bad("trailing bytes after the certificate".into())),
             Err(e) => return Err(bad(format!("malformed certificate ({e})"))),
         }

@@ -1,0 +1,265 @@
+//! NIST PKITS (the 2011 edition, from the `cryptography_vectors` package that scripts/test
+//! installs) through m2mpki's chain verification: every case of sections 4.1–4.7 and 4.13–4.16.
+//!
+//! Each case's expected result is in its name (`Valid…` / `Invalid…`). The path of a case is
+//! built from PKITS' CA certificates by name from the end-entity certificate up to the trust
+//! anchor; every CRL of a CA on those paths is offered to the set through `attach_crl` (so a CRL
+//! that m2mpki refuses to attach is simply not there, and the set's `require` policy then
+//! refuses what it cannot prove). Verification is at 2015-01-01 with RFC 5280's EKU rule
+//! (PKITS end-entity certificates carry no EKU). The one hard rule: no chain PKITS marks
+//! invalid is accepted. Valid chains that are refused are counted, with the reason, and the
+//! table is printed (docs/pkits.md keeps a copy).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use m2mpki_ca::rootset::{Anchor, CrlRecord, RevocationPolicy, RootSet, RootSetKind};
+use m2mpki_ca::verify::{self, EkuPolicy, Purpose};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// Where the PKITS data is: `$M2MPKI_PKITS`, else the `cryptography_vectors` package of the
+/// `python3` on PATH (scripts/test puts its venv first).
+fn pkits_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("M2MPKI_PKITS") {
+        return PathBuf::from(d);
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import cryptography_vectors, os; print(os.path.dirname(cryptography_vectors.__file__))",
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the cryptography_vectors package is not installed: run the tests through scripts/test, which installs it ({})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("x509/PKITS_data")
+}
+
+/// The PKITS section of a case, from the words in its name (the sections' test names are
+/// distinct enough); `None` for the certificate-policy sections 4.8–4.12, which m2mpki does not
+/// implement.
+fn section(name: &str) -> Option<&'static str> {
+    let has = |w: &[&str]| w.iter().any(|x| name.contains(x));
+    Some(
+        if has(&[
+            "Polic",
+            "polic",
+            "Mapping",
+            "requireExplicit",
+            "inhibit",
+            "UserNotice",
+            "CPSPointer",
+        ]) {
+            return None;
+        } else if has(&["deltaCRL"]) {
+            "4.15 delta-CRLs"
+        } else if has(&[
+            "distributionPoint",
+            "DistributionPoint",
+            "IDP",
+            "indirectCRL",
+            "onlyContains",
+            "onlySomeReasons",
+            "cRLIssuer",
+            "CRLIssuer",
+        ]) && !has(&["BadCRLIssuerName"])
+        {
+            "4.14 distribution points"
+        } else if has(&["nameConstraints"]) {
+            "4.13 name constraints"
+        } else if has(&["keyUsage"]) {
+            "4.7 key usage"
+        } else if has(&["basicConstraints", "pathLenConstraint", "cAFalse"]) {
+            "4.6 basic constraints"
+        } else if has(&["SelfIssued"]) {
+            "4.5 self-issued certificates"
+        } else if has(&[
+            "CRL",
+            "Revoked",
+            "SerialNumber",
+            "SeparateCertificateandCRLKeys",
+        ]) {
+            "4.4 basic revocation"
+        } else if has(&["notBefore", "notAfter"]) {
+            "4.2 validity periods"
+        } else if has(&["Name", "AttributeTypes", "UTF8String", "Rollover"]) {
+            "4.3 name chaining"
+        } else if has(&["UnknownCriticalCertificateExtension", "UnknownNotCritical"]) {
+            "4.16 private certificate extensions"
+        } else {
+            "4.1 signature verification"
+        },
+    )
+}
+
+struct Pkits {
+    anchor: Vec<u8>,
+    /// CA certificates (DER) by subject (raw DER Name).
+    cas: HashMap<Vec<u8>, Vec<Vec<u8>>>,
+    /// CRLs (DER) by issuer (raw DER Name).
+    crls: HashMap<Vec<u8>, Vec<Vec<u8>>>,
+}
+
+impl Pkits {
+    fn load(dir: &Path) -> (Pkits, Vec<(String, Vec<u8>)>) {
+        let mut cas: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+        let mut ees = Vec::new();
+        let mut anchor = None;
+        for e in std::fs::read_dir(dir.join("certs")).unwrap() {
+            let path = e.unwrap().path();
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            let der = std::fs::read(&path).unwrap();
+            if name == "TrustAnchorRootCertificate" {
+                anchor = Some(der);
+            } else if name.ends_with("EE") || name.contains("EE") && name.contains("Test") {
+                ees.push((name, der));
+            } else if let Ok((_, c)) = X509Certificate::from_der(&der) {
+                cas.entry(c.subject().as_raw().to_vec())
+                    .or_default()
+                    .push(der);
+            }
+        }
+        let mut crls: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+        for e in std::fs::read_dir(dir.join("crls")).unwrap() {
+            let der = std::fs::read(e.unwrap().path()).unwrap();
+            if let Ok((_, c)) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+            {
+                crls.entry(c.issuer().as_raw().to_vec())
+                    .or_default()
+                    .push(der);
+            }
+        }
+        ees.sort();
+        (
+            Pkits {
+                anchor: anchor.expect("TrustAnchorRootCertificate.crt"),
+                cas,
+                crls,
+            },
+            ees,
+        )
+    }
+
+    /// Every CA certificate that could be on a path from `ee` up (by issuer name), and every
+    /// CRL of the names on the way (the anchor's included).
+    fn closure(&self, ee: &[u8]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let mut names = vec![X509Certificate::from_der(ee)
+            .unwrap()
+            .1
+            .issuer()
+            .as_raw()
+            .to_vec()];
+        let mut seen = std::collections::HashSet::new();
+        let mut certs = Vec::new();
+        while let Some(n) = names.pop() {
+            if !seen.insert(n.clone()) {
+                continue;
+            }
+            for der in self.cas.get(&n).into_iter().flatten() {
+                certs.push(der.clone());
+                let (_, c) = X509Certificate::from_der(der).unwrap();
+                names.push(c.issuer().as_raw().to_vec());
+            }
+        }
+        let crls = seen
+            .iter()
+            .flat_map(|n| self.crls.get(n).into_iter().flatten().cloned())
+            .collect();
+        (certs, crls)
+    }
+}
+
+#[test]
+fn pkits_sections_4_1_to_4_7_and_4_13_to_4_16() {
+    let dir = pkits_dir();
+    let (pkits, ees) = Pkits::load(&dir);
+    assert!(
+        ees.len() > 200,
+        "PKITS end-entity certificates: {}",
+        ees.len()
+    );
+    let at = time::macros::datetime!(2015-01-01 0:00 UTC);
+    // section → (valid agreed, valid refused, invalid refused, invalid ACCEPTED)
+    let mut table: BTreeMap<&str, [usize; 4]> = BTreeMap::new();
+    let mut refused_valid: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut accepted_invalid = Vec::new();
+    for (name, ee) in &ees {
+        let Some(sec) = section(name) else { continue };
+        let valid = name.starts_with("Valid");
+        let (intermediates, crls) = pkits.closure(ee);
+        let mut set = RootSet {
+            name: "pkits".into(),
+            kind: RootSetKind::Infrastructure,
+            anchors: vec![Anchor::from_der(&pkits.anchor, "anchor").unwrap()],
+            crls: vec![],
+            revocation: RevocationPolicy::default(),
+            created: 0,
+        };
+        let mut crl_refusals = Vec::new();
+        for crl in crls {
+            let attached = CrlRecord::from_der(&crl, "crl")
+                .and_then(|rec| set.attach_crl(rec, &intermediates));
+            if let Err(e) = attached {
+                crl_refusals.push(e.to_string());
+            }
+        }
+        let mut chain = vec![ee.clone()];
+        chain.extend(intermediates);
+        if std::env::var("PKITS_DEBUG").is_ok_and(|d| name.contains(&d)) {
+            for c in &set.crls {
+                println!("{name}: attached CRL of {} scope {:?}", c.issuer, c.scope);
+            }
+            println!("{name}: refused CRLs {crl_refusals:?}");
+        }
+        let verdict = verify::verify_with(
+            &set,
+            &chain,
+            Purpose::Server,
+            None,
+            at,
+            EkuPolicy::IfPresent,
+        );
+        let row = table.entry(sec).or_default();
+        match (valid, &verdict) {
+            (true, Ok(_)) => row[0] += 1,
+            (true, Err(r)) => {
+                row[1] += 1;
+                refused_valid.entry(sec).or_default().push(format!(
+                    "{name}: {} ({r}){}",
+                    r.code(),
+                    if crl_refusals.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; CRLs refused: {}", crl_refusals.join(" | "))
+                    }
+                ));
+            }
+            (false, Err(_)) => row[2] += 1,
+            (false, Ok(_)) => {
+                row[3] += 1;
+                accepted_invalid.push(name.clone());
+            }
+        }
+    }
+    println!("| section | valid accepted | valid refused | invalid refused | invalid accepted |");
+    println!("|---|---|---|---|---|");
+    for (sec, [va, vr, ir, ia]) in &table {
+        println!("| {sec} | {va} | {vr} | {ir} | {ia} |");
+    }
+    for (sec, cases) in &refused_valid {
+        println!("\nvalid chains refused in {sec}:");
+        for c in cases {
+            println!("- {c}");
+        }
+    }
+    assert!(
+        accepted_invalid.is_empty(),
+        "chains PKITS marks invalid were accepted: {accepted_invalid:?}"
+    );
+}
