@@ -553,6 +553,13 @@ pub enum BootstrapCommand {
         /// Overwrite an existing file
         #[arg(long)]
         force: bool,
+        /// Revocation policy for the IN's chain [default: the set's]. Under `require` the
+        /// profile's CRLs must still be current when the node bootstraps
+        #[arg(long, value_enum)]
+        revocation: Option<RevocationArg>,
+        /// How long past their nextUpdate the profile's CRLs still count [default: the set's]
+        #[arg(long, value_name = "DURATION")]
+        crl_grace: Option<String>,
     },
     /// Run the IN endpoint (SIGTERM or Ctrl-C drain and stop it)
     Serve {

@@ -72,14 +72,34 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             port,
             out,
             force,
+            revocation,
+            crl_grace,
         } => {
+            let grace = crl_grace
+                .as_deref()
+                .map(crate::commands::grace_seconds)
+                .transpose()?;
+            let fqdn: m2mpki_ca::DnsName = fqdn.parse()?;
             let home = Home::open(home)?;
             let store = home.store()?;
-            let s = store
+            let mut s = store
                 .root_set(&set)?
                 .ok_or_else(|| m2mpki_ca::Error::UnknownRootSet(set.clone()))?;
-            let fqdn: m2mpki_ca::DnsName = fqdn.parse()?;
+            if let Some(r) = revocation {
+                s.revocation.mode = crate::commands::revocation_mode(r);
+            }
+            if let Some(g) = grace {
+                s.revocation.crl_grace = g;
+            }
             let file = FieldNodeProfile::file_for(&s, &fqdn, port)?;
+            // Under `require` the node must bootstrap before its profile's first CRL goes stale.
+            let usable_until = (s.revocation.mode == m2mpki_ca::rootset::RevocationMode::Require)
+                .then(|| {
+                    s.crls.iter().filter_map(|c| c.next_update).min().map(|n| {
+                        n.saturating_add(i64::try_from(s.revocation.crl_grace).unwrap_or(i64::MAX))
+                    })
+                })
+                .flatten();
             let text = format!(
                 "# m2mpki bootstrap profile: write this onto the field node at production.\n{}",
                 toml::to_string(&file).context("encoding the profile")?
@@ -99,13 +119,21 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             )?;
             if json {
                 emit_json(
-                    &serde_json::json!({ "out": out, "in_fqdn": fqdn, "port": port, "set": set, "anchors": s.anchors.len() }),
+                    &serde_json::json!({ "out": out, "in_fqdn": fqdn, "port": port, "set": set, "anchors": s.anchors.len(),
+                        "revocation": s.revocation, "crls": s.crls.len(),
+                        "crls_current_until": usable_until.map(crate::commands::ts) }),
                 )
             } else {
                 emit(&format!(
-                    "wrote profile for {fqdn}:{port} ({} IN roots of `{set}`) to {}",
+                    "wrote profile for {fqdn}:{port} ({} IN roots of `{set}`, {} CRLs, revocation {}) to {}{}",
                     s.anchors.len(),
-                    out.display()
+                    s.crls.len(),
+                    s.revocation,
+                    out.display(),
+                    usable_until.map_or_else(String::new, |t| format!(
+                        "\n  the node must bootstrap before {} (its CRLs go stale then); write a fresh profile later, or use --crl-grace or --revocation best-effort",
+                        crate::commands::ts(t)
+                    ))
                 ))
             }
         }

@@ -1187,7 +1187,7 @@ fn verify_read_certs(path: &Path) -> Result<Vec<Vec<u8>>> {
     Ok(m2mpki_ca::verify::read_chain(path)?)
 }
 
-fn revocation_mode(arg: RevocationArg) -> m2mpki_ca::rootset::RevocationMode {
+pub(crate) fn revocation_mode(arg: RevocationArg) -> m2mpki_ca::rootset::RevocationMode {
     match arg {
         RevocationArg::Require => m2mpki_ca::rootset::RevocationMode::Require,
         RevocationArg::BestEffort => m2mpki_ca::rootset::RevocationMode::BestEffort,
@@ -1195,7 +1195,7 @@ fn revocation_mode(arg: RevocationArg) -> m2mpki_ca::rootset::RevocationMode {
 }
 
 /// A CRL grace period in seconds: `0`, or hours or days (`12h`, `2d`).
-fn grace_seconds(text: &str) -> Result<u64> {
+pub(crate) fn grace_seconds(text: &str) -> Result<u64> {
     if text == "0" {
         return Ok(0);
     }

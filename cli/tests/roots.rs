@@ -1168,3 +1168,75 @@ fn mutated_der_that_openssl_refuses_is_refused_too() {
         accepted.join("\n")
     );
 }
+
+/// A bootstrap profile carries the IN set's revocation policy and says until when its CRLs keep
+/// a node able to bootstrap; `--revocation` and `--crl-grace` override the set's.
+#[test]
+fn bootstrap_profiles_carry_the_revocation_policy() {
+    let lab = lab_with_sets();
+    let out = lab.path("p.toml");
+    let p = out.to_str().unwrap();
+    let v = lab.json(&[
+        "bootstrap",
+        "profile",
+        "--set",
+        "in",
+        "--fqdn",
+        IN_FQDN,
+        "--out",
+        p,
+    ]);
+    assert_eq!(v["revocation"]["mode"], "require", "{v}");
+    assert_eq!(v["crls"], 2, "{v}");
+    assert!(
+        v["crls_current_until"].as_str().unwrap().starts_with("20"),
+        "{v}"
+    );
+    let profile = m2mpki_bootstrap::config::FieldNodeProfile::load(&out).unwrap();
+    assert_eq!(
+        profile.roots.revocation.mode,
+        m2mpki_ca::rootset::RevocationMode::Require
+    );
+    assert_eq!(profile.roots.crls.len(), 2);
+    let v = lab.json(&[
+        "bootstrap",
+        "profile",
+        "--set",
+        "in",
+        "--fqdn",
+        IN_FQDN,
+        "--out",
+        p,
+        "--force",
+        "--revocation",
+        "best-effort",
+        "--crl-grace",
+        "2d",
+    ]);
+    assert_eq!(v["revocation"]["mode"], "best-effort", "{v}");
+    assert!(v["crls_current_until"].is_null(), "{v}");
+    let profile = m2mpki_bootstrap::config::FieldNodeProfile::load(&out).unwrap();
+    assert_eq!(
+        profile.roots.revocation,
+        m2mpki_ca::rootset::RevocationPolicy {
+            mode: m2mpki_ca::rootset::RevocationMode::BestEffort,
+            crl_grace: 2 * 86_400
+        }
+    );
+    lab.fails(
+        2,
+        &[
+            "bootstrap",
+            "profile",
+            "--set",
+            "in",
+            "--fqdn",
+            IN_FQDN,
+            "--out",
+            p,
+            "--force",
+            "--crl-grace",
+            "soon",
+        ],
+    );
+}
