@@ -227,15 +227,19 @@ pub fn verify(
     name: Option<&DnsName>,
     at: OffsetDateTime,
 ) -> std::result::Result<Verified, Refusal> {
-    verify_with(set, chain, purpose, name, at, EkuPolicy::Required)
+    let name = name
+        .map(|n| ServerName::try_from(n.as_str()).map_err(|_| Refusal::NameMismatch(n.to_string())))
+        .transpose()?;
+    verify_with(set, chain, purpose, name.as_ref(), at, EkuPolicy::Required)
 }
 
-/// [`verify`] with a choice of how the leaf's EKU is judged.
+/// [`verify`] with a choice of how the leaf's EKU is judged, for a server name that is a DNS
+/// name or an IP address (matched against iPAddress subjectAltNames).
 pub fn verify_with(
     set: &RootSet,
     chain: &[Vec<u8>],
     purpose: Purpose,
-    name: Option<&DnsName>,
+    name: Option<&ServerName<'_>>,
     at: OffsetDateTime,
     eku: EkuPolicy,
 ) -> std::result::Result<Verified, Refusal> {
@@ -395,10 +399,13 @@ pub fn verify_with(
         }
     }
     if let (Purpose::Server, Some(name)) = (purpose, name) {
-        let server_name = ServerName::try_from(name.as_str())
-            .map_err(|_| Refusal::NameMismatch(name.to_string()))?;
-        ee.verify_is_valid_for_subject_name(&server_name)
-            .map_err(|_| Refusal::NameMismatch(name.to_string()))?;
+        let shown = match name {
+            ServerName::DnsName(d) => d.as_ref().to_owned(),
+            ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+            other => format!("{other:?}"),
+        };
+        ee.verify_is_valid_for_subject_name(name)
+            .map_err(|_| Refusal::NameMismatch(shown))?;
     }
     let anchor = anchor_record.sha256.clone();
 

@@ -507,7 +507,8 @@ pub enum RootsCommand {
         /// else client]
         #[arg(long, value_enum)]
         purpose: Option<PurposeArg>,
-        /// The server name the certificate must match (server purpose)
+        /// The server name (a DNS name or an IP address) the certificate must match (server
+        /// purpose)
         #[arg(long, value_name = "FQDN")]
         name: Option<String>,
         /// Verify as of this time (RFC 3339) [default: now]

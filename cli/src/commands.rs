@@ -1150,9 +1150,27 @@ fn roots(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
                 None if matches!(s.kind, RootSetKind::Infrastructure) => Purpose::Server,
                 None => Purpose::Client,
             };
-            let name: Option<m2mpki_ca::DnsName> = name.as_deref().map(str::parse).transpose()?;
+            // A DNS name (checked like everywhere else) or an IP address.
+            let name: Option<rustls_pki_types::ServerName<'static>> = match name.as_deref() {
+                None => None,
+                Some(n) => Some(match n.parse::<std::net::IpAddr>() {
+                    Ok(ip) => rustls_pki_types::ServerName::IpAddress(ip.into()),
+                    Err(_) => {
+                        let dns: m2mpki_ca::DnsName = n.parse()?;
+                        rustls_pki_types::ServerName::try_from(dns.as_str().to_owned())
+                            .map_err(|e| m2mpki_ca::Error::invalid("--name", n, e.to_string()))?
+                    }
+                }),
+            };
             let at = opt_time("--at", at.as_deref())?.unwrap_or_else(OffsetDateTime::now_utc);
-            match verify::verify(&s, &ders, purpose, name.as_ref(), at) {
+            match verify::verify_with(
+                &s,
+                &ders,
+                purpose,
+                name.as_ref(),
+                at,
+                verify::EkuPolicy::Required,
+            ) {
                 Ok(v) => {
                     if ctx.json {
                         emit_json(&serde_json::json!({ "valid": true, "result": v }))

@@ -1240,3 +1240,51 @@ fn bootstrap_profiles_carry_the_revocation_policy() {
         ],
     );
 }
+
+/// `--name` takes an IP address too, matched against iPAddress subjectAltNames.
+#[test]
+fn verify_names_an_ip_address() {
+    let lab = Lab::empty();
+    lab.ok(&[
+        "roots",
+        "create",
+        "ip",
+        "--kind",
+        "infrastructure",
+        "--revocation",
+        "best-effort",
+    ]);
+    let root = make("IP Root", Some(None), None, |_| {});
+    let leaf = make("in.ip.example", None, Some(&root), |p| {
+        p.subject_alt_names = vec![
+            rcgen::SanType::IpAddress("192.0.2.7".parse().unwrap()),
+            rcgen::SanType::IpAddress("2001:db8::7".parse().unwrap()),
+        ];
+    });
+    lab.ok(&[
+        "roots",
+        "add",
+        "ip",
+        write(&lab, "ip-root.pem", &[&root]).to_str().unwrap(),
+    ]);
+    let chain = write(&lab, "ip-leaf.pem", &[&leaf]);
+    let c = chain.to_str().unwrap();
+    lab.ok(&["roots", "verify", "ip", c, "--name", "192.0.2.7"]);
+    lab.ok(&["roots", "verify", "ip", c, "--name", "2001:db8::7"]);
+    refused(
+        &lab,
+        "ip",
+        &chain,
+        &["--name", "192.0.2.8"],
+        "name_mismatch",
+        "192.0.2.8",
+    );
+    refused(
+        &lab,
+        "ip",
+        &chain,
+        &["--name", "in.ip.example"],
+        "name_mismatch",
+        "in.ip.example",
+    );
+}
