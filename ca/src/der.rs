@@ -176,13 +176,21 @@ fn body(der: &[u8]) -> Result<Vec<Tlv<'_>>, String> {
     items(tbs.contents)
 }
 
-const INTEGER: u8 = 0x02;
-const BIT_STRING: u8 = 0x03;
-const OID: u8 = 0x06;
-const SEQUENCE: u8 = 0x30;
-const SET: u8 = 0x31;
-const UTC_TIME: u8 = 0x17;
-const GENERALIZED_TIME: u8 = 0x18;
+/// Universal tags, as DER writes them (constructed ones with their constructed bit).
+pub(crate) mod tag {
+    pub(crate) const BOOLEAN: u8 = 0x01;
+    pub(crate) const INTEGER: u8 = 0x02;
+    pub(crate) const BIT_STRING: u8 = 0x03;
+    pub(crate) const OCTET_STRING: u8 = 0x04;
+    pub(crate) const OID: u8 = 0x06;
+    pub(crate) const UTF8_STRING: u8 = 0x0c;
+    pub(crate) const PRINTABLE_STRING: u8 = 0x13;
+    pub(crate) const UTC_TIME: u8 = 0x17;
+    pub(crate) const GENERALIZED_TIME: u8 = 0x18;
+    pub(crate) const SEQUENCE: u8 = 0x30;
+    pub(crate) const SET: u8 = 0x31;
+}
+use tag::{BIT_STRING, GENERALIZED_TIME, INTEGER, OID, SEQUENCE, SET, UTC_TIME};
 
 fn expect(v: Option<&Tlv<'_>>, tags: &[u8], what: &str) -> Result<(), String> {
     match v {

@@ -19,17 +19,10 @@ use crate::profile::{ExtKeyUsage, KeyUsage};
 use crate::serial::Serial;
 use crate::{Error, Result};
 
-const SEQUENCE: u8 = 0x30;
-const SET: u8 = 0x31;
-const BOOLEAN: u8 = 0x01;
-const INTEGER: u8 = 0x02;
-const BIT_STRING: u8 = 0x03;
-const OCTET_STRING: u8 = 0x04;
-const OID: u8 = 0x06;
-const UTF8_STRING: u8 = 0x0c;
-const PRINTABLE_STRING: u8 = 0x13;
-const UTC_TIME: u8 = 0x17;
-const GENERALIZED_TIME: u8 = 0x18;
+use crate::der::tag::{
+    BIT_STRING, BOOLEAN, GENERALIZED_TIME, INTEGER, OCTET_STRING, OID, PRINTABLE_STRING, SEQUENCE,
+    SET, UTC_TIME, UTF8_STRING,
+};
 /// `[n]` constructed (explicit tags, and implicit tags over a SEQUENCE).
 const fn context_constructed(n: u8) -> u8 {
     0xa0 | n

@@ -566,27 +566,32 @@ fn chains_made_elsewhere_expired_intermediates_constraints_and_path_length() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "o-root.key",
-        "-out",
-        "o-root.pem",
-        "-days",
-        "3650",
-        "-subj",
-        "/CN=OpenSSL Root",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
+    // A root made by `openssl req -x509` (`name.key`, `name.pem`), named CN=OpenSSL Root.
+    let openssl_root = |name: &str| {
+        let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &pem,
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=OpenSSL Root",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+    };
+    openssl_root("o-root");
     run(&[
         "req",
         "-new",
@@ -661,27 +666,7 @@ fn chains_made_elsewhere_expired_intermediates_constraints_and_path_length() {
         "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\ncrlnumber = crlnumber\ndefault_md = sha256\ndefault_crl_days = 30\n",
     )
     .unwrap();
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "fake-root.key",
-        "-out",
-        "fake-root.pem",
-        "-days",
-        "3650",
-        "-subj",
-        "/CN=OpenSSL Root",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
+    openssl_root("fake-root");
     run(&[
         "ca",
         "-gencrl",
