@@ -154,7 +154,18 @@ pub fn check_signed(der: &[u8]) -> Result<(), String> {
     }
     walk(outer.contents, 1)?;
     let all = items(outer.contents)?;
-    check_algorithm(all.get(1), "the signature algorithm")
+    check_algorithm(all.get(1), "the signature algorithm")?;
+    // A signature is whole octets: x509-parser would hand back the same octets whatever the
+    // unused-bits count says, so another encoding of a genuine signature would verify.
+    whole_octets(&all[2], "the signature")
+}
+
+/// A BIT STRING that holds whole octets (unused-bits count 0): signatures and public keys.
+fn whole_octets(v: &Tlv<'_>, what: &str) -> Result<(), String> {
+    match v.contents.first() {
+        Some(0) => Ok(()),
+        _ => Err(format!("{what} is not a whole number of octets")),
+    }
 }
 
 /// The TLVs directly inside `contents`.
@@ -319,6 +330,7 @@ fn check_tbs_certificate(der: &[u8]) -> Result<(), String> {
     if spki.len() != 2 || spki[1].tag != BIT_STRING {
         return Err("the public key is not SEQUENCE { algorithm, BIT STRING }".into());
     }
+    whole_octets(&spki[1], "the public key")?;
     check_algorithm(spki.first(), "the public key algorithm")?;
     // id-ecPublicKey names its curve with an OID.
     let alg = items(spki[0].contents)?;
@@ -601,6 +613,24 @@ mod tests {
         p.distinguished_name
             .push(rcgen::DnType::CommonName, "DER test");
         p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn signatures_with_unused_bits_are_refused() {
+        let der = cert();
+        // The unused-bits octet of the signature BIT STRING: the last TLV of the outer SEQUENCE.
+        let (outer, _) = tlv(&der).unwrap();
+        let parts = items(outer.contents).unwrap();
+        let sig = &parts[2];
+        let at = der.len() - sig.contents.len();
+        assert_eq!(der[at], 0);
+        for unused in [1u8, 4, 7] {
+            let mut m = der.clone();
+            m[at] = unused;
+            assert!(check_signed(&m)
+                .unwrap_err()
+                .contains("whole number of octets"));
+        }
     }
 
     #[test]

@@ -389,12 +389,20 @@ pub fn verify_with(
     for der in &path_ders[1..] {
         let (_, ca) = X509Certificate::from_der(der)
             .map_err(|e| Refusal::Unusable(format!("malformed CA certificate ({e})")))?;
-        if let Ok(Some(ku)) = ca.key_usage() {
-            if !ku.value.key_cert_sign() {
+        match ca.key_usage() {
+            Ok(Some(ku)) if !ku.value.key_cert_sign() => {
                 return Err(Refusal::CaKeyUsage(format!(
                     "the CA `{}` lacks keyCertSign in its keyUsage and may not issue certificates",
                     ca.subject()
-                )));
+                )))
+            }
+            Ok(_) => {}
+            // Unreadable (or repeated) keyUsage: what it allows cannot be known.
+            Err(e) => {
+                return Err(Refusal::CaKeyUsage(format!(
+                    "the keyUsage of the CA `{}` cannot be read ({e})",
+                    ca.subject()
+                )))
             }
         }
     }
