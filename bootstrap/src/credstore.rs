@@ -128,9 +128,11 @@ impl StoreKey {
 
 /// Loads the store key from `path`, creating it (32 random bytes, hex, mode 0600) when missing.
 pub fn load_or_create_store_key(path: &Path) -> Result<Secret32> {
-    match std::fs::read_to_string(path) {
+    match std::fs::read(path) {
         Ok(text) => {
-            let bytes = zeroize::Zeroizing::new(hex::decode(text.trim()).map_err(|_| {
+            // The file's text is the key: it is wiped like the decoded bytes.
+            let text = zeroize::Zeroizing::new(text);
+            let bytes = zeroize::Zeroizing::new(hex::decode(text.trim_ascii()).map_err(|_| {
                 Error::BadConfig {
                     path: path.to_owned(),
                     reason: "the store key file must hold 64 hex digits".into(),

@@ -45,8 +45,8 @@ struct CredentialFile<'a> {
     m2mpki_credential: u32,
     #[serde(flatten)]
     enrolled: &'a client::Enrolled,
-    /// The root credential, hex.
-    credential: String,
+    /// The root credential, hex (borrowed from a buffer that is wiped).
+    credential: &'a str,
 }
 
 async fn shutdown_signal() {
@@ -179,10 +179,11 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
                 versions,
                 timeout,
             }))?;
+            let credential_hex = zeroize::Zeroizing::new(hex::encode(enrolled.credential.expose()));
             let file = CredentialFile {
                 m2mpki_credential: 1,
                 enrolled: &enrolled,
-                credential: hex::encode(enrolled.credential.expose()),
+                credential: &credential_hex,
             };
             let text = zeroize::Zeroizing::new(serde_json::to_string_pretty(&file)?);
             files::write_atomic(
