@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use m2mpki_test_pki::softhsm::process_softhsm;
+use m2mpki_test_pki::softhsm::{isolated, process_softhsm};
 
 /// A fresh token; returns (lab, token label, pin file path).
 fn token_lab(name: &str) -> (Lab, String, String) {
@@ -23,6 +23,13 @@ fn module() -> String {
 
 #[test]
 fn keygen_list_and_a_ca_on_the_token() {
+    isolated(
+        concat!(module_path!(), "::keygen_list_and_a_ca_on_the_token"),
+        keygen_list_and_a_ca_on_the_token_body,
+    );
+}
+
+fn keygen_list_and_a_ca_on_the_token_body() {
     let (lab, label, pin) = token_lab("cli-keygen");
     let m = module();
     let uri = format!("pkcs11:token={label};object=root?pin-source={pin}");
@@ -133,6 +140,13 @@ fn keygen_list_and_a_ca_on_the_token() {
 
 #[test]
 fn pkcs11_errors_have_their_exit_codes() {
+    isolated(
+        concat!(module_path!(), "::pkcs11_errors_have_their_exit_codes"),
+        pkcs11_errors_have_their_exit_codes_body,
+    );
+}
+
+fn pkcs11_errors_have_their_exit_codes_body() {
     let (lab, label, pin) = token_lab("cli-errors");
     let m = module();
     lab.ok(&[

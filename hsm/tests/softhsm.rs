@@ -6,7 +6,7 @@ use std::process::Command;
 
 use m2mpki_hsm::pkcs11::{self, Pkcs11Config, Pkcs11Key, Pkcs11Uri};
 use m2mpki_hsm::{Error, KeyType, Signer};
-use m2mpki_test_pki::softhsm::process_softhsm;
+use m2mpki_test_pki::softhsm::{isolated, process_softhsm};
 use rcgen::{PublicKeyData, SigningKey};
 
 const PIN: &str = "1234-user";
@@ -50,6 +50,16 @@ fn verify(key: &dyn Signer, msg: &[u8], sig: &[u8]) -> bool {
 
 #[test]
 fn generated_keys_sign_and_verify_for_every_type() {
+    isolated(
+        concat!(
+            module_path!(),
+            "::generated_keys_sign_and_verify_for_every_type"
+        ),
+        generated_keys_sign_and_verify_for_every_type_body,
+    );
+}
+
+fn generated_keys_sign_and_verify_for_every_type_body() {
     let (uri, _d) = token("types");
     for kt in [KeyType::P256, KeyType::P384, KeyType::Ed25519] {
         let (key, full) =
@@ -67,6 +77,13 @@ fn generated_keys_sign_and_verify_for_every_type() {
 
 #[test]
 fn parallel_signing_uses_the_session_pool() {
+    isolated(
+        concat!(module_path!(), "::parallel_signing_uses_the_session_pool"),
+        parallel_signing_uses_the_session_pool_body,
+    );
+}
+
+fn parallel_signing_uses_the_session_pool_body() {
     let (uri, _d) = token("pool");
     let (key, _) = pkcs11::generate(&uri.for_object("ca"), KeyType::P256, &cfg()).unwrap();
     assert_eq!(key.token().pool_size(), 2);
@@ -86,6 +103,13 @@ fn parallel_signing_uses_the_session_pool() {
 
 #[test]
 fn keygen_refuses_an_existing_label_or_id() {
+    isolated(
+        concat!(module_path!(), "::keygen_refuses_an_existing_label_or_id"),
+        keygen_refuses_an_existing_label_or_id_body,
+    );
+}
+
+fn keygen_refuses_an_existing_label_or_id_body() {
     let (uri, _d) = token("dup");
     let (_, full) = pkcs11::generate(&uri.for_object("a"), KeyType::P256, &cfg()).unwrap();
     let err = pkcs11::generate(&uri.for_object("a"), KeyType::P256, &cfg()).unwrap_err();
@@ -98,6 +122,16 @@ fn keygen_refuses_an_existing_label_or_id() {
 
 #[test]
 fn private_keys_are_sensitive_and_never_extractable() {
+    isolated(
+        concat!(
+            module_path!(),
+            "::private_keys_are_sensitive_and_never_extractable"
+        ),
+        private_keys_are_sensitive_and_never_extractable_body,
+    );
+}
+
+fn private_keys_are_sensitive_and_never_extractable_body() {
     let (uri, _d) = token("flags");
     pkcs11::generate(&uri.for_object("ca-key"), KeyType::P256, &cfg()).unwrap();
     // Our own listing...
@@ -144,6 +178,16 @@ fn private_keys_are_sensitive_and_never_extractable() {
 
 #[test]
 fn clear_errors_for_bad_pin_token_module_and_key() {
+    isolated(
+        concat!(
+            module_path!(),
+            "::clear_errors_for_bad_pin_token_module_and_key"
+        ),
+        clear_errors_for_bad_pin_token_module_and_key_body,
+    );
+}
+
+fn clear_errors_for_bad_pin_token_module_and_key_body() {
     let (uri, dir) = token("errors");
     pkcs11::generate(&uri.for_object("k"), KeyType::P256, &cfg()).unwrap();
 
@@ -225,6 +269,13 @@ fn clear_errors_for_bad_pin_token_module_and_key() {
 
 #[test]
 fn pins_never_show() {
+    isolated(
+        concat!(module_path!(), "::pins_never_show"),
+        pins_never_show_body,
+    );
+}
+
+fn pins_never_show_body() {
     let u: Pkcs11Uri = "pkcs11:token=t;object=k?module-path=/x.so&pin-value=987654"
         .parse()
         .unwrap();
@@ -237,6 +288,13 @@ fn pins_never_show() {
 
 #[test]
 fn aes_store_keys_seal_on_the_token() {
+    isolated(
+        concat!(module_path!(), "::aes_store_keys_seal_on_the_token"),
+        aes_store_keys_seal_on_the_token_body,
+    );
+}
+
+fn aes_store_keys_seal_on_the_token_body() {
     use m2mpki_hsm::pkcs11::Pkcs11SecretKey;
     let (uri, _d) = token("aes");
     let (key, full) = Pkcs11SecretKey::generate(&uri.for_object("store"), &cfg()).unwrap();

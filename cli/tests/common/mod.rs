@@ -25,7 +25,12 @@ macro_rules! both_backends {
             $(#[test] fn $name() { super::$name($crate::common::Backend::Software) })*
         }
         mod softhsm {
-            $(#[test] fn $name() { super::$name($crate::common::Backend::SoftHsm) })*
+            $(#[test] fn $name() {
+                m2mpki_test_pki::softhsm::isolated(
+                    concat!(module_path!(), "::", stringify!($name)),
+                    || super::$name($crate::common::Backend::SoftHsm),
+                )
+            })*
         }
     };
 }
