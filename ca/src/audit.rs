@@ -11,11 +11,72 @@ use crate::{Error, Result};
 /// The predecessor hash of the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// What kind of event an entry records. Stored (and hashed) as its dotted name, so logs
+/// written before this type existed read and verify unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AuditAction {
+    /// A CA was created (`ca.init`).
+    #[serde(rename = "ca.init")]
+    CaInit,
+    /// A certificate was issued (`cert.issue`).
+    #[serde(rename = "cert.issue")]
+    CertIssue,
+    /// A certificate was revoked (`cert.revoke`).
+    #[serde(rename = "cert.revoke")]
+    CertRevoke,
+    /// A CRL was issued (`crl.issue`).
+    #[serde(rename = "crl.issue")]
+    CrlIssue,
+    /// A root set was created (`roots.create`).
+    #[serde(rename = "roots.create")]
+    RootsCreate,
+    /// A root set's revocation policy changed (`roots.set`).
+    #[serde(rename = "roots.set")]
+    RootsSet,
+    /// Anchors were added to a root set (`roots.add`).
+    #[serde(rename = "roots.add")]
+    RootsAdd,
+    /// An anchor was removed from a root set (`roots.remove`).
+    #[serde(rename = "roots.remove")]
+    RootsRemove,
+    /// A CRL was attached to a root set (`roots.add-crl`).
+    #[serde(rename = "roots.add-crl")]
+    RootsAddCrl,
+    /// A CRL was detached from a root set (`roots.remove-crl`).
+    #[serde(rename = "roots.remove-crl")]
+    RootsRemoveCrl,
+}
+
+impl AuditAction {
+    /// The dotted name stored in the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::CaInit => "ca.init",
+            AuditAction::CertIssue => "cert.issue",
+            AuditAction::CertRevoke => "cert.revoke",
+            AuditAction::CrlIssue => "crl.issue",
+            AuditAction::RootsCreate => "roots.create",
+            AuditAction::RootsSet => "roots.set",
+            AuditAction::RootsAdd => "roots.add",
+            AuditAction::RootsRemove => "roots.remove",
+            AuditAction::RootsAddCrl => "roots.add-crl",
+            AuditAction::RootsRemoveCrl => "roots.remove-crl",
+        }
+    }
+}
+
+impl std::fmt::Display for AuditAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What happened, before it is sealed into the chain.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {
-    /// What kind of event (`ca.init`, `cert.issue`, ...).
-    pub action: String,
+    /// What kind of event.
+    pub action: AuditAction,
     /// What it happened to (a CA name, a serial).
     pub subject: String,
     /// Details as JSON (never secrets).
@@ -42,7 +103,7 @@ pub struct AuditEntry {
 struct Sealed<'a> {
     seq: u64,
     time: i64,
-    action: &'a str,
+    action: AuditAction,
     subject: &'a str,
     detail: &'a serde_json::Value,
     prev: &'a str,
@@ -53,7 +114,7 @@ fn sealed(seq: u64, time: i64, event: &AuditEvent, prev: &str) -> Result<(Vec<u8
     let body = serde_json::to_vec(&Sealed {
         seq,
         time,
-        action: &event.action,
+        action: event.action,
         subject: &event.subject,
         detail: &event.detail,
         prev,
@@ -157,7 +218,7 @@ mod tests {
     #[test]
     fn stored_json_is_the_entry_and_verifies() {
         let event = AuditEvent {
-            action: "cert.issue".into(),
+            action: AuditAction::CertIssue,
             subject: "01ab".into(),
             detail: serde_json::json!({"ca": "mfr-ca", "note": "quote \" and \\ and é"}),
         };
@@ -183,7 +244,7 @@ mod tests {
                     seq,
                     1_700_000_000,
                     AuditEvent {
-                        action: "cert.issue".into(),
+                        action: AuditAction::CertIssue,
                         subject: format!("serial-{seq}"),
                         detail: serde_json::json!({"ca": "x"}),
                     },
@@ -194,6 +255,36 @@ mod tests {
                 e
             })
             .collect()
+    }
+
+    #[test]
+    fn actions_are_stored_as_their_dotted_names() {
+        for action in [
+            AuditAction::CaInit,
+            AuditAction::CertIssue,
+            AuditAction::CertRevoke,
+            AuditAction::CrlIssue,
+            AuditAction::RootsCreate,
+            AuditAction::RootsSet,
+            AuditAction::RootsAdd,
+            AuditAction::RootsRemove,
+            AuditAction::RootsAddCrl,
+            AuditAction::RootsRemoveCrl,
+        ] {
+            let json = serde_json::to_string(&action).unwrap();
+            assert_eq!(json, format!("\"{}\"", action.as_str()));
+            assert_eq!(serde_json::from_str::<AuditAction>(&json).unwrap(), action);
+        }
+        // An entry sealed when the action was a string still verifies.
+        let old = r#"{"seq":1,"time":1700000000,"action":"cert.issue","subject":"s","detail":{"ca":"x"},"prev":"0000000000000000000000000000000000000000000000000000000000000000"}"#;
+        let hash = hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            old.as_bytes(),
+        ));
+        let mut stored: serde_json::Value = serde_json::from_str(old).unwrap();
+        stored["hash"] = hash.into();
+        let entry: AuditEntry = serde_json::from_value(stored).unwrap();
+        assert_eq!(verify_chain([entry]).unwrap(), 1);
     }
 
     #[test]

@@ -305,7 +305,7 @@ pub fn init_ca(
             chain_der,
         };
         let event = AuditEvent {
-            action: "ca.init".into(),
+            action: crate::audit::AuditAction::CaInit,
             subject: record.name.clone(),
             detail: serde_json::json!({
                 "subject": record.subject,

@@ -1,14 +1,76 @@
 //! Issuing one certificate: check, sign, record — in that order.
 
-use crate::authority::{Authority, LeafRequest};
+use crate::authority::{Approved, Authority, LeafRequest};
 use crate::profile::LeafProfile;
 use crate::store::{NewCert, RecordOutcome, Store};
 use crate::{Error, Result};
 
-/// Checks `req` against `profile`, signs it and records it in `store` (with its audit entry).
-///
-/// Refuses with [`Error::AlreadyIssued`] when the subject already has a live certificate from
-/// this CA, unless `reissue`. The caller writes files only after this returns.
+/// A request that passed the profile and the ledger, not yet signed. Issuing in two steps
+/// lets a caller do its own work in between (the CLI writes the new key file) knowing the
+/// request will not be refused for what it asks; [`Prepared::commit`] signs and records.
+#[derive(Debug)]
+pub struct Prepared<'a> {
+    authority: &'a Authority,
+    approved: Approved,
+    reissue: bool,
+}
+
+/// Checks `req` against `profile` and the ledger: refuses with [`Error::AlreadyIssued`] when
+/// the subject already has a live certificate from this CA, unless `reissue`. Nothing is
+/// signed or recorded.
+pub fn prepare<'a>(
+    store: &dyn Store,
+    authority: &'a Authority,
+    profile: &LeafProfile,
+    req: LeafRequest,
+    reissue: bool,
+) -> Result<Prepared<'a>> {
+    let approved = authority.approve(profile, req)?;
+    if !reissue {
+        if let Some(serial) = store.live_cert(&authority.record.name, approved.subject_key())? {
+            return Err(Error::AlreadyIssued {
+                ca: authority.record.name.clone(),
+                identity: approved.subject_key().to_owned(),
+                serial: serial.to_string(),
+            });
+        }
+    }
+    Ok(Prepared {
+        authority,
+        approved,
+        reissue,
+    })
+}
+
+impl Prepared<'_> {
+    /// The subject key the certificate will be recorded under.
+    pub fn subject_key(&self) -> &str {
+        self.approved.subject_key()
+    }
+
+    /// Signs and records the certificate (with its audit entry). Another process may have
+    /// recorded a live certificate for the subject since [`prepare`]: that is still refused
+    /// with [`Error::AlreadyIssued`], and nothing is recorded.
+    pub fn commit(self, store: &dyn Store) -> Result<NewCert> {
+        let ca = self.authority.record.name.clone();
+        let cert = self.authority.sign(self.approved)?;
+        match store
+            .record_certs(std::slice::from_ref(&cert), self.reissue)?
+            .pop()
+        {
+            Some(RecordOutcome::Recorded) => Ok(cert),
+            Some(RecordOutcome::AlreadyLive(serial)) => Err(Error::AlreadyIssued {
+                ca,
+                identity: cert.record.subject_key.clone(),
+                serial: serial.to_string(),
+            }),
+            None => Err(Error::internal("the store returned no outcome")),
+        }
+    }
+}
+
+/// Checks `req` against `profile`, signs it and records it in `store` (with its audit entry):
+/// [`prepare`] then [`Prepared::commit`]. The caller writes files only after this returns.
 pub fn issue(
     store: &dyn Store,
     authority: &Authority,
@@ -16,30 +78,7 @@ pub fn issue(
     req: LeafRequest,
     reissue: bool,
 ) -> Result<NewCert> {
-    let approved = authority.approve(profile, req)?;
-    let already = |serial: crate::Serial| Error::AlreadyIssued {
-        ca: authority.record.name.clone(),
-        identity: approved.subject_key().to_owned(),
-        serial: serial.to_string(),
-    };
-    if !reissue {
-        if let Some(serial) = store.live_cert(&authority.record.name, approved.subject_key())? {
-            return Err(already(serial));
-        }
-    }
-    let cert = authority.sign(approved)?;
-    match store
-        .record_certs(std::slice::from_ref(&cert), reissue)?
-        .pop()
-    {
-        Some(RecordOutcome::Recorded) => Ok(cert),
-        Some(RecordOutcome::AlreadyLive(serial)) => Err(Error::AlreadyIssued {
-            ca: authority.record.name.clone(),
-            identity: cert.record.subject_key.clone(),
-            serial: serial.to_string(),
-        }),
-        None => Err(Error::internal("the store returned no outcome")),
-    }
+    prepare(store, authority, profile, req, reissue)?.commit(store)
 }
 
 /// A leaf and its chain as PEM (leaf first, then intermediates; the root is not included).

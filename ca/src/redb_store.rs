@@ -228,7 +228,7 @@ impl Store for RedbStore {
                         .map_err(db_err)?;
                 }
                 events.push(AuditEvent {
-                    action: "cert.issue".into(),
+                    action: crate::audit::AuditAction::CertIssue,
                     subject: r.serial.to_string(),
                     detail: serde_json::json!({
                         "ca": r.ca,
@@ -425,7 +425,7 @@ impl Store for RedbStore {
         Self::append_audit(
             &tx,
             vec![AuditEvent {
-                action: "cert.revoke".into(),
+                action: crate::audit::AuditAction::CertRevoke,
                 subject: serial.to_string(),
                 detail: serde_json::json!({ "ca": ca, "reason": reason, "subject_key": record.subject_key }),
             }],
@@ -463,7 +463,7 @@ impl Store for RedbStore {
         Self::append_audit(
             &tx,
             vec![AuditEvent {
-                action: "crl.issue".into(),
+                action: crate::audit::AuditAction::CrlIssue,
                 subject: ca.to_owned(),
                 detail,
             }],

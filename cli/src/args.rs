@@ -426,8 +426,8 @@ pub enum RootsCommand {
         #[arg(long, value_enum, default_value = "require")]
         revocation: RevocationArg,
         /// How long past its nextUpdate a CRL still counts as current: 0, 12h, 2d
-        #[arg(long, value_name = "DURATION", default_value = "0")]
-        crl_grace: String,
+        #[arg(long, value_name = "DURATION", default_value = "0", value_parser = grace_seconds)]
+        crl_grace: u64,
     },
     /// Change a set's revocation policy
     Set {
@@ -437,8 +437,8 @@ pub enum RootsCommand {
         #[arg(long, value_enum)]
         revocation: Option<RevocationArg>,
         /// How long past its nextUpdate a CRL still counts as current: 0, 12h, 2d
-        #[arg(long, value_name = "DURATION")]
-        crl_grace: Option<String>,
+        #[arg(long, value_name = "DURATION", value_parser = grace_seconds)]
+        crl_grace: Option<u64>,
     },
     /// Add CA certificates (PEM bundles or DER) as anchors
     Add {
@@ -525,6 +525,31 @@ pub enum RevocationArg {
     BestEffort,
 }
 
+impl From<RevocationArg> for m2mpki_ca::rootset::RevocationMode {
+    fn from(arg: RevocationArg) -> Self {
+        match arg {
+            RevocationArg::Require => m2mpki_ca::rootset::RevocationMode::Require,
+            RevocationArg::BestEffort => m2mpki_ca::rootset::RevocationMode::BestEffort,
+        }
+    }
+}
+
+/// A CRL grace period in seconds: `0`, or hours or days (`12h`, `2d`), at most 366 days.
+fn grace_seconds(text: &str) -> Result<u64, String> {
+    if text == "0" {
+        return Ok(0);
+    }
+    let bad = || format!("`{text}`: expected 0, hours (12h) or days (2d), at most 366d");
+    let (n, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    };
+    secs.filter(|s| *s <= 366 * 86_400).ok_or_else(bad)
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum TlsArg {
     /// TLS 1.2 only
@@ -559,8 +584,8 @@ pub enum BootstrapCommand {
         #[arg(long, value_enum)]
         revocation: Option<RevocationArg>,
         /// How long past their nextUpdate the profile's CRLs still count [default: the set's]
-        #[arg(long, value_name = "DURATION")]
-        crl_grace: Option<String>,
+        #[arg(long, value_name = "DURATION", value_parser = grace_seconds)]
+        crl_grace: Option<u64>,
     },
     /// Run the IN endpoint (SIGTERM or Ctrl-C drain and stop it)
     Serve {

@@ -5,9 +5,7 @@
 #![warn(missing_docs)]
 
 mod args;
-mod bootstrap_cmd;
-mod commands;
-mod lab_cmd;
+mod cmd;
 mod output;
 mod prompt;
 
@@ -18,7 +16,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
     let json = cli.json;
-    match commands::run(cli) {
+    match cmd::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             if output::is_broken_pipe(&err) {

@@ -9,6 +9,18 @@ use m2mpki_ca::ErrorKind;
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// A request the policy refused that is not a library error (`bootstrap check`): exit 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Denied(pub String);
+
+/// A Unix time as RFC 3339 UTC (the number itself if out of range).
+pub fn ts(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map(m2mpki_ca::validity::format_time)
+        .unwrap_or_else(|_| unix.to_string())
+}
+
 /// Exit code for an error: 1 refused, 2 bad input, 3 internal (see `--help`).
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
@@ -25,10 +37,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<UsageError>().is_some() {
             return 2;
         }
-        if cause
-            .downcast_ref::<crate::bootstrap_cmd::Denied>()
-            .is_some()
-        {
+        if cause.downcast_ref::<Denied>().is_some() {
             return 1;
         }
         if let Some(e) = cause.downcast_ref::<m2mpki_bootstrap::Error>() {

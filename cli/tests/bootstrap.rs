@@ -294,16 +294,7 @@ impl Fixture {
             .unwrap();
             let rec = m2mpki_ca::rootset::CrlRecord::from_der(&crl.der, "crl").unwrap();
             let issuers: Vec<Vec<u8>> = lab.cas.iter().map(|c| c.cert_der.clone()).collect();
-            lab.store
-                .modify_root_set(sets::DEVICE, &mut |s| {
-                    s.attach_crl(rec.clone(), &issuers)?;
-                    Ok(m2mpki_ca::audit::AuditEvent {
-                        action: "roots.add-crl".into(),
-                        subject: sets::DEVICE.into(),
-                        detail: serde_json::json!({}),
-                    })
-                })
-                .unwrap();
+            m2mpki_ca::roots::attach_crl(&lab.store, sets::DEVICE, rec, &issuers).unwrap();
         }
         nodes.insert("revoked", revoked);
         // The IN's own server certificate used as a client certificate.
@@ -731,14 +722,10 @@ fn the_field_node_refuses_a_foreign_or_misnamed_in() {
     {
         let store = home.store().unwrap();
         let ent = store.ca(names::ENT_ROOT).unwrap().unwrap();
-        store.create_root_set(&m2mpki_ca::rootset::RootSet {
-            name: "wrong-in".into(),
-            kind: m2mpki_ca::rootset::RootSetKind::Infrastructure,
-            anchors: vec![m2mpki_ca::rootset::Anchor::from_der(&ent.cert_der, "x").unwrap()],
-            crls: vec![],
-            revocation: Default::default(),
-            created: 0,
-        }, m2mpki_ca::audit::AuditEvent { action: "roots.create".into(), subject: "wrong-in".into(), detail: serde_json::json!({}) }).unwrap();
+        let kind = m2mpki_ca::rootset::RootSetKind::Infrastructure;
+        m2mpki_ca::roots::create(&store, "wrong-in", kind, Default::default(), 0).unwrap();
+        let anchor = m2mpki_ca::rootset::Anchor::from_der(&ent.cert_der, "x").unwrap();
+        m2mpki_ca::roots::add_anchors(&store, "wrong-in", vec![anchor]).unwrap();
     }
     let wrong_roots = fx.profile(IN_FQDN, "wrong-in");
     assert_handshake_refused(
@@ -1219,7 +1206,7 @@ fn edit_device_set(fx: &Fixture, edit: impl Fn(&mut m2mpki_ca::rootset::RootSet)
         .modify_root_set(sets::DEVICE, &mut |s| {
             edit(s);
             Ok(m2mpki_ca::audit::AuditEvent {
-                action: "test.edit".into(),
+                action: m2mpki_ca::audit::AuditAction::RootsSet,
                 subject: sets::DEVICE.into(),
                 detail: serde_json::json!({}),
             })

@@ -16,13 +16,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use m2mpki_ca::audit::AuditEvent;
 use m2mpki_ca::profile::LeafProfile;
-use m2mpki_ca::rootset::{Anchor, CrlRecord, RootSet, RootSetKind};
+use m2mpki_ca::roots;
+use m2mpki_ca::rootset::{Anchor, CrlRecord, RootSetKind};
 use m2mpki_ca::validity::Validity;
 use m2mpki_ca::{
     init_ca, Authority, CaInit, CaKey, CaRecord, Home, LeafRequest, LeafSubject, NameConstraints,
-    RedbStore, Store,
+    RedbStore,
 };
 use m2mpki_hsm::files::{self, Mode, Overwrite, WriteOptions};
 use m2mpki_hsm::pkcs11::Pkcs11Uri;
@@ -255,29 +255,23 @@ impl LabPki {
             ),
         ] {
             let ca = self.ca(root).context("lab root missing")?;
-            let anchor = Anchor::from_der(&ca.cert_der, root)?;
-            let mut set = RootSet {
-                name: name.into(),
-                kind: kind.clone(),
-                anchors: vec![anchor],
-                crls: vec![],
-                revocation: Default::default(),
-                created: now,
-            };
+            roots::create(&self.store, name, kind, Default::default(), now)?;
+            roots::add_anchors(
+                &self.store,
+                name,
+                vec![Anchor::from_der(&ca.cert_der, root)?],
+            )?;
             for ca in [root, issuing] {
                 let authority = Authority::load(&self.home, &self.store, keystore, ca)?;
                 let crl =
                     m2mpki_ca::revocation::issue_crl(&self.store, &authority, Validity::Days(30))?;
-                set.attach_crl(CrlRecord::from_der(&crl.der, ca)?, &issuers)?;
+                roots::attach_crl(
+                    &self.store,
+                    name,
+                    CrlRecord::from_der(&crl.der, ca)?,
+                    &issuers,
+                )?;
             }
-            self.store.create_root_set(
-                &set,
-                AuditEvent {
-                    action: "roots.create".into(),
-                    subject: name.into(),
-                    detail: serde_json::json!({ "kind": kind, "anchor": ca.name }),
-                },
-            )?;
         }
         Ok(())
     }

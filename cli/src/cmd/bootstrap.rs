@@ -1,4 +1,4 @@
-//! `m2mpki bootstrap ...`
+//! `m2mpki bootstrap`: the bootstrap server, client, profiles and credential records.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,12 +14,7 @@ use m2mpki_hsm::{KeyRef, Keystore};
 use serde::Serialize;
 
 use crate::args::{BootstrapCommand, TlsArg};
-use crate::output::{emit, emit_json, table, UsageError};
-
-/// A refusal by `bootstrap check` (exit 1).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Denied(pub String);
+use crate::output::{emit, emit_json, table, ts, Denied, UsageError};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -75,10 +70,6 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             revocation,
             crl_grace,
         } => {
-            let grace = crl_grace
-                .as_deref()
-                .map(crate::commands::grace_seconds)
-                .transpose()?;
             let fqdn: m2mpki_ca::DnsName = fqdn.parse()?;
             let home = Home::open(home)?;
             let store = home.store()?;
@@ -86,9 +77,9 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
                 .root_set(&set)?
                 .ok_or_else(|| m2mpki_ca::Error::UnknownRootSet(set.clone()))?;
             if let Some(r) = revocation {
-                s.revocation.mode = crate::commands::revocation_mode(r);
+                s.revocation.mode = r.into();
             }
-            if let Some(g) = grace {
+            if let Some(g) = crl_grace {
                 s.revocation.crl_grace = g;
             }
             let file = FieldNodeProfile::file_for(&s, &fqdn, port)?;
@@ -121,7 +112,7 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
                 emit_json(
                     &serde_json::json!({ "out": out, "in_fqdn": fqdn, "port": port, "set": set, "anchors": s.anchors.len(),
                         "revocation": s.revocation, "crls": s.crls.len(),
-                        "crls_current_until": usable_until.map(crate::commands::ts) }),
+                        "crls_current_until": usable_until.map(ts) }),
                 )
             } else {
                 emit(&format!(
@@ -132,7 +123,7 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
                     out.display(),
                     usable_until.map_or_else(String::new, |t| format!(
                         "\n  the node must bootstrap before {} (its CRLs go stale then); write a fresh profile later, or use --crl-grace or --revocation best-effort",
-                        crate::commands::ts(t)
+                        ts(t)
                     ))
                 ))
             }
@@ -281,12 +272,14 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
                 CredentialStore::open(Home::open(home)?.root())?.history(&id.to_string())?;
             let views: Vec<serde_json::Value> = history
                 .iter()
-                .map(|r| serde_json::json!({
-                    "credential_id": r.id, "status": r.status, "admitted_by": r.admitted_by,
-                    "client_cert_sha256": r.client_cert_sha256,
-                    "created": crate::commands::ts(r.created), "expires": crate::commands::ts(r.expires),
-                    "supersedes": r.supersedes,
-                }))
+                .map(|r| {
+                    serde_json::json!({
+                        "credential_id": r.id, "status": r.status, "admitted_by": r.admitted_by,
+                        "client_cert_sha256": r.client_cert_sha256,
+                        "created": ts(r.created), "expires": ts(r.expires),
+                        "supersedes": r.supersedes,
+                    })
+                })
                 .collect();
             if json {
                 return emit_json(&views);
@@ -301,8 +294,8 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
                             .and_then(|v| v.as_str().map(str::to_owned))
                             .unwrap_or_default(),
                         r.admitted_by.set.clone(),
-                        crate::commands::ts(r.created),
-                        crate::commands::ts(r.expires),
+                        ts(r.created),
+                        ts(r.expires),
                     ]
                 })
                 .collect();

@@ -1,4 +1,4 @@
-//! `m2mpki lab ...`
+//! `m2mpki lab`: whole lab PKIs and the end-to-end demo.
 
 use std::io::IsTerminal;
 use std::path::Path;

@@ -1,0 +1,220 @@
+//! `m2mpki issue`: one certificate, or a batch.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use m2mpki_ca::batch::{self, BatchInput, BatchOptions};
+use m2mpki_ca::input::VerifiedCsr;
+use m2mpki_ca::profile::{LeafProfile, ProfileKind};
+use m2mpki_ca::{Authority, LeafRequest, LeafSubject};
+use m2mpki_hsm::files::{self, Mode, Overwrite};
+use m2mpki_hsm::SoftwareKey;
+use rcgen::PublicKeyData;
+use serde::Serialize;
+
+use super::certs::cert_view;
+use super::{opt_time, opt_validity, passphrase, write_options, Ctx};
+use crate::args::{BatchArgs, BatchProfile, IssueArgs};
+use crate::output::{emit, emit_json, ts, UsageError};
+
+pub(crate) fn one(ctx: &Ctx, subject: LeafSubject, a: IssueArgs) -> Result<()> {
+    // Every argument is parsed, and existing outputs refused, before a key is touched.
+    for path in [Some(&a.out), a.key_out.as_ref()].into_iter().flatten() {
+        if !a.force && path.exists() {
+            return Err(m2mpki_hsm::Error::FileExists(path.clone()).into());
+        }
+    }
+    let validity = opt_validity(a.validity.as_deref())?;
+    let not_before = opt_time("--not-before", a.not_before.as_deref())?;
+    let csr = match (&a.csr, &a.key_out) {
+        (Some(csr), _) => Some(VerifiedCsr::from_file(csr)?),
+        (None, Some(_)) => None,
+        (None, None) => return Err(UsageError("give --csr or --key-out".into()).into()),
+    };
+    let key_pass = match &a.key_out {
+        Some(_) => passphrase(a.key_out_pass_file.as_deref())?,
+        None => None,
+    };
+    let store = ctx.store()?;
+    let authority = Authority::load(&ctx.home, &store, &ctx.keystore, &a.ca)?;
+    let (public_key, new_key) = match csr {
+        Some(csr) => (csr.public_key, None),
+        None => {
+            let key = SoftwareKey::generate(a.key_type.into())?;
+            let spki = rcgen::SubjectPublicKeyInfo::from_der(&key.subject_public_key_info())
+                .context("generated key")?;
+            (spki, Some(key))
+        }
+    };
+    let profile = LeafProfile::builtin(subject.kind());
+    let req = LeafRequest {
+        subject,
+        public_key,
+        validity,
+        not_before,
+    };
+    // The request and the ledger are checked before the key file is written, so a refusal
+    // leaves nothing behind; the key is written before the certificate is recorded, so a
+    // recorded certificate always has its key on disk.
+    let prepared = m2mpki_ca::prepare(&store, &authority, &profile, req, a.reissue)?;
+    if let (Some(mut key), Some(path)) = (new_key, &a.key_out) {
+        let overwrite = if a.force {
+            Overwrite::Replace
+        } else {
+            Overwrite::Refuse
+        };
+        key.save(path, key_pass.as_ref(), overwrite)?;
+    }
+    let cert = match prepared.commit(&store) {
+        Ok(cert) => cert,
+        Err(e) => {
+            // The key certifies nothing: do not leave it behind.
+            if let Some(path) = &a.key_out {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e.into());
+        }
+    };
+    let bytes = if a.der {
+        cert.der.clone()
+    } else {
+        m2mpki_ca::chain_pem(&cert.der, &authority.chain_without_root()).into_bytes()
+    };
+    files::write_atomic(&a.out, &bytes, write_options(Mode::Public, a.force))?;
+    if ctx.json {
+        let mut v = cert_view(&cert.record);
+        v.out = Some(a.out.clone());
+        v.key_out = a.key_out.clone();
+        emit_json(&v)
+    } else {
+        emit(&format!(
+            "issued {} certificate {}\n  subject   {}\n  identity  {}\n  valid to  {}\n  written   {}{}",
+            cert.record.profile,
+            cert.record.serial,
+            cert.record.subject,
+            cert.record.subject_key,
+            ts(cert.record.not_after),
+            a.out.display(),
+            a.key_out
+                .as_ref()
+                .map(|k| format!("\n  key       {}", k.display()))
+                .unwrap_or_default()
+        ))
+    }
+}
+
+pub(crate) fn batch(ctx: &Ctx, a: BatchArgs) -> Result<()> {
+    if let Some(n) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+            .context("starting worker threads")?;
+    }
+    let input = match (&a.ids, &a.csr_dir) {
+        (Some(ids), _) => BatchInput::Ids(batch::load_ids(ids)?),
+        (None, Some(dir)) => BatchInput::Csrs(batch::load_csr_dir(dir)?),
+        (None, None) => return Err(UsageError("give --ids or --csr-dir".into()).into()),
+    };
+    let profile = match a.profile {
+        BatchProfile::Device => ProfileKind::Device,
+        BatchProfile::Node => ProfileKind::Node,
+    };
+    let enterprise = a.enterprise.as_deref().map(str::parse).transpose()?;
+    if profile == ProfileKind::Node && enterprise.is_none() {
+        return Err(UsageError("--profile node needs --enterprise".into()).into());
+    }
+    let opts = BatchOptions {
+        profile,
+        enterprise,
+        key_type: a.key_type.into(),
+        key_passphrase: passphrase(a.key_out_pass_file.as_deref())?,
+        validity: opt_validity(a.validity.as_deref())?,
+        not_before: opt_time("--not-before", a.not_before.as_deref())?,
+        out_dir: a.out_dir.clone(),
+        reissue: a.reissue,
+        output: if a.bundle {
+            batch::BatchOutput::Bundle
+        } else if a.der {
+            batch::BatchOutput::Der
+        } else {
+            batch::BatchOutput::Pem
+        },
+        chunk_size: a.chunk,
+    };
+    let store = ctx.store()?;
+    let authority = Authority::load(&ctx.home, &store, &ctx.keystore, &a.ca)?;
+    let bar = if ctx.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(input.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {pos}/{len} [{bar:40}] {per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    };
+    let started = std::time::Instant::now();
+    let bar = Arc::new(bar);
+    let tick = bar.clone();
+    let report = batch::run_batch(&store, &authority, input, &opts, &move |n| tick.inc(n))?;
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    if ctx.json {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            #[serde(flatten)]
+            report: &'a batch::BatchReport,
+            seconds: f64,
+            out_dir: &'a Path,
+        }
+        emit_json(&Out {
+            report: &report,
+            seconds: secs,
+            out_dir: &a.out_dir,
+        })?;
+    } else {
+        emit(&format!(
+            "batch done: {} issued, {} already issued, {} files restored, {} total in {:.1}s ({:.0}/s)",
+            report.issued,
+            report.already_issued,
+            report.files_restored,
+            report.total,
+            secs,
+            report.issued as f64 / secs.max(1e-9)
+        ))?;
+    }
+    if !report.missing_keys.is_empty() {
+        eprintln!(
+            "m2mpki: warning: {} certificate(s) exist but their key file is missing, e.g. {} (use --reissue for those IDs)",
+            report.missing_keys.len(),
+            report.missing_keys[0]
+        );
+    }
+    if let Some(first) = report.key_mismatches.first() {
+        if !ctx.json {
+            for m in &report.key_mismatches {
+                eprintln!(
+                    "m2mpki: {}: {} ({}); its certificate was not written",
+                    m.id,
+                    m.reason,
+                    m.key_file.display()
+                );
+            }
+        }
+        return Err(m2mpki_ca::Error::BadFile {
+            path: first.key_file.clone(),
+            reason: format!(
+                "{} key file(s) in the output folder are not their certificate's key, first for ID `{}` ({}); those certificates were not written: move the foreign key files away and run the batch again",
+                report.key_mismatches.len(),
+                first.id,
+                first.reason
+            ),
+        }
+        .into());
+    }
+    Ok(())
+}
