@@ -16,10 +16,10 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::{FieldNodeProfile, TlsVersion};
 use crate::protocol::{
-    self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, Secret32, PATH, VERSION,
-    WRAP_ALGORITHM,
+    self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, RootCredential, WrapKey, PATH,
+    VERSION, WRAP_ALGORITHM,
 };
-use crate::tls::{self, InVerifier, OneClientCert};
+use crate::tls;
 use crate::{Error, Result};
 
 /// Largest response the client reads.
@@ -71,7 +71,7 @@ pub struct Enrolled {
     pub tls_version: String,
     /// The root credential.
     #[serde(skip)]
-    pub credential: Secret32,
+    pub credential: RootCredential,
 }
 
 /// Whether an I/O error carries a TLS-level failure (an alert received or sent, a certificate
@@ -148,7 +148,7 @@ pub struct Connected {
     /// The TLS stream.
     pub tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
     /// `RootCredentialWrapKey`, exported from the session.
-    pub wrap_key: Secret32,
+    pub wrap_key: WrapKey,
     /// The negotiated TLS version.
     pub tls_version: String,
     /// `FQDN (address)`, for messages.
@@ -177,7 +177,7 @@ pub async fn connect(e: &Enrolment) -> Result<Connected> {
         path: "--cert".into(),
         reason: format!("malformed certificate ({err})"),
     })?;
-    if own.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&*e.key).as_slice() {
+    if !e.key.matches(own.public_key().raw) {
         return Err(Error::BadConfig {
             path: "--key".into(),
             reason: "the key does not belong to the certificate".into(),
@@ -185,23 +185,16 @@ pub async fn connect(e: &Enrolment) -> Result<Connected> {
     }
     let own_identity = FieldNodeIdentity::from_certificate(&own)?;
 
-    let provider = tls::provider();
     let certified = Arc::new(rustls::sign::CertifiedKey::new(
         e.chain.clone(),
         Arc::new(TlsKey::new(e.key.clone())),
     ));
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&tls::versions(&e.versions))
-        .map_err(|err| Error::internal(format!("TLS versions: {err}")))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(InVerifier::new(
-            e.profile.roots.clone(),
-            fqdn.clone(),
-            provider,
-        )))
-        .with_client_cert_resolver(Arc::new(OneClientCert(certified)));
-    config.require_ems = true;
-    config.resumption = rustls::client::Resumption::disabled();
+    let config = tls::client_config(
+        &e.versions,
+        e.profile.roots.clone(),
+        fqdn.clone(),
+        certified,
+    )?;
 
     let addr = e
         .connect

@@ -178,7 +178,7 @@ pub struct ServerConfig {
     pub lifetime: Validity,
     /// The store key: a key file (default: `<home>/keys/credential-store.key`, created when
     /// missing) or a `pkcs11:` URI naming an AES-256 key on a token.
-    pub store_key: Option<String>,
+    pub store_key: Option<m2mpki_hsm::KeyRef>,
     /// Authorization policy.
     pub policy: Policy,
     /// Parameters handed to every field node.
@@ -272,11 +272,7 @@ impl ServerConfig {
             Ok(serde_json::Value::Object(m)) => m,
             _ => return Err(bad("parameters must be a table".into())),
         };
-        let key = if f.tls.key.starts_with("pkcs11:") {
-            f.tls.key.parse()?
-        } else {
-            m2mpki_hsm::KeyRef::File(rel(base, PathBuf::from(&f.tls.key)))
-        };
+        let key = m2mpki_hsm::KeyRef::parse_relative(&f.tls.key, base)?;
         Ok(ServerConfig {
             fqdn,
             listen,
@@ -286,13 +282,11 @@ impl ServerConfig {
             device_sets: f.trust.device_sets,
             node_sets: f.trust.node_sets,
             lifetime,
-            store_key: f.credentials.store_key.map(|k| {
-                if k.starts_with("pkcs11:") {
-                    k
-                } else {
-                    rel(base, PathBuf::from(k)).display().to_string()
-                }
-            }),
+            store_key: f
+                .credentials
+                .store_key
+                .map(|k| m2mpki_hsm::KeyRef::parse_relative(&k, base))
+                .transpose()?,
             policy: f.policy,
             parameters,
             limits,

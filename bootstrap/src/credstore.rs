@@ -10,12 +10,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use m2mpki_ca::FieldNodeIdentity;
-use m2mpki_hsm::files::{self, Mode, Overwrite, WriteOptions};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DefaultPolicy, Policy};
-use crate::protocol::{self, Admission, Secret32};
+use crate::protocol::{Admission, RootCredential};
 use crate::{Error, Result};
 
 const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
@@ -84,83 +83,31 @@ fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
     serde_json::from_slice(b).map_err(|e| Error::Store(format!("corrupt record: {e}")))
 }
 
-/// The key credentials are sealed under at the IN: a 0600 key file (AES-256 key wrap), or an
-/// AES-256 key on a PKCS#11 token (AES-256-GCM on the token). `Debug` shows no key.
+/// The key credentials are sealed under at the IN: a 0600 key file (AES-256 key wrap) or an
+/// AES-256 key on a PKCS#11 token (AES-256-GCM on the token), opened through the `hsm`
+/// sealing abstraction. `Debug` shows no key.
 #[derive(Debug, Clone)]
-pub enum StoreKey {
-    /// A key file's key.
-    File(Secret32),
-    /// A key that stays on a token.
-    Token(std::sync::Arc<m2mpki_hsm::pkcs11::Pkcs11SecretKey>),
-}
+pub struct StoreKey(std::sync::Arc<dyn m2mpki_hsm::sealing::Sealer>);
 
 impl StoreKey {
-    /// Loads the key named by `spec`: a `pkcs11:` URI, else a file path (created when missing).
-    pub fn load(spec: &str, keystore: &m2mpki_hsm::Keystore) -> Result<Self> {
-        if spec.starts_with("pkcs11:") {
-            let uri: m2mpki_hsm::pkcs11::Pkcs11Uri = spec.parse()?;
-            Ok(StoreKey::Token(std::sync::Arc::new(
-                m2mpki_hsm::pkcs11::Pkcs11SecretKey::open(&uri, keystore.pkcs11())?,
-            )))
-        } else {
-            Ok(StoreKey::File(load_or_create_store_key(Path::new(spec))?))
-        }
+    /// Opens the key `key_ref` names: a token object, or a file (created when missing).
+    pub fn load(key_ref: &m2mpki_hsm::KeyRef, keystore: &m2mpki_hsm::Keystore) -> Result<Self> {
+        Ok(StoreKey(keystore.open_sealer(key_ref)?))
     }
 
-    fn seal(&self, credential: &Secret32) -> Result<Vec<u8>> {
-        match self {
-            StoreKey::File(k) => Ok(protocol::wrap(k, credential)?.to_vec()),
-            StoreKey::Token(k) => Ok(k.seal(credential.expose())?),
-        }
+    /// Whether the key stays on a token.
+    pub fn is_token(&self) -> bool {
+        self.0.is_token()
     }
 
-    fn unseal(&self, blob: &[u8]) -> Result<Secret32> {
-        match self {
-            StoreKey::File(k) => protocol::unwrap(k, blob),
-            StoreKey::Token(k) => {
-                let plain = k.unseal(blob)?;
-                Secret32::from_slice(&plain)
-                    .ok_or_else(|| Error::Store("sealed credential of the wrong size".into()))
-            }
-        }
+    fn seal(&self, credential: &RootCredential) -> Result<Vec<u8>> {
+        Ok(self.0.seal(credential.expose())?)
     }
-}
 
-/// Loads the store key from `path`, creating it (32 random bytes, hex, mode 0600) when missing.
-pub fn load_or_create_store_key(path: &Path) -> Result<Secret32> {
-    match std::fs::read(path) {
-        Ok(text) => {
-            // The file's text is the key: it is wiped like the decoded bytes.
-            let text = zeroize::Zeroizing::new(text);
-            let bytes = zeroize::Zeroizing::new(hex::decode(text.trim_ascii()).map_err(|_| {
-                Error::BadConfig {
-                    path: path.to_owned(),
-                    reason: "the store key file must hold 64 hex digits".into(),
-                }
-            })?);
-            Secret32::from_slice(&bytes).ok_or_else(|| Error::BadConfig {
-                path: path.to_owned(),
-                reason: "the store key file must hold 64 hex digits".into(),
-            })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = Secret32::random()?;
-            let text = zeroize::Zeroizing::new(hex::encode(key.expose()) + "\n");
-            files::write_atomic(
-                path,
-                text.as_bytes(),
-                WriteOptions {
-                    mode: Mode::Secret,
-                    overwrite: Overwrite::Refuse,
-                    sync: true,
-                },
-            )?;
-            Ok(key)
-        }
-        Err(e) => Err(Error::Io {
-            path: path.to_owned(),
-            source: e,
-        }),
+    fn unseal(&self, blob: &[u8]) -> Result<RootCredential> {
+        let plain = self.0.unseal(blob)?;
+        RootCredential::from_slice(&plain)
+            .ok_or_else(|| Error::Store("sealed credential of the wrong size".into()))
     }
 }
 
@@ -199,8 +146,8 @@ impl CredentialStore {
     pub fn prepare(
         store_key: &StoreKey,
         new: NewCredential<'_>,
-    ) -> Result<(CredentialRecord, Secret32)> {
-        let credential = Secret32::random()?;
+    ) -> Result<(CredentialRecord, RootCredential)> {
+        let credential = RootCredential::random()?;
         let mut id = [0u8; 16];
         aws_lc_rs::rand::fill(&mut id).map_err(|_| Error::internal("random source failed"))?;
         let record = CredentialRecord {
@@ -260,7 +207,7 @@ impl CredentialStore {
         &self,
         store_key: &StoreKey,
         new: NewCredential<'_>,
-    ) -> Result<(CredentialRecord, Secret32)> {
+    ) -> Result<(CredentialRecord, RootCredential)> {
         let (record, credential) = Self::prepare(store_key, new)?;
         let mut records = [record];
         self.commit(&mut records)?;
@@ -314,7 +261,11 @@ impl CredentialStore {
     }
 
     /// Unseals a stored credential (for the IN's own use, and tests).
-    pub fn unseal(&self, store_key: &StoreKey, record: &CredentialRecord) -> Result<Secret32> {
+    pub fn unseal(
+        &self,
+        store_key: &StoreKey,
+        record: &CredentialRecord,
+    ) -> Result<RootCredential> {
         let blob = hex::decode(&record.sealed)
             .map_err(|_| Error::Store("corrupt sealed credential".into()))?;
         store_key.unseal(&blob).map_err(|_| {

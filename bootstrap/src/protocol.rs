@@ -21,44 +21,61 @@ pub const VERSION: u32 = 1;
 /// The key-wrap algorithm name in responses.
 pub const WRAP_ALGORITHM: &str = "aes256-kw";
 
-/// A 32-byte secret (RootCredentialWrapKey, a root credential, a store key). `Debug` shows
-/// nothing; memory is zeroed on drop.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret32(Zeroizing<[u8; 32]>);
+/// Declares a 32-byte secret type: `Debug` shows nothing, memory is zeroed on drop. Each
+/// secret has its own type, so [`wrap`] cannot be handed its arguments swapped.
+macro_rules! secret32 {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq)]
+        pub struct $name(Zeroizing<[u8; 32]>);
 
-impl Secret32 {
-    /// Wraps bytes.
-    pub fn new(bytes: [u8; 32]) -> Self {
-        Secret32(Zeroizing::new(bytes))
-    }
+        impl $name {
+            /// Takes the bytes.
+            pub fn new(bytes: [u8; 32]) -> Self {
+                $name(Zeroizing::new(bytes))
+            }
 
-    /// 32 fresh random bytes.
-    pub fn random() -> Result<Self> {
-        let mut b = Zeroizing::new([0u8; 32]);
-        aws_lc_rs::rand::fill(&mut *b).map_err(|_| Error::internal("random source failed"))?;
-        Ok(Secret32(b))
-    }
+            /// 32 fresh random bytes.
+            pub fn random() -> Result<Self> {
+                let mut b = Zeroizing::new([0u8; 32]);
+                aws_lc_rs::rand::fill(&mut *b)
+                    .map_err(|_| Error::internal("random source failed"))?;
+                Ok($name(b))
+            }
 
-    /// From a slice of exactly 32 bytes.
-    pub fn from_slice(s: &[u8]) -> Option<Self> {
-        let arr: [u8; 32] = s.try_into().ok()?;
-        Some(Secret32::new(arr))
-    }
+            /// From a slice of exactly 32 bytes.
+            pub fn from_slice(s: &[u8]) -> Option<Self> {
+                let arr: [u8; 32] = s.try_into().ok()?;
+                Some($name::new(arr))
+            }
 
-    /// The bytes.
-    pub fn expose(&self) -> &[u8; 32] {
-        &self.0
-    }
+            /// The bytes.
+            pub fn expose(&self) -> &[u8; 32] {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(concat!(stringify!($name), "(<redacted>)"))
+            }
+        }
+    };
 }
 
-impl std::fmt::Debug for Secret32 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret32(<redacted>)")
-    }
-}
+secret32!(
+    /// RootCredentialWrapKey: what both ends export from their TLS session; the key that wraps
+    /// the root credential on the wire.
+    WrapKey
+);
+
+secret32!(
+    /// A root credential: the secret the IN provisions to a field node.
+    RootCredential
+);
 
 /// RFC 3394 AES-256 key wrap (default IV A6A6A6A6A6A6A6A6) of `plain` under `kek`.
-pub fn wrap(kek: &Secret32, plain: &Secret32) -> Result<[u8; WRAPPED_LEN]> {
+pub fn wrap(kek: &WrapKey, plain: &RootCredential) -> Result<[u8; WRAPPED_LEN]> {
     let k =
         KeyEncryptionKey::new(&AES_256, kek.expose()).map_err(|_| Error::internal("bad KEK"))?;
     let mut out = [0u8; WRAPPED_LEN];
@@ -73,7 +90,7 @@ pub fn wrap(kek: &Secret32, plain: &Secret32) -> Result<[u8; WRAPPED_LEN]> {
 }
 
 /// RFC 3394 unwrap; an integrity failure (wrong key, tampered blob) is an error.
-pub fn unwrap(kek: &Secret32, wrapped: &[u8]) -> Result<Secret32> {
+pub fn unwrap(kek: &WrapKey, wrapped: &[u8]) -> Result<RootCredential> {
     if wrapped.len() != WRAPPED_LEN {
         return Err(Error::Protocol(format!(
             "the wrapped credential is {} bytes, expected {WRAPPED_LEN}",
@@ -90,7 +107,7 @@ pub fn unwrap(kek: &Secret32, wrapped: &[u8]) -> Result<Secret32> {
                 .into(),
         )
     })?;
-    Ok(Secret32(out))
+    Ok(RootCredential(out))
 }
 
 /// `POST /bootstrap` body.
@@ -164,12 +181,12 @@ mod tests {
     #[test]
     fn rfc3394_section_4_6_vector() {
         // RFC 3394 §4.6: 256 bits of key data with a 256-bit KEK.
-        let kek = Secret32::from_slice(
+        let kek = WrapKey::from_slice(
             &hex::decode("000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F")
                 .unwrap(),
         )
         .unwrap();
-        let data = Secret32::from_slice(
+        let data = RootCredential::from_slice(
             &hex::decode("00112233445566778899AABBCCDDEEFF000102030405060708090A0B0C0D0E0F")
                 .unwrap(),
         )
@@ -187,7 +204,9 @@ mod tests {
 
     #[test]
     fn secrets_do_not_debug() {
-        let s = Secret32::new([0x41; 32]);
-        assert!(!format!("{s:?}").contains("41"));
+        let s = WrapKey::new([0x41; 32]);
+        assert_eq!(format!("{s:?}"), "WrapKey(<redacted>)");
+        let s = RootCredential::new([0x41; 32]);
+        assert_eq!(format!("{s:?}"), "RootCredential(<redacted>)");
     }
 }

@@ -26,10 +26,10 @@ use crate::config::ServerConfig;
 use crate::credstore::{CredentialStore, GroupCommitter, NewCredential, StoreKey};
 use crate::http_head::{self, Head, Rewind};
 use crate::protocol::{
-    self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, ErrorDetail, Secret32, PATH,
+    self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, ErrorDetail, WrapKey, PATH,
     VERSION, WRAP_ALGORITHM,
 };
-use crate::tls::{self, FieldNodeVerifier, InCert};
+use crate::tls::{self, FieldNodeVerifier};
 use crate::{Error, Result};
 
 /// How often the trusted root sets (and their CRLs) are re-read from the store.
@@ -141,8 +141,7 @@ impl Server {
                 path: config.chain.clone(),
                 reason: format!("malformed certificate ({e})"),
             })?;
-        if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&*key).as_slice()
-        {
+        if !key.matches(cert.public_key().raw) {
             return Err(Error::BadConfig {
                 path: config.chain.clone(),
                 reason: format!("the certificate does not belong to the key {}", config.key),
@@ -167,29 +166,19 @@ impl Server {
             chain,
             Arc::new(TlsKey::new(key)),
         ));
-        let mut tls_config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&tls::versions(&config.versions))
-            .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
-            .with_client_cert_verifier(verifier.clone())
-            .with_cert_resolver(Arc::new(InCert {
-                fqdn: config.fqdn.clone(),
-                key: certified,
-            }));
-        // The exporter is only safe over TLS 1.2 with the extended master secret.
-        tls_config.require_ems = true;
-        tls_config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        tls_config.send_tls13_tickets = 0;
+        let tls_config = tls::server_config(
+            &config.versions,
+            verifier.clone(),
+            config.fqdn.clone(),
+            certified,
+        )?;
         let creds = Arc::new(CredentialStore::open(home.root())?);
         creds.set_policy(&config.policy)?;
         let writer = GroupCommitter::start(creds.clone())?;
-        let spec = config.store_key.clone().unwrap_or_else(|| {
-            home.root()
-                .join("keys")
-                .join("credential-store.key")
-                .display()
-                .to_string()
+        let key_ref = config.store_key.clone().unwrap_or_else(|| {
+            m2mpki_hsm::KeyRef::File(home.root().join("keys").join("credential-store.key"))
         });
-        let store_key = StoreKey::load(&spec, keystore)?;
+        let store_key = StoreKey::load(&key_ref, keystore)?;
         Ok(Server {
             shared: Arc::new(Shared {
                 config,
@@ -412,7 +401,7 @@ async fn serve_connection(
 
 struct Session {
     shared: Arc<Shared>,
-    wrap_key: Secret32,
+    wrap_key: WrapKey,
     verified: Verified,
     peer: SocketAddr,
     tls_version: String,

@@ -15,7 +15,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use time::OffsetDateTime;
 
 use crate::config::TlsVersion;
-use crate::protocol::{Secret32, EXPORTER_LABEL, WRAP_KEY_LEN};
+use crate::protocol::{WrapKey, EXPORTER_LABEL, WRAP_KEY_LEN};
 use crate::{Error, Result};
 
 /// The one crypto provider: aws-lc-rs, with its TLS 1.3 suites and its TLS 1.2 suites (all
@@ -34,13 +34,55 @@ pub fn versions(v: &[TlsVersion]) -> Vec<&'static rustls::SupportedProtocolVersi
         .collect()
 }
 
+/// The IN's TLS configuration, for the bootstrap server and every baseline measured against
+/// it: mutual authentication through `verifier`, the IN certificate `cert` for `fqdn`, the
+/// extended master secret required (the exporter is only safe over TLS 1.2 with it), and no
+/// session resumption or tickets (each bootstrap is a full handshake with a fresh exporter).
+pub fn server_config(
+    versions: &[TlsVersion],
+    verifier: Arc<dyn ClientCertVerifier>,
+    fqdn: DnsName,
+    cert: Arc<rustls::sign::CertifiedKey>,
+) -> Result<rustls::ServerConfig> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&self::versions(versions))
+        .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(InCert { fqdn, key: cert }));
+    config.require_ems = true;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// The field node's TLS configuration, for the bootstrap client and the benchmark's clients:
+/// the IN's certificate checked against `roots` for `fqdn`, `cert` as the client certificate,
+/// the extended master secret required, no resumption.
+pub fn client_config(
+    versions: &[TlsVersion],
+    roots: RootSet,
+    fqdn: DnsName,
+    cert: Arc<rustls::sign::CertifiedKey>,
+) -> Result<rustls::ClientConfig> {
+    let provider = provider();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&self::versions(versions))
+        .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(InVerifier::new(roots, fqdn, provider)))
+        .with_client_cert_resolver(Arc::new(OneClientCert(cert)));
+    config.require_ems = true;
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
 /// Derives RootCredentialWrapKey from an established connection: the TLS exporter with label
 /// `EXPORTER-oneM2M-RootCredentialWrapKey`, no context, 32 bytes.
-pub fn export_wrap_key<D>(conn: &rustls::ConnectionCommon<D>) -> Result<Secret32> {
+pub fn export_wrap_key<D>(conn: &rustls::ConnectionCommon<D>) -> Result<WrapKey> {
     let mut out = [0u8; WRAP_KEY_LEN];
     conn.export_keying_material(&mut out, EXPORTER_LABEL, None)
         .map_err(|e| Error::Protocol(format!("TLS exporter failed: {e}")))?;
-    let key = Secret32::new(out);
+    let key = WrapKey::new(out);
     zeroize::Zeroize::zeroize(&mut out);
     Ok(key)
 }

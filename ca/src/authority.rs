@@ -419,7 +419,7 @@ impl Authority {
             },
             e => Error::Key(e),
         })?;
-        if signer.subject_public_key_info() != cert_spki(&record.cert_der)? {
+        if !signer.matches(&cert_spki(&record.cert_der)?) {
             return Err(Error::BadFile {
                 path: key_ref.to_string().into(),
                 reason: format!("this key does not belong to CA `{name}`'s certificate"),
@@ -445,6 +445,34 @@ impl Authority {
             issuer,
             template,
             constraints,
+        })
+    }
+
+    /// The device hwType OID this CA certifies under.
+    fn hw_type(&self) -> Result<crate::Oid> {
+        self.record.hw_type.clone().ok_or_else(|| {
+            Error::Policy(format!(
+                "CA `{}` has no hwType OID and cannot issue device certificates (create it with --hw-type)",
+                self.record.name
+            ))
+        })
+    }
+
+    /// The key under which this CA keeps one live certificate per subject: a field node's
+    /// canonical identity, `server:FQDN` for an IN.
+    pub fn subject_key(&self, subject: &LeafSubject) -> Result<String> {
+        Ok(match subject {
+            LeafSubject::Device(id) => FieldNodeIdentity::Device {
+                hw_type: self.hw_type()?,
+                id: id.clone(),
+            }
+            .to_string(),
+            LeafSubject::Node { enterprise, id } => FieldNodeIdentity::Node {
+                enterprise: enterprise.clone(),
+                id: id.clone(),
+            }
+            .to_string(),
+            LeafSubject::Server(fqdn) => format!("server:{fqdn}"),
         })
     }
 
@@ -494,14 +522,10 @@ impl Authority {
         }
 
         let key_type = key_type.ok_or_else(|| Error::internal("key type checked above"))?;
-        let (subject, san, identity, subject_key) = match &req.subject {
+        let subject_key = self.subject_key(&req.subject)?;
+        let (subject, san, identity) = match &req.subject {
             LeafSubject::Device(id) => {
-                let hw_type = ca.hw_type.clone().ok_or_else(|| {
-                    Error::Policy(format!(
-                        "CA `{}` has no hwType OID and cannot issue device certificates (create it with --hw-type)",
-                        ca.name
-                    ))
-                })?;
+                let hw_type = self.hw_type()?;
                 let org = ca.organization.clone().ok_or_else(|| {
                     Error::Policy(format!("CA `{}` has no O in its subject", ca.name))
                 })?;
@@ -518,8 +542,7 @@ impl Authority {
                     hw_type,
                     id: id.clone(),
                 };
-                let key = identity.to_string();
-                (subject, san, Some(identity), key)
+                (subject, san, Some(identity))
             }
             LeafSubject::Node { enterprise, id } => {
                 if let Some(nc) = self
@@ -542,8 +565,7 @@ impl Authority {
                     enterprise: enterprise.clone(),
                     id: id.clone(),
                 };
-                let key = identity.to_string();
-                (subject, san, Some(identity), key)
+                (subject, san, Some(identity))
             }
             LeafSubject::Server(fqdn) => {
                 if let Some(nc) = self.constraints.iter().find(|nc| !nc.allows_dns(fqdn)) {
@@ -553,12 +575,7 @@ impl Authority {
                     )));
                 }
                 let subject = vec![SubjectAttr::CommonName(fqdn.to_string())];
-                (
-                    subject,
-                    LeafSan::Dns(fqdn.to_string()),
-                    None,
-                    format!("server:{fqdn}"),
-                )
+                (subject, LeafSan::Dns(fqdn.to_string()), None)
             }
         };
         let subject_text = subject_text(&subject);

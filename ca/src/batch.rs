@@ -165,7 +165,7 @@ fn key_file_mismatch(
         Ok(_) => {}
     }
     match SoftwareKey::load(path, passphrase) {
-        Ok(key) if key.subject_public_key_info() == spki => Ok(None),
+        Ok(key) if m2mpki_hsm::Signer::matches(&key, spki) => Ok(None),
         Ok(_) => Ok(Some(
             "the key file holds a different key than the certificate's".into(),
         )),
@@ -651,24 +651,7 @@ pub fn run_batch(
                 let mut restored = Vec::new();
                 for (id, csr) in chunk {
                     let subj = subject(id)?;
-                    let key = match &subj {
-                        LeafSubject::Device(id) => crate::FieldNodeIdentity::Device {
-                            hw_type: authority.record.hw_type.clone().ok_or_else(|| {
-                                Error::Policy(format!(
-                                "CA `{}` has no hwType OID and cannot issue device certificates",
-                                authority.record.name
-                            ))
-                            })?,
-                            id: id.clone(),
-                        }
-                        .to_string(),
-                        LeafSubject::Node { enterprise, id } => crate::FieldNodeIdentity::Node {
-                            enterprise: enterprise.clone(),
-                            id: id.clone(),
-                        }
-                        .to_string(),
-                        LeafSubject::Server(f) => format!("server:{f}"),
-                    };
+                    let key = authority.subject_key(&subj)?;
                     let live = if opts.reissue {
                         None
                     } else {

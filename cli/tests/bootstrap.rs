@@ -14,7 +14,7 @@ use base64::Engine;
 use common::*;
 use m2mpki_bootstrap::client::{self, Enrolled, Enrolment};
 use m2mpki_bootstrap::config::{FieldNodeProfile, ServerConfig, TlsVersion};
-use m2mpki_bootstrap::protocol::{self, Secret32};
+use m2mpki_bootstrap::protocol::{self, RootCredential, WrapKey};
 use m2mpki_bootstrap::server::Server;
 use m2mpki_bootstrap::Error as BError;
 use m2mpki_ca::{LeafSubject, Store};
@@ -414,7 +414,7 @@ impl Running {
         versions: &[TlsVersion],
         request: &[u8],
         half_close: bool,
-    ) -> (u16, serde_json::Value, Secret32) {
+    ) -> (u16, serde_json::Value, WrapKey) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         self.rt.block_on(async {
             let e = Enrolment {
@@ -452,7 +452,7 @@ impl Running {
     }
 
     /// The credential the IN stored for an identity, unsealed.
-    fn stored(&self, identity: &str) -> Option<(String, Secret32)> {
+    fn stored(&self, identity: &str) -> Option<(String, RootCredential)> {
         let rec = self.server.credentials().live(identity).unwrap()?;
         let secret = self
             .server
@@ -509,10 +509,7 @@ fn device_and_node_enrol_over_tls13_and_tls12(backend: Backend) {
         }
     }
     assert_eq!(run.server.credentials().count().unwrap(), 4);
-    let sealed_on_token = matches!(
-        run.server.store_key(),
-        m2mpki_bootstrap::credstore::StoreKey::Token(_)
-    );
+    let sealed_on_token = run.server.store_key().is_token();
     assert_eq!(sealed_on_token, backend == Backend::SoftHsm);
     // The record holds no plaintext credential.
     let rec = run
@@ -614,7 +611,7 @@ fn openssl_s_client_exports_the_same_key_and_unwraps_the_credential() {
             .lines()
             .find_map(|l| l.trim().strip_prefix("Keying material: "))
             .unwrap_or_else(|| panic!("no keying material in s_client output: {out}{err}"));
-        let kek = Secret32::from_slice(&hex::decode(keymat).unwrap()).unwrap();
+        let kek = WrapKey::from_slice(&hex::decode(keymat).unwrap()).unwrap();
         let json_start = out
             .find("{\"version\"")
             .unwrap_or_else(|| panic!("no response body: {out}{err}"));

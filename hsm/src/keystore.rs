@@ -27,12 +27,24 @@ impl KeyRef {
 impl FromStr for KeyRef {
     type Err = Error;
 
+    /// A `pkcs11:` URI (RFC 7512), else a file path. The one place that tells them apart.
     fn from_str(s: &str) -> Result<Self> {
         if s.starts_with("pkcs11:") {
             Ok(KeyRef::Pkcs11(s.parse()?))
         } else {
             Ok(KeyRef::File(PathBuf::from(s)))
         }
+    }
+}
+
+impl KeyRef {
+    /// Like [`FromStr`], with a relative file path taken relative to `base` (the folder of the
+    /// configuration file that names the key).
+    pub fn parse_relative(s: &str, base: &std::path::Path) -> Result<Self> {
+        Ok(match s.parse()? {
+            KeyRef::File(p) if p.is_relative() => KeyRef::File(base.join(p)),
+            other => other,
+        })
     }
 }
 

@@ -14,6 +14,7 @@ pub mod files;
 mod key_type;
 mod keystore;
 pub mod pkcs11;
+pub mod sealing;
 mod secret;
 pub mod sign_error;
 mod software;
@@ -36,4 +37,9 @@ pub trait Signer: rcgen::SigningKey + Send + Sync + fmt::Debug {
     fn key_type(&self) -> KeyType;
     /// Where the key lives, for records and messages (a path or a PKCS#11 URI, never a secret).
     fn key_ref(&self) -> &KeyRef;
+    /// Whether this is the private half of `spki_der` (a DER SubjectPublicKeyInfo, as a
+    /// certificate carries it): the one check that a certificate and a key belong together.
+    fn matches(&self, spki_der: &[u8]) -> bool {
+        rcgen::PublicKeyData::subject_public_key_info(self) == spki_der
+    }
 }

@@ -593,16 +593,14 @@ fn bare_server_config(
         chain,
         Arc::new(m2mpki_hsm::tls::TlsKey::new(key)),
     ));
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(m2mpki_bootstrap::tls::InCert {
-            fqdn: IN_FQDN.parse()?,
-            key: certified,
-        }));
-    cfg.require_ems = true;
-    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    cfg.send_tls13_tickets = 0;
+    // The bootstrap server's own builder: only the client verifier differs (plain webpki
+    // against the same anchors instead of the root-set verifier).
+    let cfg = m2mpki_bootstrap::tls::server_config(
+        &[TlsVersion::Tls13, TlsVersion::Tls12],
+        verifier,
+        IN_FQDN.parse()?,
+        certified,
+    )?;
     Ok(Arc::new(cfg))
 }
 
@@ -633,23 +631,17 @@ fn client_config(
     i: usize,
     version: TlsVersion,
 ) -> Result<Arc<rustls::ClientConfig>> {
-    let provider = m2mpki_bootstrap::tls::provider();
     let (chain, key) = &fleet.nodes[i % fleet.nodes.len()];
     let certified = Arc::new(rustls::sign::CertifiedKey::new(
         chain.clone(),
         Arc::new(m2mpki_hsm::tls::TlsKey::new(key.clone())),
     ));
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&m2mpki_bootstrap::tls::versions(&[version]))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(m2mpki_bootstrap::tls::InVerifier::new(
-            fleet.profile.roots.clone(),
-            fleet.profile.in_fqdn.clone(),
-            provider,
-        )))
-        .with_client_cert_resolver(Arc::new(m2mpki_bootstrap::tls::OneClientCert(certified)));
-    cfg.require_ems = true;
-    cfg.resumption = rustls::client::Resumption::disabled();
+    let cfg = m2mpki_bootstrap::tls::client_config(
+        &[version],
+        fleet.profile.roots.clone(),
+        fleet.profile.in_fqdn.clone(),
+        certified,
+    )?;
     Ok(Arc::new(cfg))
 }
 
