@@ -58,7 +58,7 @@ pub struct Enrolled {
     /// The IN's FQDN (checked against the one dialled).
     pub in_fqdn: String,
     /// Our identity as the IN saw it (checked against our certificate).
-    pub identity: String,
+    pub identity: FieldNodeIdentity,
     /// The set that admitted us.
     pub admitted_by: Admission,
     /// Expiry (RFC 3339).
@@ -304,7 +304,7 @@ async fn enroll_inner(e: Enrolment) -> Result<Enrolled> {
             r.in_fqdn
         )));
     }
-    if r.identity != own_identity.to_string() {
+    if r.identity != own_identity {
         return Err(Error::Protocol(format!(
             "the response names identity `{}`, but our certificate says `{own_identity}`",
             r.identity

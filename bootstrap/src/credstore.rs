@@ -38,8 +38,8 @@ pub enum CredentialStatus {
 pub struct CredentialRecord {
     /// Credential ID (32 hex digits).
     pub id: String,
-    /// The field node's canonical identity.
-    pub identity: String,
+    /// The field node's identity (stored in its canonical form).
+    pub identity: FieldNodeIdentity,
     /// The set that admitted it.
     pub admitted_by: Admission,
     /// SHA-256 of the client certificate (hex).
@@ -152,7 +152,7 @@ impl CredentialStore {
         aws_lc_rs::rand::fill(&mut id).map_err(|_| Error::internal("random source failed"))?;
         let record = CredentialRecord {
             id: hex::encode(id),
-            identity: new.identity.to_string(),
+            identity: new.identity.clone(),
             admitted_by: new.admitted_by.clone(),
             client_cert_sha256: new.client_cert_sha256.to_owned(),
             created: time::OffsetDateTime::now_utc().unix_timestamp(),
@@ -173,7 +173,7 @@ impl CredentialStore {
             let mut live = tx.open_table(LIVE).map_err(db_err)?;
             for record in records.iter_mut() {
                 let old_id = live
-                    .get(record.identity.as_str())
+                    .get(record.identity.to_string().as_str())
                     .map_err(db_err)?
                     .map(|v| v.value().to_owned());
                 if let Some(old_id) = old_id {
@@ -193,7 +193,7 @@ impl CredentialStore {
                 creds
                     .insert(record.id.as_str(), json(&*record)?.as_slice())
                     .map_err(db_err)?;
-                live.insert(record.identity.as_str(), record.id.as_str())
+                live.insert(record.identity.to_string().as_str(), record.id.as_str())
                     .map_err(db_err)?;
             }
         }
@@ -231,11 +231,11 @@ impl CredentialStore {
     }
 
     /// The live credential of an identity.
-    pub fn live(&self, identity: &str) -> Result<Option<CredentialRecord>> {
+    pub fn live(&self, identity: &FieldNodeIdentity) -> Result<Option<CredentialRecord>> {
         let id = {
             let tx = self.db.begin_read().map_err(db_err)?;
             let t = tx.open_table(LIVE).map_err(db_err)?;
-            let v = t.get(identity).map_err(db_err)?;
+            let v = t.get(identity.to_string().as_str()).map_err(db_err)?;
             v.map(|v| v.value().to_owned())
         };
         match id {
@@ -245,14 +245,14 @@ impl CredentialStore {
     }
 
     /// All credential records of an identity (live and superseded).
-    pub fn history(&self, identity: &str) -> Result<Vec<CredentialRecord>> {
+    pub fn history(&self, identity: &FieldNodeIdentity) -> Result<Vec<CredentialRecord>> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let t = tx.open_table(CREDENTIALS).map_err(db_err)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(db_err)? {
             let (_, v) = row.map_err(db_err)?;
             let r: CredentialRecord = parse(v.value())?;
-            if r.identity == identity {
+            if &r.identity == identity {
                 out.push(r);
             }
         }
@@ -468,5 +468,147 @@ impl GroupCommitter {
             .map_err(|_| Error::Store("the credential writer stopped".into()))?;
         done.await
             .map_err(|_| Error::Store("the credential writer stopped".into()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use m2mpki_ca::rootset::RootSetKind;
+
+    fn identity(text: &str) -> FieldNodeIdentity {
+        text.parse().unwrap()
+    }
+
+    fn fx() -> (tempfile::TempDir, CredentialStore, StoreKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CredentialStore::open(dir.path()).unwrap();
+        let key = StoreKey::load(
+            &m2mpki_hsm::KeyRef::File(dir.path().join("store.key")),
+            &m2mpki_hsm::Keystore::default(),
+        )
+        .unwrap();
+        (dir, store, key)
+    }
+
+    fn new(id: &FieldNodeIdentity) -> NewCredential<'_> {
+        static ADMISSION: std::sync::OnceLock<Admission> = std::sync::OnceLock::new();
+        NewCredential {
+            identity: id,
+            admitted_by: ADMISSION.get_or_init(|| Admission {
+                set: "meters".into(),
+                kind: RootSetKind::Device {
+                    vertical: "metering".into(),
+                },
+            }),
+            client_cert_sha256: "00",
+            expires: 2_000_000_000,
+        }
+    }
+
+    #[test]
+    fn each_identity_has_one_live_credential_and_a_history() {
+        let (dir, store, key) = fx();
+        let a = identity("device:1.3.6.1.4.1.99999.1:SN-1");
+        let b = identity("node:acme.example:pump-1");
+        let (first, c1) = store.issue(&key, new(&a)).unwrap();
+        let (second, c2) = store.issue(&key, new(&a)).unwrap();
+        let (other, _) = store.issue(&key, new(&b)).unwrap();
+        assert_ne!(c1, c2, "every bootstrap gets a fresh credential");
+        assert_eq!(second.supersedes.as_deref(), Some(first.id.as_str()));
+        assert_eq!(store.live(&a).unwrap().unwrap().id, second.id);
+        assert_eq!(store.live(&b).unwrap().unwrap().id, other.id);
+        let history = store.history(&a).unwrap();
+        let states: Vec<_> = history.iter().map(|r| (r.id.clone(), r.status)).collect();
+        assert!(states.contains(&(first.id.clone(), CredentialStatus::Superseded)));
+        assert!(states.contains(&(second.id.clone(), CredentialStatus::Live)));
+        assert_eq!(history.len(), 2);
+        assert_eq!(store.count().unwrap(), 3);
+        // Sealed, not stored in the clear; unseals to what the node got.
+        let rec = store.credential(&second.id).unwrap().unwrap();
+        assert!(!rec.sealed.contains(&hex::encode(c2.expose())));
+        assert_eq!(store.unseal(&key, &rec).unwrap(), c2);
+        // The record's identity is typed and stored canonically.
+        assert_eq!(rec.identity, a);
+        // Another store key does not open it, and says which credential.
+        let other_key = StoreKey::load(
+            &m2mpki_hsm::KeyRef::File(dir.path().join("other.key")),
+            &m2mpki_hsm::Keystore::default(),
+        )
+        .unwrap();
+        let err = store.unseal(&other_key, &rec).unwrap_err();
+        assert!(err.to_string().contains(&rec.id), "{err}");
+        // An unknown identity has nothing.
+        let c = identity("device:1.3.6.1.4.1.99999.1:SN-404");
+        assert!(store.live(&c).unwrap().is_none());
+        assert!(store.history(&c).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_group_commit_keeps_order_within_the_group() {
+        let (_dir, store, key) = fx();
+        let a = identity("device:1.3.6.1.4.1.99999.1:SN-1");
+        let mut group: Vec<CredentialRecord> = (0..3)
+            .map(|_| CredentialStore::prepare(&key, new(&a)).unwrap().0)
+            .collect();
+        store.commit(&mut group).unwrap();
+        assert_eq!(group[0].supersedes, None);
+        assert_eq!(group[1].supersedes.as_deref(), Some(group[0].id.as_str()));
+        assert_eq!(group[2].supersedes.as_deref(), Some(group[1].id.as_str()));
+        assert_eq!(store.live(&a).unwrap().unwrap().id, group[2].id);
+    }
+
+    #[test]
+    fn grants_under_each_policy() {
+        let (_dir, store, _) = fx();
+        let tech = identity("node:acme.example:pump-1");
+        let plain = identity("node:acme.example:pump-2");
+        store
+            .grant(&tech, &["valve-7".into(), "meter".into()])
+            .unwrap();
+        assert_eq!(
+            store.revoke_grant(&tech, &["meter".into()]).unwrap(),
+            ["valve-7"]
+        );
+        let allow = Policy {
+            default: DefaultPolicy::Allow,
+            grants: vec!["weather".into()],
+        };
+        let deny = Policy {
+            default: DefaultPolicy::Deny,
+            grants: vec!["weather".into()],
+        };
+        // (policy, identity, effective grants)
+        let cases: [(&Policy, &FieldNodeIdentity, Option<Vec<&str>>); 4] = [
+            (&allow, &tech, Some(vec!["valve-7", "weather"])),
+            (&allow, &plain, Some(vec!["weather"])),
+            (&deny, &tech, Some(vec!["valve-7"])),
+            (&deny, &plain, None),
+        ];
+        for (policy, who, want) in cases {
+            let got = store.effective_grants(policy, who).unwrap();
+            let want = want.map(|w| w.into_iter().map(String::from).collect::<Vec<_>>());
+            assert_eq!(got, want, "{policy:?} {who}");
+        }
+        store.set_policy(&deny).unwrap();
+        assert!(store.check(&tech, "valve-7").unwrap());
+        assert!(!store.check(&tech, "weather").unwrap());
+        assert!(!store.check(&plain, "weather").unwrap());
+        // Removing the last grant removes the identity from the table.
+        store.revoke_grant(&tech, &["valve-7".into()]).unwrap();
+        assert!(store.all_grants().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_store_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, _store, _) = fx();
+        for f in ["bootstrap.redb", "store.key"] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{f}: {mode:o}");
+        }
     }
 }

@@ -118,19 +118,15 @@ pub struct BootstrapRequest {
     pub version: u32,
 }
 
-/// Which root set admitted the field node.
+/// Which root set admitted the field node. On the wire: `set`, `kind` (`device` or `node`) and
+/// the kind's `vertical` or `enterprise`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Admission {
     /// The set's name.
     pub set: String,
-    /// device or node.
-    pub kind: String,
-    /// The vertical (device sets).
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub vertical: Option<String>,
-    /// The enterprise (node sets).
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub enterprise: Option<String>,
+    /// The set's kind, with its vertical or enterprise.
+    #[serde(flatten)]
+    pub kind: m2mpki_ca::rootset::RootSetKind,
 }
 
 /// A successful `POST /bootstrap` answer.
@@ -146,8 +142,8 @@ pub struct BootstrapResponse {
     pub wrap_algorithm: String,
     /// The IN's FQDN.
     pub in_fqdn: String,
-    /// The field node's identity as the IN sees it (canonical form).
-    pub identity: String,
+    /// The field node's identity as the IN sees it (canonical form on the wire).
+    pub identity: m2mpki_ca::FieldNodeIdentity,
     /// The root set that admitted it.
     pub admitted_by: Admission,
     /// When the credential expires (RFC 3339).
@@ -200,6 +196,31 @@ mod tests {
         let mut bad = wrapped;
         bad[5] ^= 1;
         assert!(matches!(unwrap(&kek, &bad), Err(Error::Protocol(_))));
+    }
+
+    #[test]
+    fn admissions_keep_their_wire_form() {
+        let a = Admission {
+            set: "meters".into(),
+            kind: m2mpki_ca::rootset::RootSetKind::Device {
+                vertical: "smart-metering".into(),
+            },
+        };
+        let v = serde_json::to_value(&a).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"set": "meters", "kind": "device", "vertical": "smart-metering"})
+        );
+        assert_eq!(serde_json::from_value::<Admission>(v).unwrap(), a);
+        let n: Admission =
+            serde_json::from_str(r#"{"set":"acme","kind":"node","enterprise":"acme.example"}"#)
+                .unwrap();
+        assert!(matches!(
+            n.kind,
+            m2mpki_ca::rootset::RootSetKind::Node { ref enterprise } if enterprise.as_str() == "acme.example"
+        ));
+        // A node admission without its enterprise is malformed.
+        assert!(serde_json::from_str::<Admission>(r#"{"set":"acme","kind":"node"}"#).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use m2mpki_ca::rootset::{RootSet, RootSetKind};
+use m2mpki_ca::rootset::RootSet;
 use m2mpki_ca::verify::Verified;
 use m2mpki_ca::{Home, RedbStore, Store};
 use m2mpki_hsm::tls::TlsKey;
@@ -107,16 +107,9 @@ fn prepared(sets: Vec<RootSet>) -> Vec<RootSet> {
 }
 
 fn admission(v: &Verified) -> Admission {
-    let (vertical, enterprise) = match &v.kind {
-        RootSetKind::Device { vertical } => (Some(vertical.clone()), None),
-        RootSetKind::Node { enterprise } => (None, Some(enterprise.to_string())),
-        RootSetKind::Infrastructure => (None, None),
-    };
     Admission {
         set: v.set.clone(),
-        kind: v.kind.as_str().to_owned(),
-        vertical,
-        enterprise,
+        kind: v.kind.clone(),
     }
 }
 
@@ -577,7 +570,7 @@ impl Session {
                 wrapped_credential: base64::engine::general_purpose::STANDARD.encode(wrapped),
                 wrap_algorithm: WRAP_ALGORITHM.into(),
                 in_fqdn: shared.config.fqdn.to_string(),
-                identity: identity.to_string(),
+                identity: identity.clone(),
                 admitted_by,
                 expires: m2mpki_ca::validity::format_time(expires),
                 grants,

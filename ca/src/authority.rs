@@ -239,94 +239,148 @@ pub fn init_ca(
         }
     }
 
-    // The key: generated into the home folder, or an existing one.
-    let (signer, key_ref, generated_path): (Arc<dyn Signer>, KeyRef, _) = match &req.key {
-        CaKey::Generate(kt) => {
-            let rel = Home::ca_key_path(&req.name);
-            let path = home.root().join(&rel);
-            let mut key = SoftwareKey::generate(*kt)?;
-            // No CA record has this name (checked above): a key file left by a crashed
-            // `ca init` is an orphan and may be replaced.
-            key.save(&path, keystore.passphrase(), Overwrite::Replace)?;
-            (Arc::new(key), KeyRef::File(path.clone()), Some(path))
-        }
-        CaKey::Existing(r) => (keystore.open(r)?, r.clone(), None),
+    // The key: generated into the home folder, or an existing one. A generated key file is
+    // removed again unless the CA is recorded.
+    let (signer, key_ref, mut orphan) = ca_key(home, keystore, &req)?;
+    let (cert_der, chain_der, serial) = sign_ca_certificate(
+        &req,
+        &dn,
+        &signer,
+        parent.as_ref(),
+        path_len,
+        not_before,
+        not_after,
+    )?;
+    let record = CaRecord {
+        name: req.name.clone(),
+        subject: dn_to_string(&dn),
+        organization: org,
+        key: home.storable_key(&key_ref)?,
+        key_type: signer.key_type(),
+        parent: req.parent.clone(),
+        hw_type: req.hw_type.clone(),
+        path_len,
+        name_constraints: req.name_constraints.clone(),
+        serial,
+        not_before: not_before.unix_timestamp(),
+        not_after: not_after.unix_timestamp(),
+        created: now().unix_timestamp(),
+        cert_der,
+        chain_der,
     };
-    let result = (|| {
-        let serial = Serial::random()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn.clone();
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial.as_bytes()));
-        params.not_before = not_before;
-        params.not_after = not_after;
-        params.is_ca = IsCa::Ca(match path_len {
-            Some(n) => BasicConstraints::Constrained(n),
-            None => BasicConstraints::Unconstrained,
-        });
-        params.key_usages = vec![
-            KeyUsage::KeyCertSign.to_rcgen(),
-            KeyUsage::CrlSign.to_rcgen(),
-        ];
-        params.extended_key_usages = vec![];
-        params.key_identifier_method =
-            KeyIdMethod::PreSpecified(key_identifier(signer.der_bytes()));
-        params.use_authority_key_identifier_extension = parent.is_some();
-        params.custom_extensions = req.name_constraints.to_extension().into_iter().collect();
-        let subject_key = SharedSigner(signer.clone());
-        let (cert_der, chain_der) = match &parent {
-            None => (
-                params.self_signed(&subject_key).map_err(Error::internal)?,
-                vec![],
-            ),
-            Some(p) => {
-                let cert = params
-                    .signed_by(&subject_key, &p.issuer)
-                    .map_err(|e| Error::Key(m2mpki_hsm::Error::Crypto(e.to_string())))?;
-                let mut chain = vec![p.record.cert_der.clone()];
-                chain.extend(p.record.chain_der.iter().cloned());
-                (cert, chain)
-            }
-        };
-        let record = CaRecord {
-            name: req.name.clone(),
-            subject: dn_to_string(&dn),
-            organization: org.clone(),
-            key: home.storable_key(&key_ref)?,
-            key_type: signer.key_type(),
-            parent: req.parent.clone(),
-            hw_type: req.hw_type.clone(),
-            path_len,
-            name_constraints: req.name_constraints.clone(),
-            serial,
-            not_before: not_before.unix_timestamp(),
-            not_after: not_after.unix_timestamp(),
-            created: now().unix_timestamp(),
-            cert_der: cert_der.der().to_vec(),
-            chain_der,
-        };
-        let event = AuditEvent {
-            action: crate::audit::AuditAction::CaInit,
-            subject: record.name.clone(),
-            detail: serde_json::json!({
-                "subject": record.subject,
-                "parent": record.parent,
-                "serial": record.serial,
-                "key_type": record.key_type,
-                "key": record.key,
-                "hw_type": record.hw_type,
-                "path_len": record.path_len,
-                "not_after": record.not_after,
-            }),
-        };
-        store.create_ca(&record, event)?;
-        Ok(record)
-    })();
-    if result.is_err() {
-        if let Some(path) = generated_path {
+    store.create_ca(&record, ca_init_event(&record))?;
+    orphan.keep();
+    Ok(record)
+}
+
+/// A key file `ca init` generated, deleted on drop unless [`keep`](Self::keep) was called: an
+/// error anywhere before the CA is recorded leaves no key behind.
+struct OrphanKey(Option<std::path::PathBuf>);
+
+impl OrphanKey {
+    fn keep(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for OrphanKey {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
             let _ = std::fs::remove_file(path);
         }
     }
-    result
+}
+
+/// The new CA's key: generated into the home folder, or an existing one opened.
+fn ca_key(
+    home: &Home,
+    keystore: &Keystore,
+    req: &CaInit,
+) -> Result<(Arc<dyn Signer>, KeyRef, OrphanKey)> {
+    match &req.key {
+        CaKey::Generate(kt) => {
+            let path = home.root().join(Home::ca_key_path(&req.name));
+            let mut key = SoftwareKey::generate(*kt)?;
+            // No CA record has this name (checked by the caller): a key file left by a crashed
+            // `ca init` is an orphan and may be replaced.
+            key.save(&path, keystore.passphrase(), Overwrite::Replace)?;
+            Ok((
+                Arc::new(key),
+                KeyRef::File(path.clone()),
+                OrphanKey(Some(path)),
+            ))
+        }
+        CaKey::Existing(r) => Ok((keystore.open(r)?, r.clone(), OrphanKey(None))),
+    }
+}
+
+/// Signs the CA certificate (self-signed, or by `parent`); returns it, the parent's chain and
+/// its serial.
+fn sign_ca_certificate(
+    req: &CaInit,
+    dn: &rcgen::DistinguishedName,
+    signer: &Arc<dyn Signer>,
+    parent: Option<&Authority>,
+    path_len: Option<u8>,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<(Vec<u8>, Vec<Vec<u8>>, Serial)> {
+    let serial = Serial::random()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn.clone();
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(serial.as_bytes()));
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.is_ca = IsCa::Ca(match path_len {
+        Some(n) => BasicConstraints::Constrained(n),
+        None => BasicConstraints::Unconstrained,
+    });
+    params.key_usages = vec![
+        KeyUsage::KeyCertSign.to_rcgen(),
+        KeyUsage::CrlSign.to_rcgen(),
+    ];
+    params.extended_key_usages = vec![];
+    params.key_identifier_method = KeyIdMethod::PreSpecified(key_identifier(signer.der_bytes()));
+    params.use_authority_key_identifier_extension = parent.is_some();
+    params.custom_extensions = req.name_constraints.to_extension().into_iter().collect();
+    let subject_key = SharedSigner(signer.clone());
+    match parent {
+        None => Ok((
+            params
+                .self_signed(&subject_key)
+                .map_err(Error::internal)?
+                .der()
+                .to_vec(),
+            vec![],
+            serial,
+        )),
+        Some(p) => {
+            let cert = params
+                .signed_by(&subject_key, &p.issuer)
+                .map_err(|e| Error::Key(m2mpki_hsm::Error::Crypto(e.to_string())))?;
+            let mut chain = vec![p.record.cert_der.clone()];
+            chain.extend(p.record.chain_der.iter().cloned());
+            Ok((cert.der().to_vec(), chain, serial))
+        }
+    }
+}
+
+/// The audit entry of a new CA.
+fn ca_init_event(record: &CaRecord) -> AuditEvent {
+    AuditEvent {
+        action: crate::audit::AuditAction::CaInit,
+        subject: record.name.clone(),
+        detail: serde_json::json!({
+            "subject": record.subject,
+            "parent": record.parent,
+            "serial": record.serial,
+            "key_type": record.key_type,
+            "key": record.key,
+            "hw_type": record.hw_type,
+            "path_len": record.path_len,
+            "not_after": record.not_after,
+        }),
+    }
 }
 
 /// What a leaf certificate is for.
@@ -662,4 +716,345 @@ fn key_identifier(subject_public_key: &[u8]) -> Vec<u8> {
     let mut id = crate::input::sha256(subject_public_key);
     id.truncate(20);
     id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{CertFilter, RecordOutcome};
+
+    const HW: &str = "1.3.6.1.4.1.99999.1";
+
+    fn ca_req(name: &str, subject: &str, parent: Option<&str>) -> CaInit {
+        CaInit {
+            name: name.into(),
+            subject: subject.into(),
+            parent: parent.map(Into::into),
+            key: CaKey::Generate(KeyType::P256),
+            validity: None,
+            not_before: None,
+            path_len: None,
+            hw_type: None,
+            name_constraints: NameConstraints::default(),
+        }
+    }
+
+    struct Fx {
+        _dir: tempfile::TempDir,
+        home: Home,
+        store: crate::RedbStore,
+        keystore: Keystore,
+    }
+
+    fn fx() -> Fx {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::open(&dir.path().join("home")).unwrap();
+        let store = home.store().unwrap();
+        Fx {
+            _dir: dir,
+            home,
+            store,
+            keystore: Keystore::default(),
+        }
+    }
+
+    /// A root and an issuing CA that certifies devices (hwType), nodes below `acme.example`
+    /// and servers below `m2m.example`.
+    fn issuing(fx: &Fx) -> Authority {
+        let mut root = ca_req("root", "CN=Root,O=Acme", None);
+        root.hw_type = Some(HW.parse().unwrap());
+        init_ca(&fx.home, &fx.store, &fx.keystore, root).unwrap();
+        let mut ca = ca_req("ca", "CN=Issuing,O=Acme", Some("root"));
+        ca.hw_type = Some(HW.parse().unwrap());
+        ca.validity = Some(Validity::Years(10));
+        ca.name_constraints =
+            NameConstraints::new(&["m2m.example".into()], &[], &["acme.example".into()], &[])
+                .unwrap();
+        init_ca(&fx.home, &fx.store, &fx.keystore, ca).unwrap();
+        Authority::load(&fx.home, &fx.store, &fx.keystore, "ca").unwrap()
+    }
+
+    fn spki() -> rcgen::SubjectPublicKeyInfo {
+        let key = SoftwareKey::generate(KeyType::P256).unwrap();
+        rcgen::SubjectPublicKeyInfo::from_der(&key.subject_public_key_info()).unwrap()
+    }
+
+    fn device(id: &str) -> LeafSubject {
+        LeafSubject::Device(id.parse().unwrap())
+    }
+
+    fn node(enterprise: &str, id: &str) -> LeafSubject {
+        LeafSubject::Node {
+            enterprise: enterprise.parse().unwrap(),
+            id: id.parse().unwrap(),
+        }
+    }
+
+    fn server(fqdn: &str) -> LeafSubject {
+        LeafSubject::Server(fqdn.parse().unwrap())
+    }
+
+    #[test]
+    fn approval_follows_profile_and_ca_policy() {
+        let fx = fx();
+        let ca = issuing(&fx);
+        let ca_end = ca.record.not_after;
+        // (what, subject, profile, validity, expected: Ok(subject key, notAfter or None) or
+        // Err(part of the message))
+        type Expect = std::result::Result<(String, Option<i64>), &'static str>;
+        let cases: Vec<(&str, LeafSubject, ProfileKind, Option<Validity>, Expect)> = vec![
+            (
+                "device, default lifetime: until the CA ends",
+                device("SN-1"),
+                ProfileKind::Device,
+                None,
+                Ok((format!("device:{HW}:SN-1"), Some(ca_end))),
+            ),
+            (
+                "device, forever (802.1AR) is refused below a CA that ends",
+                device("SN-2"),
+                ProfileKind::Device,
+                Some(Validity::Forever),
+                Err("outlive CA"),
+            ),
+            (
+                "node inside the URI constraint",
+                node("acme.example", "pump-1"),
+                ProfileKind::Node,
+                Some(Validity::Days(30)),
+                Ok(("node:acme.example:pump-1".into(), None)),
+            ),
+            (
+                "node, forever is not a node lifetime",
+                node("acme.example", "pump-2"),
+                ProfileKind::Node,
+                Some(Validity::Forever),
+                Err("forever"),
+            ),
+            (
+                "node outside the URI constraint",
+                node("other.example", "pump-1"),
+                ProfileKind::Node,
+                None,
+                Err("outside the URI name constraints"),
+            ),
+            (
+                "server inside the DNS constraint",
+                server("in.m2m.example"),
+                ProfileKind::Server,
+                None,
+                Ok(("server:in.m2m.example".into(), None)),
+            ),
+            (
+                "server outside the DNS constraint",
+                server("in.other.example"),
+                ProfileKind::Server,
+                None,
+                Err("outside the DNS name constraints"),
+            ),
+            (
+                "a lifetime past the CA's end",
+                server("in.m2m.example"),
+                ProfileKind::Server,
+                Some(Validity::Years(30)),
+                Err("outlive CA"),
+            ),
+            (
+                "request and profile of different kinds",
+                device("SN-3"),
+                ProfileKind::Server,
+                None,
+                Err("kinds differ"),
+            ),
+        ];
+        for (what, subject, profile, validity, expect) in cases {
+            let req = LeafRequest {
+                subject: subject.clone(),
+                public_key: spki(),
+                validity,
+                not_before: None,
+            };
+            let got = ca.approve(&LeafProfile::builtin(profile), req);
+            match (got, expect) {
+                (Ok(a), Ok((key, not_after))) => {
+                    assert_eq!(a.subject_key(), key, "{what}");
+                    assert_eq!(ca.subject_key(&subject).unwrap(), key, "{what}");
+                    if let Some(end) = not_after {
+                        assert_eq!(a.fields.not_after.unix_timestamp(), end, "{what}");
+                    }
+                }
+                (Err(e), Err(part)) => {
+                    assert!(e.to_string().contains(part), "{what}: {e}");
+                    if profile == subject.kind() {
+                        assert_eq!(e.kind(), crate::ErrorKind::Refused, "{what}: {e}");
+                    }
+                }
+                (got, expect) => panic!("{what}: got {got:?}, expected {expect:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn ca_creation_rules() {
+        let fx = fx();
+        let root = init_ca(&fx.home, &fx.store, &fx.keystore, {
+            let mut r = ca_req("root", "CN=Root,O=Acme", None);
+            r.validity = Some(Validity::Years(5));
+            r
+        })
+        .unwrap();
+        assert_eq!(root.path_len, None, "a root is unconstrained by default");
+        // An issuing CA: path length 0 by default, lifetime cut to the root's.
+        let sub = init_ca(
+            &fx.home,
+            &fx.store,
+            &fx.keystore,
+            ca_req("sub", "CN=Sub,O=Acme", Some("root")),
+        )
+        .unwrap();
+        assert_eq!(sub.path_len, Some(0));
+        assert_eq!(sub.not_after, root.not_after);
+        assert_eq!(sub.chain_der, vec![root.cert_der.clone()]);
+
+        type Case = (&'static str, CaInit, &'static str);
+        let cases: Vec<Case> = vec![
+            (
+                "duplicate name",
+                ca_req("root", "CN=X,O=Acme", None),
+                "exists",
+            ),
+            (
+                "below a path length 0 CA",
+                ca_req("deeper", "CN=Deeper,O=Acme", Some("sub")),
+                "path length 0",
+            ),
+            (
+                "an explicit lifetime past the parent's",
+                {
+                    let mut r = ca_req("long", "CN=Long,O=Acme", Some("root"));
+                    r.validity = Some(Validity::Years(10));
+                    r
+                },
+                "outlive its parent",
+            ),
+            (
+                "a manufacturer CA without O",
+                {
+                    let mut r = ca_req("mfr", "CN=Mfr", None);
+                    r.hw_type = Some(HW.parse().unwrap());
+                    r
+                },
+                "O=<manufacturer>",
+            ),
+            (
+                "an unknown parent",
+                ca_req("orphan", "CN=O,O=Acme", Some("nope")),
+                "nope",
+            ),
+            (
+                "a bad name",
+                ca_req("bad name/..", "CN=B,O=Acme", None),
+                "CA name",
+            ),
+            ("a bad subject", ca_req("badsubj", "CN", None), "CN"),
+        ];
+        for (what, req, part) in cases {
+            let name = req.name.clone();
+            let err = init_ca(&fx.home, &fx.store, &fx.keystore, req).unwrap_err();
+            assert!(err.to_string().contains(part), "{what}: {err}");
+            if name != "root" {
+                assert!(fx.store.ca(&name).unwrap().is_none(), "{what}");
+            }
+            assert!(
+                !fx.home.root().join(Home::ca_key_path(&name)).exists() || name == "root",
+                "{what}: a key file was left behind"
+            );
+        }
+        assert_eq!(fx.store.cas().unwrap().len(), 2);
+    }
+
+    /// A store that refuses to record CAs, to show that a failure after the key was generated
+    /// leaves no key file behind.
+    struct RefusingStore(crate::RedbStore);
+
+    impl Store for RefusingStore {
+        fn create_ca(&self, _: &CaRecord, _: AuditEvent) -> Result<()> {
+            Err(Error::Store("disk full".into()))
+        }
+        fn ca(&self, name: &str) -> Result<Option<CaRecord>> {
+            self.0.ca(name)
+        }
+        fn cas(&self) -> Result<Vec<CaRecord>> {
+            self.0.cas()
+        }
+        fn record_certs(&self, c: &[NewCert], r: bool) -> Result<Vec<RecordOutcome>> {
+            self.0.record_certs(c, r)
+        }
+        fn live_cert(&self, ca: &str, key: &str) -> Result<Option<Serial>> {
+            self.0.live_cert(ca, key)
+        }
+        fn cert(&self, s: &Serial) -> Result<Option<(CertRecord, Vec<u8>)>> {
+            self.0.cert(s)
+        }
+        fn certs(&self, f: &CertFilter) -> Result<Vec<CertRecord>> {
+            self.0.certs(f)
+        }
+        fn audit_log(
+            &self,
+            v: &mut dyn FnMut(crate::audit::AuditEntry) -> Result<()>,
+        ) -> Result<()> {
+            self.0.audit_log(v)
+        }
+        fn create_root_set(&self, s: &crate::rootset::RootSet, e: AuditEvent) -> Result<()> {
+            self.0.create_root_set(s, e)
+        }
+        fn root_set(&self, n: &str) -> Result<Option<crate::rootset::RootSet>> {
+            self.0.root_set(n)
+        }
+        fn root_sets(&self) -> Result<Vec<crate::rootset::RootSet>> {
+            self.0.root_sets()
+        }
+        fn modify_root_set(
+            &self,
+            n: &str,
+            c: &mut dyn FnMut(&mut crate::rootset::RootSet) -> Result<AuditEvent>,
+        ) -> Result<crate::rootset::RootSet> {
+            self.0.modify_root_set(n, c)
+        }
+        fn revoke(
+            &self,
+            ca: &str,
+            s: &Serial,
+            r: crate::revocation::RevocationReason,
+            at: i64,
+        ) -> Result<CertRecord> {
+            self.0.revoke(ca, s, r, at)
+        }
+        fn revoked(
+            &self,
+            ca: &str,
+            v: &mut dyn FnMut(crate::revocation::RevokedEntry) -> Result<()>,
+        ) -> Result<()> {
+            self.0.revoked(ca, v)
+        }
+        fn next_crl_number(&self, ca: &str, d: serde_json::Value) -> Result<u64> {
+            self.0.next_crl_number(ca, d)
+        }
+    }
+
+    #[test]
+    fn a_ca_that_is_not_recorded_leaves_no_key() {
+        let fx = fx();
+        let store = RefusingStore(fx.home.store().unwrap());
+        drop(fx.store);
+        let err = init_ca(
+            &fx.home,
+            &store,
+            &fx.keystore,
+            ca_req("root", "CN=Root,O=Acme", None),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert!(!fx.home.root().join(Home::ca_key_path("root")).exists());
+    }
 }

@@ -132,8 +132,9 @@ impl RedbStore {
     }
 
     /// Test support: rewrites one audit entry's JSON in place, as an attacker with file
-    /// access could. Used to prove that `audit verify` notices.
-    #[doc(hidden)]
+    /// access could. Used to prove that `audit verify` notices. Only with the `test-support`
+    /// feature.
+    #[cfg(feature = "test-support")]
     pub fn tamper_audit_entry(&self, seq: u64, f: impl FnOnce(&mut AuditEntry)) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use m2mpki_bootstrap::client::{self, Enrolment};
 use m2mpki_bootstrap::config::{FieldNodeProfile, ServerConfig, TlsVersion};
 use m2mpki_bootstrap::server::Server;
-use m2mpki_ca::{Home, LeafSubject, Store};
+use m2mpki_ca::{FieldNodeIdentity, Home, LeafSubject, Store};
 use m2mpki_hsm::pkcs11::{Pkcs11Config, Pkcs11Uri};
 use m2mpki_hsm::{KeyRef, KeyType, Keystore};
 use serde::Serialize;
@@ -65,8 +65,8 @@ pub struct LabNode {
     pub chain: PathBuf,
     /// Key file.
     pub key: PathBuf,
-    /// Canonical identity.
-    pub identity: String,
+    /// Its identity.
+    pub identity: FieldNodeIdentity,
     /// Whether the IN trusts its issuer.
     pub trusted: bool,
 }
@@ -169,7 +169,10 @@ pub fn init(dir: &Path, hsm: LabHsm, port: u16) -> Result<LabLayout> {
             name: id.into(),
             chain,
             key,
-            identity: format!("device:{hw}:{id}"),
+            identity: FieldNodeIdentity::Device {
+                hw_type: hw.clone(),
+                id: id.parse()?,
+            },
             trusted: true,
         });
     }
@@ -183,7 +186,10 @@ pub fn init(dir: &Path, hsm: LabHsm, port: u16) -> Result<LabLayout> {
             name: id.into(),
             chain,
             key,
-            identity: format!("node:{ENTERPRISE}:{id}"),
+            identity: FieldNodeIdentity::Node {
+                enterprise: ENTERPRISE.parse()?,
+                id: id.parse()?,
+            },
             trusted: true,
         });
     }
@@ -202,7 +208,10 @@ pub fn init(dir: &Path, hsm: LabHsm, port: u16) -> Result<LabLayout> {
         name: "ROGUE-1".into(),
         chain,
         key,
-        identity: format!("device:{rogue_hw}:ROGUE-1"),
+        identity: FieldNodeIdentity::Device {
+            hw_type: rogue_hw,
+            id: "ROGUE-1".parse()?,
+        },
         trusted: false,
     });
 

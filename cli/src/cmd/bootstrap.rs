@@ -268,8 +268,7 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
         }
         BootstrapCommand::Credentials { identity } => {
             let id: FieldNodeIdentity = identity.parse()?;
-            let history =
-                CredentialStore::open(Home::open(home)?.root())?.history(&id.to_string())?;
+            let history = CredentialStore::open(Home::open(home)?.root())?.history(&id)?;
             let views: Vec<serde_json::Value> = history
                 .iter()
                 .map(|r| {
