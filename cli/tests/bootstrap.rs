@@ -1215,8 +1215,9 @@ fn edit_device_set(fx: &Fixture, edit: impl Fn(&mut m2mpki_ca::rootset::RootSet)
         .unwrap();
 }
 
-/// A CRL of `ca` (a software key) that was due to be replaced an hour ago, listing every
-/// revoked certificate of the CA; attached to the device set.
+/// A CRL of `ca` (a software key) that was due to be replaced half an hour ago (well inside the
+/// one-hour grace the test then grants, however slowly the test runs), listing every revoked
+/// certificate of the CA; attached to the device set.
 fn attach_stale_crl(fx: &Fixture, ca: &str) {
     let home = m2mpki_ca::Home::open(&fx.home).unwrap();
     let store = home.store().unwrap();
@@ -1245,7 +1246,7 @@ fn attach_stale_crl(fx: &Fixture, ca: &str) {
     let now = time::OffsetDateTime::now_utc();
     let crl = rcgen::CertificateRevocationListParams {
         this_update: now - time::Duration::hours(2),
-        next_update: now - time::Duration::hours(1),
+        next_update: now - time::Duration::minutes(30),
         crl_number: rcgen::SerialNumber::from(1_000_000u64),
         issuing_distribution_point: None,
         revoked_certs: revoked,
