@@ -491,16 +491,19 @@ mod tests {
         (dir, store, key)
     }
 
-    fn new(id: &FieldNodeIdentity) -> NewCredential<'_> {
-        static ADMISSION: std::sync::OnceLock<Admission> = std::sync::OnceLock::new();
+    fn admission() -> Admission {
+        Admission {
+            set: "meters".into(),
+            kind: RootSetKind::Device {
+                vertical: "metering".into(),
+            },
+        }
+    }
+
+    fn new<'a>(id: &'a FieldNodeIdentity, admitted_by: &'a Admission) -> NewCredential<'a> {
         NewCredential {
             identity: id,
-            admitted_by: ADMISSION.get_or_init(|| Admission {
-                set: "meters".into(),
-                kind: RootSetKind::Device {
-                    vertical: "metering".into(),
-                },
-            }),
+            admitted_by,
             client_cert_sha256: "00",
             expires: 2_000_000_000,
         }
@@ -509,11 +512,12 @@ mod tests {
     #[test]
     fn each_identity_has_one_live_credential_and_a_history() {
         let (dir, store, key) = fx();
+        let adm = admission();
         let a = identity("device:1.3.6.1.4.1.99999.1:SN-1");
         let b = identity("node:acme.example:pump-1");
-        let (first, c1) = store.issue(&key, new(&a)).unwrap();
-        let (second, c2) = store.issue(&key, new(&a)).unwrap();
-        let (other, _) = store.issue(&key, new(&b)).unwrap();
+        let (first, c1) = store.issue(&key, new(&a, &adm)).unwrap();
+        let (second, c2) = store.issue(&key, new(&a, &adm)).unwrap();
+        let (other, _) = store.issue(&key, new(&b, &adm)).unwrap();
         assert_ne!(c1, c2, "every bootstrap gets a fresh credential");
         assert_eq!(second.supersedes.as_deref(), Some(first.id.as_str()));
         assert_eq!(store.live(&a).unwrap().unwrap().id, second.id);
@@ -547,9 +551,10 @@ mod tests {
     #[test]
     fn a_group_commit_keeps_order_within_the_group() {
         let (_dir, store, key) = fx();
+        let adm = admission();
         let a = identity("device:1.3.6.1.4.1.99999.1:SN-1");
         let mut group: Vec<CredentialRecord> = (0..3)
-            .map(|_| CredentialStore::prepare(&key, new(&a)).unwrap().0)
+            .map(|_| CredentialStore::prepare(&key, new(&a, &adm)).unwrap().0)
             .collect();
         store.commit(&mut group).unwrap();
         assert_eq!(group[0].supersedes, None);

@@ -117,18 +117,7 @@ pub fn remove_anchor<S: Store + ?Sized>(store: &S, name: &str, sha256: &str) -> 
     let fp = normalise_fingerprint(sha256);
     let mut removed = None;
     store.modify_root_set(name, &mut |s| {
-        let i = s
-            .anchors
-            .iter()
-            .position(|a| a.sha256 == fp)
-            .ok_or_else(|| {
-                Error::invalid(
-                    "fingerprint",
-                    &fp,
-                    format!("no anchor with it in set `{name}`"),
-                )
-            })?;
-        removed = Some(s.anchors.remove(i));
+        removed = Some(s.remove_anchor(&fp)?);
         Ok(event(
             AuditAction::RootsRemove,
             name,

@@ -360,6 +360,22 @@ impl RootSet {
         Ok(true)
     }
 
+    /// Removes the anchor whose certificate has this SHA-256 (hex).
+    pub fn remove_anchor(&mut self, sha256: &str) -> Result<Anchor> {
+        let i = self
+            .anchors
+            .iter()
+            .position(|a| a.sha256 == sha256)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "fingerprint",
+                    sha256,
+                    format!("no anchor with it in set `{}`", self.name),
+                )
+            })?;
+        Ok(self.anchors.remove(i))
+    }
+
     /// Detaches the CRL with this SHA-256 (hex).
     pub fn detach_crl(&mut self, sha256: &str) -> Result<CrlRecord> {
         let i = self

@@ -49,27 +49,12 @@ impl FileSealingKey {
             Ok(text) => {
                 // The file's text is the key: it is wiped like the decoded bytes.
                 let text = Zeroizing::new(text);
-                let hex = text.trim_ascii();
-                if hex.len() != 64 {
-                    return Err(bad());
-                }
-                for (i, pair) in hex.chunks(2).enumerate() {
-                    let digit = |c: u8| (c as char).to_digit(16);
-                    let (Some(hi), Some(lo)) = (digit(pair[0]), digit(pair[1])) else {
-                        return Err(bad());
-                    };
-                    // Both digits are below 16, so the byte fits.
-                    key[i] = (hi * 16 + lo) as u8;
-                }
+                hex::decode_to_slice(text.trim_ascii(), &mut *key).map_err(|_| bad())?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 aws_lc_rs::rand::fill(&mut *key)
                     .map_err(|_| Error::Crypto("random source failed".into()))?;
-                let mut text = Zeroizing::new(String::with_capacity(65));
-                for b in key.iter() {
-                    text.push_str(&format!("{b:02x}"));
-                }
-                text.push('\n');
+                let text = Zeroizing::new(hex::encode(key.as_slice()) + "\n");
                 files::write_atomic(
                     path,
                     text.as_bytes(),

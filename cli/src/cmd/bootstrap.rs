@@ -9,7 +9,7 @@ use m2mpki_bootstrap::config::{FieldNodeProfile, ServerConfig, TlsVersion};
 use m2mpki_bootstrap::credstore::CredentialStore;
 use m2mpki_bootstrap::server::Server;
 use m2mpki_ca::{FieldNodeIdentity, Home, Store};
-use m2mpki_hsm::files::{self, Mode, Overwrite, WriteOptions};
+use m2mpki_hsm::files::{self, Mode};
 use m2mpki_hsm::{KeyRef, Keystore};
 use serde::Serialize;
 
@@ -98,15 +98,7 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             files::write_atomic(
                 &out,
                 text.as_bytes(),
-                WriteOptions {
-                    mode: Mode::Public,
-                    overwrite: if force {
-                        Overwrite::Replace
-                    } else {
-                        Overwrite::Refuse
-                    },
-                    sync: true,
-                },
+                super::write_options(Mode::Public, force),
             )?;
             if json {
                 emit_json(
@@ -180,15 +172,7 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             files::write_atomic(
                 &out,
                 text.as_bytes(),
-                WriteOptions {
-                    mode: Mode::Secret,
-                    overwrite: if force {
-                        Overwrite::Replace
-                    } else {
-                        Overwrite::Refuse
-                    },
-                    sync: true,
-                },
+                super::write_options(Mode::Secret, force),
             )?;
             if json {
                 emit_json(&serde_json::json!({ "out": out, "result": enrolled }))
