@@ -5,7 +5,7 @@ use std::sync::Arc;
 use m2mpki_hsm::files::Overwrite;
 use m2mpki_hsm::{KeyRef, KeyType, Keystore, Signer, SoftwareKey};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyIdMethod, PublicKeyData};
-use serde::{Deserialize, Serialize};
+
 use time::OffsetDateTime;
 use x509_parser::prelude::FromDer;
 
@@ -17,85 +17,9 @@ use crate::identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId};
 use crate::leaf_der::{subject_text, LeafFields, LeafSan, LeafTemplate, SubjectAttr};
 use crate::profile::{KeyUsage, LeafProfile, ProfileKind};
 use crate::serial::Serial;
-use crate::store::{CertRecord, CertStatus, NewCert, Store};
+use crate::store::{CaRecord, CertRecord, CertStatus, NewCert, Store};
 use crate::validity::{format_time, Validity};
 use crate::{Error, Result};
-
-/// A CA as the store remembers it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CaRecord {
-    /// Unique name (`[A-Za-z0-9._-]`, 1 to 64 characters).
-    pub name: String,
-    /// Subject DN as text.
-    pub subject: String,
-    /// Organization (O) of the subject: the manufacturer or enterprise.
-    pub organization: Option<String>,
-    /// Key location: a path (relative to the home folder when inside it) or a PKCS#11 URI.
-    pub key: String,
-    /// Key algorithm.
-    pub key_type: KeyType,
-    /// Parent CA, `None` for a root.
-    pub parent: Option<String>,
-    /// The manufacturer's hwType OID for device certificates.
-    pub hw_type: Option<Oid>,
-    /// basicConstraints pathLenConstraint.
-    pub path_len: Option<u8>,
-    /// Name constraints in the certificate.
-    #[serde(default)]
-    pub name_constraints: NameConstraints,
-    /// Serial of the CA certificate.
-    pub serial: Serial,
-    /// notBefore (Unix time).
-    pub not_before: i64,
-    /// notAfter (Unix time).
-    pub not_after: i64,
-    /// When the CA was created (Unix time).
-    pub created: i64,
-    /// The CA certificate.
-    #[serde(with = "hex_bytes")]
-    pub cert_der: Vec<u8>,
-    /// Its ancestors, parent first and root last (empty for a root).
-    #[serde(with = "hex_list")]
-    pub chain_der: Vec<Vec<u8>>,
-}
-
-impl CaRecord {
-    /// The CA certificate followed by its ancestors, root last, as PEM.
-    pub fn chain_pem(&self) -> String {
-        std::iter::once(&self.cert_der)
-            .chain(&self.chain_der)
-            .map(|der| m2mpki_hsm::files::pem_encode("CERTIFICATE", der))
-            .collect()
-    }
-
-    /// The root certificate of this CA's chain.
-    pub fn root_der(&self) -> &[u8] {
-        self.chain_der.last().unwrap_or(&self.cert_der)
-    }
-}
-
-pub(crate) mod hex_bytes {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(v))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        hex::decode(String::deserialize(d)?).map_err(serde::de::Error::custom)
-    }
-}
-
-mod hex_list {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(v.iter().map(hex::encode))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
-        Vec::<String>::deserialize(d)?
-            .into_iter()
-            .map(|h| hex::decode(h).map_err(serde::de::Error::custom))
-            .collect()
-    }
-}
 
 /// Where a new CA's key comes from.
 #[derive(Clone, Debug)]
@@ -1025,7 +949,7 @@ mod tests {
             &self,
             ca: &str,
             s: &Serial,
-            r: crate::revocation::RevocationReason,
+            r: crate::store::RevocationReason,
             at: i64,
         ) -> Result<CertRecord> {
             self.0.revoke(ca, s, r, at)
@@ -1033,7 +957,7 @@ mod tests {
         fn revoked(
             &self,
             ca: &str,
-            v: &mut dyn FnMut(crate::revocation::RevokedEntry) -> Result<()>,
+            v: &mut dyn FnMut(crate::store::RevokedEntry) -> Result<()>,
         ) -> Result<()> {
             self.0.revoked(ca, v)
         }

@@ -15,6 +15,7 @@ mod crl_status;
 pub mod der;
 pub mod dn;
 mod error;
+mod hex_serde;
 mod home;
 pub mod identity;
 pub mod input;
@@ -31,8 +32,7 @@ pub mod validity;
 pub mod verify;
 
 pub use authority::{
-    init_ca, Approved, Authority, CaInit, CaKey, CaRecord, LeafRequest, LeafSubject,
-    DEFAULT_CA_VALIDITY,
+    init_ca, Approved, Authority, CaInit, CaKey, LeafRequest, LeafSubject, DEFAULT_CA_VALIDITY,
 };
 pub use constraints::NameConstraints;
 pub use error::{Error, ErrorKind, Result};
@@ -41,4 +41,4 @@ pub use identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId};
 pub use issue::{chain_pem, issue, prepare, Prepared};
 pub use redb_store::RedbStore;
 pub use serial::Serial;
-pub use store::{CertFilter, CertRecord, CertStatus, NewCert, RecordOutcome, Store};
+pub use store::{CaRecord, CertFilter, CertRecord, CertStatus, NewCert, RecordOutcome, Store};

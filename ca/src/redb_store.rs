@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::audit::{self, AuditEntry, AuditEvent};
-use crate::authority::CaRecord;
-use crate::revocation::{RevocationReason, RevokedEntry};
 use crate::rootset::RootSet;
 use crate::serial::Serial;
 use crate::store::CertStatus;
+use crate::store::{CaRecord, RevocationReason, RevokedEntry};
 use crate::store::{CertFilter, CertRecord, NewCert, RecordOutcome, Store};
 use crate::{Error, Result};
 

@@ -4,126 +4,17 @@
 //! the audit entry): O(log n), whatever the CA's size. A CRL is built by one ordered scan of
 //! that CA's index, skipping certificates that have expired.
 
-use std::fmt;
-use std::str::FromStr;
-
 use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use time::OffsetDateTime;
 use x509_parser::prelude::FromDer;
 
 use crate::authority::{sign_failed, Authority};
-use crate::serial::Serial;
 use crate::store::Store;
 use crate::validity::Validity;
 use crate::{Error, Result};
 
-/// RFC 5280 §5.3.1 reason codes (certificateHold and removeFromCRL are not offered: m2mpki
-/// issues no delta CRLs and no temporary holds).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum RevocationReason {
-    /// unspecified (0).
-    Unspecified,
-    /// keyCompromise (1).
-    KeyCompromise,
-    /// cACompromise (2).
-    #[serde(rename = "cACompromise")]
-    CaCompromise,
-    /// affiliationChanged (3).
-    AffiliationChanged,
-    /// superseded (4).
-    Superseded,
-    /// cessationOfOperation (5).
-    CessationOfOperation,
-    /// privilegeWithdrawn (9).
-    PrivilegeWithdrawn,
-    /// aACompromise (10).
-    #[serde(rename = "aACompromise")]
-    AaCompromise,
-}
-
-const REASONS: &[(&str, RevocationReason)] = &[
-    ("unspecified", RevocationReason::Unspecified),
-    ("key-compromise", RevocationReason::KeyCompromise),
-    ("ca-compromise", RevocationReason::CaCompromise),
-    ("affiliation-changed", RevocationReason::AffiliationChanged),
-    ("superseded", RevocationReason::Superseded),
-    (
-        "cessation-of-operation",
-        RevocationReason::CessationOfOperation,
-    ),
-    ("privilege-withdrawn", RevocationReason::PrivilegeWithdrawn),
-    ("aa-compromise", RevocationReason::AaCompromise),
-];
-
-impl RevocationReason {
-    fn to_rcgen(self) -> rcgen::RevocationReason {
-        use rcgen::RevocationReason as R;
-        match self {
-            RevocationReason::Unspecified => R::Unspecified,
-            RevocationReason::KeyCompromise => R::KeyCompromise,
-            RevocationReason::CaCompromise => R::CaCompromise,
-            RevocationReason::AffiliationChanged => R::AffiliationChanged,
-            RevocationReason::Superseded => R::Superseded,
-            RevocationReason::CessationOfOperation => R::CessationOfOperation,
-            RevocationReason::PrivilegeWithdrawn => R::PrivilegeWithdrawn,
-            RevocationReason::AaCompromise => R::AaCompromise,
-        }
-    }
-}
-
-impl FromStr for RevocationReason {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        let norm: String = s
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric())
-            .collect::<String>()
-            .to_ascii_lowercase();
-        REASONS
-            .iter()
-            .find(|(name, _)| name.replace('-', "") == norm)
-            .map(|(_, r)| *r)
-            .ok_or_else(|| {
-                Error::invalid(
-                    "revocation reason",
-                    s,
-                    format!(
-                        "expected one of {}",
-                        REASONS
-                            .iter()
-                            .map(|(n, _)| *n)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                )
-            })
-    }
-}
-
-impl fmt::Display for RevocationReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = REASONS
-            .iter()
-            .find(|(_, r)| r == self)
-            .map_or("unspecified", |(n, _)| n);
-        f.write_str(name)
-    }
-}
-
-/// A revoked certificate, as a CA's CRL needs it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RevokedEntry {
-    /// Serial.
-    pub serial: Serial,
-    /// When it was revoked (Unix time).
-    pub revoked_at: i64,
-    /// Why.
-    pub reason: RevocationReason,
-    /// The certificate's notAfter: expired certificates leave the CRL.
-    pub not_after: i64,
-}
+pub use crate::store::{RevocationReason, RevokedEntry};
 
 /// A signed CRL.
 #[derive(Clone, Debug, Serialize)]

@@ -126,7 +126,7 @@ pub struct Anchor {
     /// Whether it is self-signed (a true root).
     pub self_signed: bool,
     /// The certificate.
-    #[serde(with = "crate::authority::hex_bytes")]
+    #[serde(with = "crate::hex_serde::bytes")]
     pub der: Vec<u8>,
 }
 
@@ -156,7 +156,7 @@ pub struct CrlRecord {
     #[serde(default)]
     pub scope: Option<String>,
     /// The CRL.
-    #[serde(with = "crate::authority::hex_bytes")]
+    #[serde(with = "crate::hex_serde::bytes")]
     pub der: Vec<u8>,
 }
 

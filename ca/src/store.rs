@@ -1,15 +1,180 @@
 //! What the CA remembers, behind a narrow trait so other backends (PostgreSQL) can follow.
 
+use std::fmt;
+use std::str::FromStr;
+
+use m2mpki_hsm::KeyType;
 use serde::{Deserialize, Serialize};
 
+use crate::constraints::NameConstraints;
+use crate::identity::Oid;
+
 use crate::audit::{AuditEntry, AuditEvent};
-use crate::authority::CaRecord;
 use crate::identity::FieldNodeIdentity;
 use crate::profile::ProfileKind;
-use crate::revocation::{RevocationReason, RevokedEntry};
 use crate::rootset::RootSet;
 use crate::serial::Serial;
-use crate::Result;
+use crate::{Error, Result};
+
+/// A CA as the store remembers it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CaRecord {
+    /// Unique name (`[A-Za-z0-9._-]`, 1 to 64 characters).
+    pub name: String,
+    /// Subject DN as text.
+    pub subject: String,
+    /// Organization (O) of the subject: the manufacturer or enterprise.
+    pub organization: Option<String>,
+    /// Key location: a path (relative to the home folder when inside it) or a PKCS#11 URI.
+    pub key: String,
+    /// Key algorithm.
+    pub key_type: KeyType,
+    /// Parent CA, `None` for a root.
+    pub parent: Option<String>,
+    /// The manufacturer's hwType OID for device certificates.
+    pub hw_type: Option<Oid>,
+    /// basicConstraints pathLenConstraint.
+    pub path_len: Option<u8>,
+    /// Name constraints in the certificate.
+    #[serde(default)]
+    pub name_constraints: NameConstraints,
+    /// Serial of the CA certificate.
+    pub serial: Serial,
+    /// notBefore (Unix time).
+    pub not_before: i64,
+    /// notAfter (Unix time).
+    pub not_after: i64,
+    /// When the CA was created (Unix time).
+    pub created: i64,
+    /// The CA certificate.
+    #[serde(with = "crate::hex_serde::bytes")]
+    pub cert_der: Vec<u8>,
+    /// Its ancestors, parent first and root last (empty for a root).
+    #[serde(with = "crate::hex_serde::list")]
+    pub chain_der: Vec<Vec<u8>>,
+}
+
+impl CaRecord {
+    /// The CA certificate followed by its ancestors, root last, as PEM.
+    pub fn chain_pem(&self) -> String {
+        std::iter::once(&self.cert_der)
+            .chain(&self.chain_der)
+            .map(|der| m2mpki_hsm::files::pem_encode("CERTIFICATE", der))
+            .collect()
+    }
+
+    /// The root certificate of this CA's chain.
+    pub fn root_der(&self) -> &[u8] {
+        self.chain_der.last().unwrap_or(&self.cert_der)
+    }
+}
+
+/// RFC 5280 §5.3.1 reason codes (certificateHold and removeFromCRL are not offered: m2mpki
+/// issues no delta CRLs and no temporary holds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RevocationReason {
+    /// unspecified (0).
+    Unspecified,
+    /// keyCompromise (1).
+    KeyCompromise,
+    /// cACompromise (2).
+    #[serde(rename = "cACompromise")]
+    CaCompromise,
+    /// affiliationChanged (3).
+    AffiliationChanged,
+    /// superseded (4).
+    Superseded,
+    /// cessationOfOperation (5).
+    CessationOfOperation,
+    /// privilegeWithdrawn (9).
+    PrivilegeWithdrawn,
+    /// aACompromise (10).
+    #[serde(rename = "aACompromise")]
+    AaCompromise,
+}
+
+const REASONS: &[(&str, RevocationReason)] = &[
+    ("unspecified", RevocationReason::Unspecified),
+    ("key-compromise", RevocationReason::KeyCompromise),
+    ("ca-compromise", RevocationReason::CaCompromise),
+    ("affiliation-changed", RevocationReason::AffiliationChanged),
+    ("superseded", RevocationReason::Superseded),
+    (
+        "cessation-of-operation",
+        RevocationReason::CessationOfOperation,
+    ),
+    ("privilege-withdrawn", RevocationReason::PrivilegeWithdrawn),
+    ("aa-compromise", RevocationReason::AaCompromise),
+];
+
+impl RevocationReason {
+    pub(crate) fn to_rcgen(self) -> rcgen::RevocationReason {
+        use rcgen::RevocationReason as R;
+        match self {
+            RevocationReason::Unspecified => R::Unspecified,
+            RevocationReason::KeyCompromise => R::KeyCompromise,
+            RevocationReason::CaCompromise => R::CaCompromise,
+            RevocationReason::AffiliationChanged => R::AffiliationChanged,
+            RevocationReason::Superseded => R::Superseded,
+            RevocationReason::CessationOfOperation => R::CessationOfOperation,
+            RevocationReason::PrivilegeWithdrawn => R::PrivilegeWithdrawn,
+            RevocationReason::AaCompromise => R::AaCompromise,
+        }
+    }
+}
+
+impl FromStr for RevocationReason {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let norm: String = s
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect::<String>()
+            .to_ascii_lowercase();
+        REASONS
+            .iter()
+            .find(|(name, _)| name.replace('-', "") == norm)
+            .map(|(_, r)| *r)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "revocation reason",
+                    s,
+                    format!(
+                        "expected one of {}",
+                        REASONS
+                            .iter()
+                            .map(|(n, _)| *n)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })
+    }
+}
+
+impl fmt::Display for RevocationReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = REASONS
+            .iter()
+            .find(|(_, r)| r == self)
+            .map_or("unspecified", |(n, _)| n);
+        f.write_str(name)
+    }
+}
+
+/// A revoked certificate, as a CA's CRL needs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RevokedEntry {
+    /// Serial.
+    pub serial: Serial,
+    /// When it was revoked (Unix time).
+    pub revoked_at: i64,
+    /// Why.
+    pub reason: RevocationReason,
+    /// The certificate's notAfter: expired certificates leave the CRL.
+    pub not_after: i64,
+}
 
 /// The state of an issued certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
