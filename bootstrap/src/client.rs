@@ -132,14 +132,87 @@ fn http_error(peer: &str, err: &hyper::Error) -> Error {
 
 /// Runs the bootstrap procedure against the profile's IN.
 pub async fn enroll(e: Enrolment) -> Result<Enrolled> {
-    let timeout = e.timeout;
-    tokio::time::timeout(timeout, enroll_inner(e))
+    enroll_prepared(&Prepared::new(&e)?).await
+}
+
+/// Runs the bootstrap procedure with a set-up made once ([`Prepared::new`]): what a tool that
+/// enrols the same node repeatedly (or a benchmark) calls, so each enrolment costs only the
+/// exchange itself.
+pub async fn enroll_prepared(p: &Prepared) -> Result<Enrolled> {
+    let timeout = p.timeout;
+    tokio::time::timeout(timeout, enroll_inner(p))
         .await
         .map_err(|_| {
             Error::Timeout(format!(
                 "after {timeout:?} waiting for the Infrastructure Node"
             ))
         })?
+}
+
+/// What a field node sets up before it bootstraps: its certificate checked against its key, its
+/// identity, and the TLS client configuration. Made once, it serves any number of
+/// enrolments.
+#[derive(Clone)]
+pub struct Prepared {
+    config: Arc<rustls::ClientConfig>,
+    own_identity: FieldNodeIdentity,
+    fqdn: m2mpki_ca::DnsName,
+    addr: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("identity", &self.own_identity)
+            .field("in_fqdn", &self.fqdn)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    /// Checks the node's certificate and key and builds the TLS configuration.
+    pub fn new(e: &Enrolment) -> Result<Self> {
+        let fqdn = e.profile.in_fqdn.clone();
+        let leaf = e.chain.first().ok_or_else(|| Error::BadConfig {
+            path: "--cert".into(),
+            reason: "no certificate".into(),
+        })?;
+        let (_, own) =
+            x509_parser::parse_x509_certificate(leaf).map_err(|err| Error::BadConfig {
+                path: "--cert".into(),
+                reason: format!("malformed certificate ({err})"),
+            })?;
+        if !e.key.matches(own.public_key().raw) {
+            return Err(Error::BadConfig {
+                path: "--key".into(),
+                reason: "the key does not belong to the certificate".into(),
+            });
+        }
+        let own_identity = FieldNodeIdentity::from_certificate(&own)?;
+        let certified = Arc::new(rustls::sign::CertifiedKey::new(
+            e.chain.clone(),
+            Arc::new(TlsKey::new(e.key.clone())),
+        ));
+        let config = tls::client_config(
+            &e.versions,
+            e.profile.roots.clone(),
+            fqdn.clone(),
+            certified,
+        )?;
+        let addr = e
+            .connect
+            .clone()
+            .unwrap_or_else(|| format!("{fqdn}:{}", e.profile.port));
+        Ok(Prepared {
+            config: Arc::new(config),
+            own_identity,
+            fqdn,
+            addr,
+            timeout: e.timeout,
+        })
+    }
 }
 
 /// A mutually authenticated TLS session with the IN, before any request: what
@@ -168,48 +241,21 @@ impl std::fmt::Debug for Connected {
 
 /// Connects to the profile's IN and completes the mutual TLS handshake and the export.
 pub async fn connect(e: &Enrolment) -> Result<Connected> {
-    let fqdn = e.profile.in_fqdn.clone();
-    let leaf = e.chain.first().ok_or_else(|| Error::BadConfig {
-        path: "--cert".into(),
-        reason: "no certificate".into(),
-    })?;
-    let (_, own) = x509_parser::parse_x509_certificate(leaf).map_err(|err| Error::BadConfig {
-        path: "--cert".into(),
-        reason: format!("malformed certificate ({err})"),
-    })?;
-    if !e.key.matches(own.public_key().raw) {
-        return Err(Error::BadConfig {
-            path: "--key".into(),
-            reason: "the key does not belong to the certificate".into(),
-        });
-    }
-    let own_identity = FieldNodeIdentity::from_certificate(&own)?;
+    connect_prepared(&Prepared::new(e)?).await
+}
 
-    let certified = Arc::new(rustls::sign::CertifiedKey::new(
-        e.chain.clone(),
-        Arc::new(TlsKey::new(e.key.clone())),
-    ));
-    let config = tls::client_config(
-        &e.versions,
-        e.profile.roots.clone(),
-        fqdn.clone(),
-        certified,
-    )?;
-
-    let addr = e
-        .connect
-        .clone()
-        .unwrap_or_else(|| format!("{fqdn}:{}", e.profile.port));
-    let tcp = tokio::net::TcpStream::connect(&addr)
+/// [`connect`] with a set-up made once.
+pub async fn connect_prepared(p: &Prepared) -> Result<Connected> {
+    let tcp = tokio::net::TcpStream::connect(&p.addr)
         .await
         .map_err(|err| Error::Connect {
-            addr: addr.clone(),
+            addr: p.addr.clone(),
             reason: err.to_string(),
         })?;
     let _ = tcp.set_nodelay(true);
-    let server_name = ServerName::try_from(fqdn.to_string()).map_err(Error::internal)?;
-    let peer = format!("{fqdn} ({addr})");
-    let tls = TlsConnector::from(Arc::new(config))
+    let server_name = ServerName::try_from(p.fqdn.to_string()).map_err(Error::internal)?;
+    let peer = format!("{} ({})", p.fqdn, p.addr);
+    let tls = TlsConnector::from(p.config.clone())
         .connect(server_name, tcp)
         .await
         .map_err(|err| handshake_error(&peer, err))?;
@@ -223,19 +269,19 @@ pub async fn connect(e: &Enrolment) -> Result<Connected> {
         wrap_key,
         tls_version,
         peer,
-        own_identity,
+        own_identity: p.own_identity.clone(),
     })
 }
 
-async fn enroll_inner(e: Enrolment) -> Result<Enrolled> {
-    let fqdn = e.profile.in_fqdn.clone();
+async fn enroll_inner(p: &Prepared) -> Result<Enrolled> {
+    let fqdn = p.fqdn.clone();
     let Connected {
         tls,
         wrap_key,
         tls_version,
         peer,
         own_identity,
-    } = connect(&e).await?;
+    } = connect_prepared(p).await?;
 
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await

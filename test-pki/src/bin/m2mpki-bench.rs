@@ -563,6 +563,35 @@ struct LoadResult {
     failures: u64,
     /// CPU time of this whole process (clients and servers) per completed operation, µs.
     cpu_us: f64,
+    /// Completed operations.
+    ops: usize,
+}
+
+/// Names the server runtime's threads carry, and the credential store's writer thread (the
+/// kernel keeps 15 characters of a thread name).
+const SERVER_THREADS: &[&str] = &["in-server", "credential-writ"];
+
+/// CPU time (on-CPU nanoseconds from schedstat, as seconds) of this process's threads whose
+/// name starts with one of `prefixes`: the servers' share of a run in which clients and
+/// servers share the process.
+fn threads_cpu_secs(prefixes: &[&str]) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return f64::NAN;
+    };
+    let mut ns = 0u64;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !prefixes.iter().any(|p| comm.trim_end().starts_with(p)) {
+            continue;
+        }
+        let sched = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        ns += sched
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    ns as f64 / 1e9
 }
 
 /// CPU time (user + system) this process has used so far, in seconds.
@@ -627,6 +656,7 @@ where
         p99_ms: p99,
         failures,
         cpu_us: (process_cpu_secs() - cpu_start) * 1e6 / all.len().max(1) as f64,
+        ops: all.len(),
     }
 }
 
@@ -753,19 +783,27 @@ fn bootstrap_bench(
         profile,
         nodes: fleet_nodes,
     };
+    // Clients and servers share the two cores but not a runtime: the servers' threads are
+    // named, so their CPU per operation can be told from the clients'.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_name("fleet")
+        .build()?;
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("in-server")
+        .thread_keep_alive(Duration::from_secs(3600))
         .build()?;
     let mut config = ServerConfig::load(&layout.serve_config)?;
     config.listen = "127.0.0.1:0".parse()?;
     config.limits.max_connections = 4096;
     let home = m2mpki_ca::Home::open(&layout.home)?;
     let server = Arc::new(Server::new(config, &home, &keystore)?);
-    let listener = rt.block_on(server.bind())?;
+    let listener = server_rt.block_on(server.bind())?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let s2 = server.clone();
-    let running = rt.spawn(async move {
+    let running = server_rt.spawn(async move {
         s2.run(listener, async {
             let _ = stopped.await;
         })
@@ -773,7 +811,7 @@ fn bootstrap_bench(
     });
     let in_key = PathBuf::from(&layout.in_key);
     let bare_cfg = bare_server_config(&layout.home, &layout.in_chain, &in_key)?;
-    let (bare_addr, bare_task) = rt.block_on(bare_server(bare_cfg))?;
+    let (bare_addr, bare_task) = server_rt.block_on(bare_server(bare_cfg))?;
 
     for version in [TlsVersion::Tls13, TlsVersion::Tls12] {
         let vname = if version == TlsVersion::Tls13 {
@@ -781,10 +819,29 @@ fn bootstrap_bench(
         } else {
             "TLS 1.2"
         };
+        // Both clients are set up once per node, before the runs: the bare ones with a TLS
+        // configuration, ours with the bootstrap client's own set-up (which builds the same
+        // configuration through the same builder).
         let configs: Arc<Vec<Arc<rustls::ClientConfig>>> = Arc::new(
             (0..fleet.nodes.len())
                 .map(|i| client_config(&fleet, i, version))
                 .collect::<Result<_>>()?,
+        );
+        let prepared: Arc<Vec<client::Prepared>> = Arc::new(
+            fleet
+                .nodes
+                .iter()
+                .map(|(chain, key)| {
+                    client::Prepared::new(&Enrolment {
+                        profile: fleet.profile.clone(),
+                        chain: chain.clone(),
+                        key: key.clone(),
+                        connect: Some(addr.to_string()),
+                        versions: vec![version],
+                        timeout: Duration::from_secs(60),
+                    })
+                })
+                .collect::<m2mpki_bootstrap::Result<_>>()?,
         );
         for &c in size.concurrency {
             let mut bare_rates = Vec::new();
@@ -793,9 +850,12 @@ fn bootstrap_bench(
             let mut ours_p99 = Vec::new();
             let mut bare_cpu = Vec::new();
             let mut ours_cpu = Vec::new();
+            let mut bare_server_cpu = Vec::new();
+            let mut ours_server_cpu = Vec::new();
             let mut failures = 0;
             for _ in 0..size.runs {
                 let cfgs = configs.clone();
+                let server_cpu = threads_cpu_secs(SERVER_THREADS);
                 let bare = rt.block_on(load(c, size.secs, move |i| {
                     let cfg = cfgs[i % cfgs.len()].clone();
                     async move {
@@ -820,23 +880,18 @@ fn bootstrap_bench(
                         }
                     }
                 }));
-                let f = fleet.clone();
+                bare_server_cpu.push(
+                    (threads_cpu_secs(SERVER_THREADS) - server_cpu) * 1e6 / bare.ops.max(1) as f64,
+                );
+                let preps = prepared.clone();
+                let server_cpu = threads_cpu_secs(SERVER_THREADS);
                 let ours = rt.block_on(load(c, size.secs, move |i| {
-                    let (chain, key) = f.nodes[i % f.nodes.len()].clone();
-                    let profile = f.profile.clone();
-                    async move {
-                        client::enroll(Enrolment {
-                            profile,
-                            chain,
-                            key,
-                            connect: Some(addr.to_string()),
-                            versions: vec![version],
-                            timeout: Duration::from_secs(60),
-                        })
-                        .await
-                        .is_ok()
-                    }
+                    let p = preps[i % preps.len()].clone();
+                    async move { client::enroll_prepared(&p).await.is_ok() }
                 }));
+                ours_server_cpu.push(
+                    (threads_cpu_secs(SERVER_THREADS) - server_cpu) * 1e6 / ours.ops.max(1) as f64,
+                );
                 failures += ours.failures + bare.failures;
                 bare_rates.push(bare.rate);
                 ours_rates.push(ours.rate);
@@ -877,6 +932,24 @@ fn bootstrap_bench(
                     stat(ours_cpu),
                 )
                 .against("bare handshake CPU", bcm, None);
+            let bsc = stat(bare_server_cpu);
+            let bscm = bsc.median;
+            report.add(
+                "4 bootstrap",
+                &format!(
+                    "bare server CPU per handshake (server threads only), {vname}, {c} concurrent"
+                ),
+                "us",
+                bsc,
+            );
+            report
+                .add(
+                    "4 bootstrap",
+                    &format!("IN CPU per enrolment (server threads only), {vname}, {c} concurrent"),
+                    "us",
+                    stat(ours_server_cpu),
+                )
+                .against("bare server CPU per handshake", bscm, None);
             let bp = stat(bare_p99).median;
             let row = report.add(
                 "4 bootstrap",
@@ -900,7 +973,7 @@ fn bootstrap_bench(
         }
     }
     let _ = stop.send(());
-    rt.block_on(running)??;
+    server_rt.block_on(running)??;
     bare_task.abort();
 
     // Memory per idle open connection: a separate `m2mpki bootstrap serve`, measured by RSS.
