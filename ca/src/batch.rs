@@ -462,7 +462,30 @@ struct Chunk<'a> {
     total: usize,
 }
 
+/// A subject still to be issued: its ID, its subject and its CSR (CSR batches).
+type Todo<'i> = (&'i PreProvisionedId, LeafSubject, &'i Option<VerifiedCsr>);
+
+/// What one batch run works with, set up once; its stages are the methods below.
+struct Run<'a> {
+    store: &'a dyn Store,
+    authority: &'a Authority,
+    opts: &'a BatchOptions,
+    profile: LeafProfile,
+    out: OutDir,
+    chain: Vec<&'a [u8]>,
+    bundled: bool,
+    generate_keys: bool,
+    /// What earlier runs left in the bundles of the output folder.
+    existing: Bundles,
+    next_bundle: std::sync::atomic::AtomicU64,
+}
+
 /// Runs a batch. `progress` is told how many subjects each finished chunk held.
+///
+/// Signing (all cores) and recording + writing files (one thread) overlap: while chunk k is
+/// being made durable and written out, chunk k+1 is being signed. The writer is the one
+/// serial stage, so everything that can be prepared in parallel (the output bytes of each
+/// certificate) is prepared by the signers.
 pub fn run_batch(
     store: &dyn Store,
     authority: &Authority,
@@ -470,175 +493,23 @@ pub fn run_batch(
     opts: &BatchOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<BatchReport> {
-    let profile = LeafProfile::builtin(opts.profile);
-    let out = OutDir::lock(&opts.out_dir)?;
-    let chain = authority.chain_without_root();
+    let run = Run::start(store, authority, &input, opts)?;
     let mut report = BatchReport {
         total: input.len(),
         ..BatchReport::default()
     };
-    let subject = |id: &PreProvisionedId| -> Result<LeafSubject> {
-        match opts.profile {
-            ProfileKind::Device => Ok(LeafSubject::Device(id.clone())),
-            ProfileKind::Node => Ok(LeafSubject::Node {
-                enterprise: opts
-                    .enterprise
-                    .clone()
-                    .ok_or_else(|| Error::invalid("batch", "node", "--enterprise is required"))?,
-                id: id.clone(),
-            }),
-            ProfileKind::Server => Err(Error::invalid(
-                "batch profile",
-                "server",
-                "batches issue device or node certificates",
-            )),
-        }
-    };
-    let bundled = opts.output == BatchOutput::Bundle;
-    let cert_path = |id: &PreProvisionedId| {
-        out.path.join(format!(
-            "{id}.{}",
-            if opts.output == BatchOutput::Der {
-                "der"
-            } else {
-                "pem"
-            }
-        ))
-    };
-    let key_path = |id: &PreProvisionedId| out.path.join(format!("{id}.key.pem"));
-    let cert_bytes = |der: &[u8]| -> Vec<u8> {
-        if opts.output == BatchOutput::Der {
-            der.to_vec()
-        } else {
-            chain_pem(der, &chain).into_bytes()
-        }
-    };
-    let bundle_line = |id: &PreProvisionedId, record: &CertRecord, der: &[u8]| BundleLine {
-        id: id.to_string(),
-        identity: record.subject_key.clone(),
-        serial: record.serial.to_string(),
-        certificate: files::pem_encode("CERTIFICATE", der),
-    };
-    let generate_keys = matches!(input, BatchInput::Ids(_));
-    let existing = if bundled {
-        let chain_text: String = chain
-            .iter()
-            .map(|der| files::pem_encode("CERTIFICATE", der))
-            .collect();
-        files::write_atomic(&out.path.join("chain.pem"), chain_text.as_bytes(), NO_SYNC)?;
-        Bundles::scan(&out.path)?
-    } else {
-        Bundles::default()
-    };
-    let next_bundle = std::sync::atomic::AtomicU64::new(existing.next);
-    // Writes the next bundle of `kind`; key bundles (Mode::Secret) are synced.
-    let write_bundle = |kind: &str, body: &[u8], mode: Mode| -> Result<()> {
-        let n = next_bundle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = out.path.join(format!("{kind}-{n:06}.jsonl"));
-        files::write_atomic(
-            &path,
-            body,
-            WriteOptions {
-                mode,
-                overwrite: Overwrite::Refuse,
-                sync: mode == Mode::Secret,
-            },
-        )?;
-        Ok(())
-    };
-
     // One list of (ID, optional CSR) so both inputs share the loop below.
     let items: Vec<(PreProvisionedId, Option<VerifiedCsr>)> = match input {
         BatchInput::Ids(ids) => ids.into_iter().map(|id| (id, None)).collect(),
         BatchInput::Csrs(c) => c.into_iter().map(|(id, csr)| (id, Some(csr))).collect(),
     };
-
-    // Signing (all cores) and recording + writing files (one thread) overlap: while chunk k is
-    // being made durable and written out, chunk k+1 is being signed. The writer is the one
-    // serial stage, so everything that can be prepared in parallel (the output bytes of each
-    // certificate) is prepared by the signers.
-    let write_chunk = |chunk: Chunk<'_>| -> Result<(usize, usize)> {
-        let Chunk {
-            certs,
-            signed,
-            restored,
-            total,
-        } = chunk;
-        if signed.is_empty() && restored.is_empty() {
-            progress(total as u64);
-            return Ok((0, 0));
-        }
-        // Keys first, durably: a recorded certificate must never lack its key.
-        if generate_keys && bundled {
-            let keys: Vec<KeyLine> = certs
-                .iter()
-                .zip(&signed)
-                .filter_map(|(cert, s)| {
-                    s.key_pem.as_ref().map(|k| KeyLine {
-                        id: s.id.to_string(),
-                        serial: cert.record.serial.to_string(),
-                        key: k.as_str(),
-                    })
-                })
-                .collect();
-            if !keys.is_empty() {
-                let body = zeroize::Zeroizing::new(jsonl(&keys)?);
-                write_bundle("keys", &body, Mode::Secret)?;
-            }
-        } else if generate_keys {
-            for s in &signed {
-                if let Some(pem) = &s.key_pem {
-                    files::write_atomic(
-                        &key_path(s.id),
-                        pem.as_bytes(),
-                        WriteOptions {
-                            mode: Mode::Secret,
-                            ..NO_SYNC
-                        },
-                    )?;
-                }
-            }
-            out.sync()?;
-        }
-        // Record the chunk in one durable transaction.
-        let outcomes = store.record_certs(&certs, opts.reissue)?;
-        // Certificate files, only for what is recorded. No sync: the ledger is the truth, and
-        // a rerun rewrites any certificate file a power cut may have lost.
-        let (mut issued, mut already) = (0, 0);
-        let mut body = jsonl(&restored)?;
-        for (s, outcome) in signed.iter().zip(&outcomes) {
-            match outcome {
-                RecordOutcome::Recorded if bundled => {
-                    body.extend_from_slice(&s.output);
-                    issued += 1;
-                }
-                RecordOutcome::Recorded => {
-                    files::write_atomic(&cert_path(s.id), &s.output, NO_SYNC)?;
-                    issued += 1;
-                }
-                // Another process issued this ID meanwhile. The key written for it above was
-                // never certified: remove it, so no later run restores the other process's
-                // certificate beside it.
-                RecordOutcome::AlreadyLive(_) => {
-                    if generate_keys && !bundled {
-                        remove_if_present(&key_path(s.id))?;
-                    }
-                    already += 1
-                }
-            }
-        }
-        if !body.is_empty() {
-            write_bundle("bundle", &body, Mode::Public)?;
-        }
-        progress(total as u64);
-        Ok((issued, already))
-    };
     let (issued, already) = std::thread::scope(|scope| -> Result<(usize, usize)> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk<'_>>(1);
+        let run = &run;
         let writer = scope.spawn(move || -> Result<(usize, usize)> {
             let (mut issued, mut already) = (0, 0);
             for chunk in rx {
-                let (i, a) = write_chunk(chunk)?;
+                let (i, a) = run.write_chunk(chunk, progress)?;
                 issued += i;
                 already += a;
             }
@@ -646,130 +517,8 @@ pub fn run_batch(
         });
         let produced = (|| -> Result<()> {
             for chunk in items.chunks(opts.chunk_size.max(1)) {
-                // 1. Skip subjects that are done; restore their files if missing.
-                let mut todo = Vec::with_capacity(chunk.len());
-                let mut restored = Vec::new();
-                for (id, csr) in chunk {
-                    let subj = subject(id)?;
-                    let key = authority.subject_key(&subj)?;
-                    let live = if opts.reissue {
-                        None
-                    } else {
-                        store.live_cert(&authority.record.name, &key)?
-                    };
-                    match live {
-                        Some(serial) => {
-                            report.already_issued += 1;
-                            let recorded = || {
-                                store.cert(&serial)?.ok_or_else(|| {
-                                    Error::Store(format!("live certificate {serial} has no record"))
-                                })
-                            };
-                            let id_text = id.to_string();
-                            if bundled {
-                                if !existing.certs.contains(&id_text) {
-                                    let (record, der) = recorded()?;
-                                    restored.push(bundle_line(id, &record, &der));
-                                    report.files_restored += 1;
-                                }
-                            } else {
-                                let path = cert_path(id);
-                                if !path.exists() {
-                                    let (_, der) = recorded()?;
-                                    let key_file = key_path(id);
-                                    match key_file_mismatch(
-                                        &key_file,
-                                        &cert_spki(&der)?,
-                                        opts.key_passphrase.as_ref(),
-                                    )? {
-                                        Some(reason) => {
-                                            report.key_mismatches.push(KeyMismatch {
-                                                id: id_text.clone(),
-                                                key_file,
-                                                reason,
-                                            });
-                                            continue;
-                                        }
-                                        None => {
-                                            files::write_atomic(&path, &cert_bytes(&der), NO_SYNC)?;
-                                            report.files_restored += 1;
-                                        }
-                                    }
-                                }
-                            }
-                            let has_key = if bundled {
-                                existing
-                                    .keys
-                                    .contains(&(id_text.clone(), serial.to_string()))
-                            } else {
-                                key_path(id).exists()
-                            };
-                            if generate_keys && !has_key {
-                                report.missing_keys.push(id_text);
-                            }
-                        }
-                        None => {
-                            // A CSR's certificate goes beside no key of ours: a key file already
-                            // there under its name belongs to some other certificate.
-                            if let (Some(csr), false) = (csr, bundled) {
-                                let key_file = key_path(id);
-                                if let Some(reason) = key_file_mismatch(
-                                    &key_file,
-                                    &csr.public_key.subject_public_key_info(),
-                                    opts.key_passphrase.as_ref(),
-                                )? {
-                                    report.key_mismatches.push(KeyMismatch {
-                                        id: id.to_string(),
-                                        key_file,
-                                        reason,
-                                    });
-                                    continue;
-                                }
-                            }
-                            todo.push((id, subj, csr))
-                        }
-                    }
-                }
-
-                // 2. Sign on all cores, and encode each certificate's output.
-                let (certs, signed): (Vec<NewCert>, Vec<Signed<'_>>) = todo
-                    .into_par_iter()
-                    .map(|(id, subj, csr)| {
-                        let (public_key, key_pem) = match csr {
-                            Some(csr) => (csr.public_key.clone(), None),
-                            None => {
-                                let key = SoftwareKey::generate(opts.key_type)?;
-                                let spki = rcgen::SubjectPublicKeyInfo::from_der(
-                                    &key.subject_public_key_info(),
-                                )
-                                .map_err(Error::internal)?;
-                                (spki, Some(key.to_pkcs8_pem(opts.key_passphrase.as_ref())?))
-                            }
-                        };
-                        let req = LeafRequest {
-                            subject: subj,
-                            public_key,
-                            validity: opts.validity,
-                            not_before: opts.not_before,
-                        };
-                        let cert = authority.sign(authority.approve(&profile, req)?)?;
-                        let output = if bundled {
-                            jsonl([bundle_line(id, &cert.record, &cert.der)])?
-                        } else {
-                            cert_bytes(&cert.der)
-                        };
-                        Ok((
-                            cert,
-                            Signed {
-                                id,
-                                key_pem,
-                                output,
-                            },
-                        ))
-                    })
-                    .collect::<Result<Vec<_>>>()?
-                    .into_iter()
-                    .unzip();
+                let (todo, restored) = run.triage(chunk, &mut report)?;
+                let (certs, signed) = run.sign(todo)?;
                 let chunk = Chunk {
                     certs,
                     signed,
@@ -793,4 +542,346 @@ pub fn run_batch(
     report.issued += issued;
     report.already_issued += already;
     Ok(report)
+}
+
+impl<'a> Run<'a> {
+    /// Locks the output folder and reads what earlier runs left there (bundles); a bundled
+    /// run writes the CA chain beside its bundles.
+    fn start(
+        store: &'a dyn Store,
+        authority: &'a Authority,
+        input: &BatchInput,
+        opts: &'a BatchOptions,
+    ) -> Result<Self> {
+        let out = OutDir::lock(&opts.out_dir)?;
+        let chain = authority.chain_without_root();
+        let bundled = opts.output == BatchOutput::Bundle;
+        let existing = if bundled {
+            let chain_text: String = chain
+                .iter()
+                .map(|der| files::pem_encode("CERTIFICATE", der))
+                .collect();
+            files::write_atomic(&out.path.join("chain.pem"), chain_text.as_bytes(), NO_SYNC)?;
+            Bundles::scan(&out.path)?
+        } else {
+            Bundles::default()
+        };
+        Ok(Run {
+            store,
+            authority,
+            opts,
+            profile: LeafProfile::builtin(opts.profile),
+            next_bundle: std::sync::atomic::AtomicU64::new(existing.next),
+            out,
+            chain,
+            bundled,
+            generate_keys: matches!(input, BatchInput::Ids(_)),
+            existing,
+        })
+    }
+
+    fn subject(&self, id: &PreProvisionedId) -> Result<LeafSubject> {
+        match self.opts.profile {
+            ProfileKind::Device => Ok(LeafSubject::Device(id.clone())),
+            ProfileKind::Node => {
+                Ok(LeafSubject::Node {
+                    enterprise: self.opts.enterprise.clone().ok_or_else(|| {
+                        Error::invalid("batch", "node", "--enterprise is required")
+                    })?,
+                    id: id.clone(),
+                })
+            }
+            ProfileKind::Server => Err(Error::invalid(
+                "batch profile",
+                "server",
+                "batches issue device or node certificates",
+            )),
+        }
+    }
+
+    fn cert_path(&self, id: &PreProvisionedId) -> PathBuf {
+        let ext = if self.opts.output == BatchOutput::Der {
+            "der"
+        } else {
+            "pem"
+        };
+        self.out.path.join(format!("{id}.{ext}"))
+    }
+
+    fn key_path(&self, id: &PreProvisionedId) -> PathBuf {
+        self.out.path.join(format!("{id}.key.pem"))
+    }
+
+    /// A certificate file's bytes: DER, or PEM with the chain.
+    fn cert_bytes(&self, der: &[u8]) -> Vec<u8> {
+        if self.opts.output == BatchOutput::Der {
+            der.to_vec()
+        } else {
+            chain_pem(der, &self.chain).into_bytes()
+        }
+    }
+
+    fn bundle_line(id: &PreProvisionedId, record: &CertRecord, der: &[u8]) -> BundleLine {
+        BundleLine {
+            id: id.to_string(),
+            identity: record.subject_key.clone(),
+            serial: record.serial.to_string(),
+            certificate: files::pem_encode("CERTIFICATE", der),
+        }
+    }
+
+    /// Writes the next bundle of `kind`; key bundles (Mode::Secret) are synced.
+    fn write_bundle(&self, kind: &str, body: &[u8], mode: Mode) -> Result<()> {
+        let n = self
+            .next_bundle
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.out.path.join(format!("{kind}-{n:06}.jsonl"));
+        files::write_atomic(
+            &path,
+            body,
+            WriteOptions {
+                mode,
+                overwrite: Overwrite::Refuse,
+                sync: mode == Mode::Secret,
+            },
+        )
+        .map_err(Error::from)
+    }
+
+    /// Stage 1: skips subjects that are done (restoring their files when missing) and refuses
+    /// to put a certificate beside a key file that is not its own; returns what is left to
+    /// issue and the bundle lines restored from the ledger.
+    fn triage<'i>(
+        &self,
+        chunk: &'i [(PreProvisionedId, Option<VerifiedCsr>)],
+        report: &mut BatchReport,
+    ) -> Result<(Vec<Todo<'i>>, Vec<BundleLine>)> {
+        let mut todo = Vec::with_capacity(chunk.len());
+        let mut restored = Vec::new();
+        for (id, csr) in chunk {
+            let subj = self.subject(id)?;
+            let live = if self.opts.reissue {
+                None
+            } else {
+                let key = self.authority.subject_key(&subj)?;
+                self.store.live_cert(&self.authority.record.name, &key)?
+            };
+            if let Some(serial) = live {
+                self.restore_live(id, &serial, report, &mut restored)?;
+                continue;
+            }
+            // A CSR's certificate goes beside no key of ours: a key file already there under
+            // its name belongs to some other certificate.
+            if let (Some(csr), false) = (csr, self.bundled) {
+                let key_file = self.key_path(id);
+                if let Some(reason) = key_file_mismatch(
+                    &key_file,
+                    &csr.public_key.subject_public_key_info(),
+                    self.opts.key_passphrase.as_ref(),
+                )? {
+                    report.key_mismatches.push(KeyMismatch {
+                        id: id.to_string(),
+                        key_file,
+                        reason,
+                    });
+                    continue;
+                }
+            }
+            todo.push((id, subj, csr));
+        }
+        Ok((todo, restored))
+    }
+
+    /// A subject that already has its live certificate: its certificate file (or bundle line)
+    /// is restored when missing, never beside a key that is not its own; a missing key is
+    /// reported.
+    fn restore_live(
+        &self,
+        id: &PreProvisionedId,
+        serial: &crate::Serial,
+        report: &mut BatchReport,
+        restored: &mut Vec<BundleLine>,
+    ) -> Result<()> {
+        report.already_issued += 1;
+        let recorded = || {
+            self.store
+                .cert(serial)?
+                .ok_or_else(|| Error::Store(format!("live certificate {serial} has no record")))
+        };
+        let id_text = id.to_string();
+        if self.bundled {
+            if !self.existing.certs.contains(&id_text) {
+                let (record, der) = recorded()?;
+                restored.push(Self::bundle_line(id, &record, &der));
+                report.files_restored += 1;
+            }
+        } else {
+            let path = self.cert_path(id);
+            if !path.exists() {
+                let (_, der) = recorded()?;
+                let key_file = self.key_path(id);
+                if let Some(reason) = key_file_mismatch(
+                    &key_file,
+                    &cert_spki(&der)?,
+                    self.opts.key_passphrase.as_ref(),
+                )? {
+                    report.key_mismatches.push(KeyMismatch {
+                        id: id_text,
+                        key_file,
+                        reason,
+                    });
+                    return Ok(());
+                }
+                files::write_atomic(&path, &self.cert_bytes(&der), NO_SYNC)?;
+                report.files_restored += 1;
+            }
+        }
+        let has_key = if self.bundled {
+            self.existing
+                .keys
+                .contains(&(id_text.clone(), serial.to_string()))
+        } else {
+            self.key_path(id).exists()
+        };
+        if self.generate_keys && !has_key {
+            report.missing_keys.push(id_text);
+        }
+        Ok(())
+    }
+
+    /// Stage 2: signs on all cores, generating keys for ID batches, and encodes each
+    /// certificate's output.
+    fn sign<'i>(&self, todo: Vec<Todo<'i>>) -> Result<(Vec<NewCert>, Vec<Signed<'i>>)> {
+        let opts = self.opts;
+        Ok(todo
+            .into_par_iter()
+            .map(|(id, subj, csr)| {
+                let (public_key, key_pem) = match csr {
+                    Some(csr) => (csr.public_key.clone(), None),
+                    None => {
+                        let key = SoftwareKey::generate(opts.key_type)?;
+                        let spki =
+                            rcgen::SubjectPublicKeyInfo::from_der(&key.subject_public_key_info())
+                                .map_err(Error::internal)?;
+                        (spki, Some(key.to_pkcs8_pem(opts.key_passphrase.as_ref())?))
+                    }
+                };
+                let req = LeafRequest {
+                    subject: subj,
+                    public_key,
+                    validity: opts.validity,
+                    not_before: opts.not_before,
+                };
+                let cert = self
+                    .authority
+                    .sign(self.authority.approve(&self.profile, req)?)?;
+                let output = if self.bundled {
+                    jsonl([Self::bundle_line(id, &cert.record, &cert.der)])?
+                } else {
+                    self.cert_bytes(&cert.der)
+                };
+                Ok((
+                    cert,
+                    Signed {
+                        id,
+                        key_pem,
+                        output,
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip())
+    }
+
+    /// Stage 3 (the one writer): keys first, durably; then the chunk's ledger records in one
+    /// transaction; then the certificate files or bundle of what was recorded.
+    fn write_chunk(
+        &self,
+        chunk: Chunk<'_>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(usize, usize)> {
+        let Chunk {
+            certs,
+            signed,
+            restored,
+            total,
+        } = chunk;
+        if signed.is_empty() && restored.is_empty() {
+            progress(total as u64);
+            return Ok((0, 0));
+        }
+        // Keys first, durably: a recorded certificate must never lack its key.
+        if self.generate_keys {
+            self.write_keys(&certs, &signed)?;
+        }
+        // Record the chunk in one durable transaction.
+        let outcomes = self.store.record_certs(&certs, self.opts.reissue)?;
+        // Certificate files, only for what is recorded. No sync: the ledger is the truth, and
+        // a rerun rewrites any certificate file a power cut may have lost.
+        let (mut issued, mut already) = (0, 0);
+        let mut body = jsonl(&restored)?;
+        for (s, outcome) in signed.iter().zip(&outcomes) {
+            match outcome {
+                RecordOutcome::Recorded if self.bundled => {
+                    body.extend_from_slice(&s.output);
+                    issued += 1;
+                }
+                RecordOutcome::Recorded => {
+                    files::write_atomic(&self.cert_path(s.id), &s.output, NO_SYNC)?;
+                    issued += 1;
+                }
+                // Another process issued this ID meanwhile. The key written for it above was
+                // never certified: remove it, so no later run restores the other process's
+                // certificate beside it.
+                RecordOutcome::AlreadyLive(_) => {
+                    if self.generate_keys && !self.bundled {
+                        remove_if_present(&self.key_path(s.id))?;
+                    }
+                    already += 1
+                }
+            }
+        }
+        if !body.is_empty() {
+            self.write_bundle("bundle", &body, Mode::Public)?;
+        }
+        progress(total as u64);
+        Ok((issued, already))
+    }
+
+    /// The generated keys of a chunk, durably: one key bundle, or a 0600 file per key and
+    /// one sync of the folder.
+    fn write_keys(&self, certs: &[NewCert], signed: &[Signed<'_>]) -> Result<()> {
+        if self.bundled {
+            let keys: Vec<KeyLine> = certs
+                .iter()
+                .zip(signed)
+                .filter_map(|(cert, s)| {
+                    s.key_pem.as_ref().map(|k| KeyLine {
+                        id: s.id.to_string(),
+                        serial: cert.record.serial.to_string(),
+                        key: k.as_str(),
+                    })
+                })
+                .collect();
+            if !keys.is_empty() {
+                let body = zeroize::Zeroizing::new(jsonl(&keys)?);
+                self.write_bundle("keys", &body, Mode::Secret)?;
+            }
+            return Ok(());
+        }
+        for s in signed {
+            if let Some(pem) = &s.key_pem {
+                files::write_atomic(
+                    &self.key_path(s.id),
+                    pem.as_bytes(),
+                    WriteOptions {
+                        mode: Mode::Secret,
+                        ..NO_SYNC
+                    },
+                )?;
+            }
+        }
+        self.out.sync()
+    }
 }
