@@ -11,6 +11,7 @@
 pub mod client;
 pub mod config;
 pub mod credstore;
+pub mod enrol;
 mod error;
 mod http_head;
 pub mod protocol;

@@ -6,14 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use m2mpki_ca::rootset::RootSet;
-use m2mpki_ca::verify::Verified;
 use m2mpki_ca::{Home, RedbStore, Store};
 use m2mpki_hsm::tls::TlsKey;
 use m2mpki_hsm::Keystore;
@@ -23,29 +21,19 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
-use crate::credstore::{CredentialStore, GroupCommitter, NewCredential, StoreKey};
+use crate::credstore::{CredentialStore, GroupCommitter, StoreKey};
+use crate::enrol::{Admitted, Answer, Core, Outcome};
 use crate::http_head::{self, Head, Rewind};
-use crate::protocol::{
-    self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, ErrorDetail, WrapKey, PATH,
-    VERSION, WRAP_ALGORITHM,
-};
+use crate::protocol::PATH;
 use crate::tls::{self, FieldNodeVerifier};
 use crate::{Error, Result};
 
 /// How often the trusted root sets (and their CRLs) are re-read from the store.
 const TRUST_REFRESH: Duration = Duration::from_secs(5);
 
-struct Shared {
-    config: ServerConfig,
-    verifier: Arc<FieldNodeVerifier>,
-    creds: Arc<CredentialStore>,
-    writer: GroupCommitter,
-    store_key: StoreKey,
-}
-
 /// A configured IN endpoint, ready to run.
 pub struct Server {
-    shared: Arc<Shared>,
+    shared: Arc<Core>,
     tls: Arc<rustls::ServerConfig>,
     ca_store: Arc<RedbStore>,
 }
@@ -104,13 +92,6 @@ fn prepared(sets: Vec<RootSet>) -> Vec<RootSet> {
         m2mpki_ca::verify::prepare_crls(set);
     }
     sets
-}
-
-fn admission(v: &Verified) -> Admission {
-    Admission {
-        set: v.set.clone(),
-        kind: v.kind.clone(),
-    }
 }
 
 impl Server {
@@ -173,7 +154,7 @@ impl Server {
         });
         let store_key = StoreKey::load(&key_ref, keystore)?;
         Ok(Server {
-            shared: Arc::new(Shared {
+            shared: Arc::new(Core {
                 config,
                 verifier,
                 creds,
@@ -286,7 +267,7 @@ impl Server {
 }
 
 async fn serve_connection(
-    shared: Arc<Shared>,
+    shared: Arc<Core>,
     acceptor: TlsAcceptor,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -338,11 +319,13 @@ async fn serve_connection(
     };
     let version = conn.protocol_version();
     let session = Arc::new(Session {
-        shared: shared.clone(),
-        wrap_key,
-        verified,
-        peer,
-        tls_version: version.map_or_else(|| "?".into(), |v| format!("{v:?}")),
+        core: shared.clone(),
+        node: Admitted {
+            wrap_key,
+            verified,
+            peer,
+            transport: version.map_or_else(|| "?".into(), |v| format!("{v:?}")),
+        },
     });
     let service = hyper::service::service_fn(move |req| {
         let session = session.clone();
@@ -393,18 +376,8 @@ async fn serve_connection(
 }
 
 struct Session {
-    shared: Arc<Shared>,
-    wrap_key: WrapKey,
-    verified: Verified,
-    peer: SocketAddr,
-    tls_version: String,
-}
-
-fn reply(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
-    json_reply(
-        status,
-        serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec()),
-    )
+    core: Arc<Core>,
+    node: Admitted,
 }
 
 fn json_reply(status: StatusCode, bytes: Vec<u8>) -> Response<Full<Bytes>> {
@@ -423,17 +396,18 @@ fn json_reply(status: StatusCode, bytes: Vec<u8>) -> Response<Full<Bytes>> {
 
 /// The error document of docs/protocol.md §5.
 fn error_body(code: &str, message: impl Into<String>) -> Vec<u8> {
-    let doc = ErrorBody {
-        error: ErrorDetail {
-            code: code.to_owned(),
-            message: message.into(),
-        },
-    };
-    serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec())
+    Answer::refusal(Outcome::BadRequest, code, message).body
 }
 
 fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Full<Bytes>> {
     json_reply(status, error_body(code, message))
+}
+
+/// An answer of the enrolment core as an HTTP response.
+fn http_answer(a: Answer) -> Response<Full<Bytes>> {
+    let status =
+        StatusCode::from_u16(a.outcome.http()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_reply(status, a.body)
 }
 
 impl Session {
@@ -468,7 +442,7 @@ impl Session {
                 "the body must be application/json",
             );
         }
-        let max = self.shared.config.limits.max_body;
+        let max = self.core.config.limits.max_body;
         let body = match Limited::new(req.into_body(), max).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -486,96 +460,6 @@ impl Session {
                 )
             }
         };
-        // An object, and nothing else: serde would read a struct from a JSON array too.
-        let object: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(&body)
-        {
-            Ok(o) => o,
-            Err(e) => {
-                return refuse(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("the body must be a JSON object: {e}"),
-                )
-            }
-        };
-        let request: BootstrapRequest = match serde_json::from_value(object.into()) {
-            Ok(r) => r,
-            Err(e) => {
-                return refuse(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("malformed request: {e}"),
-                )
-            }
-        };
-        if request.version != VERSION {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "unsupported_version",
-                format!("this server speaks version {VERSION}"),
-            );
-        }
-        match self.bootstrap().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(peer = %self.peer, error = %e, "bootstrap failed");
-                refuse(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "the server could not complete the bootstrap",
-                )
-            }
-        }
-    }
-
-    async fn bootstrap(&self) -> Result<Response<Full<Bytes>>> {
-        let shared = &self.shared;
-        let identity = self
-            .verified
-            .identity
-            .clone()
-            .ok_or_else(|| Error::internal("admitted certificate without identity"))?;
-        let admitted_by = admission(&self.verified);
-        let Some(grants) = shared
-            .creds
-            .effective_grants(&shared.config.policy, &identity)?
-        else {
-            tracing::info!(%identity, set = %admitted_by.set, "refused by policy");
-            return Ok(refuse(
-                StatusCode::FORBIDDEN,
-                "denied_by_policy",
-                format!("{identity} is authenticated but the IN's policy admits only field nodes with technician grants"),
-            ));
-        };
-        let now = time::OffsetDateTime::now_utc();
-        let now = now.replace_nanosecond(0).unwrap_or(now);
-        let expires = shared.config.lifetime.not_after(now);
-        let (record, credential) = CredentialStore::prepare(
-            &shared.store_key,
-            NewCredential {
-                identity: &identity,
-                admitted_by: &admitted_by,
-                client_cert_sha256: &self.verified.sha256,
-                expires: expires.unix_timestamp(),
-            },
-        )?;
-        let record = shared.writer.commit(record).await?;
-        let wrapped = protocol::wrap(&self.wrap_key, &credential)?;
-        tracing::info!(%identity, set = %admitted_by.set, credential_id = %record.id, tls = %self.tls_version, peer = %self.peer, "issued a root credential");
-        Ok(reply(
-            StatusCode::OK,
-            &BootstrapResponse {
-                version: VERSION,
-                credential_id: record.id,
-                wrapped_credential: base64::engine::general_purpose::STANDARD.encode(wrapped),
-                wrap_algorithm: WRAP_ALGORITHM.into(),
-                in_fqdn: shared.config.fqdn.to_string(),
-                identity: identity.clone(),
-                admitted_by,
-                expires: m2mpki_ca::validity::format_time(expires),
-                grants,
-                parameters: shared.config.parameters.clone(),
-            },
-        ))
+        http_answer(self.core.answer(&self.node, &body).await)
     }
 }

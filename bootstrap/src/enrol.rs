@@ -1,0 +1,231 @@
+//! The enrolment core, free of any transport: from an admitted field node (identity from its
+//! verified chain, the key both ends exported) and a request body to the answer document. TLS
+//! with HTTP ([`crate::server`]) and DTLS with CoAP ([`crate::dtls`]) are two thin bindings on
+//! it; what they share is decided and recorded here once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine;
+use m2mpki_ca::verify::Verified;
+
+use crate::config::ServerConfig;
+use crate::credstore::{CredentialStore, GroupCommitter, NewCredential, StoreKey};
+use crate::protocol::{
+    self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, ErrorDetail, WrapKey, VERSION,
+    WRAP_ALGORITHM,
+};
+use crate::tls::FieldNodeVerifier;
+use crate::{Error, Result};
+
+/// How an enrolment ended, independent of the transport; each binding maps it to its status
+/// codes (HTTP, CoAP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A credential was issued (HTTP 200, CoAP 2.04).
+    Issued,
+    /// The request was malformed (400, 4.00).
+    BadRequest,
+    /// The policy refused the node (403, 4.03).
+    Forbidden,
+    /// No such resource (404, 4.04).
+    NotFound,
+    /// Wrong method (405, 4.05).
+    MethodNotAllowed,
+    /// The body is too large (413, 4.13).
+    TooLarge,
+    /// The body is not JSON (415, 4.15).
+    UnsupportedMediaType,
+    /// The server failed (500, 5.00).
+    Internal,
+}
+
+impl Outcome {
+    /// The HTTP status.
+    pub fn http(self) -> u16 {
+        match self {
+            Outcome::Issued => 200,
+            Outcome::BadRequest => 400,
+            Outcome::Forbidden => 403,
+            Outcome::NotFound => 404,
+            Outcome::MethodNotAllowed => 405,
+            Outcome::TooLarge => 413,
+            Outcome::UnsupportedMediaType => 415,
+            Outcome::Internal => 500,
+        }
+    }
+
+    /// The CoAP response code (RFC 7252 §12.1.2), as class and detail.
+    pub fn coap(self) -> (u8, u8) {
+        match self {
+            Outcome::Issued => (2, 4),
+            Outcome::BadRequest => (4, 0),
+            Outcome::Forbidden => (4, 3),
+            Outcome::NotFound => (4, 4),
+            Outcome::MethodNotAllowed => (4, 5),
+            Outcome::TooLarge => (4, 13),
+            Outcome::UnsupportedMediaType => (4, 15),
+            Outcome::Internal => (5, 0),
+        }
+    }
+}
+
+/// An answer: the outcome and the JSON document (the response, or the error document of
+/// docs/protocol.md §5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The JSON body.
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// A refusal with its error document.
+    pub fn refusal(outcome: Outcome, code: &str, message: impl Into<String>) -> Self {
+        let doc = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+            },
+        };
+        Answer {
+            outcome,
+            body: serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec()),
+        }
+    }
+}
+
+/// A field node that completed the handshake: what the transport learned.
+pub struct Admitted {
+    /// RootCredentialWrapKey, exported from the session.
+    pub wrap_key: WrapKey,
+    /// The verified chain: identity, the set that admitted it, the leaf's hash.
+    pub verified: Verified,
+    /// Its address.
+    pub peer: SocketAddr,
+    /// The protocol, for logs (`TLSv1_3`, `DTLSv1_2`).
+    pub transport: String,
+}
+
+/// What every transport shares: the configuration, the verifier, the credential store with
+/// its writer and key.
+pub struct Core {
+    pub(crate) config: ServerConfig,
+    pub(crate) verifier: Arc<FieldNodeVerifier>,
+    pub(crate) creds: Arc<CredentialStore>,
+    pub(crate) writer: GroupCommitter,
+    pub(crate) store_key: StoreKey,
+}
+
+impl Core {
+    /// Answers a bootstrap request body from an admitted node: the body must be a JSON object
+    /// of this protocol version; then the policy decides, and a fresh credential is recorded
+    /// (sealed, group-committed) before it is wrapped and returned.
+    pub async fn answer(&self, node: &Admitted, body: &[u8]) -> Answer {
+        if body.len() > self.config.limits.max_body {
+            return Answer::refusal(
+                Outcome::TooLarge,
+                "body_too_large",
+                format!(
+                    "the body may have at most {} bytes",
+                    self.config.limits.max_body
+                ),
+            );
+        }
+        // An object, and nothing else: serde would read a struct from a JSON array too.
+        let object: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(body)
+        {
+            Ok(o) => o,
+            Err(e) => {
+                return Answer::refusal(
+                    Outcome::BadRequest,
+                    "bad_request",
+                    format!("the body must be a JSON object: {e}"),
+                )
+            }
+        };
+        let request: BootstrapRequest = match serde_json::from_value(object.into()) {
+            Ok(r) => r,
+            Err(e) => {
+                return Answer::refusal(
+                    Outcome::BadRequest,
+                    "bad_request",
+                    format!("malformed request: {e}"),
+                )
+            }
+        };
+        if request.version != VERSION {
+            return Answer::refusal(
+                Outcome::BadRequest,
+                "unsupported_version",
+                format!("this server speaks version {VERSION}"),
+            );
+        }
+        match self.issue(node).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(peer = %node.peer, error = %e, "bootstrap failed");
+                Answer::refusal(
+                    Outcome::Internal,
+                    "internal",
+                    "the server could not complete the bootstrap",
+                )
+            }
+        }
+    }
+
+    async fn issue(&self, node: &Admitted) -> Result<Answer> {
+        let identity = node
+            .verified
+            .identity
+            .clone()
+            .ok_or_else(|| Error::internal("admitted certificate without identity"))?;
+        let admitted_by = Admission {
+            set: node.verified.set.clone(),
+            kind: node.verified.kind.clone(),
+        };
+        let Some(grants) = self
+            .creds
+            .effective_grants(&self.config.policy, &identity)?
+        else {
+            tracing::info!(%identity, set = %admitted_by.set, "refused by policy");
+            return Ok(Answer::refusal(
+                Outcome::Forbidden,
+                "denied_by_policy",
+                format!("{identity} is authenticated but the IN's policy admits only field nodes with technician grants"),
+            ));
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        let expires = self.config.lifetime.not_after(now);
+        let (record, credential) = CredentialStore::prepare(
+            &self.store_key,
+            NewCredential {
+                identity: &identity,
+                admitted_by: &admitted_by,
+                client_cert_sha256: &node.verified.sha256,
+                expires: expires.unix_timestamp(),
+            },
+        )?;
+        let record = self.writer.commit(record).await?;
+        let wrapped = protocol::wrap(&node.wrap_key, &credential)?;
+        tracing::info!(%identity, set = %admitted_by.set, credential_id = %record.id, transport = %node.transport, peer = %node.peer, "issued a root credential");
+        let doc = BootstrapResponse {
+            version: VERSION,
+            credential_id: record.id,
+            wrapped_credential: base64::engine::general_purpose::STANDARD.encode(wrapped),
+            wrap_algorithm: WRAP_ALGORITHM.into(),
+            in_fqdn: self.config.fqdn.to_string(),
+            identity: identity.clone(),
+            admitted_by,
+            expires: m2mpki_ca::validity::format_time(expires),
+            grants,
+            parameters: self.config.parameters.clone(),
+        };
+        Ok(Answer {
+            outcome: Outcome::Issued,
+            body: serde_json::to_vec(&doc).map_err(Error::internal)?,
+        })
+    }
+}
