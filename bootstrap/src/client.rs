@@ -14,7 +14,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Serialize;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{FieldNodeProfile, TlsVersion};
+use crate::config::{FieldNodeProfile, TlsVersion, Transport, DEFAULT_MTU};
 use crate::protocol::{
     self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, RootCredential, WrapKey, PATH,
     VERSION, WRAP_ALGORITHM,
@@ -35,7 +35,7 @@ pub struct Enrolment {
     pub key: Arc<dyn Signer>,
     /// Connect here instead of resolving the FQDN (SNI and verification still use the FQDN).
     pub connect: Option<String>,
-    /// TLS versions offered.
+    /// TLS versions offered (empty: 1.3 and 1.2; not used over DTLS).
     pub versions: Vec<TlsVersion>,
     /// Limit for the whole exchange.
     pub timeout: Duration,
@@ -155,6 +155,8 @@ pub async fn enroll_prepared(p: &Prepared) -> Result<Enrolled> {
 #[derive(Clone)]
 pub struct Prepared {
     config: Arc<rustls::ClientConfig>,
+    /// The DTLS context, when the profile says `transport = "dtls"`.
+    dtls: Option<openssl::ssl::SslContext>,
     own_identity: FieldNodeIdentity,
     fqdn: m2mpki_ca::DnsName,
     addr: String,
@@ -195,18 +197,41 @@ impl Prepared {
             e.chain.clone(),
             Arc::new(TlsKey::new(e.key.clone())),
         ));
-        let config = tls::client_config(
-            &e.versions,
-            e.profile.roots.clone(),
-            fqdn.clone(),
-            certified,
-        )?;
+        let versions = if e.versions.is_empty() {
+            vec![TlsVersion::Tls13, TlsVersion::Tls12]
+        } else {
+            e.versions.clone()
+        };
+        let config =
+            tls::client_config(&versions, e.profile.roots.clone(), fqdn.clone(), certified)?;
+        let dtls = match e.profile.transport {
+            Transport::Tls => None,
+            Transport::Dtls => {
+                let pkcs8 = e.key.software_pkcs8().ok_or_else(|| Error::BadConfig {
+                    path: "--key".into(),
+                    reason: "the key is on a token; DTLS (OpenSSL) signs only with a key file here (docs/dtls.md)".into(),
+                })?;
+                let ders: Vec<Vec<u8>> = e.chain.iter().map(|c| c.as_ref().to_vec()).collect();
+                Some(crate::dtls::client::context(
+                    &e.profile.dtls_suites,
+                    &ders,
+                    &pkcs8,
+                    e.profile.roots.clone(),
+                    fqdn.clone(),
+                )?)
+            }
+        };
+        let port = match e.profile.transport {
+            Transport::Tls => e.profile.port,
+            Transport::Dtls => e.profile.coap_port,
+        };
         let addr = e
             .connect
             .clone()
-            .unwrap_or_else(|| format!("{fqdn}:{}", e.profile.port));
+            .unwrap_or_else(|| format!("{fqdn}:{port}"));
         Ok(Prepared {
             config: Arc::new(config),
+            dtls,
             own_identity,
             fqdn,
             addr,
@@ -274,13 +299,34 @@ pub async fn connect_prepared(p: &Prepared) -> Result<Connected> {
 }
 
 async fn enroll_inner(p: &Prepared) -> Result<Enrolled> {
+    match &p.dtls {
+        Some(ctx) => enroll_dtls(p, ctx).await,
+        None => enroll_tls(p).await,
+    }
+}
+
+/// The bootstrap over DTLS and CoAP: the same request and response documents as over HTTP.
+async fn enroll_dtls(p: &Prepared, ctx: &openssl::ssl::SslContext) -> Result<Enrolled> {
+    let deadline = std::time::Instant::now() + p.timeout;
+    let mut session =
+        crate::dtls::client::connect(ctx, &p.addr, &p.fqdn, DEFAULT_MTU, deadline).await?;
+    let body =
+        serde_json::to_vec(&BootstrapRequest { version: VERSION }).map_err(Error::internal)?;
+    let (status, bytes) = session.post_bootstrap(&body).await?;
+    let wrap_key = session.wrap_key.clone();
+    let protocol = session.protocol.clone();
+    session.close().await;
+    accept_response(p, status, &bytes, &wrap_key, protocol)
+}
+
+async fn enroll_tls(p: &Prepared) -> Result<Enrolled> {
     let fqdn = p.fqdn.clone();
     let Connected {
         tls,
         wrap_key,
         tls_version,
         peer,
-        own_identity,
+        ..
     } = connect_prepared(p).await?;
 
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -321,22 +367,36 @@ async fn enroll_inner(p: &Prepared) -> Result<Enrolled> {
         })?
         .to_bytes();
     driver.abort();
-    if !status.is_success() {
-        let detail: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
+    accept_response(p, status.as_u16(), &bytes, &wrap_key, tls_version)
+}
+
+/// Checks a response document (either transport; `status` as HTTP reads it, CoAP `c.dd` as
+/// `c*100+dd`) and unwraps the credential.
+fn accept_response(
+    p: &Prepared,
+    status: u16,
+    bytes: &[u8],
+    wrap_key: &WrapKey,
+    tls_version: String,
+) -> Result<Enrolled> {
+    let fqdn = &p.fqdn;
+    let own_identity = &p.own_identity;
+    if !(200..300).contains(&status) {
+        let detail: Option<ErrorBody> = serde_json::from_slice(bytes).ok();
         return Err(match detail {
             Some(d) => Error::Refused {
-                status: status.as_u16(),
+                status,
                 code: d.error.code,
                 message: d.error.message,
             },
             None => Error::Refused {
-                status: status.as_u16(),
+                status,
                 code: "unknown".into(),
-                message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                message: String::from_utf8_lossy(bytes).chars().take(200).collect(),
             },
         });
     }
-    let r: BootstrapResponse = serde_json::from_slice(&bytes)
+    let r: BootstrapResponse = serde_json::from_slice(bytes)
         .map_err(|err| Error::Protocol(format!("malformed response: {err}")))?;
     if r.version != VERSION || r.wrap_algorithm != WRAP_ALGORITHM {
         return Err(Error::Protocol(format!(
@@ -350,7 +410,7 @@ async fn enroll_inner(p: &Prepared) -> Result<Enrolled> {
             r.in_fqdn
         )));
     }
-    if r.identity != own_identity {
+    if &r.identity != own_identity {
         return Err(Error::Protocol(format!(
             "the response names identity `{}`, but our certificate says `{own_identity}`",
             r.identity
@@ -359,7 +419,7 @@ async fn enroll_inner(p: &Prepared) -> Result<Enrolled> {
     let wrapped = base64::engine::general_purpose::STANDARD
         .decode(&r.wrapped_credential)
         .map_err(|_| Error::Protocol("wrapped_credential is not base64".into()))?;
-    let credential = protocol::unwrap(&wrap_key, &wrapped)?;
+    let credential = protocol::unwrap(wrap_key, &wrapped)?;
     Ok(Enrolled {
         credential_id: r.credential_id,
         in_fqdn: r.in_fqdn,

@@ -58,6 +58,81 @@ impl FromStr for TlsVersion {
     }
 }
 
+/// DTLS 1.2 cipher suites (ECDHE with ECDSA only: field-node and IN keys are P-256).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DtlsSuite {
+    /// TS-0003's mandatory DTLS suite (RFC 7251), what tinydtls and many constrained stacks
+    /// offer alone.
+    #[serde(rename = "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8")]
+    Aes128Ccm8,
+    /// AES-128-GCM (RFC 5289).
+    #[serde(rename = "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256")]
+    Aes128Gcm,
+}
+
+impl DtlsSuite {
+    /// Both, CCM_8 first.
+    pub const ALL: [DtlsSuite; 2] = [DtlsSuite::Aes128Ccm8, DtlsSuite::Aes128Gcm];
+
+    /// OpenSSL's name for the suite.
+    pub fn openssl_name(self) -> &'static str {
+        match self {
+            DtlsSuite::Aes128Ccm8 => "ECDHE-ECDSA-AES128-CCM8",
+            DtlsSuite::Aes128Gcm => "ECDHE-ECDSA-AES128-GCM-SHA256",
+        }
+    }
+
+    /// The IANA name.
+    pub fn iana_name(self) -> &'static str {
+        match self {
+            DtlsSuite::Aes128Ccm8 => "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8",
+            DtlsSuite::Aes128Gcm => "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+        }
+    }
+}
+
+impl FromStr for DtlsSuite {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        DtlsSuite::ALL
+            .into_iter()
+            .find(|x| x.iana_name().eq_ignore_ascii_case(s) || x.openssl_name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                format!("unknown DTLS suite `{s}` (TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 or TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)")
+            })
+    }
+}
+
+/// The transport a field node bootstraps over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// TLS over TCP, HTTP `POST /bootstrap`.
+    #[default]
+    Tls,
+    /// DTLS 1.2 over UDP, CoAP `POST /bootstrap`.
+    Dtls,
+}
+
+/// The DTLS + CoAP endpoint of the IN.
+#[derive(Clone, Debug)]
+pub struct DtlsConfig {
+    /// Where to listen (UDP).
+    pub listen: SocketAddr,
+    /// Path MTU: no datagram the IN sends is larger (IP and UDP headers included).
+    pub mtu: u16,
+    /// Suites offered.
+    pub suites: Vec<DtlsSuite>,
+    /// Peers with a handshake or session under way at once; further cookie-proven hellos
+    /// are dropped (the peer retransmits).
+    pub max_peers: usize,
+}
+
+/// The default path MTU: IPv6's minimum, which every path carries.
+pub const DEFAULT_MTU: u16 = 1280;
+/// The CoAP-over-DTLS port (RFC 7252 §12.7, `coaps`).
+pub const COAPS_PORT: u16 = 5684;
+
 /// What the IN does for a field node that has no technician grants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -86,8 +161,9 @@ pub struct Policy {
 #[serde(deny_unknown_fields)]
 struct File {
     fqdn: String,
-    listen: String,
+    listen: Option<String>,
     tls: TlsFile,
+    dtls: Option<DtlsFile>,
     trust: TrustFile,
     #[serde(default)]
     credentials: CredentialsFile,
@@ -106,6 +182,16 @@ struct TlsFile {
     key: String,
     #[serde(default)]
     versions: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DtlsFile {
+    listen: String,
+    mtu: Option<u16>,
+    #[serde(default)]
+    suites: Vec<String>,
+    max_peers: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,8 +248,10 @@ impl Default for Limits {
 pub struct ServerConfig {
     /// The IN's FQDN (its certificate must name it; clients send it as SNI).
     pub fqdn: DnsName,
-    /// Where to listen.
-    pub listen: SocketAddr,
+    /// Where to listen for TLS (TCP); `None` switches TLS off.
+    pub listen: Option<SocketAddr>,
+    /// The DTLS + CoAP endpoint; `None` switches DTLS off.
+    pub dtls: Option<DtlsConfig>,
     /// The server certificate chain (leaf first).
     pub chain: PathBuf,
     /// The server key: a PKCS#8 file or a `pkcs11:` URI.
@@ -220,10 +308,46 @@ impl ServerConfig {
             .fqdn
             .parse()
             .map_err(|e: m2mpki_ca::Error| bad(e.to_string()))?;
-        let listen: SocketAddr = f
-            .listen
-            .parse()
-            .map_err(|_| bad(format!("listen: `{}` is not IP:port", f.listen)))?;
+        let addr = |what: &str, s: &str| -> Result<SocketAddr> {
+            s.parse()
+                .map_err(|_| bad(format!("{what}: `{s}` is not IP:port")))
+        };
+        let listen = f.listen.as_deref().map(|l| addr("listen", l)).transpose()?;
+        let dtls = match f.dtls {
+            None => None,
+            Some(d) => {
+                let mtu = d.mtu.unwrap_or(DEFAULT_MTU);
+                if !(256..=9000).contains(&mtu) {
+                    return Err(bad(format!("dtls.mtu: {mtu} is outside 256..=9000")));
+                }
+                let suites = if d.suites.is_empty() {
+                    DtlsSuite::ALL.to_vec()
+                } else {
+                    d.suites
+                        .iter()
+                        .map(|s| {
+                            s.parse()
+                                .map_err(|e: String| bad(format!("dtls.suites: {e}")))
+                        })
+                        .collect::<Result<_>>()?
+                };
+                let max_peers = d.max_peers.unwrap_or(1024);
+                if max_peers == 0 {
+                    return Err(bad("dtls.max_peers must be at least 1".into()));
+                }
+                Some(DtlsConfig {
+                    listen: addr("dtls.listen", &d.listen)?,
+                    mtu,
+                    suites,
+                    max_peers,
+                })
+            }
+        };
+        if listen.is_none() && dtls.is_none() {
+            return Err(bad(
+                "no transport: give `listen` (TLS), a [dtls] section with `listen`, or both".into(),
+            ));
+        }
         let versions = if f.tls.versions.is_empty() {
             vec![TlsVersion::Tls13, TlsVersion::Tls12]
         } else {
@@ -276,6 +400,7 @@ impl ServerConfig {
         Ok(ServerConfig {
             fqdn,
             listen,
+            dtls,
             chain: rel(base, f.tls.chain),
             key,
             versions,
@@ -305,6 +430,15 @@ pub struct ProfileFile {
     pub in_fqdn: String,
     /// The IN's port.
     pub port: u16,
+    /// The transport to bootstrap over (default `tls`).
+    #[serde(default, skip_serializing_if = "is_tls")]
+    pub transport: Transport,
+    /// The IN's CoAP-over-DTLS port (default 5684).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coap_port: Option<u16>,
+    /// DTLS suites the node offers (default: both).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dtls_suites: Vec<DtlsSuite>,
     /// Name of the IN root set it came from (informational).
     pub root_set: String,
     /// The IN root certificates, PEM.
@@ -318,13 +452,23 @@ pub struct ProfileFile {
     pub revocation: RevocationPolicy,
 }
 
+fn is_tls(t: &Transport) -> bool {
+    *t == Transport::Tls
+}
+
 /// A loaded, checked profile.
 #[derive(Clone, Debug)]
 pub struct FieldNodeProfile {
     /// The IN's FQDN.
     pub in_fqdn: DnsName,
-    /// The IN's port.
+    /// The IN's TLS port.
     pub port: u16,
+    /// The transport to bootstrap over.
+    pub transport: Transport,
+    /// The IN's CoAP-over-DTLS port.
+    pub coap_port: u16,
+    /// DTLS suites offered.
+    pub dtls_suites: Vec<DtlsSuite>,
     /// The IN root set.
     pub roots: RootSet,
 }
@@ -356,6 +500,9 @@ impl FieldNodeProfile {
             m2mpki_bootstrap_profile: 1,
             in_fqdn: fqdn.to_string(),
             port,
+            transport: Transport::Tls,
+            coap_port: None,
+            dtls_suites: vec![],
             root_set: set.name.clone(),
             anchors: pems(
                 set.anchors
@@ -404,6 +551,13 @@ impl FieldNodeProfile {
         Ok(FieldNodeProfile {
             in_fqdn,
             port: f.port,
+            transport: f.transport,
+            coap_port: f.coap_port.unwrap_or(COAPS_PORT),
+            dtls_suites: if f.dtls_suites.is_empty() {
+                DtlsSuite::ALL.to_vec()
+            } else {
+                f.dtls_suites
+            },
             roots: RootSet {
                 name: f.root_set,
                 kind: RootSetKind::Infrastructure,
@@ -446,6 +600,17 @@ handshake_timeout = "2s"
         assert_eq!(c.limits.handshake_timeout, Duration::from_secs(2));
         assert_eq!(c.versions, vec![TlsVersion::Tls13, TlsVersion::Tls12]);
         assert_eq!(c.parameters["poa"], "coap://in.example.net");
+        assert!(c.dtls.is_none());
+        let dtls_only = GOOD.replace("listen = \"127.0.0.1:8443\"", "").replace(
+            "[trust]",
+            "[dtls]\nlisten = \"[::]:5684\"\nsuites = [\"TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8\"]\n[trust]",
+        );
+        let c = ServerConfig::parse(&dtls_only, Path::new(".")).unwrap();
+        let d = c.dtls.unwrap();
+        assert_eq!(
+            (c.listen, d.mtu, d.suites),
+            (None, DEFAULT_MTU, vec![DtlsSuite::Aes128Ccm8])
+        );
     }
 
     #[test]
@@ -455,6 +620,9 @@ handshake_timeout = "2s"
             GOOD.replace("[limits]", "[limits]\nsurprise = 1"),
             GOOD.replace("handshake_timeout = \"2s\"", "handshake_timeout = \"2\""),
             GOOD.replace("127.0.0.1:8443", "localhost"),
+            GOOD.replace("listen = \"127.0.0.1:8443\"", ""),
+            GOOD.replace("[trust]", "[dtls]\nlisten = \"127.0.0.1:5684\"\nmtu = 100\n[trust]"),
+            GOOD.replace("[trust]", "[dtls]\nlisten = \"127.0.0.1:5684\"\nsuites = [\"TLS_RSA_WITH_NULL_SHA\"]\n[trust]"),
             GOOD.replace("device_sets = [\"metering\"]", ""),
             GOOD.replace("[tls]", "[tls]\nversions = [\"1.1\"]"),
         ] {

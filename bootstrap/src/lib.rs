@@ -9,8 +9,10 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod coap;
 pub mod config;
 pub mod credstore;
+pub mod dtls;
 pub mod enrol;
 mod error;
 mod http_head;

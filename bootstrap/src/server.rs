@@ -35,7 +35,35 @@ const TRUST_REFRESH: Duration = Duration::from_secs(5);
 pub struct Server {
     shared: Arc<Core>,
     tls: Arc<rustls::ServerConfig>,
+    dtls: Option<Arc<crate::dtls::server::Endpoint>>,
     ca_store: Arc<RedbStore>,
+}
+
+/// The bound sockets of the configured transports.
+#[derive(Debug)]
+pub struct Listeners {
+    /// TLS (TCP), when configured.
+    pub tls: Option<TcpListener>,
+    /// DTLS (UDP), when configured.
+    pub dtls: Option<tokio::net::UdpSocket>,
+}
+
+impl Listeners {
+    /// The TLS address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tls
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("TLS is switched off in the server config"))?
+            .local_addr()
+    }
+
+    /// The DTLS address.
+    pub fn dtls_addr(&self) -> std::io::Result<SocketAddr> {
+        self.dtls
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("DTLS is switched off in the server config"))?
+            .local_addr()
+    }
 }
 
 impl std::fmt::Debug for Server {
@@ -136,6 +164,25 @@ impl Server {
                 ),
             });
         }
+        let dtls_ctx = match &config.dtls {
+            None => None,
+            Some(d) => {
+                let pkcs8 = key.software_pkcs8().ok_or_else(|| Error::BadConfig {
+                    path: "dtls".into(),
+                    reason: format!(
+                        "the IN key {} is on a token; DTLS (OpenSSL) signs only with a key file here (docs/dtls.md)",
+                        config.key
+                    ),
+                })?;
+                let ders: Vec<Vec<u8>> = chain.iter().map(|c| c.as_ref().to_vec()).collect();
+                let mut b = crate::dtls::context(true, &d.suites, &ders, &pkcs8)?;
+                let v = verifier.clone();
+                crate::dtls::install_verifier(&mut b, move |chain| {
+                    v.verify(chain, time::OffsetDateTime::now_utc())
+                });
+                Some((b.build(), d.clone()))
+            }
+        };
         let certified = Arc::new(rustls::sign::CertifiedKey::new(
             chain,
             Arc::new(TlsKey::new(key)),
@@ -153,15 +200,27 @@ impl Server {
             m2mpki_hsm::KeyRef::File(home.root().join("keys").join("credential-store.key"))
         });
         let store_key = StoreKey::load(&key_ref, keystore)?;
-        Ok(Server {
-            shared: Arc::new(Core {
+        let shared = Arc::new(Core {
+            config,
+            verifier,
+            creds,
+            writer,
+            store_key,
+        });
+        let dtls = match dtls_ctx {
+            None => None,
+            Some((ctx, config)) => Some(Arc::new(crate::dtls::server::Endpoint {
+                core: shared.clone(),
+                ctx,
                 config,
-                verifier,
-                creds,
-                writer,
-                store_key,
-            }),
+                cookies: crate::dtls::record::Cookies::new()?,
+                live: std::sync::atomic::AtomicUsize::new(0),
+            })),
+        };
+        Ok(Server {
+            shared,
             tls: Arc::new(tls_config),
+            dtls,
             ca_store,
         })
     }
@@ -171,24 +230,83 @@ impl Server {
         &self.shared.creds
     }
 
+    /// DTLS peers with a handshake or session under way (0 when DTLS is off). A peer exists
+    /// only after it returned a cookie: spoofed hellos never show here.
+    pub fn dtls_sessions(&self) -> usize {
+        self.dtls
+            .as_ref()
+            .map_or(0, |d| d.live.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// The store key.
     pub fn store_key(&self) -> &StoreKey {
         &self.shared.store_key
     }
 
-    /// Binds the configured address, with an accept queue of `limits.max_connections` (at
-    /// least 128).
-    pub async fn bind(&self) -> Result<TcpListener> {
-        let addr = self.shared.config.listen;
-        listen(addr, self.shared.config.limits.max_connections).map_err(|e| Error::Connect {
+    /// Binds the configured addresses: TCP with an accept queue of `limits.max_connections`
+    /// (at least 128), UDP for DTLS.
+    pub async fn bind(&self) -> Result<Listeners> {
+        let cant = |addr: SocketAddr, e: std::io::Error| Error::Connect {
             addr: addr.to_string(),
             reason: format!("cannot listen: {e}"),
-        })
+        };
+        let tls = match self.shared.config.listen {
+            None => None,
+            Some(addr) => Some(
+                listen(addr, self.shared.config.limits.max_connections)
+                    .map_err(|e| cant(addr, e))?,
+            ),
+        };
+        let dtls = match &self.shared.config.dtls {
+            None => None,
+            Some(d) => Some(
+                tokio::net::UdpSocket::bind(d.listen)
+                    .await
+                    .map_err(|e| cant(d.listen, e))?,
+            ),
+        };
+        Ok(Listeners { tls, dtls })
     }
 
     /// Serves until `shutdown` completes, then stops accepting and lets open connections
     /// finish (within the handshake and idle limits).
     pub async fn run(
+        self: Arc<Self>,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let dtls = match (listeners.dtls, &self.dtls) {
+            (Some(socket), Some(endpoint)) => {
+                tracing::info!(addr = %socket.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), fqdn = %self.shared.config.fqdn, "bootstrap server listening (DTLS, CoAP)");
+                let endpoint = endpoint.clone();
+                let mut stop = stop_rx.clone();
+                Some(tokio::spawn(async move {
+                    endpoint
+                        .run(socket, async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        })
+                        .await
+                }))
+            }
+            _ => None,
+        };
+        let result = match listeners.tls {
+            Some(listener) => self.clone().run_tls(listener, shutdown).await,
+            None => {
+                shutdown.await;
+                Ok(())
+            }
+        };
+        let _ = stop_tx.send(true);
+        if let Some(d) = dtls {
+            let _ = d.await;
+        }
+        drop(stop_rx);
+        result
+    }
+
+    async fn run_tls(
         self: Arc<Self>,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,

@@ -34,7 +34,8 @@ impl Running {
             .build()
             .unwrap();
         let mut config = ServerConfig::load(&layout.serve_config).unwrap();
-        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        config.dtls = None; // TLS here; bootstrap/tests/dtls.rs runs DTLS
         let home = Home::open(&layout.home).unwrap();
         let server = Arc::new(Server::new(config, &home, &Keystore::default()).unwrap());
         let listener = rt.block_on(server.bind()).unwrap();

@@ -586,6 +586,15 @@ pub enum BootstrapCommand {
         /// How long past their nextUpdate the profile's CRLs still count [default: the set's]
         #[arg(long, value_name = "DURATION", value_parser = grace_seconds)]
         crl_grace: Option<u64>,
+        /// The transport the node bootstraps over: TLS (HTTP) or DTLS 1.2 (CoAP)
+        #[arg(long, value_enum, default_value_t = TransportArg::Tls)]
+        transport: TransportArg,
+        /// The IN's CoAP-over-DTLS port
+        #[arg(long, default_value_t = 5684)]
+        coap_port: u16,
+        /// DTLS suite the node offers (repeat for several) [default: CCM_8 and GCM]
+        #[arg(long = "dtls-suite", value_name = "SUITE", value_parser = dtls_suite)]
+        dtls_suites: Vec<m2mpki_bootstrap::config::DtlsSuite>,
     },
     /// Run the IN endpoint (SIGTERM or Ctrl-C drain and stop it)
     Serve {
@@ -684,4 +693,17 @@ pub enum LabCommand {
         #[arg(long)]
         keep: bool,
     },
+}
+
+/// Transports of `bootstrap profile --transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportArg {
+    /// TLS over TCP, HTTP
+    Tls,
+    /// DTLS 1.2 over UDP, CoAP
+    Dtls,
+}
+
+fn dtls_suite(s: &str) -> Result<m2mpki_bootstrap::config::DtlsSuite, String> {
+    s.parse()
 }

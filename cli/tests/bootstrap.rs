@@ -13,7 +13,7 @@ use std::time::Duration;
 use base64::Engine;
 use common::*;
 use m2mpki_bootstrap::client::{self, Enrolled, Enrolment};
-use m2mpki_bootstrap::config::{FieldNodeProfile, ServerConfig, TlsVersion};
+use m2mpki_bootstrap::config::{DtlsSuite, FieldNodeProfile, ServerConfig, TlsVersion, Transport};
 use m2mpki_bootstrap::protocol::{self, RootCredential, WrapKey};
 use m2mpki_bootstrap::server::Server;
 use m2mpki_bootstrap::Error as BError;
@@ -355,6 +355,8 @@ impl Fixture {
 struct Running {
     rt: tokio::runtime::Runtime,
     addr: SocketAddr,
+    /// The DTLS address, when the config has a [dtls] section.
+    dtls: Option<SocketAddr>,
     server: Arc<Server>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<m2mpki_bootstrap::Result<()>>>,
@@ -371,6 +373,7 @@ impl Running {
         let server = Arc::new(Server::new(config, &home, &fx.keystore).unwrap());
         let listener = rt.block_on(server.bind()).unwrap();
         let addr = listener.local_addr().unwrap();
+        let dtls = listener.dtls_addr().ok();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let s = server.clone();
         let task = rt.spawn(async move {
@@ -382,6 +385,7 @@ impl Running {
         Running {
             rt,
             addr,
+            dtls,
             server,
             stop: Some(tx),
             task: Some(task),
@@ -400,6 +404,26 @@ impl Running {
             key: node.key.clone(),
             connect: Some(self.addr.to_string()),
             versions: versions.to_vec(),
+            timeout: Duration::from_secs(20),
+        }))
+    }
+
+    /// Enrols `node` over DTLS + CoAP offering only `suite`.
+    fn enroll_dtls(
+        &self,
+        profile: &FieldNodeProfile,
+        node: &Node,
+        suite: DtlsSuite,
+    ) -> m2mpki_bootstrap::Result<Enrolled> {
+        let mut profile = profile.clone();
+        profile.transport = Transport::Dtls;
+        profile.dtls_suites = vec![suite];
+        self.rt.block_on(client::enroll(Enrolment {
+            profile,
+            chain: m2mpki_bootstrap::tls::load_chain(&node.chain).unwrap(),
+            key: node.key.clone(),
+            connect: Some(self.dtls.expect("DTLS configured").to_string()),
+            versions: vec![],
             timeout: Duration::from_secs(20),
         }))
     }
@@ -1426,4 +1450,191 @@ fn the_in_refuses_an_expired_anchor_and_a_certificate_without_eku() {
             "CertificateExpired",
         );
     }
+}
+
+/// The server config's DTLS section on a free loopback port.
+const DTLS: &str = "\n[dtls]\nlisten = \"127.0.0.1:0\"\n";
+
+#[test]
+fn over_dtls_device_and_node_enrol_with_ccm8_only_and_every_refusal_gets_nothing() {
+    let fx = Fixture::new(Backend::Software);
+    let run = Running::start(&fx, fx.config("allow", DTLS));
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    for name in ["d1", "n1"] {
+        let node = &fx.nodes[name];
+        let got = run
+            .enroll_dtls(&profile, node, DtlsSuite::Aes128Ccm8)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(got.identity.to_string(), node.identity);
+        assert_eq!(
+            got.tls_version,
+            "DTLSv1_2 TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8"
+        );
+        let (id, stored) = run.stored(&node.identity).unwrap();
+        assert_eq!((id, stored), (got.credential_id, got.credential));
+    }
+    let before = run.server.credentials().count().unwrap();
+    // The alerts OpenSSL sends for our refusals (docs/protocol.md §8.1).
+    for (name, alert) in [
+        ("rogue", "unknown ca"),
+        ("expired", "certificate expired"),
+        ("revoked", "handshake failure"),
+    ] {
+        match run.enroll_dtls(&profile, &fx.nodes[name], DtlsSuite::Aes128Ccm8) {
+            Err(BError::Handshake { reason, .. }) => {
+                assert!(reason.contains(alert), "{name}: {reason}")
+            }
+            other => panic!("{name}: expected a handshake refusal, got {other:?}"),
+        }
+    }
+    // The IN's serverAuth-only certificate as a client certificate (wrong EKU), through
+    // OpenSSL since our client will not present it.
+    let (out, err) = s_client_dtls(&run, &fx, &fx.nodes["server-as-client"], None);
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(!out.contains("wrapped_credential"), "{out}");
+    assert!((out.clone() + &err).contains("alert"), "{out}{err}");
+    assert_eq!(run.server.credentials().count().unwrap(), before);
+}
+
+/// A confirmable CoAP POST /bootstrap with `body` (docs/protocol.md §8.2), built byte by byte.
+fn coap_post(message_id: u16, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![0x42, 0x02];
+    m.extend_from_slice(&message_id.to_be_bytes());
+    m.extend_from_slice(&[0xbe, 0xef]); // token
+    m.push(0xb9); // Uri-Path, 9 bytes
+    m.extend_from_slice(b"bootstrap");
+    m.extend_from_slice(&[0x11, 50]); // Content-Format application/json
+    m.push(0xff);
+    m.extend_from_slice(body);
+    m
+}
+
+/// `openssl s_client -dtls1_2` with CCM_8 as `node`, exporting the wrap key and sending the
+/// CoAP `request` (when given) once the handshake is done; returns stdout (raw: the CoAP
+/// response is binary) and stderr.
+fn s_client_dtls(
+    run: &Running,
+    fx: &Fixture,
+    node: &Node,
+    request: Option<&[u8]>,
+) -> (Vec<u8>, String) {
+    let d = fx.dir.path();
+    let chain = std::fs::read(&node.chain).unwrap();
+    let blocks = pem::parse_many(&chain).unwrap();
+    std::fs::write(
+        d.join("dc-leaf.pem"),
+        m2mpki_hsm::files::pem_encode("CERTIFICATE", blocks[0].contents()),
+    )
+    .unwrap();
+    let rest: String = blocks[1..]
+        .iter()
+        .map(|b| m2mpki_hsm::files::pem_encode("CERTIFICATE", b.contents()))
+        .collect();
+    std::fs::write(d.join("dc-chain.pem"), rest).unwrap();
+    let mut child = tool("openssl")
+        .args([
+            "s_client",
+            "-dtls1_2",
+            "-connect",
+            &run.dtls.unwrap().to_string(),
+            "-servername",
+            IN_FQDN,
+            "-cipher",
+            "ECDHE-ECDSA-AES128-CCM8",
+            "-keymatexport",
+            "EXPORTER-oneM2M-RootCredentialWrapKey",
+            "-keymatexportlen",
+            "32",
+            "-cert",
+        ])
+        .arg(d.join("dc-leaf.pem"))
+        .arg("-key")
+        .arg(&node.key_ref)
+        .arg("-cert_chain")
+        .arg(d.join("dc-chain.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // stdout is read on a thread, so we can wait for the answer before closing stdin (which
+    // makes s_client send close_notify and exit).
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let mut stdin = child.stdin.take().unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    let mut sent = false;
+    while std::time::Instant::now() < until {
+        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(100)) {
+            out.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8_lossy(&out);
+        if !sent && text.contains("Keying material") {
+            if let Some(req) = request {
+                use std::io::Write;
+                stdin.write_all(req).unwrap();
+                stdin.flush().unwrap();
+            }
+            sent = true;
+        }
+        if sent && (request.is_none() || text.contains("}}") || text.contains("\"error\"")) {
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+    }
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+        out.extend_from_slice(&chunk);
+    }
+    (out, String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn openssl_s_client_over_dtls_exports_the_same_key_and_unwraps_the_credential() {
+    let fx = Fixture::new(Backend::Software);
+    let run = Running::start(&fx, fx.config("allow", DTLS));
+    let node = &fx.nodes["d1"];
+    let request = coap_post(0x7001, br#"{"version":1}"#);
+    let (raw, err) = s_client_dtls(&run, &fx, node, Some(&request));
+    let out = String::from_utf8_lossy(&raw).into_owned();
+    assert!(
+        out.contains("Cipher is ECDHE-ECDSA-AES128-CCM8"),
+        "{out}{err}"
+    );
+    let keymat = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Keying material: "))
+        .unwrap_or_else(|| panic!("no keying material in s_client output: {out}{err}"));
+    let kek = WrapKey::from_slice(&hex::decode(keymat).unwrap()).unwrap();
+    // The ACK: version 1, ACK, TKL 2, 2.04, our message ID and token, Content-Format 50.
+    let ack = [0x62, 0x44, 0x70, 0x01, 0xbe, 0xef, 0xc1, 50, 0xff];
+    let at = raw
+        .windows(ack.len())
+        .position(|w| w == ack)
+        .unwrap_or_else(|| panic!("no 2.04 piggybacked ACK in: {out}{err}"));
+    let resp: serde_json::Value = serde_json::Deserializer::from_slice(&raw[at + ack.len()..])
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap();
+    let wrapped = base64::engine::general_purpose::STANDARD
+        .decode(resp["wrapped_credential"].as_str().unwrap())
+        .unwrap();
+    let credential = protocol::unwrap(&kek, &wrapped).unwrap();
+    let (id, stored) = run.stored(&node.identity).unwrap();
+    assert_eq!(resp["credential_id"], id);
+    assert_eq!(credential, stored);
 }

@@ -42,4 +42,10 @@ pub trait Signer: rcgen::SigningKey + Send + Sync + fmt::Debug {
     fn matches(&self, spki_der: &[u8]) -> bool {
         rcgen::PublicKeyData::subject_public_key_info(self) == spki_der
     }
+    /// The private key as PKCS#8 DER, for a library that can only sign with keys it holds
+    /// itself (OpenSSL, for DTLS). Only keys already in process memory give it; a key on a
+    /// token never leaves it, and returns `None`.
+    fn software_pkcs8(&self) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+        None
+    }
 }

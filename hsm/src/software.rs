@@ -155,6 +155,10 @@ impl Signer for SoftwareKey {
     fn key_ref(&self) -> &KeyRef {
         &self.key_ref
     }
+
+    fn software_pkcs8(&self) -> Option<Zeroizing<Vec<u8>>> {
+        Some(Zeroizing::new(self.pair.serialize_der()))
+    }
 }
 
 #[cfg(test)]

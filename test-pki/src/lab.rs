@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use m2mpki_bootstrap::client::{self, Enrolment};
-use m2mpki_bootstrap::config::{FieldNodeProfile, ServerConfig, TlsVersion};
+use m2mpki_bootstrap::config::{DtlsSuite, FieldNodeProfile, ServerConfig, TlsVersion, Transport};
 use m2mpki_bootstrap::server::Server;
 use m2mpki_ca::{FieldNodeIdentity, Home, LeafSubject, Store};
 use m2mpki_hsm::pkcs11::{Pkcs11Config, Pkcs11Uri};
@@ -226,10 +226,14 @@ pub fn init(dir: &Path, hsm: LabHsm, port: u16) -> Result<LabLayout> {
         ),
     )?;
     let serve_config = dir.join("serve.toml");
-    std::fs::write(
-        &serve_config,
-        server_config_toml(&format!("127.0.0.1:{port}"), &in_chain, &in_key, "allow"),
-    )?;
+    let mut serve_text =
+        server_config_toml(&format!("127.0.0.1:{port}"), &in_chain, &in_key, "allow");
+    if softhsm_conf.is_none() {
+        // DTLS signs with a key file only (OpenSSL; docs/dtls.md): a lab whose IN key is on
+        // the token serves TLS alone.
+        serve_text.push_str("\n[dtls]\nlisten = \"127.0.0.1:5684\"\n");
+    }
+    std::fs::write(&serve_config, serve_text)?;
     let cas = lab.cas.iter().map(|c| c.name.clone()).collect();
     drop(lab);
     Ok(LabLayout {
@@ -293,11 +297,15 @@ pub fn demo(layout: LabLayout) -> Result<DemoReport> {
         .enable_all()
         .build()?;
     let mut config = ServerConfig::load(&layout.serve_config)?;
-    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    if let Some(d) = config.dtls.as_mut() {
+        d.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    }
     let home = Home::open(&layout.home)?;
     let server = Arc::new(Server::new(config, &home, &keystore)?);
     let listener = rt.block_on(server.bind())?;
     let addr = listener.local_addr()?;
+    let dtls_addr = listener.dtls_addr().ok();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = {
         let s = server.clone();
@@ -310,19 +318,24 @@ pub fn demo(layout: LabLayout) -> Result<DemoReport> {
     };
     let profile = FieldNodeProfile::load(&layout.profile)?;
     let mut steps = Vec::new();
-    let attempts = [
+    let tls13 = Some(TlsVersion::Tls13);
+    let mut attempts = vec![
+        ("SN-0001", "manufacturer device over TLS 1.3", tls13),
         (
-            "SN-0001",
-            "manufacturer device over TLS 1.3",
-            TlsVersion::Tls13,
+            "pump-1",
+            "enterprise node over TLS 1.2",
+            Some(TlsVersion::Tls12),
         ),
-        ("pump-1", "enterprise node over TLS 1.2", TlsVersion::Tls12),
-        (
-            "ROGUE-1",
-            "device of an untrusted manufacturer",
-            TlsVersion::Tls13,
-        ),
+        ("ROGUE-1", "device of an untrusted manufacturer", tls13),
     ];
+    if dtls_addr.is_some() {
+        attempts.push((
+            "SN-0002",
+            "manufacturer device over DTLS 1.2 + CoAP (CCM_8)",
+            None,
+        ));
+        attempts.push(("ROGUE-1", "untrusted device over DTLS 1.2 + CoAP", None));
+    }
     for (name, what, version) in attempts {
         let node = layout
             .nodes
@@ -330,12 +343,22 @@ pub fn demo(layout: LabLayout) -> Result<DemoReport> {
             .find(|n| n.name == name)
             .context("lab node missing")?;
         let started = Instant::now();
+        let (profile, connect, versions) = match (version, dtls_addr) {
+            (Some(v), _) => (profile.clone(), addr, vec![v]),
+            (None, Some(d)) => {
+                let mut p = profile.clone();
+                p.transport = Transport::Dtls;
+                p.dtls_suites = vec![DtlsSuite::Aes128Ccm8];
+                (p, d, vec![])
+            }
+            (None, None) => continue,
+        };
         let result = rt.block_on(client::enroll(Enrolment {
-            profile: profile.clone(),
+            profile,
             chain: m2mpki_bootstrap::tls::load_chain(&node.chain)?,
             key: keystore.open(&KeyRef::File(node.key.clone()))?,
-            connect: Some(addr.to_string()),
-            versions: vec![version],
+            connect: Some(connect.to_string()),
+            versions,
             timeout: Duration::from_secs(20),
         }));
         let millis = started.elapsed().as_millis();
@@ -383,7 +406,10 @@ pub fn demo(layout: LabLayout) -> Result<DemoReport> {
             ),
         };
         steps.push(DemoStep {
-            step: format!("enrol {name}"),
+            step: format!(
+                "enrol {name}{}",
+                if version.is_none() { " (DTLS)" } else { "" }
+            ),
             expected,
             outcome,
             ok,

@@ -13,7 +13,7 @@ use m2mpki_hsm::files::{self, Mode};
 use m2mpki_hsm::{KeyRef, Keystore};
 use serde::Serialize;
 
-use crate::args::{BootstrapCommand, TlsArg};
+use crate::args::{BootstrapCommand, TlsArg, TransportArg};
 use crate::output::{emit, emit_json, table, ts, Denied, UsageError};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -69,6 +69,9 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             force,
             revocation,
             crl_grace,
+            transport,
+            coap_port,
+            dtls_suites,
         } => {
             let fqdn: m2mpki_ca::DnsName = fqdn.parse()?;
             let home = Home::open(home)?;
@@ -82,7 +85,12 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             if let Some(g) = crl_grace {
                 s.revocation.crl_grace = g;
             }
-            let file = FieldNodeProfile::file_for(&s, &fqdn, port)?;
+            let mut file = FieldNodeProfile::file_for(&s, &fqdn, port)?;
+            if transport == TransportArg::Dtls {
+                file.transport = m2mpki_bootstrap::config::Transport::Dtls;
+                file.coap_port = Some(coap_port);
+                file.dtls_suites = dtls_suites;
+            }
             // Under `require` the node must bootstrap before its profile's first CRL goes stale.
             let usable_until = (s.revocation.mode == m2mpki_ca::rootset::RevocationMode::Require)
                 .then(|| {
@@ -102,7 +110,7 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             )?;
             if json {
                 emit_json(
-                    &serde_json::json!({ "out": out, "in_fqdn": fqdn, "port": port, "set": set, "anchors": s.anchors.len(),
+                    &serde_json::json!({ "out": out, "in_fqdn": fqdn, "port": port, "transport": file.transport, "coap_port": file.coap_port, "set": set, "anchors": s.anchors.len(),
                         "revocation": s.revocation, "crls": s.crls.len(),
                         "crls_current_until": usable_until.map(ts) }),
                 )

@@ -795,7 +795,10 @@ fn bootstrap_bench(
         .thread_keep_alive(Duration::from_secs(3600))
         .build()?;
     let mut config = ServerConfig::load(&layout.serve_config)?;
-    config.listen = "127.0.0.1:0".parse()?;
+    config.listen = Some("127.0.0.1:0".parse()?);
+    if let Some(d) = config.dtls.as_mut() {
+        d.listen = "127.0.0.1:0".parse()?;
+    }
     config.limits.max_connections = 4096;
     let home = m2mpki_ca::Home::open(&layout.home)?;
     let server = Arc::new(Server::new(config, &home, &keystore)?);
