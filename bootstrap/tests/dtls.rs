@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use m2mpki_bootstrap::client::{self, Enrolment};
+use m2mpki_bootstrap::coap::{self, option, Block, Message, Type};
 use m2mpki_bootstrap::config::{DtlsSuite, FieldNodeProfile, ServerConfig, Transport};
 use m2mpki_bootstrap::credstore::CredentialStatus;
 use m2mpki_bootstrap::dtls::Pipe;
@@ -416,4 +417,309 @@ fn spoofed_hellos_leave_no_state_and_silent_peers_do_not_stop_a_real_one() {
         .unwrap();
     assert_eq!(got.identity, run.node("SN-0003").identity);
     drop(silent);
+}
+
+/// A DTLS session of lab node `name` with the IN at `to`, for speaking CoAP by hand.
+fn session(run: &Running, name: &str, to: SocketAddr) -> m2mpki_bootstrap::dtls::client::Session {
+    let profile = FieldNodeProfile::load(&run.layout.profile).unwrap();
+    let chain: Vec<Vec<u8>> = m2mpki_bootstrap::tls::load_chain(&run.node(name).chain)
+        .unwrap()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect();
+    let key = Keystore::default()
+        .open(&KeyRef::File(run.node(name).key.clone()))
+        .unwrap();
+    let ctx = m2mpki_bootstrap::dtls::client::context(
+        &[DtlsSuite::Aes128Gcm],
+        &chain,
+        &key.software_pkcs8().unwrap(),
+        profile.roots.clone(),
+        profile.in_fqdn.clone(),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    run.rt
+        .block_on(m2mpki_bootstrap::dtls::client::connect(
+            &ctx,
+            &to.to_string(),
+            &profile.in_fqdn,
+            1280,
+            deadline,
+        ))
+        .unwrap()
+}
+
+fn post(message_id: u16, path: &str, options: Vec<(u16, Vec<u8>)>, body: &[u8]) -> Message {
+    let mut all = vec![(option::URI_PATH, path.as_bytes().to_vec())];
+    all.extend(options);
+    Message {
+        kind: Type::Con,
+        code: coap::POST,
+        message_id,
+        token: vec![7, 7],
+        options: all,
+        payload: body.to_vec(),
+    }
+}
+
+fn exchange(
+    run: &Running,
+    s: &mut m2mpki_bootstrap::dtls::client::Session,
+    m: &Message,
+) -> (Vec<u8>, Message) {
+    run.rt.block_on(async {
+        s.send_record(&m.encode()).await.unwrap();
+        let raw = s
+            .recv_record(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .expect("an answer");
+        let parsed = Message::decode(&raw).unwrap();
+        (raw, parsed)
+    })
+}
+
+fn json() -> (u16, Vec<u8>) {
+    (option::CONTENT_FORMAT, coap::uint(u32::from(coap::JSON)))
+}
+
+#[test]
+fn coap_codes_retransmissions_and_refusals() {
+    let run = Running::start(|_| {});
+    let mut s = session(&run, "SN-0001", run.dtls);
+    let count = || run.server.credentials().count().unwrap();
+    let body = br#"{"version":1}"#;
+    // A retransmitted request (same message ID) gets the same bytes, not a second credential.
+    let (first, m) = exchange(&run, &mut s, &post(0x100, "bootstrap", vec![json()], body));
+    assert_eq!(
+        (m.kind, m.code, m.message_id, m.token.clone()),
+        (Type::Ack, coap::code(2, 4), 0x100, vec![7, 7])
+    );
+    assert_eq!(m.uint_option(option::CONTENT_FORMAT), Some(Some(50)));
+    let doc: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert!(doc["wrapped_credential"].is_string(), "{doc}");
+    assert_eq!(count(), 1);
+    let (again, _) = exchange(&run, &mut s, &post(0x100, "bootstrap", vec![json()], body));
+    assert_eq!(again, first);
+    assert_eq!(count(), 1);
+    // A new message ID is a new request: a new credential that supersedes.
+    let (_, m) = exchange(&run, &mut s, &post(0x101, "bootstrap", vec![json()], body));
+    assert_eq!(m.code, coap::code(2, 4));
+    assert_eq!(count(), 2);
+    // Each refusal has its code and the JSON error document, and issues nothing.
+    let cases: Vec<(Message, (u8, u8), &str)> = vec![
+        (post(1, "other", vec![json()], body), (4, 4), "not_found"),
+        (
+            Message {
+                code: 1,
+                ..post(2, "bootstrap", vec![json()], body)
+            },
+            (4, 5),
+            "method_not_allowed",
+        ),
+        (
+            post(3, "bootstrap", vec![], body),
+            (4, 15),
+            "unsupported_media_type",
+        ),
+        (
+            post(
+                4,
+                "bootstrap",
+                vec![(option::CONTENT_FORMAT, vec![0])],
+                body,
+            ),
+            (4, 15),
+            "unsupported_media_type",
+        ),
+        (
+            post(5, "bootstrap", vec![json()], b"[1]"),
+            (4, 0),
+            "bad_request",
+        ),
+        (
+            post(6, "bootstrap", vec![json()], br#"{"version":2}"#),
+            (4, 0),
+            "unsupported_version",
+        ),
+        (
+            post(7, "bootstrap", vec![json(), (9, vec![1])], body),
+            (4, 2),
+            "bad_option",
+        ),
+        (
+            post(
+                8,
+                "bootstrap",
+                vec![json(), (option::ACCEPT, vec![0])],
+                body,
+            ),
+            (4, 6),
+            "not_acceptable",
+        ),
+        (
+            post(9, "bootstrap", vec![json()], &vec![b' '; 9000]),
+            (4, 13),
+            "body_too_large",
+        ),
+        (
+            post(
+                10,
+                "bootstrap",
+                vec![json(), (option::BLOCK2, vec![0x7f])],
+                body,
+            ),
+            (4, 0),
+            "bad_request",
+        ),
+    ];
+    for (req, (c, d), code) in cases {
+        let (_, m) = exchange(&run, &mut s, &req);
+        assert_eq!(
+            m.code,
+            coap::code(c, d),
+            "{code}: {}",
+            coap::code_text(m.code)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(doc["error"]["code"], code, "{doc}");
+    }
+    assert_eq!(count(), 2);
+    // A ping gets a Reset; a message we cannot parse, too.
+    let ping = Message {
+        kind: Type::Con,
+        code: 0,
+        message_id: 0x55,
+        token: vec![],
+        options: vec![],
+        payload: vec![],
+    };
+    let (_, m) = exchange(&run, &mut s, &ping);
+    assert_eq!((m.kind, m.message_id), (Type::Rst, 0x55));
+    let (_, m) = run.rt.block_on(async {
+        s.send_record(&[0x40, 0x02, 0x00, 0x66, 0xf0])
+            .await
+            .unwrap();
+        let raw = s
+            .recv_record(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap();
+        (raw.clone(), Message::decode(&raw).unwrap())
+    });
+    assert_eq!((m.kind, m.message_id), (Type::Rst, 0x66));
+    run.rt.block_on(s.close());
+}
+
+/// A pass-through UDP proxy that records the largest datagram the server sent.
+fn recording_proxy(server: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = front.local_addr().unwrap();
+    let largest = Arc::new(AtomicUsize::new(0));
+    let l = largest.clone();
+    std::thread::spawn(move || {
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(server).unwrap();
+        let back = Arc::new(back);
+        let front = Arc::new(front);
+        let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+        {
+            let (back, front, client) = (back.clone(), front.clone(), client.clone());
+            std::thread::spawn(move || {
+                let mut b = vec![0u8; 65_536];
+                while let Ok(n) = back.recv(&mut b) {
+                    l.fetch_max(n, Ordering::Relaxed);
+                    if let Some(c) = *client.lock().unwrap() {
+                        let _ = front.send_to(&b[..n], c);
+                    }
+                }
+            });
+        }
+        let mut b = vec![0u8; 65_536];
+        while let Ok((n, from)) = front.recv_from(&mut b) {
+            *client.lock().unwrap() = Some(from);
+            let _ = back.send(&b[..n]);
+        }
+    });
+    (addr, largest)
+}
+
+#[test]
+fn a_small_path_mtu_fragments_the_handshake_and_blocks_the_response() {
+    const MTU: u16 = 300;
+    let run = Running::start(|c| c.dtls.as_mut().unwrap().mtu = MTU);
+    let (proxy, largest) = recording_proxy(run.dtls);
+    // Our client follows Block2 on its own ...
+    let got = run
+        .rt
+        .block_on(client::enroll(run.enrolment(
+            "SN-0002",
+            &[DtlsSuite::Aes128Ccm8],
+            proxy,
+        )))
+        .unwrap();
+    assert_eq!(got.identity, run.node("SN-0002").identity);
+    let biggest = largest.load(Ordering::Relaxed);
+    assert!(
+        biggest > 100 && biggest <= usize::from(MTU) - 28,
+        "largest datagram from the IN: {biggest} bytes"
+    );
+    // ... and by hand: block 0 says more follow and how much; the continuation serves the same
+    // document (no new credential); a continuation without a response is refused.
+    let mut s = session(&run, "SN-0003", run.dtls);
+    let before = run.server.credentials().count().unwrap();
+    let body = br#"{"version":1}"#;
+    let (_, m) = exchange(&run, &mut s, &post(1, "bootstrap", vec![json()], body));
+    let b0 = Block::decode(m.option_values(option::BLOCK2).next().expect("Block2")).unwrap();
+    assert!(b0.more && b0.num == 0, "{b0:?}");
+    let total = m.uint_option(option::SIZE2).unwrap().unwrap() as usize;
+    let mut doc = m.payload.clone();
+    let mut num = 1;
+    loop {
+        let want = Block {
+            num,
+            more: false,
+            szx: b0.szx,
+        };
+        let (_, m) = exchange(
+            &run,
+            &mut s,
+            &post(
+                1 + num as u16,
+                "bootstrap",
+                vec![json(), (option::BLOCK2, want.encode())],
+                body,
+            ),
+        );
+        assert_eq!(m.code, coap::code(2, 4));
+        doc.extend_from_slice(&m.payload);
+        let b = Block::decode(m.option_values(option::BLOCK2).next().unwrap()).unwrap();
+        if !b.more {
+            break;
+        }
+        num += 1;
+    }
+    assert_eq!(doc.len(), total);
+    let parsed: serde_json::Value = serde_json::from_slice(&doc).unwrap();
+    assert_eq!(parsed["identity"], run.node("SN-0003").identity.to_string());
+    assert_eq!(run.server.credentials().count().unwrap(), before + 1);
+    run.rt.block_on(s.close());
+    let mut fresh = session(&run, "SN-0003", run.dtls);
+    let want = Block {
+        num: 1,
+        more: false,
+        szx: b0.szx,
+    };
+    let (_, m) = exchange(
+        &run,
+        &mut fresh,
+        &post(
+            9,
+            "bootstrap",
+            vec![json(), (option::BLOCK2, want.encode())],
+            body,
+        ),
+    );
+    assert_eq!(m.code, coap::code(4, 0));
 }
