@@ -746,16 +746,9 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
-#[allow(clippy::too_many_lines)]
-fn bootstrap_bench(
-    size: Size,
-    report: &mut Report,
-    work: &Path,
-    m2mpki_bin: Option<&Path>,
-) -> Result<()> {
-    let dir = work.join("bootstrap");
-    let layout = m2mpki_test_pki::lab::init(&dir, m2mpki_test_pki::lab::LabHsm::None, 8443)?;
-    // Field nodes: 256 devices of their own (rotation on every enrolment, like a real fleet).
+/// 256 field nodes of their own (rotation on every enrolment, like a real fleet), device
+/// certificates issued in the lab with software keys, named `PREFIX-0000`...
+fn make_fleet(layout: &m2mpki_test_pki::lab::LabLayout, prefix: &str) -> Result<Fleet> {
     let keystore = Keystore::default();
     let mut fleet_nodes = Vec::new();
     {
@@ -768,7 +761,7 @@ fn bootstrap_bench(
         };
         for i in 0..256 {
             let key = m2mpki_hsm::SoftwareKey::generate(KeyType::P256)?;
-            let chain = issue_direct(&lab, &keystore, &key, &format!("FLEET-{i:04}"))?;
+            let chain = issue_direct(&lab, &keystore, &key, &format!("{prefix}-{i:04}"))?;
             fleet_nodes.push((
                 chain
                     .into_iter()
@@ -778,11 +771,23 @@ fn bootstrap_bench(
             ));
         }
     }
-    let profile = FieldNodeProfile::load(&layout.profile)?;
-    let fleet = Fleet {
-        profile,
+    Ok(Fleet {
+        profile: FieldNodeProfile::load(&layout.profile)?,
         nodes: fleet_nodes,
-    };
+    })
+}
+
+#[allow(clippy::too_many_lines)]
+fn bootstrap_bench(
+    size: Size,
+    report: &mut Report,
+    work: &Path,
+    m2mpki_bin: Option<&Path>,
+) -> Result<()> {
+    let dir = work.join("bootstrap");
+    let layout = m2mpki_test_pki::lab::init(&dir, m2mpki_test_pki::lab::LabHsm::None, 8443)?;
+    let fleet = make_fleet(&layout, "FLEET")?;
+    let keystore = Keystore::default();
     // Clients and servers share the two cores but not a runtime: the servers' threads are
     // named, so their CPU per operation can be told from the clients'.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1073,6 +1078,274 @@ fn idle_memory_bench(
         .absolute("<= 64", per <= 64.0);
     drop(more);
     drop(held);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    Ok(())
+}
+
+/// Section 6: the bootstrap over DTLS 1.2 + CoAP (CCM_8). The baseline is the same IN's DTLS
+/// endpoint doing bare handshakes: the same library, certificates, stateless cookie exchange,
+/// chain check and load generator; the bare client closes right after its handshake, ours
+/// sends the CoAP request and waits for the stored credential.
+#[allow(clippy::too_many_lines)]
+fn dtls_bench(
+    size: Size,
+    report: &mut Report,
+    work: &Path,
+    m2mpki_bin: Option<&Path>,
+) -> Result<()> {
+    use m2mpki_bootstrap::config::{DtlsSuite, Transport, DEFAULT_MTU};
+    let dir = work.join("dtls");
+    let layout = m2mpki_test_pki::lab::init(&dir, m2mpki_test_pki::lab::LabHsm::None, 8443)?;
+    let fleet = make_fleet(&layout, "DTLS")?;
+    let keystore = Keystore::default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fleet")
+        .build()?;
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("in-server")
+        .thread_keep_alive(Duration::from_secs(3600))
+        .build()?;
+    let mut config = ServerConfig::load(&layout.serve_config)?;
+    config.listen = None;
+    let d = config.dtls.as_mut().context("the lab IN serves DTLS")?;
+    d.listen = "127.0.0.1:0".parse()?;
+    d.max_peers = 4096;
+    config.limits.handshake_timeout = Duration::from_secs(30);
+    let home = m2mpki_ca::Home::open(&layout.home)?;
+    let server = Arc::new(Server::new(config, &home, &keystore)?);
+    let listeners = server_rt.block_on(server.bind())?;
+    let addr = listeners.dtls_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let s2 = server.clone();
+    let running = server_rt.spawn(async move {
+        s2.run(listeners, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let suites = [DtlsSuite::Aes128Ccm8];
+    let fqdn = fleet.profile.in_fqdn.clone();
+    let contexts: Arc<Vec<openssl::ssl::SslContext>> = Arc::new(
+        fleet
+            .nodes
+            .iter()
+            .map(|(chain, key)| {
+                let ders: Vec<Vec<u8>> = chain.iter().map(|c| c.as_ref().to_vec()).collect();
+                let pkcs8 = key.software_pkcs8().context("software key")?;
+                Ok(m2mpki_bootstrap::dtls::client::context(
+                    &suites,
+                    &ders,
+                    &pkcs8,
+                    fleet.profile.roots.clone(),
+                    fqdn.clone(),
+                )?)
+            })
+            .collect::<Result<_>>()?,
+    );
+    let mut profile = fleet.profile.clone();
+    profile.transport = Transport::Dtls;
+    profile.dtls_suites = suites.to_vec();
+    let prepared: Arc<Vec<client::Prepared>> = Arc::new(
+        fleet
+            .nodes
+            .iter()
+            .map(|(chain, key)| {
+                client::Prepared::new(&Enrolment {
+                    profile: profile.clone(),
+                    chain: chain.clone(),
+                    key: key.clone(),
+                    connect: Some(addr.to_string()),
+                    versions: vec![],
+                    timeout: Duration::from_secs(60),
+                })
+            })
+            .collect::<m2mpki_bootstrap::Result<_>>()?,
+    );
+    let target = addr.to_string();
+    for &c in size.concurrency {
+        let (mut bare_rates, mut ours_rates) = (Vec::new(), Vec::new());
+        let (mut bare_p99, mut ours_p99) = (Vec::new(), Vec::new());
+        let (mut bare_server_cpu, mut ours_server_cpu) = (Vec::new(), Vec::new());
+        let mut failures = 0;
+        for _ in 0..size.runs {
+            let (ctxs, t, f) = (contexts.clone(), target.clone(), fqdn.clone());
+            let server_cpu = threads_cpu_secs(SERVER_THREADS);
+            let bare = rt.block_on(load(c, size.secs, move |i| {
+                let ctx = ctxs[i % ctxs.len()].clone();
+                let (t, f) = (t.clone(), f.clone());
+                async move {
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    match m2mpki_bootstrap::dtls::client::connect(
+                        &ctx,
+                        &t,
+                        &f,
+                        DEFAULT_MTU,
+                        deadline,
+                    )
+                    .await
+                    {
+                        Ok(session) => {
+                            session.close().await;
+                            true
+                        }
+                        Err(_) => false,
+                    }
+                }
+            }));
+            bare_server_cpu.push(
+                (threads_cpu_secs(SERVER_THREADS) - server_cpu) * 1e6 / bare.ops.max(1) as f64,
+            );
+            let preps = prepared.clone();
+            let server_cpu = threads_cpu_secs(SERVER_THREADS);
+            let ours = rt.block_on(load(c, size.secs, move |i| {
+                let p = preps[i % preps.len()].clone();
+                async move { client::enroll_prepared(&p).await.is_ok() }
+            }));
+            ours_server_cpu.push(
+                (threads_cpu_secs(SERVER_THREADS) - server_cpu) * 1e6 / ours.ops.max(1) as f64,
+            );
+            failures += ours.failures + bare.failures;
+            bare_rates.push(bare.rate);
+            ours_rates.push(ours.rate);
+            bare_p99.push(bare.p99_ms);
+            ours_p99.push(ours.p99_ms);
+        }
+        let b = stat(bare_rates);
+        let bm = b.median;
+        report.add(
+            "6 dtls",
+            &format!("bare DTLS 1.2 mutual handshakes (OpenSSL, CCM_8), {c} concurrent"),
+            "conn/s",
+            b,
+        );
+        report
+            .add(
+                "6 dtls",
+                &format!("enrolments over DTLS + CoAP (stored), {c} concurrent"),
+                "enrol/s",
+                stat(ours_rates),
+            )
+            .against("bare DTLS handshakes", bm, Some((0.80, false)));
+        let bsc = stat(bare_server_cpu);
+        let bscm = bsc.median;
+        report.add(
+            "6 dtls",
+            &format!("IN CPU per bare DTLS handshake (server threads), {c} concurrent"),
+            "us",
+            bsc,
+        );
+        report
+            .add(
+                "6 dtls",
+                &format!("IN CPU per DTLS enrolment (server threads), {c} concurrent"),
+                "us",
+                stat(ours_server_cpu),
+            )
+            .against("IN CPU per bare handshake", bscm, None);
+        let bp = stat(bare_p99).median;
+        report
+            .add(
+                "6 dtls",
+                &format!("DTLS enrolment p99 latency, {c} concurrent"),
+                "ms",
+                stat(ours_p99),
+            )
+            .against("bare p99", bp, None);
+        report
+            .add(
+                "6 dtls",
+                &format!("failed DTLS enrolments/handshakes, {c} concurrent"),
+                "count",
+                stat(vec![failures as f64]),
+            )
+            .absolute("0", failures == 0);
+    }
+    let _ = stop.send(());
+    server_rt.block_on(running)??;
+    if let Some(bin) = m2mpki_bin {
+        dtls_idle_memory(size, report, bin, &layout, &dir, &contexts, &fqdn, &rt)?;
+    }
+    Ok(())
+}
+
+/// Memory per idle DTLS peer: a separate `m2mpki bootstrap serve` serving DTLS alone, its RSS
+/// before and after `size.idle_conns` peers completed their handshake and sent nothing.
+#[allow(clippy::too_many_arguments)]
+fn dtls_idle_memory(
+    size: Size,
+    report: &mut Report,
+    bin: &Path,
+    layout: &m2mpki_test_pki::lab::LabLayout,
+    dir: &Path,
+    contexts: &[openssl::ssl::SslContext],
+    fqdn: &m2mpki_ca::DnsName,
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let cfg_path = dir.join("dtls-idle.toml");
+    let text = server_config_toml("127.0.0.1:0", &layout.in_chain, &layout.in_key, "allow")
+        .replace("listen = \"127.0.0.1:0\"\n", "")
+        .replace("idle_timeout = \"30s\"", "idle_timeout = \"120s\"")
+        + &format!("\n[dtls]\nlisten = \"127.0.0.1:{port}\"\nmax_peers = 4096\n");
+    std::fs::write(&cfg_path, text)?;
+    let mut child = Command::new(bin)
+        .arg("--home")
+        .arg(&layout.home)
+        .args(["bootstrap", "serve", "--config"])
+        .arg(&cfg_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let target = format!("127.0.0.1:{port}");
+    let open = |n: usize| {
+        rt.block_on(async {
+            let mut held = Vec::new();
+            for i in 0..n {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let ctx = &contexts[i % contexts.len()];
+                if let Ok(s) = m2mpki_bootstrap::dtls::client::connect(
+                    ctx,
+                    &target,
+                    fqdn,
+                    m2mpki_bootstrap::config::DEFAULT_MTU,
+                    deadline,
+                )
+                .await
+                {
+                    held.push(s);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            held
+        })
+    };
+    // Warm up: a few sessions so lazily allocated state exists before measuring.
+    let warm = open(5);
+    let before = rss_kib(child.id())?;
+    let more = open(size.idle_conns);
+    let after = rss_kib(child.id())?;
+    let per = (after.saturating_sub(before)) as f64 / more.len().max(1) as f64;
+    report.notes.insert(
+        "idle DTLS peers held".into(),
+        format!("{} (+{} warm-up)", more.len(), warm.len()),
+    );
+    report
+        .add(
+            "6 dtls",
+            "server memory per idle DTLS peer (after handshake)",
+            "KiB",
+            stat(vec![per]),
+        )
+        .absolute("<= 64", per <= 64.0);
+    drop(more);
+    drop(warm);
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -1580,6 +1853,10 @@ fn main() -> Result<()> {
     if run("5") {
         eprintln!("5. revocation scale");
         revocation_bench(size, &mut report, work)?;
+    }
+    if run("6") {
+        eprintln!("6. bootstrap over DTLS + CoAP");
+        dtls_bench(size, &mut report, work, m2mpki_bin.as_deref())?;
     }
 
     // The table.
