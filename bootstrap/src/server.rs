@@ -316,6 +316,7 @@ impl Server {
             let _ = d.await;
         }
         drop(stop_rx);
+        tracing::info!("bootstrap server stopped");
         result
     }
 
@@ -392,7 +393,6 @@ impl Server {
         {
             tracing::warn!("some connections were still open after {drain:?}; stopping anyway");
         }
-        tracing::info!("bootstrap server stopped");
         Ok(())
     }
 }

@@ -1638,3 +1638,134 @@ fn openssl_s_client_over_dtls_exports_the_same_key_and_unwraps_the_credential() 
     assert_eq!(resp["credential_id"], id);
     assert_eq!(credential, stored);
 }
+
+#[test]
+fn the_cli_serves_dtls_alone_and_enrols_from_a_dtls_profile() {
+    let fx = Fixture::new(Backend::Software);
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // No top-level `listen`: TLS switched off, DTLS alone.
+    let text = server_config_toml("127.0.0.1:0", &fx.in_chain, &fx.in_key, "allow")
+        .replace("listen = \"127.0.0.1:0\"\n", "")
+        + &format!("\n[dtls]\nlisten = \"127.0.0.1:{port}\"\n");
+    let config = fx.dir.path().join("cli-dtls.toml");
+    std::fs::write(&config, text).unwrap();
+    let serve = Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+        .arg("--home")
+        .arg(&fx.home)
+        .args(["bootstrap", "serve", "--config"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let m2mpki = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+            .arg("--home")
+            .arg(&fx.home)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let profile = fx.dir.path().join("dtls-profile.toml");
+    let out = m2mpki(&[
+        "--json",
+        "bootstrap",
+        "profile",
+        "--set",
+        sets::INFRA,
+        "--fqdn",
+        IN_FQDN,
+        "--transport",
+        "dtls",
+        "--coap-port",
+        &port.to_string(),
+        "--dtls-suite",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8",
+        "--out",
+        profile.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["transport"].as_str(), v["coap_port"].as_u64()),
+        (Some("dtls"), Some(u64::from(port)))
+    );
+    let loaded = FieldNodeProfile::load(&profile).unwrap();
+    assert_eq!(loaded.transport, Transport::Dtls);
+    assert_eq!(loaded.dtls_suites, vec![DtlsSuite::Aes128Ccm8]);
+    // A suite name that does not exist is bad usage.
+    let bad = m2mpki(&[
+        "bootstrap",
+        "profile",
+        "--set",
+        sets::INFRA,
+        "--fqdn",
+        IN_FQDN,
+        "--transport",
+        "dtls",
+        "--dtls-suite",
+        "TLS_RSA_WITH_NULL_SHA",
+        "--out",
+        "/dev/null",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    let node = &fx.nodes["n1"];
+    let cred = fx.dir.path().join("n1-dtls.cred");
+    let mut result = None;
+    for _ in 0..100 {
+        let out = m2mpki(&[
+            "--json",
+            "bootstrap",
+            "enroll",
+            "--profile",
+            profile.to_str().unwrap(),
+            "--cert",
+            node.chain.to_str().unwrap(),
+            "--key",
+            &node.key_ref,
+            "--out",
+            cred.to_str().unwrap(),
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--timeout",
+            "5s",
+        ]);
+        if out.status.success() {
+            result = Some(out);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100)); // the server is still starting
+    }
+    let out = result.expect("enrolment over DTLS through the CLI never succeeded");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["result"]["identity"], node.identity.as_str());
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&cred).unwrap()).unwrap();
+    assert_eq!(
+        file["tls_version"],
+        "DTLSv1_2 TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8"
+    );
+    let secret = file["credential"].as_str().unwrap().to_owned();
+    let status = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = serve.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("DTLS, CoAP") && log.contains("bootstrap server stopped"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&node.identity) && !log.contains(&secret),
+        "{log}"
+    );
+}

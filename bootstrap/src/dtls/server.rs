@@ -20,7 +20,11 @@ use crate::Result;
 /// How often a peer's handshake is polled, so that OpenSSL retransmits on time.
 const TICK: Duration = Duration::from_millis(100);
 /// Datagrams queued for one peer; more are dropped (the peer retransmits).
-const PEER_QUEUE: usize = 64;
+const PEER_QUEUE: usize = 16;
+/// The largest datagram taken from a peer: a full DTLS record (2^14 bytes of plaintext and its
+/// expansion). Together with [`PEER_QUEUE`] and `max_peers` this bounds what peers can make
+/// the IN hold.
+const MAX_DATAGRAM: usize = (1 << 14) + 2048 + 13;
 /// Responses remembered per session for retransmitted requests (RFC 7252 §4.5).
 const REMEMBERED: usize = 16;
 /// Bytes of a response datagram that are not payload, besides IP and UDP: the DTLS record
@@ -93,6 +97,9 @@ impl Endpoint {
                     }
                 },
             };
+            if n > MAX_DATAGRAM {
+                continue;
+            }
             let d = &buf[..n];
             let hello = record::client_hello(d);
             if let Some(p) = peers.get(&from) {
