@@ -10,97 +10,49 @@ use std::time::Duration;
 
 use m2mpki_bootstrap::client::{self, Enrolment};
 use m2mpki_bootstrap::coap::{self, option, Block, Message, Type};
-use m2mpki_bootstrap::config::{DtlsSuite, FieldNodeProfile, ServerConfig, Transport};
+use m2mpki_bootstrap::config::{DtlsSuite, FieldNodeProfile, Transport};
 use m2mpki_bootstrap::credstore::CredentialStatus;
 use m2mpki_bootstrap::dtls::Pipe;
-use m2mpki_bootstrap::server::Server;
-use m2mpki_ca::Home;
 use m2mpki_hsm::{KeyRef, Keystore};
-use m2mpki_test_pki::lab::{self, LabHsm, LabLayout, LabNode};
 
-struct Running {
-    rt: tokio::runtime::Runtime,
-    server: Arc<Server>,
-    dtls: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    layout: LabLayout,
-    _dir: tempfile::TempDir,
-}
+mod common;
 
-impl Running {
-    fn start(tweak: impl FnOnce(&mut ServerConfig)) -> Running {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = lab::init(&dir.path().join("lab"), LabHsm::None, 8443).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut config = ServerConfig::load(&layout.serve_config).unwrap();
-        config.listen = None; // DTLS alone: TLS can be switched off
-        config.dtls.as_mut().expect("the lab serves DTLS").listen =
-            SocketAddr::from(([127, 0, 0, 1], 0));
-        tweak(&mut config);
-        let home = Home::open(&layout.home).unwrap();
-        let server = Arc::new(Server::new(config, &home, &Keystore::default()).unwrap());
-        let listeners = rt.block_on(server.bind()).unwrap();
-        assert!(listeners.tls.is_none());
-        let dtls = listeners.dtls_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let s = server.clone();
-        rt.spawn(async move {
-            s.run(listeners, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        Running {
-            rt,
-            server,
-            dtls,
-            stop: Some(stop),
-            layout,
-            _dir: dir,
-        }
-    }
+use common::Running;
 
-    fn node(&self, name: &str) -> &LabNode {
-        self.layout.nodes.iter().find(|n| n.name == name).unwrap()
-    }
-
-    fn enrolment(&self, name: &str, suites: &[DtlsSuite], to: SocketAddr) -> Enrolment {
-        let mut profile = FieldNodeProfile::load(&self.layout.profile).unwrap();
-        profile.transport = Transport::Dtls;
-        profile.dtls_suites = suites.to_vec();
-        Enrolment {
-            profile,
-            chain: m2mpki_bootstrap::tls::load_chain(&self.node(name).chain).unwrap(),
-            key: Keystore::default()
-                .open(&KeyRef::File(self.node(name).key.clone()))
-                .unwrap(),
-            connect: Some(to.to_string()),
-            versions: vec![],
-            timeout: Duration::from_secs(90),
-        }
+/// An enrolment of lab node `name` over DTLS, offering `suites`, to `to`.
+fn enrolment(run: &Running, name: &str, suites: &[DtlsSuite], to: SocketAddr) -> Enrolment {
+    let mut profile = FieldNodeProfile::load(&run.layout.profile).unwrap();
+    profile.transport = Transport::Dtls;
+    profile.dtls_suites = suites.to_vec();
+    Enrolment {
+        profile,
+        chain: m2mpki_bootstrap::tls::load_chain(&run.node(name).chain).unwrap(),
+        key: run.key(name),
+        connect: Some(to.to_string()),
+        versions: vec![],
+        timeout: Duration::from_secs(90),
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
+/// The IN with TLS switched off, `tweak` applied.
+fn start(tweak: impl FnOnce(&mut m2mpki_bootstrap::config::ServerConfig)) -> (Running, SocketAddr) {
+    let run = Running::start(|c| {
+        c.listen = None; // DTLS alone: TLS can be switched off
+        tweak(c);
+    });
+    assert!(run.tls.is_none());
+    let dtls = run.dtls.unwrap();
+    (run, dtls)
 }
 
 #[test]
 fn device_and_node_enrol_with_one_suite_each_and_the_rogue_gets_nothing() {
-    let run = Running::start(|_| {});
+    let (run, dtls) = start(|_| {});
     for suite in DtlsSuite::ALL {
         for name in ["SN-0001", "pump-1"] {
             let got = run
                 .rt
-                .block_on(client::enroll(run.enrolment(name, &[suite], run.dtls)))
+                .block_on(client::enroll(enrolment(&run, name, &[suite], dtls)))
                 .unwrap_or_else(|e| panic!("{name} over {suite:?}: {e}"));
             let node = run.node(name);
             assert_eq!(got.identity, node.identity);
@@ -126,10 +78,11 @@ fn device_and_node_enrol_with_one_suite_each_and_the_rogue_gets_nothing() {
     let rogue = run.node("ROGUE-1");
     let err = run
         .rt
-        .block_on(client::enroll(run.enrolment(
+        .block_on(client::enroll(enrolment(
+            &run,
             "ROGUE-1",
             &[DtlsSuite::Aes128Ccm8],
-            run.dtls,
+            dtls,
         )))
         .unwrap_err();
     let text = err.to_string();
@@ -258,18 +211,18 @@ fn lossy_proxy(server: SocketAddr) -> (SocketAddr, Arc<Disturbed>) {
 
 #[test]
 fn every_enrolment_completes_through_a_lossy_network() {
-    let run = Running::start(|c| {
+    let (run, dtls) = start(|c| {
         c.limits.handshake_timeout = Duration::from_secs(60);
         c.limits.idle_timeout = Duration::from_secs(60);
     });
-    let (proxy, disturbed) = lossy_proxy(run.dtls);
+    let (proxy, disturbed) = lossy_proxy(dtls);
     let names = ["SN-0001", "SN-0002", "SN-0003", "pump-1", "pump-2"];
     // Each node twice, all at once.
     let results = run.rt.block_on(async {
         let mut tasks = Vec::new();
         for round in 0..2 {
             for name in names {
-                let e = run.enrolment(name, &[DtlsSuite::Aes128Ccm8], proxy);
+                let e = enrolment(&run, name, &[DtlsSuite::Aes128Ccm8], proxy);
                 tasks.push(tokio::spawn(async move {
                     (name, round, client::enroll(e).await)
                 }));
@@ -340,7 +293,7 @@ fn rss_kib() -> u64 {
 
 #[test]
 fn spoofed_hellos_leave_no_state_and_silent_peers_do_not_stop_a_real_one() {
-    let run = Running::start(|c| {
+    let (run, dtls) = start(|c| {
         c.dtls.as_mut().unwrap().max_peers = 1100;
         c.limits.handshake_timeout = Duration::from_secs(60);
     });
@@ -351,9 +304,7 @@ fn spoofed_hellos_leave_no_state_and_silent_peers_do_not_stop_a_real_one() {
         .collect();
     let warm = rss_kib();
     for i in 0..10_000 {
-        senders[i % senders.len()]
-            .send_to(&hello, run.dtls)
-            .unwrap();
+        senders[i % senders.len()].send_to(&hello, dtls).unwrap();
     }
     // Each got its stateless HelloVerifyRequest...
     let s = &senders[0];
@@ -377,7 +328,7 @@ fn spoofed_hellos_leave_no_state_and_silent_peers_do_not_stop_a_real_one() {
     let mut silent = Vec::new();
     for _ in 0..1000 {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.connect(run.dtls).unwrap();
+        sock.connect(dtls).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut b =
             openssl::ssl::SslContext::builder(openssl::ssl::SslMethod::dtls_client()).unwrap();
@@ -409,10 +360,11 @@ fn spoofed_hellos_leave_no_state_and_silent_peers_do_not_stop_a_real_one() {
     );
     let got = run
         .rt
-        .block_on(client::enroll(run.enrolment(
+        .block_on(client::enroll(enrolment(
+            &run,
             "SN-0003",
             &[DtlsSuite::Aes128Ccm8],
-            run.dtls,
+            dtls,
         )))
         .unwrap();
     assert_eq!(got.identity, run.node("SN-0003").identity);
@@ -486,8 +438,8 @@ fn json() -> (u16, Vec<u8>) {
 
 #[test]
 fn coap_codes_retransmissions_and_refusals() {
-    let run = Running::start(|_| {});
-    let mut s = session(&run, "SN-0001", run.dtls);
+    let (run, dtls) = start(|_| {});
+    let mut s = session(&run, "SN-0001", dtls);
     let count = || run.server.credentials().count().unwrap();
     let body = br#"{"version":1}"#;
     // A retransmitted request (same message ID) gets the same bytes, not a second credential.
@@ -648,12 +600,13 @@ fn recording_proxy(server: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
 #[test]
 fn a_small_path_mtu_fragments_the_handshake_and_blocks_the_response() {
     const MTU: u16 = 300;
-    let run = Running::start(|c| c.dtls.as_mut().unwrap().mtu = MTU);
-    let (proxy, largest) = recording_proxy(run.dtls);
+    let (run, dtls) = start(|c| c.dtls.as_mut().unwrap().mtu = MTU);
+    let (proxy, largest) = recording_proxy(dtls);
     // Our client follows Block2 on its own ...
     let got = run
         .rt
-        .block_on(client::enroll(run.enrolment(
+        .block_on(client::enroll(enrolment(
+            &run,
             "SN-0002",
             &[DtlsSuite::Aes128Ccm8],
             proxy,
@@ -667,7 +620,7 @@ fn a_small_path_mtu_fragments_the_handshake_and_blocks_the_response() {
     );
     // ... and by hand: block 0 says more follow and how much; the continuation serves the same
     // document (no new credential); a continuation without a response is refused.
-    let mut s = session(&run, "SN-0003", run.dtls);
+    let mut s = session(&run, "SN-0003", dtls);
     let before = run.server.credentials().count().unwrap();
     let body = br#"{"version":1}"#;
     let (_, m) = exchange(&run, &mut s, &post(1, "bootstrap", vec![json()], body));
@@ -705,7 +658,7 @@ fn a_small_path_mtu_fragments_the_handshake_and_blocks_the_response() {
     assert_eq!(parsed["identity"], run.node("SN-0003").identity.to_string());
     assert_eq!(run.server.credentials().count().unwrap(), before + 1);
     run.rt.block_on(s.close());
-    let mut fresh = session(&run, "SN-0003", run.dtls);
+    let mut fresh = session(&run, "SN-0003", dtls);
     let want = Block {
         num: 1,
         more: false,

@@ -2,94 +2,34 @@
 //! the client, without the `m2mpki` binary (cli/tests/bootstrap.rs drives that).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use m2mpki_bootstrap::client::{self, Enrolment, Prepared};
-use m2mpki_bootstrap::config::{FieldNodeProfile, ServerConfig, TlsVersion};
+use m2mpki_bootstrap::config::{FieldNodeProfile, TlsVersion};
 use m2mpki_bootstrap::credstore::CredentialStatus;
-use m2mpki_bootstrap::server::Server;
 use m2mpki_bootstrap::Error;
-use m2mpki_ca::Home;
-use m2mpki_hsm::{KeyRef, Keystore};
-use m2mpki_test_pki::lab::{self, LabHsm, LabLayout, LabNode};
 
-struct Running {
-    rt: tokio::runtime::Runtime,
-    server: Arc<Server>,
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    layout: LabLayout,
-    _dir: tempfile::TempDir,
-}
+mod common;
 
-impl Running {
-    fn start() -> Running {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = lab::init(&dir.path().join("lab"), LabHsm::None, 8443).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut config = ServerConfig::load(&layout.serve_config).unwrap();
-        config.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-        config.dtls = None; // TLS here; bootstrap/tests/dtls.rs runs DTLS
-        let home = Home::open(&layout.home).unwrap();
-        let server = Arc::new(Server::new(config, &home, &Keystore::default()).unwrap());
-        let listener = rt.block_on(server.bind()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let s = server.clone();
-        rt.spawn(async move {
-            s.run(listener, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        Running {
-            rt,
-            server,
-            addr,
-            stop: Some(stop),
-            layout,
-            _dir: dir,
-        }
-    }
+use common::Running;
 
-    fn node(&self, name: &str) -> &LabNode {
-        self.layout.nodes.iter().find(|n| n.name == name).unwrap()
-    }
-
-    fn enrolment(&self, chain_of: &str, key_of: &str, version: TlsVersion) -> Enrolment {
-        Enrolment {
-            profile: FieldNodeProfile::load(&self.layout.profile).unwrap(),
-            chain: m2mpki_bootstrap::tls::load_chain(&self.node(chain_of).chain).unwrap(),
-            key: Keystore::default()
-                .open(&KeyRef::File(self.node(key_of).key.clone()))
-                .unwrap(),
-            connect: Some(self.addr.to_string()),
-            versions: vec![version],
-            timeout: Duration::from_secs(20),
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+fn enrolment(run: &Running, chain_of: &str, key_of: &str, version: TlsVersion) -> Enrolment {
+    Enrolment {
+        profile: FieldNodeProfile::load(&run.layout.profile).unwrap(),
+        chain: m2mpki_bootstrap::tls::load_chain(&run.node(chain_of).chain).unwrap(),
+        key: run.key(key_of),
+        connect: Some(run.tls.unwrap().to_string()),
+        versions: vec![version],
+        timeout: Duration::from_secs(20),
     }
 }
 
 #[test]
 fn a_prepared_node_enrols_again_and_the_new_credential_supersedes() {
-    let run = Running::start();
+    let run = Running::start(|c| c.dtls = None);
     let device = run.node("SN-0001").identity.clone();
     for version in [TlsVersion::Tls13, TlsVersion::Tls12] {
-        let prepared = Prepared::new(&run.enrolment("SN-0001", "SN-0001", version)).unwrap();
+        let prepared = Prepared::new(&enrolment(&run, "SN-0001", "SN-0001", version)).unwrap();
         let before = run.server.credentials().history(&device).unwrap().len();
         let first = run.rt.block_on(client::enroll_prepared(&prepared)).unwrap();
         let second = run.rt.block_on(client::enroll_prepared(&prepared)).unwrap();
@@ -121,7 +61,8 @@ fn a_prepared_node_enrols_again_and_the_new_credential_supersedes() {
     let node = run.node("pump-1").identity.clone();
     let got = run
         .rt
-        .block_on(client::enroll(run.enrolment(
+        .block_on(client::enroll(enrolment(
+            &run,
             "pump-1",
             "pump-1",
             TlsVersion::Tls13,
@@ -136,12 +77,13 @@ fn a_prepared_node_enrols_again_and_the_new_credential_supersedes() {
 
 #[test]
 fn untrusted_nodes_and_mismatched_keys_get_nothing() {
-    let run = Running::start();
+    let run = Running::start(|c| c.dtls = None);
     let rogue = run.node("ROGUE-1");
     assert!(!rogue.trusted);
     let err = run
         .rt
-        .block_on(client::enroll(run.enrolment(
+        .block_on(client::enroll(enrolment(
+            &run,
             "ROGUE-1",
             "ROGUE-1",
             TlsVersion::Tls13,
@@ -160,11 +102,12 @@ fn untrusted_nodes_and_mismatched_keys_get_nothing() {
     assert_eq!(run.server.credentials().count().unwrap(), 0);
 
     // A certificate with someone else's key is refused before anything is sent.
-    let err = Prepared::new(&run.enrolment("SN-0001", "pump-1", TlsVersion::Tls13)).unwrap_err();
+    let err = Prepared::new(&enrolment(&run, "SN-0001", "pump-1", TlsVersion::Tls13)).unwrap_err();
     assert!(matches!(err, Error::BadConfig { .. }), "{err}");
     assert!(err.to_string().contains("does not belong"), "{err}");
     // The set-up's Debug names the node, never its key.
-    let prepared = Prepared::new(&run.enrolment("SN-0001", "SN-0001", TlsVersion::Tls13)).unwrap();
+    let prepared =
+        Prepared::new(&enrolment(&run, "SN-0001", "SN-0001", TlsVersion::Tls13)).unwrap();
     let shown = format!("{prepared:?}");
     assert!(shown.contains("SN-0001"), "{shown}");
     let key_pem = std::fs::read_to_string(&run.node("SN-0001").key).unwrap();

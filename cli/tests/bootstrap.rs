@@ -558,18 +558,15 @@ fn device_and_node_enrol_over_tls13_and_tls12(backend: Backend) {
     );
 }
 
-fn s_client(
-    run: &Running,
-    fx: &Fixture,
-    node: &Node,
-    tls12: bool,
-    send_cert: bool,
-) -> (String, String) {
+/// The node's leaf and its CA certificates in two PEM files, as `openssl s_client -cert` and
+/// `-cert_chain` take them.
+fn leaf_and_chain_files(fx: &Fixture, node: &Node, prefix: &str) -> (PathBuf, PathBuf) {
     let d = fx.dir.path();
     let chain = std::fs::read(&node.chain).unwrap();
     let blocks = pem::parse_many(&chain).unwrap();
+    let leaf = d.join(format!("{prefix}-leaf.pem"));
     std::fs::write(
-        d.join("sc-leaf.pem"),
+        &leaf,
         m2mpki_hsm::files::pem_encode("CERTIFICATE", blocks[0].contents()),
     )
     .unwrap();
@@ -577,7 +574,19 @@ fn s_client(
         .iter()
         .map(|b| m2mpki_hsm::files::pem_encode("CERTIFICATE", b.contents()))
         .collect();
-    std::fs::write(d.join("sc-chain.pem"), rest).unwrap();
+    let chain = d.join(format!("{prefix}-chain.pem"));
+    std::fs::write(&chain, rest).unwrap();
+    (leaf, chain)
+}
+
+fn s_client(
+    run: &Running,
+    fx: &Fixture,
+    node: &Node,
+    tls12: bool,
+    send_cert: bool,
+) -> (String, String) {
+    let (leaf, rest) = leaf_and_chain_files(fx, node, "sc");
     let mut cmd = tool("openssl");
     cmd.args([
         "s_client",
@@ -593,11 +602,11 @@ fn s_client(
     ]);
     if send_cert {
         cmd.arg("-cert")
-            .arg(d.join("sc-leaf.pem"))
+            .arg(&leaf)
             .arg("-key")
             .arg(&node.key_ref)
             .arg("-cert_chain")
-            .arg(d.join("sc-chain.pem"));
+            .arg(&rest);
     }
     if tls12 {
         cmd.arg("-tls1_2");
@@ -1518,19 +1527,7 @@ fn s_client_dtls(
     node: &Node,
     request: Option<&[u8]>,
 ) -> (Vec<u8>, String) {
-    let d = fx.dir.path();
-    let chain = std::fs::read(&node.chain).unwrap();
-    let blocks = pem::parse_many(&chain).unwrap();
-    std::fs::write(
-        d.join("dc-leaf.pem"),
-        m2mpki_hsm::files::pem_encode("CERTIFICATE", blocks[0].contents()),
-    )
-    .unwrap();
-    let rest: String = blocks[1..]
-        .iter()
-        .map(|b| m2mpki_hsm::files::pem_encode("CERTIFICATE", b.contents()))
-        .collect();
-    std::fs::write(d.join("dc-chain.pem"), rest).unwrap();
+    let (leaf, rest) = leaf_and_chain_files(fx, node, "dc");
     let mut child = tool("openssl")
         .args([
             "s_client",
@@ -1547,11 +1544,11 @@ fn s_client_dtls(
             "32",
             "-cert",
         ])
-        .arg(d.join("dc-leaf.pem"))
+        .arg(&leaf)
         .arg("-key")
         .arg(&node.key_ref)
         .arg("-cert_chain")
-        .arg(d.join("dc-chain.pem"))
+        .arg(&rest)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -608,6 +608,23 @@ fn process_cpu_secs() -> f64 {
     ticks / 100.0
 }
 
+/// `op` under [`load`], with the server threads' CPU per completed operation (µs).
+fn measured<F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    concurrency: usize,
+    secs: f64,
+    op: F,
+) -> (LoadResult, f64)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let server_cpu = threads_cpu_secs(SERVER_THREADS);
+    let r = rt.block_on(load(concurrency, secs, op));
+    let per = (threads_cpu_secs(SERVER_THREADS) - server_cpu) * 1e6 / r.ops.max(1) as f64;
+    (r, per)
+}
+
 /// `concurrency` tasks loop until `secs` pass, each doing `op`; returns completions/s and p99.
 async fn load<F, Fut>(concurrency: usize, secs: f64, op: F) -> LoadResult
 where
@@ -863,8 +880,7 @@ fn bootstrap_bench(
             let mut failures = 0;
             for _ in 0..size.runs {
                 let cfgs = configs.clone();
-                let server_cpu = threads_cpu_secs(SERVER_THREADS);
-                let bare = rt.block_on(load(c, size.secs, move |i| {
+                let (bare, bare_us) = measured(&rt, c, size.secs, move |i| {
                     let cfg = cfgs[i % cfgs.len()].clone();
                     async move {
                         let Ok(tcp) = tokio::net::TcpStream::connect(bare_addr).await else {
@@ -887,19 +903,14 @@ fn bootstrap_bench(
                             Err(_) => false,
                         }
                     }
-                }));
-                bare_server_cpu.push(
-                    (threads_cpu_secs(SERVER_THREADS) - server_cpu) * 1e6 / bare.ops.max(1) as f64,
-                );
+                });
+                bare_server_cpu.push(bare_us);
                 let preps = prepared.clone();
-                let server_cpu = threads_cpu_secs(SERVER_THREADS);
-                let ours = rt.block_on(load(c, size.secs, move |i| {
+                let (ours, ours_us) = measured(&rt, c, size.secs, move |i| {
                     let p = preps[i % preps.len()].clone();
                     async move { client::enroll_prepared(&p).await.is_ok() }
-                }));
-                ours_server_cpu.push(
-                    (threads_cpu_secs(SERVER_THREADS) - server_cpu) * 1e6 / ours.ops.max(1) as f64,
-                );
+                });
+                ours_server_cpu.push(ours_us);
                 failures += ours.failures + bare.failures;
                 bare_rates.push(bare.rate);
                 ours_rates.push(ours.rate);
@@ -1174,8 +1185,7 @@ fn dtls_bench(
         let mut failures = 0;
         for _ in 0..size.runs {
             let (ctxs, t, f) = (contexts.clone(), target.clone(), fqdn.clone());
-            let server_cpu = threads_cpu_secs(SERVER_THREADS);
-            let bare = rt.block_on(load(c, size.secs, move |i| {
+            let (bare, bare_us) = measured(&rt, c, size.secs, move |i| {
                 let ctx = ctxs[i % ctxs.len()].clone();
                 let (t, f) = (t.clone(), f.clone());
                 async move {
@@ -1196,19 +1206,14 @@ fn dtls_bench(
                         Err(_) => false,
                     }
                 }
-            }));
-            bare_server_cpu.push(
-                (threads_cpu_secs(SERVER_THREADS) - server_cpu) * 1e6 / bare.ops.max(1) as f64,
-            );
+            });
+            bare_server_cpu.push(bare_us);
             let preps = prepared.clone();
-            let server_cpu = threads_cpu_secs(SERVER_THREADS);
-            let ours = rt.block_on(load(c, size.secs, move |i| {
+            let (ours, ours_us) = measured(&rt, c, size.secs, move |i| {
                 let p = preps[i % preps.len()].clone();
                 async move { client::enroll_prepared(&p).await.is_ok() }
-            }));
-            ours_server_cpu.push(
-                (threads_cpu_secs(SERVER_THREADS) - server_cpu) * 1e6 / ours.ops.max(1) as f64,
-            );
+            });
+            ours_server_cpu.push(ours_us);
             failures += ours.failures + bare.failures;
             bare_rates.push(bare.rate);
             ours_rates.push(ours.rate);
