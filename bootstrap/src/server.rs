@@ -288,6 +288,32 @@ impl Server {
         listeners: Listeners,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
+        // Both transports verify through the one verifier: its sets and CRLs are re-read here.
+        let refresher = {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(TRUST_REFRESH);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    // CRLs are prepared here, off the handshake path, before the sets go live.
+                    let loaded = {
+                        let this = this.clone();
+                        tokio::task::spawn_blocking(move || {
+                            load_sets(&*this.ca_store, &this.shared.config).map(prepared)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(Error::internal(format!("trust refresh: {e}"))))
+                    };
+                    match loaded {
+                        Ok(sets) => this.shared.verifier.replace_sets(sets),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not refresh the trusted root sets; keeping the previous ones")
+                        }
+                    }
+                }
+            })
+        };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let dtls = match (listeners.dtls, &self.dtls) {
             (Some(socket), Some(endpoint)) => {
@@ -316,6 +342,7 @@ impl Server {
             let _ = d.await;
         }
         drop(stop_rx);
+        refresher.abort();
         tracing::info!("bootstrap server stopped");
         result
     }
@@ -328,31 +355,6 @@ impl Server {
         let limits = self.shared.config.limits.clone();
         let permits = Arc::new(Semaphore::new(limits.max_connections));
         let acceptor = TlsAcceptor::from(self.tls.clone());
-        let refresher = {
-            let this = self.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(TRUST_REFRESH);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    // CRLs are prepared here, off the handshake path, before the sets go live.
-                    let loaded = {
-                        let this = this.clone();
-                        tokio::task::spawn_blocking(move || {
-                            load_sets(&*this.ca_store, &this.shared.config).map(prepared)
-                        })
-                        .await
-                        .unwrap_or_else(|e| Err(Error::internal(format!("trust refresh: {e}"))))
-                    };
-                    match loaded {
-                        Ok(sets) => this.shared.verifier.replace_sets(sets),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not refresh the trusted root sets; keeping the previous ones")
-                        }
-                    }
-                }
-            })
-        };
         tracing::info!(addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), fqdn = %self.shared.config.fqdn, "bootstrap server listening");
         tokio::pin!(shutdown);
         loop {
@@ -383,7 +385,6 @@ impl Server {
             });
         }
         drop(listener);
-        refresher.abort();
         tracing::info!("draining open connections");
         let drain = limits.handshake_timeout + limits.idle_timeout;
         let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);

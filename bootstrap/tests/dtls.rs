@@ -676,3 +676,35 @@ fn a_small_path_mtu_fragments_the_handshake_and_blocks_the_response() {
     );
     assert_eq!(m.code, coap::code(4, 0));
 }
+
+#[test]
+fn a_dtls_only_in_rereads_its_root_sets() {
+    let (run, dtls) = start(|_| {});
+    let e = |name: &str| enrolment(&run, name, &[DtlsSuite::Aes128Ccm8], dtls);
+    run.rt.block_on(client::enroll(e("SN-0001"))).unwrap();
+    // The device set loses its anchors while the IN runs: within its refresh period (5 s) its
+    // devices are refused, over DTLS too.
+    {
+        let home = m2mpki_ca::Home::open(&run.layout.home).unwrap();
+        let store = home.store().unwrap();
+        let set = m2mpki_ca::Store::root_set(&store, "metering")
+            .unwrap()
+            .unwrap();
+        for a in &set.anchors {
+            m2mpki_ca::roots::remove_anchor(&store, "metering", &a.sha256).unwrap();
+        }
+    }
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match run.rt.block_on(client::enroll(e("SN-0002"))) {
+            Err(m2mpki_bootstrap::Error::Handshake { reason, .. }) => {
+                assert!(reason.contains("unknown ca"), "{reason}");
+                break;
+            }
+            Ok(_) if std::time::Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            other => panic!("still admitted after 20 s, or another failure: {other:?}"),
+        }
+    }
+}
