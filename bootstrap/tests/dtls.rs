@@ -708,3 +708,52 @@ fn a_dtls_only_in_rereads_its_root_sets() {
         }
     }
 }
+
+/// Starts an OpenSSL DTLS handshake from `sock` up to the cookie-bearing hello, and returns the
+/// half-done handshake (its peer exists at the IN from then on).
+fn half_handshake(sock: &UdpSocket) -> openssl::ssl::MidHandshakeSslStream<Pipe> {
+    let mut b = openssl::ssl::SslContext::builder(openssl::ssl::SslMethod::dtls_client()).unwrap();
+    b.set_cipher_list("ECDHE-ECDSA-AES128-CCM8").unwrap();
+    let ssl = openssl::ssl::Ssl::new(&b.build()).unwrap();
+    let mut mid = match ssl.connect(Pipe::default()) {
+        Err(openssl::ssl::HandshakeError::WouldBlock(m)) => m,
+        _ => panic!("no hello"),
+    };
+    for d in mid.get_mut().outbox.drain(..) {
+        sock.send(&d).unwrap();
+    }
+    let mut buf = [0u8; 2048];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(buf[13], 3, "a HelloVerifyRequest");
+    mid.get_mut().inbox.push_back(buf[..n].to_vec());
+    let mut mid = match mid.handshake() {
+        Err(openssl::ssl::HandshakeError::WouldBlock(m)) => m,
+        _ => panic!("no second hello"),
+    };
+    for d in mid.get_mut().outbox.drain(..) {
+        sock.send(&d).unwrap();
+    }
+    mid
+}
+
+#[test]
+fn a_node_that_restarts_its_handshake_from_the_same_address_is_answered() {
+    let (run, dtls) = start(|_| {});
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.connect(dtls).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _old = half_handshake(&sock);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(run.server.dtls_sessions(), 1);
+    // What the IN answered to the old handshake (its ServerHello flight) is read and dropped.
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    while sock.recv(&mut buf).is_ok() {}
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The node reboots: a new hello (new random) from the same address and port gets its
+    // HelloVerifyRequest, and its cookie-bearing hello replaces the old session.
+    let _new = half_handshake(&sock);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(run.server.dtls_sessions(), 1);
+}

@@ -103,10 +103,13 @@ impl Endpoint {
             let d = &buf[..n];
             let hello = record::client_hello(d);
             if let Some(p) = peers.get(&from) {
-                let fresh = hello
+                // A hello with another client_random is a new handshake from the same address
+                // (a node that rebooted): it goes through the cookie exchange and, once proven,
+                // replaces the old session. Anything else belongs to the session.
+                let new_handshake = hello
                     .as_ref()
-                    .is_some_and(|h| h.random != p.random.as_slice() && !h.cookie.is_empty());
-                if !fresh {
+                    .is_some_and(|h| h.random != p.random.as_slice());
+                if !new_handshake {
                     // Full queue: drop; the peer retransmits.
                     let _ = p.tx.try_send(d.to_vec());
                     continue;
