@@ -16,8 +16,8 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::{FieldNodeProfile, TlsVersion, Transport, DEFAULT_MTU};
 use crate::protocol::{
-    self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, RootCredential, WrapKey, PATH,
-    VERSION, WRAP_ALGORITHM,
+    self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, RootCredential, Ts0003Keys,
+    WrapKey, PATH, VERSION_TS0003, WRAP_ALGORITHM,
 };
 use crate::tls;
 use crate::{Error, Result};
@@ -53,8 +53,11 @@ impl std::fmt::Debug for Enrolment {
 /// A completed bootstrap: the root credential and what came with it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Enrolled {
-    /// Credential ID.
+    /// Credential ID (version 2: the KeID).
     pub credential_id: String,
+    /// Version 2 (TS-0003): KeID, `hex(RelativeKeID)@IN-FQDN`, checked against ours.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ke_id: Option<String>,
     /// The IN's FQDN (checked against the one dialled).
     pub in_fqdn: String,
     /// Our identity as the IN saw it (checked against our certificate).
@@ -69,7 +72,7 @@ pub struct Enrolled {
     pub parameters: serde_json::Map<String, serde_json::Value>,
     /// TLS version used.
     pub tls_version: String,
-    /// The root credential.
+    /// The root credential (version 2: Ke).
     #[serde(skip)]
     pub credential: RootCredential,
 }
@@ -157,6 +160,8 @@ pub struct Prepared {
     config: Arc<rustls::ClientConfig>,
     /// The DTLS context, when the profile says `transport = "dtls"`.
     dtls: Option<openssl::ssl::SslContext>,
+    /// The protocol version asked for.
+    protocol_version: u32,
     own_identity: FieldNodeIdentity,
     fqdn: m2mpki_ca::DnsName,
     addr: String,
@@ -232,6 +237,7 @@ impl Prepared {
         Ok(Prepared {
             config: Arc::new(config),
             dtls,
+            protocol_version: e.profile.protocol_version,
             own_identity,
             fqdn,
             addr,
@@ -247,6 +253,8 @@ pub struct Connected {
     pub tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
     /// `RootCredentialWrapKey`, exported from the session.
     pub wrap_key: WrapKey,
+    /// The TS-0003 export of the session (protocol version 2).
+    pub ts0003: Ts0003Keys,
     /// The negotiated TLS version.
     pub tls_version: String,
     /// `FQDN (address)`, for messages.
@@ -286,12 +294,14 @@ pub async fn connect_prepared(p: &Prepared) -> Result<Connected> {
         .map_err(|err| handshake_error(&peer, err))?;
     let (_, conn) = tls.get_ref();
     let wrap_key = tls::export_wrap_key(conn)?;
+    let ts0003 = tls::export_ts0003(conn)?;
     let tls_version = conn
         .protocol_version()
         .map_or_else(|| "?".into(), |v| format!("{v:?}"));
     Ok(Connected {
         tls,
         wrap_key,
+        ts0003,
         tls_version,
         peer,
         own_identity: p.own_identity.clone(),
@@ -310,13 +320,16 @@ async fn enroll_dtls(p: &Prepared, ctx: &openssl::ssl::SslContext) -> Result<Enr
     let deadline = std::time::Instant::now() + p.timeout;
     let mut session =
         crate::dtls::client::connect(ctx, &p.addr, &p.fqdn, DEFAULT_MTU, deadline).await?;
-    let body =
-        serde_json::to_vec(&BootstrapRequest { version: VERSION }).map_err(Error::internal)?;
+    let body = serde_json::to_vec(&BootstrapRequest {
+        version: p.protocol_version,
+    })
+    .map_err(Error::internal)?;
     let (status, bytes) = session.post_bootstrap(&body).await?;
     let wrap_key = session.wrap_key.clone();
+    let keys = session.ts0003.clone();
     let protocol = session.protocol.clone();
     session.close().await;
-    accept_response(p, status, &bytes, &wrap_key, protocol)
+    accept_response(p, status, &bytes, &wrap_key, &keys, protocol)
 }
 
 async fn enroll_tls(p: &Prepared) -> Result<Enrolled> {
@@ -324,6 +337,7 @@ async fn enroll_tls(p: &Prepared) -> Result<Enrolled> {
     let Connected {
         tls,
         wrap_key,
+        ts0003,
         tls_version,
         peer,
         ..
@@ -333,8 +347,10 @@ async fn enroll_tls(p: &Prepared) -> Result<Enrolled> {
         .await
         .map_err(|err| Error::Protocol(format!("HTTP: {err}")))?;
     let driver = tokio::spawn(connection);
-    let body =
-        serde_json::to_vec(&BootstrapRequest { version: VERSION }).map_err(Error::internal)?;
+    let body = serde_json::to_vec(&BootstrapRequest {
+        version: p.protocol_version,
+    })
+    .map_err(Error::internal)?;
     let req = hyper::Request::builder()
         .method(hyper::Method::POST)
         .uri(PATH)
@@ -367,7 +383,7 @@ async fn enroll_tls(p: &Prepared) -> Result<Enrolled> {
         })?
         .to_bytes();
     driver.abort();
-    accept_response(p, status.as_u16(), &bytes, &wrap_key, tls_version)
+    accept_response(p, status.as_u16(), &bytes, &wrap_key, &ts0003, tls_version)
 }
 
 /// Checks a response document (either transport; `status` as HTTP reads it, CoAP `c.dd` as
@@ -377,6 +393,7 @@ fn accept_response(
     status: u16,
     bytes: &[u8],
     wrap_key: &WrapKey,
+    keys: &Ts0003Keys,
     tls_version: String,
 ) -> Result<Enrolled> {
     let fqdn = &p.fqdn;
@@ -398,10 +415,10 @@ fn accept_response(
     }
     let r: BootstrapResponse = serde_json::from_slice(bytes)
         .map_err(|err| Error::Protocol(format!("malformed response: {err}")))?;
-    if r.version != VERSION || r.wrap_algorithm != WRAP_ALGORITHM {
+    if r.version != p.protocol_version {
         return Err(Error::Protocol(format!(
-            "unsupported response (version {}, wrap algorithm {})",
-            r.version, r.wrap_algorithm
+            "the response is of version {}, we asked for {}",
+            r.version, p.protocol_version
         )));
     }
     if r.in_fqdn != fqdn.as_str() {
@@ -416,11 +433,39 @@ fn accept_response(
             r.identity
         )));
     }
-    let wrapped = base64::engine::general_purpose::STANDARD
-        .decode(&r.wrapped_credential)
-        .map_err(|_| Error::Protocol("wrapped_credential is not base64".into()))?;
-    let credential = protocol::unwrap(wrap_key, &wrapped)?;
+    let (credential, ke_id) = if r.version == VERSION_TS0003 {
+        // Both ends derived Ke; the IN proves it did by naming the same KeID.
+        let own = keys.ke_id(fqdn.as_str());
+        if r.ke_id.as_deref() != Some(own.as_str()) || r.credential_id != own {
+            return Err(Error::Protocol(format!(
+                "the response names KeID {:?}, but our session gives `{own}`",
+                r.ke_id
+            )));
+        }
+        if r.wrapped_credential.is_some() {
+            return Err(Error::Protocol(
+                "a version 2 response carries a wrapped credential".into(),
+            ));
+        }
+        (keys.ke().clone(), Some(own))
+    } else {
+        if r.wrap_algorithm.as_deref() != Some(WRAP_ALGORITHM) {
+            return Err(Error::Protocol(format!(
+                "unsupported wrap algorithm {:?}",
+                r.wrap_algorithm
+            )));
+        }
+        let b64 = r
+            .wrapped_credential
+            .as_deref()
+            .ok_or_else(|| Error::Protocol("the response carries no wrapped_credential".into()))?;
+        let wrapped = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| Error::Protocol("wrapped_credential is not base64".into()))?;
+        (protocol::unwrap(wrap_key, &wrapped)?, None)
+    };
     Ok(Enrolled {
+        ke_id,
         credential_id: r.credential_id,
         in_fqdn: r.in_fqdn,
         identity: r.identity,

@@ -173,6 +173,15 @@ struct File {
     parameters: toml::Table,
     #[serde(default)]
     limits: LimitsFile,
+    #[serde(default)]
+    protocol: ProtocolFile,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ProtocolFile {
+    #[serde(default)]
+    versions: Vec<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -273,6 +282,8 @@ pub struct ServerConfig {
     pub parameters: serde_json::Map<String, serde_json::Value>,
     /// Limits.
     pub limits: Limits,
+    /// Protocol versions answered: 1 (the contribution) and 2 (TS-0003), both by default.
+    pub protocol_versions: Vec<u32>,
 }
 
 fn rel(base: &Path, p: PathBuf) -> PathBuf {
@@ -396,6 +407,16 @@ impl ServerConfig {
             Ok(serde_json::Value::Object(m)) => m,
             _ => return Err(bad("parameters must be a table".into())),
         };
+        let protocol_versions = if f.protocol.versions.is_empty() {
+            vec![crate::protocol::VERSION, crate::protocol::VERSION_TS0003]
+        } else {
+            if let Some(v) = f.protocol.versions.iter().find(|v| !(1..=2).contains(*v)) {
+                return Err(bad(format!(
+                    "protocol.versions: unknown version {v} (1 or 2)"
+                )));
+            }
+            f.protocol.versions
+        };
         let key = m2mpki_hsm::KeyRef::parse_relative(&f.tls.key, base)?;
         Ok(ServerConfig {
             fqdn,
@@ -415,6 +436,7 @@ impl ServerConfig {
             policy: f.policy,
             parameters,
             limits,
+            protocol_versions,
         })
     }
 }
@@ -439,6 +461,9 @@ pub struct ProfileFile {
     /// DTLS suites the node offers (default: both).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dtls_suites: Vec<DtlsSuite>,
+    /// The bootstrap protocol version the node asks for: 1 (default) or 2 (TS-0003).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u32>,
     /// Name of the IN root set it came from (informational).
     pub root_set: String,
     /// The IN root certificates, PEM.
@@ -469,6 +494,8 @@ pub struct FieldNodeProfile {
     pub coap_port: u16,
     /// DTLS suites offered.
     pub dtls_suites: Vec<DtlsSuite>,
+    /// The protocol version asked for (1 or 2).
+    pub protocol_version: u32,
     /// The IN root set.
     pub roots: RootSet,
 }
@@ -503,6 +530,7 @@ impl FieldNodeProfile {
             transport: Transport::Tls,
             coap_port: None,
             dtls_suites: vec![],
+            protocol_version: None,
             root_set: set.name.clone(),
             anchors: pems(
                 set.anchors
@@ -557,6 +585,11 @@ impl FieldNodeProfile {
                 DtlsSuite::ALL.to_vec()
             } else {
                 f.dtls_suites
+            },
+            protocol_version: match f.protocol_version {
+                None | Some(1) => 1,
+                Some(2) => 2,
+                Some(v) => return Err(bad(format!("protocol_version {v} (1 or 2)"))),
             },
             roots: RootSet {
                 name: f.root_set,

@@ -150,18 +150,29 @@ impl CredentialStore {
         let credential = RootCredential::random()?;
         let mut id = [0u8; 16];
         aws_lc_rs::rand::fill(&mut id).map_err(|_| Error::internal("random source failed"))?;
-        let record = CredentialRecord {
-            id: hex::encode(id),
+        let record = Self::prepare_known(store_key, new, hex::encode(id), &credential)?;
+        Ok((record, credential))
+    }
+
+    /// A record for a credential both ends already hold (protocol version 2: Ke, named by its
+    /// KeID), sealed under `store_key`; nothing is stored yet.
+    pub fn prepare_known(
+        store_key: &StoreKey,
+        new: NewCredential<'_>,
+        id: String,
+        credential: &RootCredential,
+    ) -> Result<CredentialRecord> {
+        Ok(CredentialRecord {
+            id,
             identity: new.identity.clone(),
             admitted_by: new.admitted_by.clone(),
             client_cert_sha256: new.client_cert_sha256.to_owned(),
             created: time::OffsetDateTime::now_utc().unix_timestamp(),
             expires: new.expires,
             status: CredentialStatus::Live,
-            sealed: hex::encode(store_key.seal(&credential)?),
+            sealed: hex::encode(store_key.seal(credential)?),
             supersedes: None,
-        };
-        Ok((record, credential))
+        })
     }
 
     /// Stores prepared credentials in one durable transaction, in order: each becomes its

@@ -12,8 +12,8 @@ use m2mpki_ca::verify::Verified;
 use crate::config::ServerConfig;
 use crate::credstore::{CredentialStore, GroupCommitter, NewCredential, StoreKey};
 use crate::protocol::{
-    self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, ErrorDetail, WrapKey, VERSION,
-    WRAP_ALGORITHM,
+    self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, ErrorDetail, Ts0003Keys,
+    WrapKey, VERSION, VERSION_TS0003, WRAP_ALGORITHM,
 };
 use crate::tls::FieldNodeVerifier;
 use crate::{Error, Result};
@@ -106,6 +106,8 @@ pub struct Admitted {
     pub peer: SocketAddr,
     /// The protocol, for logs (`TLSv1_3`, `DTLSv1_2`).
     pub transport: String,
+    /// The TS-0003 export (protocol version 2) of the same session.
+    pub ts0003: Option<Ts0003Keys>,
 }
 
 /// What every transport shares: the configuration, the verifier, the credential store with
@@ -155,14 +157,27 @@ impl Core {
                 )
             }
         };
-        if request.version != VERSION {
+        let allowed = &self.config.protocol_versions;
+        if !allowed.contains(&request.version) {
+            let list: Vec<String> = allowed.iter().map(u32::to_string).collect();
             return Answer::refusal(
                 Outcome::BadRequest,
                 "unsupported_version",
-                format!("this server speaks version {VERSION}"),
+                format!("this server speaks version {}", list.join(" and ")),
             );
         }
-        match self.issue(node).await {
+        let ts0003 = match (request.version, &node.ts0003) {
+            (VERSION_TS0003, Some(k)) => Some(k),
+            (VERSION_TS0003, None) => {
+                return Answer::refusal(
+                    Outcome::Internal,
+                    "internal",
+                    "the TS-0003 export is missing for this session",
+                )
+            }
+            _ => None,
+        };
+        match self.issue(node, ts0003).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(peer = %node.peer, error = %e, "bootstrap failed");
@@ -175,7 +190,9 @@ impl Core {
         }
     }
 
-    async fn issue(&self, node: &Admitted) -> Result<Answer> {
+    /// Records and answers an enrolment: version 1 makes a fresh credential and wraps it;
+    /// version 2 (`ts0003`) records Ke, which both ends derived, under its KeID.
+    async fn issue(&self, node: &Admitted, ts0003: Option<&Ts0003Keys>) -> Result<Answer> {
         let identity = node
             .verified
             .identity
@@ -199,23 +216,35 @@ impl Core {
         let now = time::OffsetDateTime::now_utc();
         let now = now.replace_nanosecond(0).unwrap_or(now);
         let expires = self.config.lifetime.not_after(now);
-        let (record, credential) = CredentialStore::prepare(
-            &self.store_key,
-            NewCredential {
-                identity: &identity,
-                admitted_by: &admitted_by,
-                client_cert_sha256: &node.verified.sha256,
-                expires: expires.unix_timestamp(),
-            },
-        )?;
+        let new = NewCredential {
+            identity: &identity,
+            admitted_by: &admitted_by,
+            client_cert_sha256: &node.verified.sha256,
+            expires: expires.unix_timestamp(),
+        };
+        let fqdn = self.config.fqdn.as_str();
+        let (record, wrapped, ke_id, version) = match ts0003 {
+            None => {
+                let (record, credential) = CredentialStore::prepare(&self.store_key, new)?;
+                let wrapped = protocol::wrap(&node.wrap_key, &credential)?;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(wrapped);
+                (record, Some(b64), None, VERSION)
+            }
+            Some(k) => {
+                let ke_id = k.ke_id(fqdn);
+                let record =
+                    CredentialStore::prepare_known(&self.store_key, new, ke_id.clone(), k.ke())?;
+                (record, None, Some(ke_id), VERSION_TS0003)
+            }
+        };
         let record = self.writer.commit(record).await?;
-        let wrapped = protocol::wrap(&node.wrap_key, &credential)?;
-        tracing::info!(%identity, set = %admitted_by.set, credential_id = %record.id, transport = %node.transport, peer = %node.peer, "issued a root credential");
+        tracing::info!(%identity, set = %admitted_by.set, credential_id = %record.id, version, transport = %node.transport, peer = %node.peer, "issued a root credential");
         let doc = BootstrapResponse {
-            version: VERSION,
+            version,
             credential_id: record.id,
-            wrapped_credential: base64::engine::general_purpose::STANDARD.encode(wrapped),
-            wrap_algorithm: WRAP_ALGORITHM.into(),
+            wrap_algorithm: wrapped.as_ref().map(|_| WRAP_ALGORITHM.to_owned()),
+            wrapped_credential: wrapped,
+            ke_id,
             in_fqdn: self.config.fqdn.to_string(),
             identity: identity.clone(),
             admitted_by,

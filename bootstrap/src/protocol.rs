@@ -14,6 +14,12 @@ pub const WRAP_KEY_LEN: usize = 32;
 pub const CREDENTIAL_LEN: usize = 32;
 /// Length of a wrapped root credential (RFC 3394 adds 8 bytes).
 pub const WRAPPED_LEN: usize = CREDENTIAL_LEN + 8;
+/// Protocol version 2 (oneM2M TS-0003): the label of the 48-byte export, no context.
+pub const TS0003_LABEL: &[u8] = b"EXPORTER-oneM2M-Bootstrap";
+/// Length of the TS-0003 export: RelativeKeID (16) then Ke (32).
+pub const TS0003_LEN: usize = 48;
+/// The protocol version that follows TS-0003.
+pub const VERSION_TS0003: u32 = 2;
 /// The request path.
 pub const PATH: &str = "/bootstrap";
 /// Protocol version carried in requests and responses.
@@ -74,6 +80,49 @@ secret32!(
     RootCredential
 );
 
+/// What both ends derive under protocol version 2 (oneM2M TS-0003): the 48-byte TLS export
+/// with label `EXPORTER-oneM2M-Bootstrap` and no context; RelativeKeID is its first 16 bytes, Ke
+/// (the provisioned key) its last 32.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Ts0003Keys {
+    relative_ke_id: [u8; 16],
+    ke: RootCredential,
+}
+
+impl std::fmt::Debug for Ts0003Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ts0003Keys")
+            .field("relative_ke_id", &hex::encode(self.relative_ke_id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ts0003Keys {
+    /// Splits the 48 exported bytes.
+    pub fn from_export(out: &[u8; TS0003_LEN]) -> Self {
+        let mut relative_ke_id = [0u8; 16];
+        relative_ke_id.copy_from_slice(&out[..16]);
+        let mut ke = [0u8; 32];
+        ke.copy_from_slice(&out[16..]);
+        let keys = Ts0003Keys {
+            relative_ke_id,
+            ke: RootCredential::new(ke),
+        };
+        zeroize::Zeroize::zeroize(&mut ke);
+        keys
+    }
+
+    /// KeID: lowercase hex of RelativeKeID, `@`, the IN's FQDN.
+    pub fn ke_id(&self, in_fqdn: &str) -> String {
+        format!("{}@{in_fqdn}", hex::encode(self.relative_ke_id))
+    }
+
+    /// Ke, the key provisioned by the bootstrap.
+    pub fn ke(&self) -> &RootCredential {
+        &self.ke
+    }
+}
+
 /// RFC 3394 AES-256 key wrap (default IV A6A6A6A6A6A6A6A6) of `plain` under `kek`.
 pub fn wrap(kek: &WrapKey, plain: &RootCredential) -> Result<[u8; WRAPPED_LEN]> {
     let k =
@@ -114,7 +163,8 @@ pub fn unwrap(kek: &WrapKey, wrapped: &[u8]) -> Result<RootCredential> {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootstrapRequest {
-    /// Protocol version: 1.
+    /// Protocol version: 1 (the contribution: a wrapped credential) or 2 (TS-0003: Ke from the
+    /// export, named by KeID).
     pub version: u32,
 }
 
@@ -132,14 +182,20 @@ pub struct Admission {
 /// A successful `POST /bootstrap` answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BootstrapResponse {
-    /// Protocol version: 1.
+    /// Protocol version: the request's.
     pub version: u32,
-    /// Identifier of the new root credential (32 hex digits).
+    /// Identifier of the new root credential (version 1: 32 hex digits; version 2: the KeID).
     pub credential_id: String,
-    /// The credential wrapped under RootCredentialWrapKey, base64 (standard, padded).
-    pub wrapped_credential: String,
-    /// Always [`WRAP_ALGORITHM`].
-    pub wrap_algorithm: String,
+    /// Version 1: the credential wrapped under RootCredentialWrapKey, base64 (standard,
+    /// padded). Absent in version 2, where both ends derived Ke themselves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrapped_credential: Option<String>,
+    /// Version 1: always [`WRAP_ALGORITHM`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrap_algorithm: Option<String>,
+    /// Version 2: KeID, as the IN computed it (the node checks it against its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ke_id: Option<String>,
     /// The IN's FQDN.
     pub in_fqdn: String,
     /// The field node's identity as the IN sees it (canonical form on the wire).
@@ -221,6 +277,21 @@ mod tests {
         ));
         // A node admission without its enterprise is malformed.
         assert!(serde_json::from_str::<Admission>(r#"{"set":"acme","kind":"node"}"#).is_err());
+    }
+
+    #[test]
+    fn ts0003_split_and_ke_id() {
+        let mut out = [0u8; TS0003_LEN];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let k = Ts0003Keys::from_export(&out);
+        assert_eq!(
+            k.ke_id("in.example.net"),
+            "000102030405060708090a0b0c0d0e0f@in.example.net"
+        );
+        assert_eq!(k.ke().expose()[..], out[16..]);
+        assert!(!format!("{k:?}").contains("101112"), "{k:?}");
     }
 
     #[test]

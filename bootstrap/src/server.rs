@@ -449,6 +449,13 @@ async fn serve_connection(
             return;
         }
     };
+    let ts0003 = match tls::export_ts0003(conn) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "exporter failed");
+            return;
+        }
+    };
     let version = conn.protocol_version();
     let session = Arc::new(Session {
         core: shared.clone(),
@@ -457,6 +464,7 @@ async fn serve_connection(
             verified,
             peer,
             transport: version.map_or_else(|| "?".into(), |v| format!("{v:?}")),
+            ts0003: Some(ts0003),
         },
     });
     let service = hyper::service::service_fn(move |req| {

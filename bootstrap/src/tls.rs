@@ -15,7 +15,9 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use time::OffsetDateTime;
 
 use crate::config::TlsVersion;
-use crate::protocol::{WrapKey, EXPORTER_LABEL, WRAP_KEY_LEN};
+use crate::protocol::{
+    Ts0003Keys, WrapKey, EXPORTER_LABEL, TS0003_LABEL, TS0003_LEN, WRAP_KEY_LEN,
+};
 use crate::{Error, Result};
 
 /// The one crypto provider: aws-lc-rs, with its TLS 1.3 suites and its TLS 1.2 suites (all
@@ -85,6 +87,17 @@ pub fn export_wrap_key<D>(conn: &rustls::ConnectionCommon<D>) -> Result<WrapKey>
     let key = WrapKey::new(out);
     zeroize::Zeroize::zeroize(&mut out);
     Ok(key)
+}
+
+/// The TS-0003 export of an established connection (protocol version 2): label
+/// `EXPORTER-oneM2M-Bootstrap`, no context, 48 bytes.
+pub fn export_ts0003<D>(conn: &rustls::ConnectionCommon<D>) -> Result<Ts0003Keys> {
+    let mut out = [0u8; TS0003_LEN];
+    conn.export_keying_material(&mut out, TS0003_LABEL, None)
+        .map_err(|e| Error::Protocol(format!("TLS exporter failed: {e}")))?;
+    let keys = Ts0003Keys::from_export(&out);
+    zeroize::Zeroize::zeroize(&mut out);
+    Ok(keys)
 }
 
 fn unix_to_time(now: UnixTime) -> OffsetDateTime {

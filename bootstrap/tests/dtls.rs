@@ -491,7 +491,7 @@ fn coap_codes_retransmissions_and_refusals() {
             "bad_request",
         ),
         (
-            post(6, "bootstrap", vec![json()], br#"{"version":2}"#),
+            post(6, "bootstrap", vec![json()], br#"{"version":3}"#),
             (4, 0),
             "unsupported_version",
         ),

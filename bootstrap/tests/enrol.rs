@@ -117,3 +117,82 @@ fn untrusted_nodes_and_mismatched_keys_get_nothing() {
         .collect();
     assert!(!shown.contains(&body[..40]), "{shown}");
 }
+
+/// Protocol version 2 (oneM2M TS-0003): both ends export 48 bytes with
+/// `EXPORTER-oneM2M-Bootstrap`; the IN records Ke under KeID = hex(first 16)@FQDN, and the
+/// node checks the KeID the IN names against its own.
+#[test]
+fn version_2_records_ke_under_the_ke_id_both_ends_compute_over_tls_and_dtls() {
+    let run = Running::start(|_| {});
+    let fqdn = run.layout.in_fqdn.clone();
+    let mut attempts: Vec<(&str, Enrolment)> = Vec::new();
+    for (name, version) in [
+        ("SN-0001", TlsVersion::Tls13),
+        ("pump-1", TlsVersion::Tls12),
+    ] {
+        let mut e = enrolment(&run, name, name, version);
+        e.profile.protocol_version = 2;
+        attempts.push((name, e));
+    }
+    let mut e = enrolment(&run, "SN-0002", "SN-0002", TlsVersion::Tls13);
+    e.profile.protocol_version = 2;
+    e.profile.transport = m2mpki_bootstrap::config::Transport::Dtls;
+    e.profile.dtls_suites = vec![m2mpki_bootstrap::config::DtlsSuite::Aes128Ccm8];
+    e.connect = Some(run.dtls.unwrap().to_string());
+    attempts.push(("SN-0002", e));
+    for (name, e) in attempts {
+        let got = run.rt.block_on(client::enroll(e)).unwrap();
+        let ke_id = got.ke_id.clone().expect("a KeID");
+        let (rel, at) = ke_id.split_once('@').unwrap();
+        assert_eq!(at, fqdn);
+        assert!(
+            rel.len() == 32
+                && rel
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+            "{ke_id}"
+        );
+        assert_eq!(got.credential_id, ke_id);
+        let live = run
+            .server
+            .credentials()
+            .live(&run.node(name).identity)
+            .unwrap()
+            .unwrap();
+        assert_eq!(live.id, ke_id, "{name}");
+        let stored = run
+            .server
+            .credentials()
+            .unseal(run.server.store_key(), &live)
+            .unwrap();
+        assert_eq!(stored, got.credential, "{name}: the IN's Ke is the node's");
+    }
+    // Version 1 keeps working beside it, with no KeID.
+    let got = run
+        .rt
+        .block_on(client::enroll(enrolment(
+            &run,
+            "SN-0003",
+            "SN-0003",
+            TlsVersion::Tls13,
+        )))
+        .unwrap();
+    assert!(got.ke_id.is_none());
+}
+
+#[test]
+fn an_in_that_answers_version_1_only_refuses_version_2() {
+    let run = Running::start(|c| {
+        c.dtls = None;
+        c.protocol_versions = vec![1];
+    });
+    let mut e = enrolment(&run, "SN-0001", "SN-0001", TlsVersion::Tls13);
+    e.profile.protocol_version = 2;
+    match run.rt.block_on(client::enroll(e)) {
+        Err(Error::Refused { status, code, .. }) => {
+            assert_eq!((status, code.as_str()), (400, "unsupported_version"))
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(run.server.credentials().count().unwrap(), 0);
+}

@@ -592,6 +592,10 @@ pub enum BootstrapCommand {
         /// The IN's CoAP-over-DTLS port
         #[arg(long, default_value_t = 5684)]
         coap_port: u16,
+        /// Bootstrap protocol version the node asks for: 1 (a wrapped credential, the
+        /// contribution) or 2 (oneM2M TS-0003: Ke from the 48-byte export, named by KeID)
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+        protocol_version: u32,
         /// DTLS suite the node offers (repeat for several) [default: CCM_8 and GCM]
         #[arg(long = "dtls-suite", value_name = "SUITE", value_parser = dtls_suite)]
         dtls_suites: Vec<m2mpki_bootstrap::config::DtlsSuite>,

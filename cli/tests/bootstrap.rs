@@ -586,6 +586,29 @@ fn s_client(
     tls12: bool,
     send_cert: bool,
 ) -> (String, String) {
+    s_client_version(run, fx, node, tls12, send_cert, 1)
+}
+
+/// The export `openssl s_client` is asked for under a protocol version: (label, length).
+fn export_of(version: u32) -> (&'static str, &'static str) {
+    if version == 2 {
+        ("EXPORTER-oneM2M-Bootstrap", "48")
+    } else {
+        ("EXPORTER-oneM2M-RootCredentialWrapKey", "32")
+    }
+}
+
+/// `openssl s_client` over TLS sending `POST /bootstrap` of protocol `version`, exporting
+/// what that version exports.
+fn s_client_version(
+    run: &Running,
+    fx: &Fixture,
+    node: &Node,
+    tls12: bool,
+    send_cert: bool,
+    version: u32,
+) -> (String, String) {
+    let (label, len) = export_of(version);
     let (leaf, rest) = leaf_and_chain_files(fx, node, "sc");
     let mut cmd = tool("openssl");
     cmd.args([
@@ -596,9 +619,9 @@ fn s_client(
         IN_FQDN,
         "-ign_eof",
         "-keymatexport",
-        "EXPORTER-oneM2M-RootCredentialWrapKey",
+        label,
         "-keymatexportlen",
-        "32",
+        len,
     ]);
     if send_cert {
         cmd.arg("-cert")
@@ -617,7 +640,7 @@ fn s_client(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let body = r#"{"version":1}"#;
+    let body = format!(r#"{{"version":{version}}}"#);
     let req = format!("POST /bootstrap HTTP/1.1\r\nHost: {IN_FQDN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
     use std::io::Write;
     child
@@ -1527,6 +1550,18 @@ fn s_client_dtls(
     node: &Node,
     request: Option<&[u8]>,
 ) -> (Vec<u8>, String) {
+    s_client_dtls_version(run, fx, node, request, 1)
+}
+
+/// [`s_client_dtls`] exporting what protocol `version` exports.
+fn s_client_dtls_version(
+    run: &Running,
+    fx: &Fixture,
+    node: &Node,
+    request: Option<&[u8]>,
+    version: u32,
+) -> (Vec<u8>, String) {
+    let (label, len) = export_of(version);
     let (leaf, rest) = leaf_and_chain_files(fx, node, "dc");
     let mut child = tool("openssl")
         .args([
@@ -1539,9 +1574,9 @@ fn s_client_dtls(
             "-cipher",
             "ECDHE-ECDSA-AES128-CCM8",
             "-keymatexport",
-            "EXPORTER-oneM2M-RootCredentialWrapKey",
+            label,
             "-keymatexportlen",
-            "32",
+            len,
             "-cert",
         ])
         .arg(&leaf)
@@ -1764,5 +1799,57 @@ fn the_cli_serves_dtls_alone_and_enrols_from_a_dtls_profile() {
     assert!(
         log.contains(&node.identity) && !log.contains(&secret),
         "{log}"
+    );
+}
+
+/// Protocol version 2 against OpenSSL's own export: over TLS 1.3, TLS 1.2 and DTLS 1.2,
+/// `s_client -keymatexport EXPORTER-oneM2M-Bootstrap -keymatexportlen 48` gives the KeID the IN
+/// answers (hex of the first 16 bytes, `@`, its FQDN) and the Ke it stored (the last 32).
+#[test]
+fn openssl_s_client_computes_the_ts0003_ke_id_and_ke_of_the_in() {
+    let fx = Fixture::new(Backend::Software);
+    let run = Running::start(&fx, fx.config("allow", DTLS));
+    let check = |out: &str, node: &Node, what: &str| {
+        let keymat = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Keying material: "))
+            .unwrap_or_else(|| panic!("{what}: no keying material: {out}"));
+        let bytes = hex::decode(keymat).unwrap();
+        assert_eq!(bytes.len(), 48, "{what}");
+        let ke_id = format!("{}@{IN_FQDN}", hex::encode(&bytes[..16]));
+        let at = out
+            .find("{\"version\"")
+            .unwrap_or_else(|| panic!("{what}: no response body: {out}"));
+        let resp: serde_json::Value = serde_json::Deserializer::from_str(&out[at..])
+            .into_iter()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp["version"], 2, "{what}: {resp}");
+        assert_eq!(resp["ke_id"], ke_id.as_str(), "{what}: {resp}");
+        assert!(resp.get("wrapped_credential").is_none(), "{what}: {resp}");
+        let (id, stored) = run.stored(&node.identity).unwrap();
+        assert_eq!(id, ke_id, "{what}");
+        assert_eq!(&stored.expose()[..], &bytes[16..], "{what}: the IN's Ke");
+    };
+    for tls12 in [false, true] {
+        let node = &fx.nodes["d1"];
+        let (out, err) = s_client_version(&run, &fx, node, tls12, true, 2);
+        check(
+            &(out + &err),
+            node,
+            if tls12 { "TLS 1.2" } else { "TLS 1.3" },
+        );
+    }
+    let node = &fx.nodes["n1"];
+    let mut request = vec![0x42, 0x02, 0x70, 0x02, 0xbe, 0xef, 0xb9];
+    request.extend_from_slice(b"bootstrap");
+    request.extend_from_slice(&[0x11, 50, 0xff]);
+    request.extend_from_slice(br#"{"version":2}"#);
+    let (raw, err) = s_client_dtls_version(&run, &fx, node, Some(&request), 2);
+    check(
+        &(String::from_utf8_lossy(&raw).into_owned() + &err),
+        node,
+        "DTLS 1.2",
     );
 }

@@ -12,7 +12,7 @@ use tokio::net::UdpSocket;
 use super::{install_verifier, new_ssl, openssl_error, record, Pipe};
 use crate::coap::{self, option, Block, Message, Type};
 use crate::config::DtlsSuite;
-use crate::protocol::{WrapKey, PATH};
+use crate::protocol::{Ts0003Keys, WrapKey, PATH};
 use crate::{Error, Result};
 
 /// CoAP's ACK_TIMEOUT and MAX_RETRANSMIT (RFC 7252 §4.8).
@@ -50,6 +50,8 @@ pub struct Session {
     peer: String,
     /// The key both ends exported.
     pub wrap_key: WrapKey,
+    /// The TS-0003 export (protocol version 2).
+    pub ts0003: Ts0003Keys,
     /// `DTLSv1_2 <suite>`.
     pub protocol: String,
 }
@@ -176,12 +178,14 @@ pub async fn connect(
         ));
     }
     let wrap_key = super::export_wrap_key(stream.ssl())?;
+    let ts0003 = super::export_ts0003(stream.ssl())?;
     let protocol = format!("DTLSv1_2 {}", super::suite_name(stream.ssl()));
     Ok(Session {
         socket,
         stream,
         peer,
         wrap_key,
+        ts0003,
         protocol,
     })
 }

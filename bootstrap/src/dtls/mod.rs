@@ -30,7 +30,9 @@ use openssl::ssl::{
 use openssl::x509::{X509StoreContext, X509StoreContextRef, X509VerifyResult, X509};
 
 use crate::config::DtlsSuite;
-use crate::protocol::{WrapKey, EXPORTER_LABEL, WRAP_KEY_LEN};
+use crate::protocol::{
+    Ts0003Keys, WrapKey, EXPORTER_LABEL, TS0003_LABEL, TS0003_LEN, WRAP_KEY_LEN,
+};
 use crate::{Error, Result};
 
 /// The datagrams between OpenSSL and our socket code: reads take one datagram (or would
@@ -238,6 +240,18 @@ pub(crate) fn export_wrap_key(ssl: &openssl::ssl::SslRef) -> Result<WrapKey> {
     let key = WrapKey::new(out);
     zeroize::Zeroize::zeroize(&mut out);
     Ok(key)
+}
+
+/// The TS-0003 export of a DTLS session (protocol version 2): label
+/// `EXPORTER-oneM2M-Bootstrap`, no context, 48 bytes.
+pub(crate) fn export_ts0003(ssl: &openssl::ssl::SslRef) -> Result<Ts0003Keys> {
+    let mut out = [0u8; TS0003_LEN];
+    let label = std::str::from_utf8(TS0003_LABEL).map_err(Error::internal)?;
+    ssl.export_keying_material(&mut out, label, None)
+        .map_err(|e| Error::Protocol(format!("DTLS exporter failed: {e}")))?;
+    let keys = Ts0003Keys::from_export(&out);
+    zeroize::Zeroize::zeroize(&mut out);
+    Ok(keys)
 }
 
 /// The negotiated suite, IANA-named when it is one of ours.

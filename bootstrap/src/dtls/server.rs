@@ -332,11 +332,19 @@ impl Endpoint {
                 return None;
             }
         };
+        let ts0003 = match super::export_ts0003(ssl) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "exporter failed");
+                return None;
+            }
+        };
         Some(Admitted {
             wrap_key,
             verified,
             peer,
             transport: format!("DTLSv1_2 {}", super::suite_name(ssl)),
+            ts0003: Some(ts0003),
         })
     }
 }

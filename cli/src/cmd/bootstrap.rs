@@ -72,6 +72,7 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             transport,
             coap_port,
             dtls_suites,
+            protocol_version,
         } => {
             let fqdn: m2mpki_ca::DnsName = fqdn.parse()?;
             let home = Home::open(home)?;
@@ -86,6 +87,9 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
                 s.revocation.crl_grace = g;
             }
             let mut file = FieldNodeProfile::file_for(&s, &fqdn, port)?;
+            if protocol_version != 1 {
+                file.protocol_version = Some(protocol_version);
+            }
             if transport == TransportArg::Dtls {
                 file.transport = m2mpki_bootstrap::config::Transport::Dtls;
                 file.coap_port = Some(coap_port);
@@ -110,7 +114,7 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             )?;
             if json {
                 emit_json(
-                    &serde_json::json!({ "out": out, "in_fqdn": fqdn, "port": port, "transport": file.transport, "coap_port": file.coap_port, "set": set, "anchors": s.anchors.len(),
+                    &serde_json::json!({ "out": out, "in_fqdn": fqdn, "port": port, "transport": file.transport, "coap_port": file.coap_port, "protocol_version": protocol_version, "set": set, "anchors": s.anchors.len(),
                         "revocation": s.revocation, "crls": s.crls.len(),
                         "crls_current_until": usable_until.map(ts) }),
                 )
