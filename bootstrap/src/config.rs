@@ -191,6 +191,7 @@ struct TlsFile {
     key: String,
     #[serde(default)]
     versions: Vec<String>,
+    require_sni: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -267,6 +268,8 @@ pub struct ServerConfig {
     pub key: m2mpki_hsm::KeyRef,
     /// TLS versions offered.
     pub versions: Vec<TlsVersion>,
+    /// Refuse hellos without SNI, over TLS and DTLS (default: yes, as TS-0003 requires).
+    pub require_sni: bool,
     /// Names of the device root sets trusted.
     pub device_sets: Vec<String>,
     /// Names of the node root sets trusted.
@@ -425,6 +428,7 @@ impl ServerConfig {
             chain: rel(base, f.tls.chain),
             key,
             versions,
+            require_sni: f.tls.require_sni.unwrap_or(true),
             device_sets: f.trust.device_sets,
             node_sets: f.trust.node_sets,
             lifetime,

@@ -179,6 +179,9 @@ impl Server {
                 })?;
                 let ders: Vec<Vec<u8>> = chain.iter().map(|c| c.as_ref().to_vec()).collect();
                 let mut b = crate::dtls::context(true, &d.suites, &ders, &pkcs8)?;
+                if config.require_sni {
+                    crate::dtls::require_sni(&mut b);
+                }
                 let v = verifier.clone();
                 crate::dtls::install_verifier(&mut b, move |chain| {
                     v.verify(chain, time::OffsetDateTime::now_utc())
@@ -195,6 +198,7 @@ impl Server {
             verifier.clone(),
             config.fqdn.clone(),
             certified,
+            config.require_sni,
         )?;
         let creds = Arc::new(CredentialStore::open(home.root())?);
         creds.set_policy(&config.policy)?;

@@ -37,7 +37,8 @@ pub fn versions(v: &[TlsVersion]) -> Vec<&'static rustls::SupportedProtocolVersi
 }
 
 /// The IN's TLS configuration, for the bootstrap server and every baseline measured against
-/// it: mutual authentication through `verifier`, the IN certificate `cert` for `fqdn`, the
+/// it: mutual authentication through `verifier`, the IN certificate `cert` for `fqdn` (to
+/// clients that send SNI only, when `require_sni`), the
 /// extended master secret required (the exporter is only safe over TLS 1.2 with it), and no
 /// session resumption or tickets (each bootstrap is a full handshake with a fresh exporter).
 pub fn server_config(
@@ -45,12 +46,17 @@ pub fn server_config(
     verifier: Arc<dyn ClientCertVerifier>,
     fqdn: DnsName,
     cert: Arc<rustls::sign::CertifiedKey>,
+    require_sni: bool,
 ) -> Result<rustls::ServerConfig> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&self::versions(versions))
         .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(InCert { fqdn, key: cert }));
+        .with_cert_resolver(Arc::new(InCert {
+            fqdn,
+            key: cert,
+            require_sni,
+        }));
     config.require_ems = true;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
@@ -372,12 +378,16 @@ impl rustls::client::ResolvesClientCert for OneClientCert {
 
 /// Serves the IN certificate. A client asking (by SNI) for another name still gets it, and a
 /// warning is logged: the client's own name check then refuses, with a clear error on its side.
+/// A hello without SNI gets nothing when `require_sni` (TS-0003 requires SNI): the handshake
+/// fails.
 #[derive(Debug)]
 pub struct InCert {
     /// The IN's FQDN.
     pub fqdn: DnsName,
     /// Its certificate and key.
     pub key: Arc<rustls::sign::CertifiedKey>,
+    /// Refuse a ClientHello without `server_name`.
+    pub require_sni: bool,
 }
 
 impl rustls::server::ResolvesServerCert for InCert {
@@ -389,6 +399,10 @@ impl rustls::server::ResolvesServerCert for InCert {
             Some(name) if !name.eq_ignore_ascii_case(self.fqdn.as_str()) => {
                 tracing::warn!(sni = name, fqdn = %self.fqdn, "a client asked for another server name");
                 Some(self.key.clone())
+            }
+            None if self.require_sni => {
+                tracing::info!("a ClientHello without SNI refused");
+                None
             }
             _ => Some(self.key.clone()),
         }

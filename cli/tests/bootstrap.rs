@@ -1853,3 +1853,69 @@ fn openssl_s_client_computes_the_ts0003_ke_id_and_ke_of_the_in() {
         "DTLS 1.2",
     );
 }
+
+/// `openssl s_client -noservername` (TLS, or DTLS) as `node`, sending a version 1 request:
+/// stdout and stderr together.
+fn s_client_without_sni(run: &Running, fx: &Fixture, node: &Node, dtls: bool) -> String {
+    let (leaf, rest) = leaf_and_chain_files(fx, node, "nosni");
+    let mut cmd = tool("openssl");
+    cmd.arg("s_client");
+    if dtls {
+        cmd.args(["-dtls1_2", "-connect", &run.dtls.unwrap().to_string()]);
+    } else {
+        cmd.args(["-connect", &run.addr.to_string()]);
+    }
+    cmd.args(["-noservername", "-cert"])
+        .arg(&leaf)
+        .arg("-key")
+        .arg(&node.key_ref)
+        .arg("-cert_chain")
+        .arg(&rest)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let body = r#"{"version":1}"#;
+    let req = if dtls {
+        let mut m = vec![0x42, 0x02, 0x70, 0x03, 0xbe, 0xef, 0xb9];
+        m.extend_from_slice(b"bootstrap");
+        m.extend_from_slice(&[0x11, 50, 0xff]);
+        m.extend_from_slice(body.as_bytes());
+        m
+    } else {
+        format!("POST /bootstrap HTTP/1.1\r\nHost: {IN_FQDN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).into_bytes()
+    };
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        std::thread::sleep(Duration::from_millis(500)); // after the handshake
+        let _ = stdin.write_all(&req);
+        std::thread::sleep(Duration::from_millis(1000)); // for the answer
+    }
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// TS-0003 requires SNI: a hello without it is refused over TLS and DTLS, unless the IN's
+/// `tls.require_sni = false`.
+#[test]
+fn a_hello_without_sni_is_refused_unless_allowed() {
+    let fx = Fixture::new(Backend::Software);
+    let node = &fx.nodes["d1"];
+    {
+        let run = Running::start(&fx, fx.config("allow", DTLS));
+        for dtls in [false, true] {
+            let out = s_client_without_sni(&run, &fx, node, dtls);
+            assert!(!out.contains("wrapped_credential"), "dtls {dtls}: {out}");
+            assert!(out.contains("alert"), "dtls {dtls}: {out}");
+        }
+        assert_eq!(run.server.credentials().count().unwrap(), 0);
+    }
+    let mut config = fx.config("allow", DTLS);
+    config.require_sni = false;
+    let run = Running::start(&fx, config);
+    for dtls in [false, true] {
+        let out = s_client_without_sni(&run, &fx, node, dtls);
+        assert!(out.contains("wrapped_credential"), "dtls {dtls}: {out}");
+    }
+}

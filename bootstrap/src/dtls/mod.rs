@@ -230,6 +230,20 @@ pub(crate) fn context(
     Ok(b)
 }
 
+/// Refuses a ClientHello without SNI (`server_name`) with a fatal `unrecognized_name` alert, as
+/// over TLS.
+pub(crate) fn require_sni(b: &mut SslContextBuilder) {
+    b.set_servername_callback(|ssl, alert| {
+        if ssl.servername(openssl::ssl::NameType::HOST_NAME).is_some() {
+            Ok(())
+        } else {
+            tracing::info!("a DTLS ClientHello without SNI refused");
+            *alert = openssl::ssl::SslAlert::UNRECOGNIZED_NAME;
+            Err(openssl::ssl::SniError::ALERT_FATAL)
+        }
+    });
+}
+
 /// RootCredentialWrapKey from a DTLS session: the same exporter as over TLS (RFC 5705 applies
 /// to DTLS): label `EXPORTER-oneM2M-RootCredentialWrapKey`, no context, 32 bytes.
 pub(crate) fn export_wrap_key(ssl: &openssl::ssl::SslRef) -> Result<WrapKey> {

@@ -709,6 +709,7 @@ fn bare_server_config(
         verifier,
         IN_FQDN.parse()?,
         certified,
+        true, // as the IN's default
     )?;
     Ok(Arc::new(cfg))
 }
