@@ -192,6 +192,8 @@ struct TlsFile {
     #[serde(default)]
     versions: Vec<String>,
     require_sni: Option<bool>,
+    #[serde(default)]
+    ts0003_cbc: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,6 +272,9 @@ pub struct ServerConfig {
     pub versions: Vec<TlsVersion>,
     /// Refuse hellos without SNI, over TLS and DTLS (default: yes, as TS-0003 requires).
     pub require_sni: bool,
+    /// Serve TS-0003's `TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256` through OpenSSL to hellos that
+    /// offer nothing rustls serves (default: no).
+    pub ts0003_cbc: bool,
     /// Names of the device root sets trusted.
     pub device_sets: Vec<String>,
     /// Names of the node root sets trusted.
@@ -429,6 +434,7 @@ impl ServerConfig {
             key,
             versions,
             require_sni: f.tls.require_sni.unwrap_or(true),
+            ts0003_cbc: f.tls.ts0003_cbc,
             device_sets: f.trust.device_sets,
             node_sets: f.trust.node_sets,
             lifetime,

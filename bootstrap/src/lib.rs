@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod cbc;
 pub mod client;
 pub mod coap;
 pub mod config;

@@ -39,6 +39,7 @@ pub struct Server {
     shared: Arc<Core>,
     tls: Arc<rustls::ServerConfig>,
     dtls: Option<Arc<crate::dtls::server::Endpoint>>,
+    cbc: Option<Arc<crate::cbc::Cbc>>,
     ca_store: Arc<RedbStore>,
 }
 
@@ -189,6 +190,22 @@ impl Server {
                 Some((b.build(), d.clone()))
             }
         };
+        let cbc = if config.ts0003_cbc {
+            let pkcs8 = key.software_pkcs8().ok_or_else(|| Error::BadConfig {
+                path: "tls.ts0003_cbc".into(),
+                reason: format!(
+                    "the IN key {} is on a token; the CBC suite (OpenSSL) signs only with a key file here (docs/dtls.md)",
+                    config.key
+                ),
+            })?;
+            let ders: Vec<Vec<u8>> = chain.iter().map(|c| c.as_ref().to_vec()).collect();
+            Some(Arc::new(crate::cbc::Cbc::new(
+                crate::cbc::context(&ders, &pkcs8, verifier.clone(), config.require_sni)?,
+                &config.versions,
+            )))
+        } else {
+            None
+        };
         let certified = Arc::new(rustls::sign::CertifiedKey::new(
             chain,
             Arc::new(TlsKey::new(key)),
@@ -228,6 +245,7 @@ impl Server {
             shared,
             tls: Arc::new(tls_config),
             dtls,
+            cbc,
             ca_store,
         })
     }
@@ -383,7 +401,18 @@ impl Server {
             let _ = tcp.set_nodelay(true);
             let shared = self.shared.clone();
             let acceptor = acceptor.clone();
+            let cbc = self.cbc.clone();
             tokio::spawn(async move {
+                if let Some(cbc) = cbc {
+                    let limit = shared.config.limits.handshake_timeout;
+                    if let Some(hello) = crate::cbc::peek_hello(&tcp, limit).await {
+                        if cbc.chooses(&hello) {
+                            crate::cbc::serve(shared, &cbc.ctx, tcp, peer, &hello).await;
+                            drop(permit);
+                            return;
+                        }
+                    }
+                }
                 serve_connection(shared, acceptor, tcp, peer).await;
                 drop(permit);
             });
@@ -461,23 +490,31 @@ async fn serve_connection(
         }
     };
     let version = conn.protocol_version();
-    let session = Arc::new(Session {
-        core: shared.clone(),
-        node: Admitted {
-            wrap_key,
-            verified,
-            peer,
-            transport: version.map_or_else(|| "?".into(), |v| format!("{v:?}")),
-            ts0003: Some(ts0003),
-        },
-    });
+    let node = Admitted {
+        wrap_key,
+        verified,
+        peer,
+        transport: version.map_or_else(|| "?".into(), |v| format!("{v:?}")),
+        ts0003: Some(ts0003),
+    };
+    serve_http(shared, node, tls).await;
+}
+
+/// The HTTP exchange on an established, admitted session (either TLS stack): one request, its
+/// answer, within the idle limit.
+pub(crate) async fn serve_http<S>(shared: Arc<Core>, node: Admitted, mut tls: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = shared.config.limits.clone();
+    let peer = node.peer;
+    let session = Arc::new(Session { core: shared, node });
     let service = hyper::service::service_fn(move |req| {
         let session = session.clone();
         async move { Ok::<_, Infallible>(session.handle(req).await) }
     });
     let max_body = limits.max_body;
     let exchange = async move {
-        let mut tls = tls;
         // The head is checked here, so that every refusal carries the JSON error document.
         let buffered = match http_head::read(&mut tls, max_body).await {
             Ok(Head::Ok { buffered }) => buffered,

@@ -15,6 +15,8 @@ use m2mpki_bootstrap::credstore::CredentialStatus;
 use m2mpki_bootstrap::dtls::Pipe;
 use m2mpki_hsm::{KeyRef, Keystore};
 
+use m2mpki_test_pki::IN_FQDN;
+
 mod common;
 
 use common::Running;
@@ -333,7 +335,8 @@ fn spoofed_hellos_leave_no_state_and_silent_peers_do_not_stop_a_real_one() {
         let mut b =
             openssl::ssl::SslContext::builder(openssl::ssl::SslMethod::dtls_client()).unwrap();
         b.set_cipher_list("ECDHE-ECDSA-AES128-CCM8").unwrap();
-        let ssl = openssl::ssl::Ssl::new(&b.build()).unwrap();
+        let mut ssl = openssl::ssl::Ssl::new(&b.build()).unwrap();
+        ssl.set_hostname(IN_FQDN).unwrap(); // the IN requires SNI
         let mut mid = match ssl.connect(Pipe::default()) {
             Err(openssl::ssl::HandshakeError::WouldBlock(m)) => m,
             _ => panic!("no hello"),
@@ -714,7 +717,8 @@ fn a_dtls_only_in_rereads_its_root_sets() {
 fn half_handshake(sock: &UdpSocket) -> openssl::ssl::MidHandshakeSslStream<Pipe> {
     let mut b = openssl::ssl::SslContext::builder(openssl::ssl::SslMethod::dtls_client()).unwrap();
     b.set_cipher_list("ECDHE-ECDSA-AES128-CCM8").unwrap();
-    let ssl = openssl::ssl::Ssl::new(&b.build()).unwrap();
+    let mut ssl = openssl::ssl::Ssl::new(&b.build()).unwrap();
+    ssl.set_hostname(IN_FQDN).unwrap(); // the IN requires SNI
     let mut mid = match ssl.connect(Pipe::default()) {
         Err(openssl::ssl::HandshakeError::WouldBlock(m)) => m,
         _ => panic!("no hello"),

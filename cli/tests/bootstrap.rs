@@ -1919,3 +1919,104 @@ fn a_hello_without_sni_is_refused_unless_allowed() {
         assert!(out.contains("wrapped_credential"), "dtls {dtls}: {out}");
     }
 }
+
+/// `openssl s_client -tls1_2` offering only `ECDHE-ECDSA-AES128-SHA256` (TS-0003's mandatory
+/// TLS suite) as `node`, sending a version 1 request; without the extended master secret when
+/// `no_ems` (through an OpenSSL config: s_client 3.0 has no flag for it). stdout + stderr.
+fn s_client_cbc(run: &Running, fx: &Fixture, node: &Node, no_ems: bool) -> String {
+    let (leaf, rest) = leaf_and_chain_files(fx, node, "cbc");
+    let mut cmd = tool("openssl");
+    cmd.args([
+        "s_client",
+        "-tls1_2",
+        "-cipher",
+        "ECDHE-ECDSA-AES128-SHA256",
+        "-connect",
+        &run.addr.to_string(),
+        "-servername",
+        IN_FQDN,
+        "-ign_eof",
+        "-keymatexport",
+        "EXPORTER-oneM2M-RootCredentialWrapKey",
+        "-keymatexportlen",
+        "32",
+        "-cert",
+    ])
+    .arg(&leaf)
+    .arg("-key")
+    .arg(&node.key_ref)
+    .arg("-cert_chain")
+    .arg(&rest)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    if no_ems {
+        let conf = fx.dir.path().join("no-ems.cnf");
+        std::fs::write(
+            &conf,
+            "openssl_conf = c\n[c]\nssl_conf = s\n[s]\nsystem_default = d\n[d]\nOptions = -ExtendedMasterSecret\n",
+        )
+        .unwrap();
+        cmd.env("OPENSSL_CONF", conf);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let body = r#"{"version":1}"#;
+    let req = format!("POST /bootstrap HTTP/1.1\r\nHost: {IN_FQDN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    {
+        use std::io::Write;
+        let _ = child.stdin.take().unwrap().write_all(req.as_bytes());
+    }
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// `tls.ts0003_cbc`: a node offering only the CBC suite bootstraps through OpenSSL on the same
+/// port (its exported key unwraps the credential the IN stored); with the option off it is
+/// refused; without the extended master secret it is refused either way. Nodes that offer
+/// AEAD suites still get rustls.
+#[test]
+fn a_cbc_only_node_bootstraps_when_ts0003_cbc_is_on() {
+    let fx = Fixture::new(Backend::Software);
+    let node = &fx.nodes["d1"];
+    {
+        let run = Running::start(&fx, fx.config("allow", ""));
+        let out = s_client_cbc(&run, &fx, node, false);
+        assert!(!out.contains("wrapped_credential"), "{out}");
+        assert!(out.contains("alert"), "{out}");
+    }
+    let mut config = fx.config("allow", "");
+    config.ts0003_cbc = true;
+    let run = Running::start(&fx, config);
+    let out = s_client_cbc(&run, &fx, node, false);
+    assert!(out.contains("Cipher is ECDHE-ECDSA-AES128-SHA256"), "{out}");
+    let keymat = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Keying material: "))
+        .unwrap_or_else(|| panic!("no keying material: {out}"));
+    let kek = WrapKey::from_slice(&hex::decode(keymat).unwrap()).unwrap();
+    let at = out
+        .find("{\"version\"")
+        .unwrap_or_else(|| panic!("no response body: {out}"));
+    let resp: serde_json::Value = serde_json::Deserializer::from_str(&out[at..])
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap();
+    let wrapped = base64::engine::general_purpose::STANDARD
+        .decode(resp["wrapped_credential"].as_str().unwrap())
+        .unwrap();
+    let (id, stored) = run.stored(&node.identity).unwrap();
+    assert_eq!(resp["credential_id"], id);
+    assert_eq!(protocol::unwrap(&kek, &wrapped).unwrap(), stored);
+    // Without EMS: refused, nothing issued.
+    let before = run.server.credentials().count().unwrap();
+    let out = s_client_cbc(&run, &fx, node, true);
+    assert!(!out.contains("wrapped_credential"), "{out}");
+    assert!(out.contains("handshake failure"), "{out}");
+    assert_eq!(run.server.credentials().count().unwrap(), before);
+    // Our client (AEAD suites) still goes to rustls.
+    let got = run
+        .enroll(&fx.profile(IN_FQDN, sets::INFRA), &fx.nodes["n1"], BOTH[1])
+        .unwrap();
+    assert_eq!(got.tls_version, "TLSv1_2");
+}

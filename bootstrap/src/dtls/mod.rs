@@ -85,11 +85,17 @@ fn verdict_index() -> Result<Index<Ssl, Verdict>> {
     Ok(*INDEX.get_or_init(|| i))
 }
 
+/// Attaches an empty verdict to a new SSL object (our verify callback fills it).
+pub(crate) fn attach_verdict(ssl: &mut Ssl) -> Result<Verdict> {
+    let verdict: Verdict = Arc::default();
+    ssl.set_ex_data(verdict_index()?, verdict.clone());
+    Ok(verdict)
+}
+
 /// A new SSL object for one handshake, with an empty verdict attached.
 pub(crate) fn new_ssl(ctx: &SslContext, mtu: u16, ipv6: bool) -> Result<(Ssl, Verdict)> {
     let mut ssl = Ssl::new(ctx).map_err(openssl_error)?;
-    let verdict: Verdict = Arc::default();
-    ssl.set_ex_data(verdict_index()?, verdict.clone());
+    let verdict = attach_verdict(&mut ssl)?;
     // OpenSSL's MTU is the datagram payload: the path MTU less the IP and UDP headers.
     let overhead = if ipv6 { 48 } else { 28 };
     ssl.set_mtu(u32::from(mtu).saturating_sub(overhead))
