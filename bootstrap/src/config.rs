@@ -103,6 +103,50 @@ impl FromStr for DtlsSuite {
     }
 }
 
+/// Key and signature algorithms an IN admits in field-node chains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Algorithm {
+    /// ECDSA P-256 keys, ecdsa-with-SHA256 signatures: TS-0003's, the default.
+    #[serde(rename = "ecdsa-p256-sha256")]
+    P256Sha256,
+    /// ECDSA P-384 keys, ecdsa-with-SHA384 signatures.
+    #[serde(rename = "ecdsa-p384-sha384")]
+    P384Sha384,
+    /// Ed25519 keys and signatures.
+    #[serde(rename = "ed25519")]
+    Ed25519,
+}
+
+impl Algorithm {
+    /// Every algorithm m2mpki issues with.
+    pub const ALL: [Algorithm; 3] = [
+        Algorithm::P256Sha256,
+        Algorithm::P384Sha384,
+        Algorithm::Ed25519,
+    ];
+
+    /// The name in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::P256Sha256 => "ecdsa-p256-sha256",
+            Algorithm::P384Sha384 => "ecdsa-p384-sha384",
+            Algorithm::Ed25519 => "ed25519",
+        }
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Algorithm::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| {
+                format!("unknown algorithm `{s}` (ecdsa-p256-sha256, ecdsa-p384-sha384, ed25519)")
+            })
+    }
+}
+
 /// The transport a field node bootstraps over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -213,6 +257,8 @@ struct TrustFile {
     device_sets: Vec<String>,
     #[serde(default)]
     node_sets: Vec<String>,
+    #[serde(default)]
+    algorithms: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -279,6 +325,8 @@ pub struct ServerConfig {
     pub device_sets: Vec<String>,
     /// Names of the node root sets trusted.
     pub node_sets: Vec<String>,
+    /// Algorithms admitted in field-node chains (default: P-256 with SHA-256 only).
+    pub algorithms: Vec<Algorithm>,
     /// Lifetime of issued root credentials.
     pub lifetime: Validity,
     /// The store key: a key file (default: `<home>/keys/credential-store.key`, created when
@@ -435,6 +483,18 @@ impl ServerConfig {
             versions,
             require_sni: f.tls.require_sni.unwrap_or(true),
             ts0003_cbc: f.tls.ts0003_cbc,
+            algorithms: if f.trust.algorithms.is_empty() {
+                vec![Algorithm::P256Sha256]
+            } else {
+                f.trust
+                    .algorithms
+                    .iter()
+                    .map(|a| {
+                        a.parse()
+                            .map_err(|e: String| bad(format!("trust.algorithms: {e}")))
+                    })
+                    .collect::<Result<_>>()?
+            },
             device_sets: f.trust.device_sets,
             node_sets: f.trust.node_sets,
             lifetime,
@@ -644,6 +704,7 @@ handshake_timeout = "2s"
         assert_eq!(c.versions, vec![TlsVersion::Tls13, TlsVersion::Tls12]);
         assert_eq!(c.parameters["poa"], "coap://in.example.net");
         assert!(c.dtls.is_none());
+        assert_eq!(c.algorithms, vec![Algorithm::P256Sha256]);
         let dtls_only = GOOD.replace("listen = \"127.0.0.1:8443\"", "").replace(
             "[trust]",
             "[dtls]\nlisten = \"[::]:5684\"\nsuites = [\"TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8\"]\n[trust]",
@@ -668,6 +729,7 @@ handshake_timeout = "2s"
             GOOD.replace("[trust]", "[dtls]\nlisten = \"127.0.0.1:5684\"\nsuites = [\"TLS_RSA_WITH_NULL_SHA\"]\n[trust]"),
             GOOD.replace("device_sets = [\"metering\"]", ""),
             GOOD.replace("[tls]", "[tls]\nversions = [\"1.1\"]"),
+            GOOD.replace("[trust]", "[trust]\nalgorithms = [\"rsa-sha1\"]"),
         ] {
             assert!(ServerConfig::parse(&bad, Path::new(".")).is_err(), "{bad}");
         }

@@ -132,10 +132,10 @@ impl Server {
     pub fn new(config: ServerConfig, home: &Home, keystore: &Keystore) -> Result<Self> {
         let ca_store = Arc::new(home.store()?);
         let provider = tls::provider();
-        let verifier = Arc::new(FieldNodeVerifier::new(
-            prepared(load_sets(&*ca_store, &config)?),
-            provider.clone(),
-        ));
+        let verifier = Arc::new(
+            FieldNodeVerifier::new(prepared(load_sets(&*ca_store, &config)?), provider.clone())
+                .with_algorithms(config.algorithms.clone()),
+        );
         let chain = tls::load_chain(&config.chain)?;
         let key = keystore.open(&config.key)?;
         let leaf = chain.first().ok_or_else(|| Error::BadConfig {

@@ -14,7 +14,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use time::OffsetDateTime;
 
-use crate::config::TlsVersion;
+use crate::config::{Algorithm, TlsVersion};
 use crate::protocol::{
     Ts0003Keys, WrapKey, EXPORTER_LABEL, TS0003_LABEL, TS0003_LEN, WRAP_KEY_LEN,
 };
@@ -149,6 +149,47 @@ pub struct FieldNodeVerifier {
     sets: RwLock<Arc<Vec<RootSet>>>,
     admitted: Mutex<HashMap<Vec<u8>, Verified>>,
     provider: Arc<CryptoProvider>,
+    algorithms: Vec<Algorithm>,
+}
+
+const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+const OID_P256: &str = "1.2.840.10045.3.1.7";
+const OID_P384: &str = "1.3.132.0.34";
+const OID_ED25519: &str = "1.3.101.112";
+const OID_ECDSA_SHA256: &str = "1.2.840.10045.4.3.2";
+const OID_ECDSA_SHA384: &str = "1.2.840.10045.4.3.3";
+
+/// The algorithms a certificate uses: the one its key belongs to and the one its issuer
+/// signed it with.
+fn algorithms_of(
+    der: &[u8],
+) -> std::result::Result<(Option<Algorithm>, Option<Algorithm>), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("malformed certificate ({e})"))?;
+    let spki = &cert.tbs_certificate.subject_pki.algorithm;
+    let key = match spki.algorithm.to_id_string().as_str() {
+        OID_EC_PUBLIC_KEY => {
+            let curve = spki
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .map(|o| o.to_id_string());
+            match curve.as_deref() {
+                Some(OID_P256) => Some(Algorithm::P256Sha256),
+                Some(OID_P384) => Some(Algorithm::P384Sha384),
+                _ => None,
+            }
+        }
+        OID_ED25519 => Some(Algorithm::Ed25519),
+        _ => None,
+    };
+    let sig = match cert.signature_algorithm.algorithm.to_id_string().as_str() {
+        OID_ECDSA_SHA256 => Some(Algorithm::P256Sha256),
+        OID_ECDSA_SHA384 => Some(Algorithm::P384Sha384),
+        OID_ED25519 => Some(Algorithm::Ed25519),
+        _ => None,
+    };
+    Ok((key, sig))
 }
 
 impl FieldNodeVerifier {
@@ -158,7 +199,41 @@ impl FieldNodeVerifier {
             sets: RwLock::new(Arc::new(sets)),
             admitted: Mutex::new(HashMap::new()),
             provider,
+            algorithms: Algorithm::ALL.to_vec(),
         }
+    }
+
+    /// Admits only chains whose certificates use these algorithms (keys, and the signatures
+    /// over them); every algorithm m2mpki issues with, unless set.
+    pub fn with_algorithms(mut self, algorithms: Vec<Algorithm>) -> Self {
+        self.algorithms = algorithms;
+        self
+    }
+
+    /// Refuses a chain with a certificate whose key or signature algorithm is not allowed.
+    fn check_algorithms(&self, chain: &[Vec<u8>]) -> std::result::Result<(), Refusal> {
+        if self.algorithms.len() == Algorithm::ALL.len() {
+            return Ok(());
+        }
+        let allowed: Vec<&str> = self.algorithms.iter().map(|a| a.name()).collect();
+        for (i, der) in chain.iter().enumerate() {
+            let what = if i == 0 {
+                "the certificate"
+            } else {
+                "a CA certificate of the chain"
+            };
+            let (key, sig) = algorithms_of(der).map_err(Refusal::Unusable)?;
+            for (part, alg) in [("key", key), ("signature", sig)] {
+                if !alg.is_some_and(|a| self.algorithms.contains(&a)) {
+                    return Err(Refusal::Algorithm(format!(
+                        "{what}'s {part} algorithm ({}) is not among those the IN admits ({})",
+                        alg.map_or("other", |a| a.name()),
+                        allowed.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Replaces the sets (new anchors or CRLs take effect for the next handshake).
@@ -185,7 +260,10 @@ impl FieldNodeVerifier {
         let mut refusal = Refusal::UnknownRoot;
         for set in self.sets().iter() {
             match verify::verify(set, chain, Purpose::Client, None, at) {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.check_algorithms(chain)?;
+                    return Ok(v);
+                }
                 Err(Refusal::UnknownRoot) => {}
                 Err(r) => {
                     if refusal == Refusal::UnknownRoot {

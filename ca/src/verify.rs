@@ -98,6 +98,10 @@ pub enum Refusal {
     /// chain is past its nextUpdate.
     #[error("revocation status unknown: {0}")]
     CrlExpired(String),
+    /// A certificate of the chain uses a key or signature algorithm the verifier's policy does
+    /// not allow (an IN admits P-256 with SHA-256 by default, as TS-0003 asks).
+    #[error("{0}")]
+    Algorithm(String),
     /// The chain is malformed or uses something unsupported.
     #[error("the chain cannot be verified: {0}")]
     Unusable(String),
@@ -125,6 +129,7 @@ impl Refusal {
             Refusal::CaKeyUsage(_) => "ca_key_usage",
             Refusal::RevocationUnknown(_) => "revocation_unknown",
             Refusal::CrlExpired(_) => "crl_expired",
+            Refusal::Algorithm(_) => "algorithm_not_allowed",
             Refusal::Unusable(_) => "unusable_chain",
         }
     }

@@ -2020,3 +2020,67 @@ fn a_cbc_only_node_bootstraps_when_ts0003_cbc_is_on() {
         .unwrap();
     assert_eq!(got.tls_version, "TLSv1_2");
 }
+
+/// TS-0003 asks for P-256 with SHA-256: by default the IN refuses a field node whose chain uses
+/// another algorithm (here a P-384 device key), over TLS and DTLS; `trust.algorithms` admits it.
+#[test]
+fn the_in_admits_p256_sha256_by_default_and_other_algorithms_by_config() {
+    let fx = Fixture::new(Backend::Software);
+    let p384 = {
+        let home = m2mpki_ca::Home::open(&fx.home).unwrap();
+        let lab = LabPki {
+            store: home.store().unwrap(),
+            home,
+            cas: vec![],
+        };
+        let mut key = SoftwareKey::generate(KeyType::P384).unwrap();
+        let chain = lab
+            .issue_for(
+                &fx.keystore,
+                names::MFR_CA,
+                LeafSubject::Device("D-P384".parse().unwrap()),
+                &key,
+                None,
+            )
+            .unwrap();
+        let path = fx.dir.path().join("p384.pem");
+        write_chain(&path, &chain).unwrap();
+        let kp = fx.dir.path().join("p384.key.pem");
+        key.save(&kp, None, m2mpki_hsm::files::Overwrite::Replace)
+            .unwrap();
+        Node {
+            chain: path,
+            key: fx.keystore.open(&KeyRef::File(kp.clone())).unwrap(),
+            key_ref: kp.display().to_string(),
+            identity: format!("device:{HW_TYPE}:D-P384"),
+        }
+    };
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    {
+        let run = Running::start(&fx, fx.config("allow", DTLS));
+        for versions in BOTH {
+            assert!(matches!(
+                run.enroll(&profile, &p384, versions),
+                Err(BError::Handshake { .. })
+            ));
+        }
+        assert!(matches!(
+            run.enroll_dtls(&profile, &p384, DtlsSuite::Aes128Ccm8),
+            Err(BError::Handshake { .. })
+        ));
+        assert!(run.stored(&p384.identity).is_none());
+        // The P-256 devices of the same CA are admitted.
+        run.enroll(&profile, &fx.nodes["d1"], BOTH[0]).unwrap();
+    }
+    let text = server_config_toml("127.0.0.1:0", &fx.in_chain, &fx.in_key, "allow").replace(
+        "[trust]",
+        "[trust]\nalgorithms = [\"ecdsa-p256-sha256\", \"ecdsa-p384-sha384\"]",
+    ) + DTLS;
+    let path = fx.dir.path().join("p384-serve.toml");
+    std::fs::write(&path, text).unwrap();
+    let run = Running::start(&fx, ServerConfig::load(&path).unwrap());
+    let got = run.enroll(&profile, &p384, BOTH[0]).unwrap();
+    assert_eq!(got.identity.to_string(), p384.identity);
+    run.enroll_dtls(&profile, &p384, DtlsSuite::Aes128Ccm8)
+        .unwrap();
+}
