@@ -10,12 +10,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openssl::pkey::PKey;
 use openssl::ssl::{
     Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslSessionCacheMode,
     SslVersion,
 };
-use openssl::x509::X509;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -161,18 +159,7 @@ pub fn context(
     b.set_options(SslOptions::NO_TICKET | SslOptions::NO_RENEGOTIATION);
     b.set_mode(SslMode::RELEASE_BUFFERS);
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
-    let leaf = chain
-        .first()
-        .ok_or_else(|| crate::Error::internal("empty chain"))?;
-    let leaf = X509::from_der(leaf).map_err(openssl_error)?;
-    b.set_certificate(&leaf).map_err(openssl_error)?;
-    for c in &chain[1..] {
-        b.add_extra_chain_cert(X509::from_der(c).map_err(openssl_error)?)
-            .map_err(openssl_error)?;
-    }
-    let key = PKey::private_key_from_pkcs8(pkcs8).map_err(openssl_error)?;
-    b.set_private_key(&key).map_err(openssl_error)?;
-    b.check_private_key().map_err(openssl_error)?;
+    crate::dtls::set_identity(&mut b, chain, pkcs8)?;
     install_verifier(&mut b, move |chain| {
         verifier.verify(chain, time::OffsetDateTime::now_utc())
     });

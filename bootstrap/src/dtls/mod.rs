@@ -221,6 +221,17 @@ pub(crate) fn context(
     }
     b.set_mode(SslMode::RELEASE_BUFFERS);
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
+    set_identity(&mut b, chain, pkcs8)?;
+    Ok(b)
+}
+
+/// Gives an OpenSSL context our certificate chain (leaf first) and software key (PKCS#8 DER),
+/// checking they belong together.
+pub(crate) fn set_identity(
+    b: &mut SslContextBuilder,
+    chain: &[Vec<u8>],
+    pkcs8: &[u8],
+) -> Result<()> {
     let leaf = chain
         .first()
         .ok_or_else(|| Error::internal("empty chain"))?;
@@ -233,7 +244,7 @@ pub(crate) fn context(
     let key = PKey::private_key_from_pkcs8(pkcs8).map_err(openssl_error)?;
     b.set_private_key(&key).map_err(openssl_error)?;
     b.check_private_key().map_err(openssl_error)?;
-    Ok(b)
+    Ok(())
 }
 
 /// Refuses a ClientHello without SNI (`server_name`) with a fatal `unrecognized_name` alert, as
