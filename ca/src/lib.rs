@@ -21,6 +21,7 @@ pub mod identity;
 pub mod input;
 mod issue;
 mod leaf_der;
+mod path;
 pub mod profile;
 mod redb_store;
 pub mod revocation;

@@ -169,7 +169,7 @@ fn when(t: UnixTime) -> String {
 
 /// A readable refusal for a signature algorithm rustls-webpki does not verify; `id` is the DER
 /// inside its AlgorithmIdentifier (the OID's TLV, then any parameters).
-fn unsupported_algorithm(id: &[u8]) -> String {
+pub(crate) fn unsupported_algorithm(id: &[u8]) -> String {
     let oid = match id {
         [0x06, len, rest @ ..] if usize::from(*len) <= rest.len() => {
             x509_parser::der_parser::oid::Oid::new(std::borrow::Cow::Borrowed(
@@ -199,25 +199,14 @@ fn unsupported_algorithm(id: &[u8]) -> String {
     )
 }
 
-fn chain_has_uri_constraints(chain: &[Vec<u8>], set: &RootSet) -> bool {
-    use x509_parser::extensions::{GeneralName, ParsedExtension};
-    chain
-        .iter()
-        .skip(1)
-        .chain(set.anchors.iter().map(|a| &a.der))
-        .any(|der| {
-            X509Certificate::from_der(der).is_ok_and(|(_, c)| {
-                c.extensions().iter().any(|e| match e.parsed_extension() {
-                    ParsedExtension::NameConstraints(nc) => nc
-                        .permitted_subtrees
-                        .iter()
-                        .flatten()
-                        .chain(nc.excluded_subtrees.iter().flatten())
-                        .any(|s| matches!(s.base, GeneralName::URI(_))),
-                    _ => false,
-                })
-            })
-        })
+/// Which path validation a verification uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Validator {
+    /// rustls-webpki (the default), and m2mpki's own for chains under CAs whose name
+    /// constraints webpki refuses by design (URI, directoryName, rfc822Name).
+    Auto,
+    /// m2mpki's own for every chain (conformance suites run both).
+    Own,
 }
 
 /// Verifies `chain` (leaf first, then intermediates) against `set` at time `at`.
@@ -238,8 +227,7 @@ pub fn verify(
     verify_with(set, chain, purpose, name.as_ref(), at, EkuPolicy::Required)
 }
 
-/// [`verify`] with a choice of how the leaf's EKU is judged, for a server name that is a DNS
-/// name or an IP address (matched against iPAddress subjectAltNames).
+/// [`verify_using`] with [`Validator::Auto`].
 pub fn verify_with(
     set: &RootSet,
     chain: &[Vec<u8>],
@@ -247,6 +235,21 @@ pub fn verify_with(
     name: Option<&ServerName<'_>>,
     at: OffsetDateTime,
     eku: EkuPolicy,
+) -> std::result::Result<Verified, Refusal> {
+    verify_using(set, chain, purpose, name, at, eku, Validator::Auto)
+}
+
+/// [`verify`] with a choice of how the leaf's EKU is judged and of the path validation, for a
+/// server name that is a DNS name or an IP address (matched against iPAddress
+/// subjectAltNames).
+pub fn verify_using(
+    set: &RootSet,
+    chain: &[Vec<u8>],
+    purpose: Purpose,
+    name: Option<&ServerName<'_>>,
+    at: OffsetDateTime,
+    eku: EkuPolicy,
+    validator: Validator,
 ) -> std::result::Result<Verified, Refusal> {
     let leaf_der = chain
         .first()
@@ -267,19 +270,6 @@ pub fn verify_with(
             ))
         })?;
     }
-    let anchors: Vec<_> = set
-        .anchors
-        .iter()
-        .filter_map(|a| {
-            webpki::anchor_from_trusted_cert(&CertificateDer::from(a.der.as_slice()))
-                .ok()
-                .map(|t| t.to_owned())
-        })
-        .collect();
-    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
-        .iter()
-        .map(|d| CertificateDer::from(d.as_slice()))
-        .collect();
     // Revocation is checked after path building, by crl_status (fail-closed, scoped CRLs,
     // freshness), against parsed copies cached by digest: webpki would check the signature over
     // the whole CRL and scan its entries at every verification (270 ms per handshake for a CRL
@@ -288,66 +278,25 @@ pub fn verify_with(
     let leaf_cert = CertificateDer::from(leaf_der.as_slice());
     let ee = webpki::EndEntityCert::try_from(&leaf_cert)
         .map_err(|e| Refusal::Unusable(format!("{e:?}")))?;
-    let now = unix(at);
-    let usage = match purpose {
-        Purpose::Client => KeyUsage::client_auth(),
-        Purpose::Server => KeyUsage::server_auth(),
+    let own = validator == Validator::Own
+        || chain[1..]
+            .iter()
+            .chain(set.anchors.iter().map(|a| &a.der))
+            .any(|d| crate::path::has_constraints_webpki_refuses(d));
+    let (path_ders, anchor_index) = if own {
+        let anchor_ders: Vec<&[u8]> = set.anchors.iter().map(|a| a.der.as_slice()).collect();
+        let v = crate::path::validate(
+            leaf_der,
+            &chain[1..],
+            &anchor_ders,
+            at.unix_timestamp(),
+            purpose,
+        )?;
+        (v.ders, v.anchor)
+    } else {
+        webpki_path(set, chain, &leaf, &ee, purpose, at)?
     };
-    let leaf_not_after = leaf.validity().not_after.timestamp();
-    let leaf_not_before = leaf.validity().not_before.timestamp();
-    let path = ee
-        .verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
-            &intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map_err(|e| {
-            use webpki::Error as W;
-            match e {
-                W::UnknownIssuer => Refusal::UnknownRoot,
-                W::CertExpired { not_after, .. } => {
-                    if leaf_not_after < at.unix_timestamp() {
-                        Refusal::Expired(when(not_after))
-                    } else {
-                        Refusal::IntermediateExpired(when(not_after))
-                    }
-                }
-                W::CertNotValidYet { not_before, .. } => {
-                    if leaf_not_before > at.unix_timestamp() {
-                        Refusal::NotYetValid(when(not_before))
-                    } else {
-                        Refusal::IntermediateNotYetValid(when(not_before))
-                    }
-                }
-                W::RequiredEkuNotFoundContext(_) => {
-                    Refusal::WrongPurpose(purpose)
-                }
-                W::CertRevoked => Refusal::Revoked,
-                W::NameConstraintViolation => Refusal::NameConstraints(
-                    if chain_has_uri_constraints(chain, set) {
-                        " (a CA carries URI name constraints, which rustls-webpki does not support and always refuses)".into()
-                    } else {
-                        String::new()
-                    },
-                ),
-                W::CaUsedAsEndEntity => Refusal::CaAsLeaf,
-                W::PathLenConstraintViolated => Refusal::PathTooLong,
-                W::InvalidSignatureForPublicKey | W::InvalidCrlSignatureForPublicKey => {
-                    Refusal::BadSignature
-                }
-                W::UnsupportedSignatureAlgorithmContext(c) => {
-                    Refusal::Unusable(unsupported_algorithm(&c.signature_algorithm_id))
-                }
-                W::UnsupportedSignatureAlgorithmForPublicKeyContext(c) => {
-                    Refusal::Unusable(unsupported_algorithm(&c.signature_algorithm_id))
-                }
-                other => Refusal::Unusable(format!("{other:?}")),
-            }
-        })?;
+    let anchor_record = &set.anchors[anchor_index];
     // rustls-webpki accepts a leaf without extendedKeyUsage; m2mpki requires the purpose.
     let eku_ok = match leaf.extended_key_usage() {
         Ok(Some(eku)) => match purpose {
@@ -360,16 +309,6 @@ pub fn verify_with(
     if !eku_ok && eku == EkuPolicy::Required {
         return Err(Refusal::WrongPurpose(purpose));
     }
-    // The path from the leaf up, ending at the anchor's certificate.
-    let anchor_spki = path.anchor().subject_public_key_info.as_ref().to_vec();
-    let anchor_record = set
-        .anchors
-        .iter()
-        .find(|a| {
-            webpki::anchor_from_trusted_cert(&CertificateDer::from(a.der.as_slice()))
-                .is_ok_and(|t| t.subject_public_key_info.as_ref() == anchor_spki.as_slice())
-        })
-        .ok_or_else(|| Refusal::Unusable("the path's trust anchor is not in the set".into()))?;
     let t = at.unix_timestamp();
     if t > anchor_record.not_after || t < anchor_record.not_before {
         let (what, when_) = if t > anchor_record.not_after {
@@ -384,12 +323,6 @@ pub fn verify_with(
                 .map_or_else(|_| when_.to_string(), crate::validity::format_time)
         )));
     }
-    let mut path_ders: Vec<Vec<u8>> = vec![leaf_der.clone()];
-    path_ders.extend(
-        path.intermediate_certificates()
-            .map(|c| c.der().as_ref().to_vec()),
-    );
-    path_ders.push(anchor_record.der.clone());
     // rustls-webpki does not look at the keyUsage of issuing CAs.
     for der in &path_ders[1..] {
         let (_, ca) = X509Certificate::from_der(der)
@@ -462,6 +395,100 @@ pub fn verify_with(
         sha256: hex::encode(sha256(leaf_der)),
         anchor,
     })
+}
+
+/// rustls-webpki's path from the leaf to an anchor of `set`: the DER certificates from the leaf
+/// up, ending with the anchor's, and the anchor's index in the set.
+fn webpki_path(
+    set: &RootSet,
+    chain: &[Vec<u8>],
+    leaf: &X509Certificate<'_>,
+    ee: &webpki::EndEntityCert<'_>,
+    purpose: Purpose,
+    at: OffsetDateTime,
+) -> std::result::Result<(Vec<Vec<u8>>, usize), Refusal> {
+    let anchors: Vec<_> = set
+        .anchors
+        .iter()
+        .filter_map(|a| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(a.der.as_slice()))
+                .ok()
+                .map(|t| t.to_owned())
+        })
+        .collect();
+    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
+    let now = unix(at);
+    let usage = match purpose {
+        Purpose::Client => KeyUsage::client_auth(),
+        Purpose::Server => KeyUsage::server_auth(),
+    };
+    let leaf_not_after = leaf.validity().not_after.timestamp();
+    let leaf_not_before = leaf.validity().not_before.timestamp();
+    let path = ee
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| {
+            use webpki::Error as W;
+            match e {
+                W::UnknownIssuer => Refusal::UnknownRoot,
+                W::CertExpired { not_after, .. } => {
+                    if leaf_not_after < at.unix_timestamp() {
+                        Refusal::Expired(when(not_after))
+                    } else {
+                        Refusal::IntermediateExpired(when(not_after))
+                    }
+                }
+                W::CertNotValidYet { not_before, .. } => {
+                    if leaf_not_before > at.unix_timestamp() {
+                        Refusal::NotYetValid(when(not_before))
+                    } else {
+                        Refusal::IntermediateNotYetValid(when(not_before))
+                    }
+                }
+                W::RequiredEkuNotFoundContext(_) => Refusal::WrongPurpose(purpose),
+                W::CertRevoked => Refusal::Revoked,
+                W::NameConstraintViolation => Refusal::NameConstraints(String::new()),
+                W::CaUsedAsEndEntity => Refusal::CaAsLeaf,
+                W::PathLenConstraintViolated => Refusal::PathTooLong,
+                W::InvalidSignatureForPublicKey | W::InvalidCrlSignatureForPublicKey => {
+                    Refusal::BadSignature
+                }
+                W::UnsupportedSignatureAlgorithmContext(c) => {
+                    Refusal::Unusable(unsupported_algorithm(&c.signature_algorithm_id))
+                }
+                W::UnsupportedSignatureAlgorithmForPublicKeyContext(c) => {
+                    Refusal::Unusable(unsupported_algorithm(&c.signature_algorithm_id))
+                }
+                other => Refusal::Unusable(format!("{other:?}")),
+            }
+        })?;
+    // The path from the leaf up, ending at the anchor's certificate.
+    let anchor_spki = path.anchor().subject_public_key_info.as_ref().to_vec();
+    let anchor_index = set
+        .anchors
+        .iter()
+        .position(|a| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(a.der.as_slice()))
+                .is_ok_and(|t| t.subject_public_key_info.as_ref() == anchor_spki.as_slice())
+        })
+        .ok_or_else(|| Refusal::Unusable("the path's trust anchor is not in the set".into()))?;
+    let mut path_ders: Vec<Vec<u8>> = vec![chain[0].clone()];
+    path_ders.extend(
+        path.intermediate_certificates()
+            .map(|c| c.der().as_ref().to_vec()),
+    );
+    path_ders.push(set.anchors[anchor_index].der.clone());
+    Ok((path_ders, anchor_index))
 }
 
 /// Prepares the CRLs of `set` for [`verify`]: parsed, revoked serials in a set, cached by

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use m2mpki_ca::rootset::{Anchor, CrlRecord, RevocationPolicy, RootSet, RootSetKind};
-use m2mpki_ca::verify::{self, EkuPolicy, Purpose};
+use m2mpki_ca::verify::{self, EkuPolicy, Purpose, Validator};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// Where the PKITS data is: `$M2MPKI_PKITS`, else the `cryptography_vectors` package of the
@@ -177,6 +177,18 @@ impl Pkits {
 
 #[test]
 fn pkits_sections_4_1_to_4_7_and_4_13_to_4_16() {
+    run(Validator::Auto);
+}
+
+/// m2mpki's own path validation (the one for chains under URI, directoryName or rfc822Name
+/// constraints) over every case, so that it is held to the same rule as webpki's.
+#[test]
+fn pkits_through_m2mpki_own_path_validation() {
+    run(Validator::Own);
+}
+
+fn run(validator: Validator) {
+    println!("path validation: {validator:?}");
     let dir = pkits_dir();
     let (pkits, ees) = Pkits::load(&dir);
     assert!(
@@ -217,13 +229,14 @@ fn pkits_sections_4_1_to_4_7_and_4_13_to_4_16() {
             }
             println!("{name}: refused CRLs {crl_refusals:?}");
         }
-        let verdict = verify::verify_with(
+        let verdict = verify::verify_using(
             &set,
             &chain,
             Purpose::Server,
             None,
             at,
             EkuPolicy::IfPresent,
+            validator,
         );
         let row = table.entry(sec).or_default();
         match (valid, &verdict) {
@@ -260,6 +273,6 @@ fn pkits_sections_4_1_to_4_7_and_4_13_to_4_16() {
     }
     assert!(
         accepted_invalid.is_empty(),
-        "chains PKITS marks invalid were accepted: {accepted_invalid:?}"
+        "{validator:?}: chains PKITS marks invalid were accepted: {accepted_invalid:?}"
     );
 }

@@ -2084,3 +2084,44 @@ fn the_in_admits_p256_sha256_by_default_and_other_algorithms_by_config() {
     run.enroll_dtls(&profile, &p384, DtlsSuite::Aes128Ccm8)
         .unwrap();
 }
+
+/// The lab enterprise's CAs carry URI name constraints (its domain and subdomains). A node
+/// certificate signed with the enterprise CA's key whose URIs leave that domain gets no
+/// credential, over TLS 1.3 and 1.2; the same forgery inside the domain bootstraps (so it is
+/// the constraint that refuses, not the forging).
+#[test]
+fn the_in_holds_node_certificates_to_their_enterprise_uri_constraints() {
+    let fx = Fixture::new(Backend::Software);
+    let forged = |uris: &[&str], name: &str, id: &str| {
+        let (chain, kp) =
+            m2mpki_test_pki::forge_node(&fx.home, names::ENT_CA, uris, fx.dir.path(), name)
+                .unwrap();
+        Node {
+            chain,
+            key: fx.keystore.open(&KeyRef::File(kp.clone())).unwrap(),
+            key_ref: kp.display().to_string(),
+            identity: format!("node:{ENTERPRISE}:{id}"),
+        }
+    };
+    let inside = forged(&["onem2m-node://acme.example/URI-IN"], "uri-in", "URI-IN");
+    let outside = forged(
+        &[
+            "onem2m-node://acme.example/URI-OUT",
+            "https://evil.example/",
+        ],
+        "uri-out",
+        "URI-OUT",
+    );
+    let run = Running::start(&fx, fx.config("allow", ""));
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    for versions in BOTH {
+        assert_handshake_refused(
+            run.enroll(&profile, &outside, versions),
+            "CertificateUnknown",
+        );
+    }
+    assert!(run.stored(&outside.identity).is_none());
+    let got = run.enroll(&profile, &inside, BOTH[0]).unwrap();
+    assert_eq!(got.identity.to_string(), inside.identity);
+    assert!(run.stored(&inside.identity).is_some());
+}

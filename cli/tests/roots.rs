@@ -1274,3 +1274,59 @@ fn verify_names_an_ip_address() {
         "in.ip.example",
     );
 }
+
+/// The lab enterprise's CAs constrain node URIs to acme.example and its subdomains (TS-0003's
+/// name constraints on CA certificates). A node certificate signed with the enterprise CA's key
+/// but outside that constraint — which `issue node` would never make — is refused with
+/// `name_constraints`, as OpenSSL refuses it; the same forgery inside the constraint verifies.
+#[test]
+fn a_node_outside_its_enterprise_uri_constraint_is_refused() {
+    let lab = lab_with_sets();
+    let forge = |uris: &[&str], name: &str| {
+        m2mpki_test_pki::forge_node(&lab.home, names::ENT_CA, uris, lab.dir.path(), name)
+            .unwrap()
+            .0
+    };
+    let root = lab.root_pem(names::ENT_ROOT);
+    let inside = forge(&["onem2m-node://plant.acme.example/FORGED-1"], "inside");
+    let v = lab.json(&["roots", "verify", "acme", inside.to_str().unwrap()]);
+    assert_eq!(v["result"]["identity"], "node:plant.acme.example:FORGED-1");
+    let ossl = openssl_verify(&root, &inside, "sslclient");
+    assert!(
+        ossl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ossl.stdout) + String::from_utf8_lossy(&ossl.stderr)
+    );
+    // A node identity of the enterprise, plus a URI on a foreign host.
+    let outside = forge(
+        &[
+            "onem2m-node://acme.example/FORGED-2",
+            "https://evil.example/",
+        ],
+        "outside",
+    );
+    refused(
+        &lab,
+        "acme",
+        &outside,
+        &[],
+        "name_constraints",
+        "the URI `https://evil.example/` is outside every permitted subtree",
+    );
+    assert!(!openssl_verify(&root, &outside, "sslclient")
+        .status
+        .success());
+    // A URI without a host cannot be matched against a URI constraint: refused (RFC 5280).
+    let hostless = forge(
+        &["onem2m-node://acme.example/FORGED-3", "urn:uuid:0000"],
+        "hostless",
+    );
+    refused(
+        &lab,
+        "acme",
+        &hostless,
+        &[],
+        "name_constraints",
+        "has no host name",
+    );
+}

@@ -139,10 +139,15 @@ impl LabPki {
         let home = Home::open(home)?;
         let store = home.store()?;
         let none = NameConstraints::default;
-        // DNS constraints only: rustls-webpki (the bootstrap server's verifier) refuses every
-        // certificate with a URI SAN below a CA with URI constraints. Node identities are kept
-        // to the enterprise by its node root set instead.
-        let ent_nc = NameConstraints::new(&[ENTERPRISE.into()], &[], &[], &[])?;
+        // The enterprise's CAs constrain node identities (`onem2m-node://<enterprise>/<ID>`) to
+        // its domain and subdomains by URI name constraints, as TS-0003 asks of CA
+        // certificates; verification takes m2mpki's own path validation for them.
+        let ent_nc = NameConstraints::new(
+            &[ENTERPRISE.into()],
+            &[],
+            &[ENTERPRISE.into(), format!(".{ENTERPRISE}")],
+            &[],
+        )?;
         let mfr_nc = NameConstraints::new(&["mfr.example".into()], &[], &[], &[])?;
         let infra_nc = NameConstraints::new(&["m2m.localhost".into()], &[], &[], &[])?;
         let plan = [
@@ -408,4 +413,52 @@ max_body = 8192
         dev = sets::DEVICE,
         node = sets::NODE,
     )
+}
+
+/// A node certificate that the CA `ca` of `home` (a software key of the lab) never issued: made
+/// with rcgen and signed with the CA's key file directly, bypassing every check m2mpki makes
+/// before it signs. It carries clientAuth, a fresh P-256 key and the subjectAltName URIs given,
+/// so a verifier has only the CA's constraints to refuse it by. Writes `<name>.pem` (the leaf,
+/// then the CA certificate) and `<name>.key.pem` into `dir`.
+pub fn forge_node(
+    home: &Path,
+    ca: &str,
+    uris: &[&str],
+    dir: &Path,
+    name: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    let home = Home::open(home)?;
+    let record =
+        m2mpki_ca::Store::ca(&home.store()?, ca)?.with_context(|| format!("no CA `{ca}`"))?;
+    let ca_key = SoftwareKey::load(&home.root().join(Home::ca_key_path(ca)), None)?;
+    let issuer = rcgen::Issuer::from_ca_cert_der(&record.cert_der.clone().into(), &ca_key)?;
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.subject_alt_names = uris
+        .iter()
+        .map(|u| Ok(rcgen::SanType::URI((*u).try_into()?)))
+        .collect::<Result<_>>()?;
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(30);
+    let mut serial = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut serial).map_err(|_| anyhow::anyhow!("no randomness"))?;
+    serial[0] &= 0x7f;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    let mut key = SoftwareKey::generate(KeyType::P256)?;
+    let cert = params.signed_by(&key, &issuer)?;
+    let chain = dir.join(format!("{name}.pem"));
+    let pem: String = [cert.der().to_vec(), record.cert_der.clone()]
+        .iter()
+        .map(|d| files::pem_encode("CERTIFICATE", d))
+        .collect();
+    std::fs::write(&chain, pem)?;
+    let key_path = dir.join(format!("{name}.key.pem"));
+    key.save(&key_path, None, Overwrite::Replace)?;
+    Ok((chain, key_path))
 }

@@ -89,16 +89,6 @@ pub(crate) fn init(ctx: &Ctx, a: Box<CaInitArgs>) -> Result<()> {
             ts(record.not_after)
         );
     }
-    let nc = &record.name_constraints;
-    if !(nc.permitted_uri_domains.is_empty() && nc.excluded_uri_domains.is_empty()) {
-        eprintln!(
-            "m2mpki: warning: CA `{}` carries URI name constraints. OpenSSL honours them, but rustls-webpki \
-             (used by `roots verify` and the bootstrap server) refuses every certificate with a URI \
-             subjectAltName below such a CA, so its node certificates cannot bootstrap with m2mpki. \
-             Node root sets keep node identities to their enterprise instead.",
-            record.name
-        );
-    }
     if ctx.json {
         #[derive(Serialize)]
         struct Out<'a> {
