@@ -219,6 +219,25 @@ struct File {
     limits: LimitsFile,
     #[serde(default)]
     protocol: ProtocolFile,
+    psk: Option<PskFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PskFile {
+    listen: String,
+    upstream: Option<String>,
+}
+
+/// The PSK association listener (TS-0003's Provisioned Symmetric Key security association,
+/// with the provisioned credentials as keys).
+#[derive(Clone, Debug)]
+pub struct PskConfig {
+    /// Where to listen (TCP, TLS 1.2 PSK suites).
+    pub listen: SocketAddr,
+    /// The service behind the IN (the IN-CSE, plain HTTP): every request other than the
+    /// association check is forwarded there with the authenticated identity in a header.
+    pub upstream: Option<SocketAddr>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -340,6 +359,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Protocol versions answered: 1 (the contribution) and 2 (TS-0003), both by default.
     pub protocol_versions: Vec<u32>,
+    /// The PSK association listener; `None` (the default) switches it off.
+    pub psk: Option<PskConfig>,
 }
 
 fn rel(base: &Path, p: PathBuf) -> PathBuf {
@@ -474,6 +495,17 @@ impl ServerConfig {
             f.protocol.versions
         };
         let key = m2mpki_hsm::KeyRef::parse_relative(&f.tls.key, base)?;
+        let psk = match f.psk {
+            None => None,
+            Some(p) => Some(PskConfig {
+                listen: addr("psk.listen", &p.listen)?,
+                upstream: p
+                    .upstream
+                    .as_deref()
+                    .map(|u| addr("psk.upstream", u))
+                    .transpose()?,
+            }),
+        };
         Ok(ServerConfig {
             fqdn,
             listen,
@@ -507,6 +539,7 @@ impl ServerConfig {
             parameters,
             limits,
             protocol_versions,
+            psk,
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod enrol;
 mod error;
 mod http_head;
 pub mod protocol;
+pub mod psk;
 pub mod server;
 pub mod tls;
 

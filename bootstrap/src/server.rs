@@ -40,6 +40,7 @@ pub struct Server {
     tls: Arc<rustls::ServerConfig>,
     dtls: Option<Arc<crate::dtls::server::Endpoint>>,
     cbc: Option<Arc<crate::cbc::Cbc>>,
+    psk: Option<Arc<crate::psk::Listener>>,
     ca_store: Arc<RedbStore>,
 }
 
@@ -50,6 +51,8 @@ pub struct Listeners {
     pub tls: Option<TcpListener>,
     /// DTLS (UDP), when configured.
     pub dtls: Option<tokio::net::UdpSocket>,
+    /// The PSK association listener (TCP), when configured.
+    pub psk: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -66,6 +69,14 @@ impl Listeners {
         self.dtls
             .as_ref()
             .ok_or_else(|| std::io::Error::other("DTLS is switched off in the server config"))?
+            .local_addr()
+    }
+
+    /// The PSK association address.
+    pub fn psk_addr(&self) -> std::io::Result<SocketAddr> {
+        self.psk
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no [psk] listener in the server config"))?
             .local_addr()
     }
 }
@@ -241,11 +252,24 @@ impl Server {
                 live: std::sync::atomic::AtomicUsize::new(0),
             })),
         };
+        let psk = match &shared.config.psk {
+            None => None,
+            Some(p) => Some(Arc::new(crate::psk::Listener {
+                ctx: crate::psk::server_context(
+                    shared.creds.clone(),
+                    shared.store_key.clone(),
+                    openssl::ssl::SslVersion::TLS1_2,
+                )?,
+                upstream: p.upstream,
+                limits: shared.config.limits.clone(),
+            })),
+        };
         Ok(Server {
             shared,
             tls: Arc::new(tls_config),
             dtls,
             cbc,
+            psk,
             ca_store,
         })
     }
@@ -300,7 +324,14 @@ impl Server {
                 Some(socket)
             }
         };
-        Ok(Listeners { tls, dtls })
+        let psk = match &self.shared.config.psk {
+            None => None,
+            Some(p) => Some(
+                listen(p.listen, self.shared.config.limits.max_connections)
+                    .map_err(|e| cant(p.listen, e))?,
+            ),
+        };
+        Ok(Listeners { tls, dtls, psk })
     }
 
     /// Serves until `shutdown` completes, then stops accepting and lets open connections
@@ -352,6 +383,21 @@ impl Server {
             }
             _ => None,
         };
+        let psk = match (listeners.psk, &self.psk) {
+            (Some(listener), Some(service)) => {
+                tracing::info!(addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), upstream = ?service.upstream, "PSK association listener (TLS 1.2 PSK)");
+                let service = service.clone();
+                let mut stop = stop_rx.clone();
+                Some(tokio::spawn(async move {
+                    service
+                        .run(listener, async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        })
+                        .await
+                }))
+            }
+            _ => None,
+        };
         let result = match listeners.tls {
             Some(listener) => self.clone().run_tls(listener, shutdown).await,
             None => {
@@ -362,6 +408,9 @@ impl Server {
         let _ = stop_tx.send(true);
         if let Some(d) = dtls {
             let _ = d.await;
+        }
+        if let Some(p) = psk {
+            let _ = p.await;
         }
         drop(stop_rx);
         refresher.abort();

@@ -633,6 +633,20 @@ pub enum BootstrapCommand {
         #[arg(long, default_value = "30s")]
         timeout: String,
     },
+    /// Put a bootstrapped credential to use: establish TS-0003's pre-shared-key security
+    /// association with the IN (TLS 1.2 PSK, the credential ID as PSK identity) and print who
+    /// the IN authenticated
+    Associate {
+        /// The credential file `bootstrap enroll` wrote
+        #[arg(long, value_name = "FILE")]
+        credential: PathBuf,
+        /// The IN's PSK association listener
+        #[arg(long, value_name = "HOST:PORT")]
+        connect: String,
+        /// Give up after this long
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
     /// Add technician grants: IDENTITY may access RESOURCE...
     Grant {
         /// Canonical identity (device:<hwType>:<ID> or node:<enterprise>:<ID>)

@@ -357,6 +357,8 @@ struct Running {
     addr: SocketAddr,
     /// The DTLS address, when the config has a [dtls] section.
     dtls: Option<SocketAddr>,
+    /// The PSK association address, when the config has a [psk] section.
+    psk: Option<SocketAddr>,
     server: Arc<Server>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<m2mpki_bootstrap::Result<()>>>,
@@ -374,6 +376,7 @@ impl Running {
         let listener = rt.block_on(server.bind()).unwrap();
         let addr = listener.local_addr().unwrap();
         let dtls = listener.dtls_addr().ok();
+        let psk = listener.psk_addr().ok();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let s = server.clone();
         let task = rt.spawn(async move {
@@ -386,6 +389,7 @@ impl Running {
             rt,
             addr,
             dtls,
+            psk,
             server,
             stop: Some(tx),
             task: Some(task),
@@ -981,6 +985,13 @@ fn the_cli_enrols_writes_a_private_credential_and_serve_stops_on_sigterm() {
             .unwrap()
             .port()
     };
+    let psk_port = {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
     let config = fx.dir.path().join("cli-serve.toml");
     std::fs::write(
         &config,
@@ -989,7 +1000,7 @@ fn the_cli_enrols_writes_a_private_credential_and_serve_stops_on_sigterm() {
             &fx.in_chain,
             &fx.in_key,
             "allow",
-        ),
+        ) + &format!("\n[psk]\nlisten = \"127.0.0.1:{psk_port}\"\n"),
     )
     .unwrap();
     let serve = Command::new(env!("CARGO_BIN_EXE_m2mpki"))
@@ -1086,6 +1097,64 @@ fn the_cli_enrols_writes_a_private_credential_and_serve_stops_on_sigterm() {
         .output()
         .unwrap();
     assert_eq!(again.status.code(), Some(2));
+    // The credential put to use: `bootstrap associate` (TLS 1.2 PSK) is told who it is.
+    let assoc = m2mpki(&[
+        "--json",
+        "bootstrap",
+        "associate",
+        "--credential",
+        cred.to_str().unwrap(),
+        "--connect",
+        &format!("127.0.0.1:{psk_port}"),
+    ]);
+    assert!(
+        assoc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&assoc.stderr)
+    );
+    let a: serde_json::Value = serde_json::from_slice(&assoc.stdout).unwrap();
+    assert_eq!(a["identity"], node.identity.as_str());
+    assert_eq!(a["credential_id"], file["credential_id"]);
+    assert!(!String::from_utf8_lossy(&assoc.stdout).contains(secret));
+    // A credential file with a key that is one bit off: the IN does not associate (exit 3,
+    // refused), and a file that is not a credential file is bad input (exit 2).
+    let mut tampered = file.clone();
+    let mut key = hex::decode(secret).unwrap();
+    key[31] ^= 1;
+    tampered["credential"] = hex::encode(key).into();
+    let bad_cred = fx.dir.path().join("tampered.cred");
+    std::fs::write(&bad_cred, tampered.to_string()).unwrap();
+    let out = m2mpki(&[
+        "bootstrap",
+        "associate",
+        "--credential",
+        bad_cred.to_str().unwrap(),
+        "--connect",
+        &format!("127.0.0.1:{psk_port}"),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("handshake"), "{err}");
+    assert!(!err.contains(secret), "{err}");
+    std::fs::write(
+        &bad_cred,
+        "{\"m2mpki_credential\": 1, \"credential\": \"zz\"}",
+    )
+    .unwrap();
+    let out = m2mpki(&[
+        "bootstrap",
+        "associate",
+        "--credential",
+        bad_cred.to_str().unwrap(),
+        "--connect",
+        &format!("127.0.0.1:{psk_port}"),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tampered.cred"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // SIGTERM drains and stops cleanly.
     let status = Command::new("kill")
         .args(["-TERM", &serve.id().to_string()])
@@ -2124,4 +2193,196 @@ fn the_in_holds_node_certificates_to_their_enterprise_uri_constraints() {
     let got = run.enroll(&profile, &inside, BOTH[0]).unwrap();
     assert_eq!(got.identity.to_string(), inside.identity);
     assert!(run.stored(&inside.identity).is_some());
+}
+
+/// `openssl s_client` over TLS 1.2 with a pre-shared key: sends `request`, returns what came
+/// back (stdout) and s_client's diagnostics (stderr).
+fn psk_client(
+    addr: SocketAddr,
+    identity: &str,
+    key: &[u8],
+    cipher: &str,
+    request: &str,
+) -> (String, String) {
+    let mut child = tool("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            IN_FQDN,
+            "-tls1_2",
+            "-quiet",
+            "-psk_identity",
+            identity,
+            "-psk",
+            &hex::encode(key),
+            "-cipher",
+            cipher,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(request.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A one-request HTTP service standing in for the IN-CSE behind the IN: it answers each
+/// request with the request head it received, so a test sees what the IN forwarded.
+fn echo_upstream() -> (SocketAddr, std::thread::JoinHandle<()>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in l.incoming().take(1) {
+            let mut c = conn.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = c.read(&mut chunk).unwrap();
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = String::from_utf8_lossy(&buf).into_owned();
+            write!(
+                c,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        }
+    });
+    (addr, h)
+}
+
+/// TS-0003's pre-shared-key association with the credential the bootstrap provisioned, as a
+/// node built to the standard would make it (`openssl s_client -psk`): the IN looks the key up
+/// by credential ID (version 1) or KeID (version 2), names the node it authenticated, and
+/// forwards other requests to the service behind it with that identity in a header a node
+/// cannot forge. A wrong key, an unknown identity and a superseded credential get nothing.
+#[test]
+fn the_provisioned_credential_establishes_a_psk_association() {
+    let fx = Fixture::new(Backend::Software);
+    let (upstream, echo) = echo_upstream();
+    let extra = format!("\n[psk]\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n");
+    let run = Running::start(&fx, fx.config("allow", &extra));
+    let psk = run.psk.unwrap();
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    let d1 = &fx.nodes["d1"];
+    let first = run.enroll(&profile, d1, BOTH[0]).unwrap();
+    let ask = format!(
+        "GET {} HTTP/1.1\r\nhost: {IN_FQDN}\r\nconnection: close\r\n\r\n",
+        m2mpki_bootstrap::psk::ASSOCIATION_PATH
+    );
+    // ECDHE-PSK (what s_client prefers) and the constrained nodes' PSK-AES128-CCM8.
+    for cipher in ["ECDHE-PSK-AES128-CBC-SHA256", "PSK-AES128-CCM8"] {
+        let (out, err) = psk_client(
+            psk,
+            &first.credential_id,
+            first.credential.expose(),
+            cipher,
+            &ask,
+        );
+        assert!(out.contains("HTTP/1.1 200"), "{cipher}: {out}\n{err}");
+        let body: serde_json::Value =
+            serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["identity"], d1.identity, "{cipher}");
+        assert_eq!(body["credential_id"], first.credential_id.as_str());
+    }
+    // Our own client agrees.
+    let ours = m2mpki_bootstrap::psk::associate(&m2mpki_bootstrap::psk::AssociateRequest {
+        credential_id: first.credential_id.clone(),
+        credential: first.credential.clone(),
+        in_fqdn: IN_FQDN.into(),
+        connect: psk,
+        timeout: Duration::from_secs(10),
+    })
+    .unwrap();
+    assert_eq!(ours.association.identity, d1.identity);
+    // Forwarded to the service behind, with the identity the IN authenticated; a header the
+    // node sends under the same name does not get through.
+    let (out, err) = psk_client(
+        psk,
+        &first.credential_id,
+        first.credential.expose(),
+        "ECDHE-PSK-AES128-CBC-SHA256",
+        &format!("GET /~/in-cse HTTP/1.1\r\nhost: {IN_FQDN}\r\nX-M2mpki-Identity: device:forged:X\r\nconnection: close\r\n\r\n"),
+    );
+    assert!(out.contains("HTTP/1.1 200"), "{out}\n{err}");
+    assert!(out.contains("GET /~/in-cse HTTP/1.1"), "{out}");
+    assert!(
+        out.contains(&format!("X-M2mpki-Identity: {}", d1.identity)),
+        "{out}"
+    );
+    assert!(!out.contains("forged"), "{out}");
+    assert!(
+        out.contains(&format!("X-M2mpki-Credential-Id: {}", first.credential_id)),
+        "{out}"
+    );
+    // A wrong key, and an identity the IN never issued: no answer.
+    let mut wrong = *first.credential.expose();
+    wrong[0] ^= 1;
+    let (out, _) = psk_client(
+        psk,
+        &first.credential_id,
+        &wrong,
+        "ECDHE-PSK-AES128-CBC-SHA256",
+        &ask,
+    );
+    assert!(!out.contains("HTTP/1.1"), "{out}");
+    let (out, _) = psk_client(
+        psk,
+        "00112233445566778899aabbccddeeff",
+        first.credential.expose(),
+        "ECDHE-PSK-AES128-CBC-SHA256",
+        &ask,
+    );
+    assert!(!out.contains("HTTP/1.1"), "{out}");
+    // A second bootstrap supersedes the first credential: it no longer associates.
+    let second = run.enroll(&profile, d1, BOTH[1]).unwrap();
+    let (out, _) = psk_client(
+        psk,
+        &first.credential_id,
+        first.credential.expose(),
+        "ECDHE-PSK-AES128-CBC-SHA256",
+        &ask,
+    );
+    assert!(
+        !out.contains("HTTP/1.1"),
+        "superseded credential accepted: {out}"
+    );
+    let (out, err) = psk_client(
+        psk,
+        &second.credential_id,
+        second.credential.expose(),
+        "ECDHE-PSK-AES128-CBC-SHA256",
+        &ask,
+    );
+    assert!(out.contains(&second.credential_id), "{out}\n{err}");
+    // Version 2 (TS-0003): the KeID is the PSK identity and Ke the key.
+    let mut v2 = profile.clone();
+    v2.protocol_version = 2;
+    let n1 = &fx.nodes["n1"];
+    let ts = run.enroll(&v2, n1, BOTH[0]).unwrap();
+    let ke_id = ts.ke_id.clone().unwrap();
+    assert_eq!(ts.credential_id, ke_id);
+    let (out, err) = psk_client(psk, &ke_id, ts.credential.expose(), "PSK-AES128-CCM8", &ask);
+    assert!(
+        out.contains(&format!("\"identity\":\"{}\"", n1.identity)),
+        "{out}\n{err}"
+    );
+    drop(run);
+    echo.join().unwrap();
 }

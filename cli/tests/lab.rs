@@ -19,7 +19,8 @@ fn demo(extra: &[&str]) {
     // With software keys the IN also serves DTLS: a device enrols over DTLS + CoAP and the
     // rogue is refused there too. With the IN key on a token it serves TLS alone.
     let dtls = !extra.contains(&"softhsm");
-    assert_eq!(steps.len(), if dtls { 5 } else { 3 });
+    // Then each node that got a credential puts it to use (a PSK association with the IN).
+    assert_eq!(steps.len(), if dtls { 5 + 3 } else { 3 + 2 });
     assert!(steps.iter().all(|s| s["ok"] == true), "{steps:?}");
     assert!(steps[2]["outcome"].as_str().unwrap().contains("refused"));
     if dtls {
@@ -33,6 +34,20 @@ fn demo(extra: &[&str]) {
         assert!(
             steps[4]["outcome"].as_str().unwrap().contains("unknown ca"),
             "{steps:?}"
+        );
+    }
+    let assoc: Vec<_> = steps
+        .iter()
+        .filter(|s| s["step"].as_str().unwrap().starts_with("associate "))
+        .collect();
+    assert_eq!(assoc.len(), if dtls { 3 } else { 2 }, "{steps:?}");
+    for s in assoc {
+        assert!(
+            s["outcome"]
+                .as_str()
+                .unwrap()
+                .contains("the IN authenticated"),
+            "{s:?}"
         );
     }
     // What it left behind is a working lab: its audit log verifies, and its credential

@@ -33,10 +33,8 @@ impl Running {
             .enable_all()
             .build()
             .unwrap();
-        let mut config = ServerConfig::load(&layout.serve_config).unwrap();
-        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.listen = Some(loopback);
-        config.dtls.as_mut().expect("the lab serves DTLS").listen = loopback;
+        let mut config = lab::config_on_free_ports(&layout).unwrap();
+        assert!(config.dtls.is_some(), "the lab serves DTLS");
         tweak(&mut config);
         let home = Home::open(&layout.home).unwrap();
         let server = Arc::new(Server::new(config, &home, &Keystore::default()).unwrap());

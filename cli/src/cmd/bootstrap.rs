@@ -44,6 +44,60 @@ struct CredentialFile<'a> {
     credential: &'a str,
 }
 
+/// What `bootstrap associate` needs of a credential file.
+struct StoredCredential {
+    credential_id: String,
+    in_fqdn: String,
+    identity: String,
+    credential: m2mpki_bootstrap::protocol::RootCredential,
+}
+
+/// Reads a credential file `bootstrap enroll` wrote; a malformed one names what is wrong.
+fn read_credential_file(path: &Path) -> Result<StoredCredential> {
+    let bad = |reason: String| m2mpki_ca::Error::BadFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read it: {e}")))?,
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not a credential file ({e})")))?;
+    let field = |name: &str| -> Result<String> {
+        Ok(v.get(name)
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| bad(format!("no `{name}` string")))?
+            .to_owned())
+    };
+    if v.get("m2mpki_credential")
+        .and_then(serde_json::Value::as_u64)
+        != Some(1)
+    {
+        return Err(bad("not an m2mpki credential file (m2mpki_credential = 1)".into()).into());
+    }
+    let hex_key = zeroize::Zeroizing::new(field("credential")?);
+    let bytes = zeroize::Zeroizing::new(
+        hex::decode(hex_key.as_str()).map_err(|_| bad("`credential` is not hex".into()))?,
+    );
+    let credential = m2mpki_bootstrap::protocol::RootCredential::from_slice(&bytes)
+        .ok_or_else(|| bad(format!("`credential` has {} bytes, not 32", bytes.len())))?;
+    Ok(StoredCredential {
+        credential_id: field("credential_id")?,
+        in_fqdn: field("in_fqdn")?,
+        identity: field("identity")?,
+        credential,
+    })
+}
+
+/// HOST:PORT to one socket address.
+fn resolve(s: &str) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| UsageError(format!("--connect `{s}`: {e}")))?
+        .next()
+        .ok_or_else(|| UsageError(format!("--connect `{s}`: no address")).into())
+}
+
 async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -198,6 +252,42 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
                     enrolled.expires,
                     if enrolled.grants.is_empty() { "-".to_owned() } else { enrolled.grants.join(", ") },
                     out.display()
+                ))
+            }
+        }
+        BootstrapCommand::Associate {
+            credential,
+            connect,
+            timeout,
+        } => {
+            let timeout = m2mpki_bootstrap::config::parse_duration(&timeout)
+                .map_err(|e| UsageError(format!("--timeout: {e}")))?;
+            let file = read_credential_file(&credential)?;
+            let connect = resolve(&connect)?;
+            let done =
+                m2mpki_bootstrap::psk::associate(&m2mpki_bootstrap::psk::AssociateRequest {
+                    credential_id: file.credential_id,
+                    credential: file.credential,
+                    in_fqdn: file.in_fqdn,
+                    connect,
+                    timeout,
+                })?;
+            if done.association.identity != file.identity {
+                return Err(m2mpki_bootstrap::Error::Protocol(format!(
+                    "the IN authenticated {} with our credential, not {}",
+                    done.association.identity, file.identity
+                ))
+                .into());
+            }
+            if json {
+                emit_json(&done)
+            } else {
+                emit(&format!(
+                    "associated as {} with credential {} ({}, TLS 1.2 PSK)\n  credential expires {}",
+                    done.association.identity,
+                    done.association.credential_id,
+                    done.suite,
+                    ts(done.association.expires)
                 ))
             }
         }

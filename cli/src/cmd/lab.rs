@@ -47,6 +47,11 @@ fn next_steps(l: &LabLayout) -> String {
             l.dir.display(),
             l.port
         ));
+        s.push_str(&format!(
+            "  {m} bootstrap associate --credential {}/SN-0001.cred --connect 127.0.0.1:{}\n",
+            l.dir.display(),
+            l.port + 1
+        ));
         s.push_str(&format!("  {m} bootstrap grant {} valve-7\n", d.identity));
         s.push_str(&format!("  {m} bootstrap check {} valve-7\n", d.identity));
     }

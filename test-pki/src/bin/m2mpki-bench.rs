@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use m2mpki_bootstrap::client::{self, Enrolment};
-use m2mpki_bootstrap::config::{FieldNodeProfile, ServerConfig, TlsVersion};
+use m2mpki_bootstrap::config::{FieldNodeProfile, TlsVersion};
 use m2mpki_bootstrap::server::Server;
 use m2mpki_ca::batch::{self, BatchInput, BatchOptions, BatchOutput};
 use m2mpki_ca::profile::ProfileKind;
@@ -817,11 +817,7 @@ fn bootstrap_bench(
         .thread_name("in-server")
         .thread_keep_alive(Duration::from_secs(3600))
         .build()?;
-    let mut config = ServerConfig::load(&layout.serve_config)?;
-    config.listen = Some("127.0.0.1:0".parse()?);
-    if let Some(d) = config.dtls.as_mut() {
-        d.listen = "127.0.0.1:0".parse()?;
-    }
+    let mut config = m2mpki_test_pki::lab::config_on_free_ports(&layout)?;
     config.limits.max_connections = 4096;
     let home = m2mpki_ca::Home::open(&layout.home)?;
     let server = Arc::new(Server::new(config, &home, &keystore)?);
@@ -1122,10 +1118,9 @@ fn dtls_bench(
         .thread_name("in-server")
         .thread_keep_alive(Duration::from_secs(3600))
         .build()?;
-    let mut config = ServerConfig::load(&layout.serve_config)?;
+    let mut config = m2mpki_test_pki::lab::config_on_free_ports(&layout)?;
     config.listen = None;
     let d = config.dtls.as_mut().context("the lab IN serves DTLS")?;
-    d.listen = "127.0.0.1:0".parse()?;
     d.max_peers = 4096;
     config.limits.handshake_timeout = Duration::from_secs(30);
     let home = m2mpki_ca::Home::open(&layout.home)?;

@@ -1,0 +1,527 @@
+//! The credential put to use: TS-0003's Provisioned Symmetric Key security association
+//! (clause 8.2.2.1), with the root credential a bootstrap provisioned as the pre-shared key.
+//!
+//! The IN side is a TLS 1.2 listener (OpenSSL: rustls has no PSK support) that looks the key
+//! up by PSK identity — the credential ID, which for protocol version 2 is the KeID — in the
+//! sealed credential store, and refuses identities it does not know, superseded credentials
+//! and expired ones. Once the handshake proves the node holds the key, the IN knows which
+//! field node is talking, and hands that on: `GET /.well-known/m2mpki/association` is answered
+//! by the IN itself (who the association authenticated), and every other HTTP request is
+//! forwarded to the configured upstream (the IN-CSE) with the authenticated identity in
+//! `X-M2mpki-Identity` and the credential in `X-M2mpki-Credential-Id`; the same headers sent by
+//! the node are removed first, so only the IN can set them. docs/protocol.md §9 has the
+//! design and its trade-offs.
+//!
+//! The node side is [`associate`]: a PSK client for a credential file.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use openssl::ex_data::Index;
+use openssl::ssl::{
+    Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslSessionCacheMode, SslVersion,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::credstore::{CredentialStatus, CredentialStore, StoreKey};
+use crate::dtls::openssl_error;
+use crate::http_head::{self, Head};
+use crate::{Error, Result};
+
+/// Where the IN answers who an association authenticated.
+pub const ASSOCIATION_PATH: &str = "/.well-known/m2mpki/association";
+/// The header carrying the authenticated identity to the upstream.
+pub const IDENTITY_HEADER: &str = "X-M2mpki-Identity";
+/// The header carrying the credential ID (the PSK identity) to the upstream.
+pub const CREDENTIAL_HEADER: &str = "X-M2mpki-Credential-Id";
+
+/// TLS 1.2 PSK suites, ECDHE first (forward secrecy where the node offers it), then the plain
+/// PSK suites constrained nodes implement (RFC 6655's CCM_8 among them).
+pub const TLS_SUITES: &str = "ECDHE-PSK-AES128-CBC-SHA256:ECDHE-PSK-CHACHA20-POLY1305:\
+ECDHE-PSK-AES256-CBC-SHA384:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-CCM8:\
+PSK-AES128-CCM:PSK-CHACHA20-POLY1305:PSK-AES128-CBC-SHA256";
+
+/// Who an association authenticated: what the IN's record says of the PSK identity.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Association {
+    /// The field node's identity (canonical form).
+    pub identity: String,
+    /// The credential ID the node used as PSK identity.
+    pub credential_id: String,
+    /// When the credential expires (Unix time).
+    pub expires: i64,
+}
+
+fn association_index() -> Result<Index<Ssl, Association>> {
+    static INDEX: OnceLock<Index<Ssl, Association>> = OnceLock::new();
+    if let Some(i) = INDEX.get() {
+        return Ok(*i);
+    }
+    let i = Ssl::new_ex_index::<Association>().map_err(openssl_error)?;
+    Ok(*INDEX.get_or_init(|| i))
+}
+
+/// Why a PSK identity gets no key.
+fn lookup(
+    store: &CredentialStore,
+    key: &StoreKey,
+    identity: &str,
+    now: i64,
+) -> std::result::Result<(Association, crate::protocol::RootCredential), &'static str> {
+    let record = match store.credential(identity) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err("unknown_credential"),
+        Err(_) => return Err("store_unavailable"),
+    };
+    if record.status != CredentialStatus::Live {
+        return Err("credential_superseded");
+    }
+    if record.expires <= now {
+        return Err("credential_expired");
+    }
+    let secret = store
+        .unseal(key, &record)
+        .map_err(|_| "credential_unsealable")?;
+    Ok((
+        Association {
+            identity: record.identity.to_string(),
+            credential_id: record.id,
+            expires: record.expires,
+        },
+        secret,
+    ))
+}
+
+/// The IN's PSK context: TLS 1.2, PSK suites only, the key looked up by identity in `store`.
+pub(crate) fn server_context(
+    store: Arc<CredentialStore>,
+    key: StoreKey,
+    versions: SslVersion,
+) -> Result<SslContext> {
+    let index = association_index()?;
+    let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(openssl_error)?;
+    configure(&mut b, versions)?;
+    b.set_options(SslOptions::CIPHER_SERVER_PREFERENCE | SslOptions::NO_TICKET);
+    b.set_session_cache_mode(SslSessionCacheMode::OFF);
+    b.set_psk_server_callback(move |ssl, identity, psk| {
+        let Some(identity) = identity.and_then(|i| std::str::from_utf8(i).ok()) else {
+            tracing::info!("PSK association refused: no readable PSK identity");
+            return Ok(0);
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        match lookup(&store, &key, identity, now) {
+            Ok((assoc, secret)) => {
+                let bytes = secret.expose();
+                let Some(out) = psk.get_mut(..bytes.len()) else {
+                    return Ok(0);
+                };
+                out.copy_from_slice(bytes);
+                ssl.set_ex_data(index, assoc);
+                Ok(bytes.len())
+            }
+            Err(code) => {
+                tracing::info!(
+                    psk_identity = %identity.escape_debug(),
+                    code,
+                    "PSK association refused"
+                );
+                Ok(0)
+            }
+        }
+    });
+    Ok(b.build())
+}
+
+fn configure(b: &mut SslContextBuilder, version: SslVersion) -> Result<()> {
+    b.set_min_proto_version(Some(version))
+        .map_err(openssl_error)?;
+    b.set_max_proto_version(Some(version))
+        .map_err(openssl_error)?;
+    b.set_cipher_list(TLS_SUITES).map_err(openssl_error)
+}
+
+/// The association listener of a running IN.
+pub(crate) struct Listener {
+    pub(crate) ctx: SslContext,
+    pub(crate) upstream: Option<SocketAddr>,
+    pub(crate) limits: crate::config::Limits,
+}
+
+impl Listener {
+    /// Serves until `stop` resolves.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.limits.max_connections));
+        tokio::pin!(stop);
+        loop {
+            let permit = tokio::select! {
+                _ = &mut stop => break,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let (tcp, peer) = tokio::select! {
+                _ = &mut stop => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed (PSK association)");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let this = self.clone();
+            tokio::spawn(async move {
+                let limit = this.limits.handshake_timeout + this.limits.idle_timeout;
+                if tokio::time::timeout(limit, this.serve(tcp, peer))
+                    .await
+                    .is_err()
+                {
+                    tracing::info!(%peer, "PSK association took too long; closed");
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve(&self, tcp: TcpStream, peer: SocketAddr) {
+        let ssl = match Ssl::new(&self.ctx) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "PSK session setup failed");
+                return;
+            }
+        };
+        let Ok(mut tls) = tokio_openssl::SslStream::new(ssl, tcp) else {
+            return;
+        };
+        match tokio::time::timeout(self.limits.handshake_timeout, Pin::new(&mut tls).accept()).await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "PSK handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "PSK handshake timed out");
+                return;
+            }
+        }
+        let Some(assoc) = association_index()
+            .ok()
+            .and_then(|i| tls.ssl().ex_data(i).cloned())
+        else {
+            tracing::warn!(%peer, "PSK handshake completed without a looked-up credential; closed");
+            return;
+        };
+        let suite = tls
+            .ssl()
+            .current_cipher()
+            .map_or("?", openssl::ssl::SslCipherRef::name)
+            .to_owned();
+        tracing::info!(%peer, identity = %assoc.identity, credential = %assoc.credential_id, %suite, "PSK association established");
+        if let Err(e) = self.exchange(&mut tls, &assoc, peer).await {
+            tracing::info!(%peer, error = %e, "PSK association ended with an error");
+        }
+        let _ = tls.shutdown().await;
+    }
+
+    /// One HTTP request on an established association: answered here or forwarded.
+    async fn exchange(
+        &self,
+        tls: &mut tokio_openssl::SslStream<TcpStream>,
+        assoc: &Association,
+        peer: SocketAddr,
+    ) -> std::io::Result<()> {
+        let max_body = self.limits.max_body;
+        let buffered =
+            match tokio::time::timeout(self.limits.idle_timeout, http_head::read(tls, max_body))
+                .await
+            {
+                Ok(Ok(Head::Ok { buffered })) => buffered,
+                Ok(Ok(Head::Refuse(r))) => {
+                    let body = serde_json::json!({ "error": r.code, "message": r.message });
+                    let out = http_head::json_response(r.status, body.to_string().as_bytes());
+                    return tls.write_all(&out).await;
+                }
+                Ok(Ok(Head::Closed)) | Err(_) => return Ok(()),
+                Ok(Err(e)) => return Err(e),
+            };
+        let request = match Request::parse(&buffered) {
+            Ok(r) => r,
+            Err(status_msg) => {
+                let body = serde_json::json!({ "error": "bad_request", "message": status_msg });
+                let out = http_head::json_response(
+                    hyper::StatusCode::BAD_REQUEST,
+                    body.to_string().as_bytes(),
+                );
+                return tls.write_all(&out).await;
+            }
+        };
+        if request.path == ASSOCIATION_PATH {
+            let status = if request.method == "GET" {
+                hyper::StatusCode::OK
+            } else {
+                hyper::StatusCode::METHOD_NOT_ALLOWED
+            };
+            let body = if status == hyper::StatusCode::OK {
+                serde_json::to_vec(assoc).map_err(std::io::Error::other)?
+            } else {
+                serde_json::json!({ "error": "method_not_allowed", "message": "GET only" })
+                    .to_string()
+                    .into_bytes()
+            };
+            return tls
+                .write_all(&http_head::json_response(status, &body))
+                .await;
+        }
+        let Some(upstream) = self.upstream else {
+            let body = serde_json::json!({
+                "error": "not_found",
+                "message": format!("no upstream is configured; this IN answers {ASSOCIATION_PATH} only"),
+            });
+            return tls
+                .write_all(&http_head::json_response(
+                    hyper::StatusCode::NOT_FOUND,
+                    body.to_string().as_bytes(),
+                ))
+                .await;
+        };
+        // The whole body first (bounded by max_body), so the upstream gets one clean request.
+        let mut body = buffered[request.head_len..].to_vec();
+        let want = request.content_length.unwrap_or(0);
+        while body.len() < want {
+            let mut chunk = vec![0u8; (want - body.len()).min(16 * 1024)];
+            let n = tls.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        body.truncate(want);
+        let mut up = match TcpStream::connect(upstream).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%upstream, error = %e, "upstream unreachable");
+                let body = serde_json::json!({ "error": "upstream_unavailable", "message": "the service behind the IN is unreachable" });
+                return tls
+                    .write_all(&http_head::json_response(
+                        hyper::StatusCode::BAD_GATEWAY,
+                        body.to_string().as_bytes(),
+                    ))
+                    .await;
+            }
+        };
+        up.write_all(&request.forwarded_head(assoc, peer)).await?;
+        up.write_all(&body).await?;
+        up.flush().await?;
+        // The upstream's answer, whole, then the association closes (one request each).
+        tokio::io::copy(&mut up, tls).await?;
+        Ok(())
+    }
+}
+
+/// A parsed request head.
+struct Request {
+    method: String,
+    path: String,
+    /// `Name: value` lines to pass on.
+    headers: Vec<(String, Vec<u8>)>,
+    head_len: usize,
+    content_length: Option<usize>,
+}
+
+/// Headers that concern one hop only, or that only the IN may set.
+fn dropped(name: &str) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "x-forwarded-for",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+        || name.eq_ignore_ascii_case(IDENTITY_HEADER)
+        || name.eq_ignore_ascii_case(CREDENTIAL_HEADER)
+}
+
+impl Request {
+    fn parse(buf: &[u8]) -> std::result::Result<Self, String> {
+        let mut headers = [httparse::EMPTY_HEADER; http_head::MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let head_len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            _ => return Err("malformed request head".into()),
+        };
+        let mut content_length = None;
+        let mut kept = Vec::new();
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                return Err("chunked request bodies are not forwarded; send Content-Length".into());
+            }
+            if h.name.eq_ignore_ascii_case("content-length") {
+                content_length = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.parse().ok());
+            }
+            if !dropped(h.name) {
+                kept.push((h.name.to_owned(), h.value.to_vec()));
+            }
+        }
+        Ok(Request {
+            method: req.method.unwrap_or("").to_owned(),
+            path: req.path.unwrap_or("").to_owned(),
+            headers: kept,
+            head_len,
+            content_length,
+        })
+    }
+
+    fn forwarded_head(&self, assoc: &Association, peer: SocketAddr) -> Vec<u8> {
+        let mut out = format!("{} {} HTTP/1.1\r\n", self.method, self.path).into_bytes();
+        for (name, value) in &self.headers {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(
+            format!(
+                "{IDENTITY_HEADER}: {}\r\n{CREDENTIAL_HEADER}: {}\r\nX-Forwarded-For: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                assoc.identity,
+                assoc.credential_id,
+                peer.ip(),
+                self.content_length.unwrap_or(0)
+            )
+            .as_bytes(),
+        );
+        out
+    }
+}
+
+/// What [`associate`] needs: the credential a bootstrap wrote, and where the IN listens.
+#[derive(Debug)]
+pub struct AssociateRequest {
+    /// The credential ID (the PSK identity).
+    pub credential_id: String,
+    /// The credential (the PSK).
+    pub credential: crate::protocol::RootCredential,
+    /// The IN's FQDN (sent as SNI).
+    pub in_fqdn: String,
+    /// The IN's association listener.
+    pub connect: SocketAddr,
+    /// Connect, handshake and answer timeout.
+    pub timeout: Duration,
+}
+
+/// What the IN said of an association it accepted.
+#[derive(Debug, Clone, Serialize)]
+pub struct Associated {
+    /// The IN's answer.
+    #[serde(flatten)]
+    pub association: Association,
+    /// The TLS suite negotiated.
+    pub suite: String,
+}
+
+/// Establishes a PSK association with the IN and asks it who it authenticated.
+pub fn associate(req: &AssociateRequest) -> Result<Associated> {
+    let addr = req.connect.to_string();
+    let conn_err = |reason: String| Error::Connect {
+        addr: addr.clone(),
+        reason,
+    };
+    let mut b = SslContextBuilder::new(SslMethod::tls_client()).map_err(openssl_error)?;
+    configure(&mut b, SslVersion::TLS1_2)?;
+    let identity = req.credential_id.clone();
+    let key = req.credential.clone();
+    b.set_psk_client_callback(move |_ssl, _hint, id_out, psk_out| {
+        let id = identity.as_bytes();
+        let (Some(id_slot), Some(psk_slot)) = (
+            id_out.get_mut(..id.len() + 1),
+            psk_out.get_mut(..key.expose().len()),
+        ) else {
+            return Ok(0);
+        };
+        id_slot[..id.len()].copy_from_slice(id);
+        id_slot[id.len()] = 0;
+        psk_slot.copy_from_slice(key.expose());
+        Ok(psk_slot.len())
+    });
+    let ctx = b.build();
+    let mut ssl = Ssl::new(&ctx).map_err(openssl_error)?;
+    ssl.set_hostname(&req.in_fqdn).map_err(openssl_error)?;
+    let tcp = std::net::TcpStream::connect_timeout(&req.connect, req.timeout)
+        .map_err(|e| conn_err(e.to_string()))?;
+    tcp.set_read_timeout(Some(req.timeout))
+        .and_then(|()| tcp.set_write_timeout(Some(req.timeout)))
+        .map_err(|e| conn_err(e.to_string()))?;
+    let mut tls = ssl.connect(tcp).map_err(|e| Error::Handshake {
+        peer: addr.clone(),
+        reason: match e {
+            openssl::ssl::HandshakeError::Failure(m) => m.error().to_string(),
+            other => other.to_string(),
+        },
+    })?;
+    let suite = tls
+        .ssl()
+        .current_cipher()
+        .map_or("?", openssl::ssl::SslCipherRef::name)
+        .to_owned();
+    let request = format!(
+        "GET {ASSOCIATION_PATH} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
+        req.in_fqdn
+    );
+    tls.write_all(request.as_bytes())
+        .map_err(|e| conn_err(e.to_string()))?;
+    let mut answer = Vec::new();
+    match tls.read_to_end(&mut answer) {
+        Ok(_) => {}
+        // A peer that closes without close_notify after a whole answer is still an answer.
+        Err(_) if !answer.is_empty() => {}
+        Err(e) => return Err(conn_err(e.to_string())),
+    }
+    let bad = |reason: String| Error::Protocol(format!("association answer: {reason}"));
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(&answer) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return Err(bad("not an HTTP response".into())),
+    };
+    if resp.code != Some(200) {
+        return Err(bad(format!(
+            "status {} ({})",
+            resp.code.unwrap_or(0),
+            String::from_utf8_lossy(&answer[head_len..])
+                .chars()
+                .take(300)
+                .collect::<String>()
+        )));
+    }
+    let association: Association =
+        serde_json::from_slice(&answer[head_len..]).map_err(|e| bad(e.to_string()))?;
+    if association.credential_id != req.credential_id {
+        return Err(bad(format!(
+            "the IN names credential {}, not ours ({})",
+            association.credential_id, req.credential_id
+        )));
+    }
+    Ok(Associated { association, suite })
+}
