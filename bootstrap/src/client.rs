@@ -50,9 +50,46 @@ impl std::fmt::Debug for Enrolment {
     }
 }
 
-/// A completed bootstrap: the root credential and what came with it.
+/// What a bootstrap provisioned, before the node puts it anywhere: the credential still
+/// wrapped (version 1) with the key to unwrap it, or Ke (version 2, which the node derived
+/// itself). `Debug` shows neither.
+#[derive(Clone)]
+pub enum Provisioned {
+    /// Version 1: `wrapped` is AES-256-KW under `wrap_key` (the IN's answer, as received).
+    Wrapped {
+        /// RootCredentialWrapKey, exported from the session.
+        wrap_key: WrapKey,
+        /// The wrapped credential.
+        wrapped: Vec<u8>,
+    },
+    /// Version 2: Ke.
+    Ke(RootCredential),
+}
+
+impl std::fmt::Debug for Provisioned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Provisioned::Wrapped { .. } => "Provisioned::Wrapped(<redacted>)",
+            Provisioned::Ke(_) => "Provisioned::Ke(<redacted>)",
+        })
+    }
+}
+
+impl Provisioned {
+    /// The credential in host memory (version 1: unwrapped here; an integrity failure is an
+    /// error).
+    pub fn into_host(self) -> Result<RootCredential> {
+        match self {
+            Provisioned::Wrapped { wrap_key, wrapped } => protocol::unwrap(&wrap_key, &wrapped),
+            Provisioned::Ke(ke) => Ok(ke),
+        }
+    }
+}
+
+/// A completed bootstrap: the root credential (by default in host memory; see
+/// [`enroll_provisioned`]) and what came with it.
 #[derive(Debug, Clone, Serialize)]
-pub struct Enrolled {
+pub struct Enrolled<C = RootCredential> {
     /// Credential ID (version 2: the KeID).
     pub credential_id: String,
     /// Version 2 (TS-0003): KeID, `hex(RelativeKeID)@IN-FQDN`, checked against ours.
@@ -74,7 +111,25 @@ pub struct Enrolled {
     pub tls_version: String,
     /// The root credential (version 2: Ke).
     #[serde(skip)]
-    pub credential: RootCredential,
+    pub credential: C,
+}
+
+impl<C> Enrolled<C> {
+    /// The same enrolment with its credential turned into something else (e.g. stored).
+    pub fn map_credential<D>(self, f: impl FnOnce(C) -> Result<D>) -> Result<Enrolled<D>> {
+        Ok(Enrolled {
+            credential: f(self.credential)?,
+            credential_id: self.credential_id,
+            ke_id: self.ke_id,
+            in_fqdn: self.in_fqdn,
+            identity: self.identity,
+            admitted_by: self.admitted_by,
+            expires: self.expires,
+            grants: self.grants,
+            parameters: self.parameters,
+            tls_version: self.tls_version,
+        })
+    }
 }
 
 /// Whether an I/O error carries a TLS-level failure (an alert received or sent, a certificate
@@ -138,18 +193,32 @@ pub async fn enroll(e: Enrolment) -> Result<Enrolled> {
     enroll_prepared(&Prepared::new(&e)?).await
 }
 
+/// [`enroll`], leaving the credential as the IN provisioned it (version 1: still wrapped), for
+/// a node that unwraps it somewhere safer than host memory (a PKCS#11 token).
+pub async fn enroll_provisioned(e: Enrolment) -> Result<Enrolled<Provisioned>> {
+    let p = Prepared::new(&e)?;
+    with_timeout(&p, enroll_inner(&p)).await
+}
+
+async fn with_timeout<T>(
+    p: &Prepared,
+    f: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let timeout = p.timeout;
+    tokio::time::timeout(timeout, f).await.map_err(|_| {
+        Error::Timeout(format!(
+            "after {timeout:?} waiting for the Infrastructure Node"
+        ))
+    })?
+}
+
 /// Runs the bootstrap procedure with a set-up made once ([`Prepared::new`]): what a tool that
 /// enrols the same node repeatedly (or a benchmark) calls, so each enrolment costs only the
 /// exchange itself.
 pub async fn enroll_prepared(p: &Prepared) -> Result<Enrolled> {
-    let timeout = p.timeout;
-    tokio::time::timeout(timeout, enroll_inner(p))
-        .await
-        .map_err(|_| {
-            Error::Timeout(format!(
-                "after {timeout:?} waiting for the Infrastructure Node"
-            ))
-        })?
+    with_timeout(p, enroll_inner(p))
+        .await?
+        .map_credential(Provisioned::into_host)
 }
 
 /// What a field node sets up before it bootstraps: its certificate checked against its key, its
@@ -308,7 +377,7 @@ pub async fn connect_prepared(p: &Prepared) -> Result<Connected> {
     })
 }
 
-async fn enroll_inner(p: &Prepared) -> Result<Enrolled> {
+async fn enroll_inner(p: &Prepared) -> Result<Enrolled<Provisioned>> {
     match &p.dtls {
         Some(ctx) => enroll_dtls(p, ctx).await,
         None => enroll_tls(p).await,
@@ -316,7 +385,10 @@ async fn enroll_inner(p: &Prepared) -> Result<Enrolled> {
 }
 
 /// The bootstrap over DTLS and CoAP: the same request and response documents as over HTTP.
-async fn enroll_dtls(p: &Prepared, ctx: &openssl::ssl::SslContext) -> Result<Enrolled> {
+async fn enroll_dtls(
+    p: &Prepared,
+    ctx: &openssl::ssl::SslContext,
+) -> Result<Enrolled<Provisioned>> {
     let deadline = std::time::Instant::now() + p.timeout;
     let mut session =
         crate::dtls::client::connect(ctx, &p.addr, &p.fqdn, DEFAULT_MTU, deadline).await?;
@@ -332,7 +404,7 @@ async fn enroll_dtls(p: &Prepared, ctx: &openssl::ssl::SslContext) -> Result<Enr
     accept_response(p, status, &bytes, &wrap_key, &keys, protocol)
 }
 
-async fn enroll_tls(p: &Prepared) -> Result<Enrolled> {
+async fn enroll_tls(p: &Prepared) -> Result<Enrolled<Provisioned>> {
     let fqdn = p.fqdn.clone();
     let Connected {
         tls,
@@ -387,7 +459,7 @@ async fn enroll_tls(p: &Prepared) -> Result<Enrolled> {
 }
 
 /// Checks a response document (either transport; `status` as HTTP reads it, CoAP `c.dd` as
-/// `c*100+dd`) and unwraps the credential.
+/// `c*100+dd`) and takes the credential as provisioned.
 fn accept_response(
     p: &Prepared,
     status: u16,
@@ -395,7 +467,7 @@ fn accept_response(
     wrap_key: &WrapKey,
     keys: &Ts0003Keys,
     tls_version: String,
-) -> Result<Enrolled> {
+) -> Result<Enrolled<Provisioned>> {
     let fqdn = &p.fqdn;
     let own_identity = &p.own_identity;
     if !(200..300).contains(&status) {
@@ -447,7 +519,7 @@ fn accept_response(
                 "a version 2 response carries a wrapped credential".into(),
             ));
         }
-        (keys.ke().clone(), Some(own))
+        (Provisioned::Ke(keys.ke().clone()), Some(own))
     } else {
         if r.wrap_algorithm.as_deref() != Some(WRAP_ALGORITHM) {
             return Err(Error::Protocol(format!(
@@ -462,7 +534,13 @@ fn accept_response(
         let wrapped = base64::engine::general_purpose::STANDARD
             .decode(b64)
             .map_err(|_| Error::Protocol("wrapped_credential is not base64".into()))?;
-        (protocol::unwrap(wrap_key, &wrapped)?, None)
+        (
+            Provisioned::Wrapped {
+                wrap_key: wrap_key.clone(),
+                wrapped,
+            },
+            None,
+        )
     };
     Ok(Enrolled {
         ke_id,

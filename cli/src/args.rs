@@ -620,6 +620,11 @@ pub enum BootstrapCommand {
         /// Credential file to write (mode 0600)
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Keep the credential on a PKCS#11 token instead of in the file: a new object
+        /// (pkcs11:token=...;object=LABEL) made by C_UnwrapKey, sensitive and never extractable;
+        /// the file then records its URI
+        #[arg(long, value_name = "PKCS11_URI")]
+        credential_out: Option<String>,
         /// Overwrite an existing credential file
         #[arg(long)]
         force: bool,

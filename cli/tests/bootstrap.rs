@@ -2386,3 +2386,217 @@ fn the_provisioned_credential_establishes_a_psk_association() {
     drop(run);
     echo.join().unwrap();
 }
+
+/// `pkcs11-tool --list-objects` of the token `label` (logged in), run as its own process on this
+/// test process's SoftHSM2 config.
+fn token_objects(hsm: &m2mpki_test_pki::softhsm::SoftHsm, label: &str, pin: &str) -> String {
+    let out = tool("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .arg("--module")
+        .arg(&hsm.module)
+        .args([
+            "--token-label",
+            label,
+            "--login",
+            "--pin",
+            pin,
+            "--list-objects",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `Access:` flags pkcs11-tool prints for the object labelled `object`.
+fn access_of(listing: &str, object: &str) -> Vec<String> {
+    let block = listing
+        .split("Secret Key Object")
+        .find(|b| b.contains(&format!("label:      {object}\n")))
+        .unwrap_or_else(|| panic!("no secret key `{object}` in:\n{listing}"));
+    block
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Access:"))
+        .unwrap_or("")
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .collect()
+}
+
+/// TS-0003 keeps long-term keys in a secure environment: the node's credential goes from the
+/// IN's answer into its PKCS#11 token by C_UnwrapKey (CKM_AES_KEY_WRAP), never in host memory
+/// in the clear. The object is sensitive and not extractable, and an HMAC computed with it on
+/// the token equals one computed with the IN's record; a wrong wrap key fails the unwrap and
+/// leaves nothing on the token. Version 2's Ke is stored the same way; the CLI writes the
+/// object's URI instead of the key.
+#[test]
+fn the_credential_is_unwrapped_into_the_nodes_token() {
+    m2mpki_test_pki::softhsm::isolated(
+        concat!(
+            module_path!(),
+            "::the_credential_is_unwrapped_into_the_nodes_token"
+        ),
+        credential_on_token,
+    );
+}
+
+fn credential_on_token() {
+    use m2mpki_bootstrap::client::Provisioned;
+    let fx = Fixture::new(Backend::Software);
+    let run = Running::start(&fx, fx.config("allow", ""));
+    let hsm = process_softhsm().unwrap();
+    let label = format!("node-{}", std::process::id());
+    hsm.init_token(&label, "3333", "4444").unwrap();
+    let pin = fx.dir.path().join("node-pin");
+    std::fs::write(&pin, "3333\n").unwrap();
+    let uri = |object: &str| -> Pkcs11Uri {
+        format!(
+            "pkcs11:token={label};object={object}?module-path={}&pin-source={}",
+            hsm.module.display(),
+            pin.display()
+        )
+        .parse()
+        .unwrap()
+    };
+    let cfg = Pkcs11Config::default();
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    let d1 = &fx.nodes["d1"];
+    let enrolment = |profile: &FieldNodeProfile, node: &Node| Enrolment {
+        profile: profile.clone(),
+        chain: m2mpki_bootstrap::tls::load_chain(&node.chain).unwrap(),
+        key: node.key.clone(),
+        connect: Some(run.addr.to_string()),
+        versions: vec![],
+        timeout: Duration::from_secs(20),
+    };
+    let got = run
+        .rt
+        .block_on(client::enroll_provisioned(enrolment(&profile, d1)))
+        .unwrap();
+    let Provisioned::Wrapped { wrap_key, wrapped } = &got.credential else {
+        panic!("version 1 provisions a wrapped credential");
+    };
+    // A wrong wrap key: the unwrap's integrity check fails and nothing is created.
+    let mut wrong = *wrap_key.expose();
+    wrong[0] ^= 1;
+    let err = m2mpki_hsm::pkcs11::unwrap_credential(&uri("wrong"), &cfg, &wrong, wrapped)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("C_UnwrapKey"), "{err}");
+    assert!(!token_objects(hsm, &label, "3333").contains("wrong"));
+    // The right one.
+    let object =
+        m2mpki_hsm::pkcs11::unwrap_credential(&uri("cred-v1"), &cfg, wrap_key.expose(), wrapped)
+            .unwrap();
+    let access = access_of(&token_objects(hsm, &label, "3333"), "cred-v1");
+    assert!(access.contains(&"sensitive".to_owned()), "{access:?}");
+    assert!(!access.contains(&"extractable".to_owned()), "{access:?}");
+    let (_, record) = run.stored(&d1.identity).unwrap();
+    let hmac = |key: &[u8], msg: &[u8]| {
+        aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key),
+            msg,
+        )
+        .as_ref()
+        .to_vec()
+    };
+    let msg = b"m2mpki: the same key on both sides";
+    assert_eq!(
+        m2mpki_hsm::pkcs11::credential_hmac(&object, &cfg, msg).unwrap(),
+        hmac(record.expose(), msg),
+        "the token's credential differs from the IN's record"
+    );
+    // Version 2: Ke, stored as a token object too.
+    let mut v2 = profile.clone();
+    v2.protocol_version = 2;
+    let n1 = &fx.nodes["n1"];
+    let got = run
+        .rt
+        .block_on(client::enroll_provisioned(enrolment(&v2, n1)))
+        .unwrap();
+    let Provisioned::Ke(ke) = &got.credential else {
+        panic!("version 2 provisions Ke");
+    };
+    let object = m2mpki_hsm::pkcs11::import_credential(&uri("cred-v2"), &cfg, ke.expose()).unwrap();
+    let (_, record) = run.stored(&n1.identity).unwrap();
+    assert_eq!(
+        m2mpki_hsm::pkcs11::credential_hmac(&object, &cfg, msg).unwrap(),
+        hmac(record.expose(), msg)
+    );
+    // The CLI: the file names the object and holds no key; `associate` says why it cannot.
+    let out_file = fx.dir.path().join("d1-token.cred");
+    let profile_file = fx.dir.path().join("token-profile.toml");
+    let m2mpki = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+            .arg("--home")
+            .arg(&fx.home)
+            .env("SOFTHSM2_CONF", &hsm.conf)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = m2mpki(&[
+        "bootstrap",
+        "profile",
+        "--set",
+        sets::INFRA,
+        "--fqdn",
+        IN_FQDN,
+        "--port",
+        &run.addr.port().to_string(),
+        "--out",
+        profile_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli_uri = uri("cred-cli").to_string();
+    let out = m2mpki(&[
+        "--json",
+        "bootstrap",
+        "enroll",
+        "--profile",
+        profile_file.to_str().unwrap(),
+        "--cert",
+        d1.chain.to_str().unwrap(),
+        "--key",
+        &d1.key_ref,
+        "--out",
+        out_file.to_str().unwrap(),
+        "--credential-out",
+        &cli_uri,
+        "--connect",
+        &run.addr.to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
+    assert!(file.get("credential").is_none(), "{file}");
+    let object: Pkcs11Uri = file["credential_object"].as_str().unwrap().parse().unwrap();
+    assert_eq!(object.object.as_deref(), Some("cred-cli"));
+    let (_, record) = run.stored(&d1.identity).unwrap();
+    assert_eq!(
+        m2mpki_hsm::pkcs11::credential_hmac(&object, &cfg, msg).unwrap(),
+        hmac(record.expose(), msg)
+    );
+    let out = m2mpki(&[
+        "bootstrap",
+        "associate",
+        "--credential",
+        out_file.to_str().unwrap(),
+        "--connect",
+        "127.0.0.1:9",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lives on a token"));
+}

@@ -39,9 +39,13 @@ fn init_logging() {
 struct CredentialFile<'a> {
     m2mpki_credential: u32,
     #[serde(flatten)]
-    enrolled: &'a client::Enrolled,
+    enrolled: &'a client::Enrolled<()>,
     /// The root credential, hex (borrowed from a buffer that is wiped).
-    credential: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credential: Option<&'a str>,
+    /// Where the credential is instead: a token object's PKCS#11 URI.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credential_object: Option<&'a str>,
 }
 
 /// What `bootstrap associate` needs of a credential file.
@@ -74,6 +78,17 @@ fn read_credential_file(path: &Path) -> Result<StoredCredential> {
         != Some(1)
     {
         return Err(bad("not an m2mpki credential file (m2mpki_credential = 1)".into()).into());
+    }
+    if let Some(uri) = v
+        .get("credential_object")
+        .and_then(serde_json::Value::as_str)
+    {
+        return Err(bad(format!(
+            "the credential lives on a token ({uri}) and never leaves it; a TLS-PSK handshake \
+             needs the key in memory (OpenSSL has no PKCS#11 PSK path), so this node cannot \
+             associate through m2mpki"
+        ))
+        .into());
     }
     let hex_key = zeroize::Zeroizing::new(field("credential")?);
     let bytes = zeroize::Zeroizing::new(
@@ -202,6 +217,7 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             cert,
             key,
             out,
+            credential_out,
             force,
             connect,
             tls,
@@ -210,6 +226,9 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             if !force && out.exists() {
                 return Err(m2mpki_hsm::Error::FileExists(out).into());
             }
+            let credential_out = credential_out
+                .map(|u| u.parse::<m2mpki_hsm::pkcs11::Pkcs11Uri>())
+                .transpose()?;
             let profile = FieldNodeProfile::load(&profile)?;
             let chain = m2mpki_bootstrap::tls::load_chain(&cert)?;
             let key = keystore.open(&key.parse::<KeyRef>()?)?;
@@ -220,21 +239,59 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             };
             let timeout = m2mpki_bootstrap::config::parse_duration(&timeout)
                 .map_err(|e| UsageError(format!("--timeout: {e}")))?;
-            let enrolled = runtime()?.block_on(client::enroll(Enrolment {
+            let enrolment = Enrolment {
                 profile,
                 chain,
                 key,
                 connect,
                 versions,
                 timeout,
-            }))?;
-            let credential_hex = zeroize::Zeroizing::new(hex::encode(enrolled.credential.expose()));
-            let file = CredentialFile {
-                m2mpki_credential: 1,
-                enrolled: &enrolled,
-                credential: &credential_hex,
             };
-            let text = zeroize::Zeroizing::new(serde_json::to_string_pretty(&file)?);
+            let (enrolled, text) = match &credential_out {
+                None => {
+                    let enrolled = runtime()?.block_on(client::enroll(enrolment))?;
+                    let credential_hex =
+                        zeroize::Zeroizing::new(hex::encode(enrolled.credential.expose()));
+                    let enrolled = enrolled.map_credential(|_| Ok(()))?;
+                    let file = CredentialFile {
+                        m2mpki_credential: 1,
+                        enrolled: &enrolled,
+                        credential: Some(&credential_hex),
+                        credential_object: None,
+                    };
+                    let text = zeroize::Zeroizing::new(serde_json::to_string_pretty(&file)?);
+                    (enrolled, text)
+                }
+                Some(uri) => {
+                    let provisioned = runtime()?.block_on(client::enroll_provisioned(enrolment))?;
+                    let cfg = keystore.pkcs11();
+                    let on_token = provisioned.map_credential(|p| {
+                        Ok(match p {
+                            client::Provisioned::Wrapped { wrap_key, wrapped } => {
+                                m2mpki_hsm::pkcs11::unwrap_credential(
+                                    uri,
+                                    cfg,
+                                    wrap_key.expose(),
+                                    &wrapped,
+                                )?
+                            }
+                            client::Provisioned::Ke(ke) => {
+                                m2mpki_hsm::pkcs11::import_credential(uri, cfg, ke.expose())?
+                            }
+                        })
+                    })?;
+                    let object = on_token.credential.to_string();
+                    let enrolled = on_token.map_credential(|_| Ok(()))?;
+                    let file = CredentialFile {
+                        m2mpki_credential: 1,
+                        enrolled: &enrolled,
+                        credential: None,
+                        credential_object: Some(&object),
+                    };
+                    let text = zeroize::Zeroizing::new(serde_json::to_string_pretty(&file)?);
+                    (enrolled, text)
+                }
+            };
             files::write_atomic(
                 &out,
                 text.as_bytes(),

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 pub use admin::init_token;
 pub use key::{generate, list_tokens, KeyListing, Pkcs11Key, TokenListing};
-pub use secret::Pkcs11SecretKey;
+pub use secret::{credential_hmac, import_credential, unwrap_credential, Pkcs11SecretKey};
 pub use token::{Token, MODULE_ENV, PIN_ENV};
 pub use uri::Pkcs11Uri;
 

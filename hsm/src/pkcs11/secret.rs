@@ -126,3 +126,117 @@ impl Pkcs11SecretKey {
         Ok(Zeroizing::new(plain))
     }
 }
+
+/// The attributes of a root credential kept on a token: a 256-bit generic secret that stays
+/// there (CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, not CKA_EXTRACTABLE), usable for HMAC and key
+/// derivation on the token.
+fn credential_template(label: &str, id: &[u8]) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Derive(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Id(id.to_vec()),
+    ]
+}
+
+/// Unwraps a root credential straight into the token: `wrap_key` becomes a session object
+/// (never stored, CKA_UNWRAP only, gone when the session ends) and `C_UnwrapKey` with
+/// `CKM_AES_KEY_WRAP` (RFC 3394) turns `wrapped` into a token object with
+/// [`credential_template`]'s attributes, so the credential is never in host memory in the
+/// clear. A wrong wrap key fails the unwrap's integrity check and creates nothing. Refuses a
+/// label or id that exists. Returns the object's full URI.
+pub fn unwrap_credential(
+    uri: &Pkcs11Uri,
+    cfg: &Pkcs11Config,
+    wrap_key: &[u8; 32],
+    wrapped: &[u8],
+) -> Result<Pkcs11Uri> {
+    let new = super::key::NewObject::prepare(uri, cfg)?;
+    let token = &new.token;
+    token.with_session(|s| {
+        new.refuse_existing(s)?;
+        let kek = s
+            .create_object(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(CkKeyType::AES),
+                Attribute::Token(false),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Unwrap(true),
+                Attribute::Value(wrap_key.to_vec()),
+            ])
+            .map_err(|e| {
+                p11(
+                    &token.label,
+                    "importing the wrap key as a session object",
+                    e,
+                )
+            })?;
+        let unwrapped = s.unwrap_key(
+            &Mechanism::AesKeyWrap,
+            kek,
+            wrapped,
+            &credential_template(&new.label, &new.id),
+        );
+        let _ = s.destroy_object(kek);
+        unwrapped.map_err(|e| p11(&token.label, "unwrapping the credential (C_UnwrapKey)", e))?;
+        Ok(())
+    })?;
+    Ok(new.full)
+}
+
+/// Stores a 32-byte secret the host already holds (protocol version 2's Ke, which both ends
+/// derive from the TLS session) as a token object with [`credential_template`]'s attributes.
+pub fn import_credential(
+    uri: &Pkcs11Uri,
+    cfg: &Pkcs11Config,
+    value: &[u8; 32],
+) -> Result<Pkcs11Uri> {
+    let new = super::key::NewObject::prepare(uri, cfg)?;
+    let token = &new.token;
+    token.with_session(|s| {
+        new.refuse_existing(s)?;
+        let mut t = credential_template(&new.label, &new.id);
+        t.push(Attribute::Value(value.to_vec()));
+        s.create_object(&t)
+            .map_err(|e| p11(&token.label, "storing the credential", e))?;
+        Ok(())
+    })?;
+    Ok(new.full)
+}
+
+/// HMAC-SHA-256 of `data` with the credential object `uri` names, computed on the token.
+pub fn credential_hmac(uri: &Pkcs11Uri, cfg: &Pkcs11Config, data: &[u8]) -> Result<Vec<u8>> {
+    let token = Token::open(uri, cfg, true)?;
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+    ];
+    if let Some(l) = &uri.object {
+        template.push(Attribute::Label(l.as_bytes().to_vec()));
+    }
+    if let Some(id) = &uri.id {
+        template.push(Attribute::Id(id.clone()));
+    }
+    token.with_session(|s| {
+        let found = s
+            .find_objects(&template)
+            .map_err(|e| p11(&token.label, "finding objects", e))?;
+        let [h] = found.as_slice() else {
+            return Err(Error::KeyObjectNotFound {
+                uri: uri.to_string(),
+                token: token.label.clone(),
+            });
+        };
+        s.sign(&Mechanism::Sha256Hmac, *h, data)
+            .map_err(|e| p11(&token.label, "HMAC on the token", e))
+    })
+}
