@@ -33,6 +33,8 @@ pub mod option {
 
 /// Content-Format `application/json`.
 pub const JSON: u16 = 50;
+/// Method code GET (0.01).
+pub const GET: u8 = 1;
 /// Method code POST (0.02).
 pub const POST: u8 = 2;
 

@@ -226,6 +226,7 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct PskFile {
     listen: String,
+    dtls_listen: Option<String>,
     upstream: Option<String>,
 }
 
@@ -235,6 +236,9 @@ struct PskFile {
 pub struct PskConfig {
     /// Where to listen (TCP, TLS 1.2 PSK suites).
     pub listen: SocketAddr,
+    /// Where to listen for the association over DTLS 1.2 and CoAP (`TLS_PSK_WITH_AES_128_CCM_8`
+    /// first), if anywhere.
+    pub dtls_listen: Option<SocketAddr>,
     /// The service behind the IN (the IN-CSE, plain HTTP): every request other than the
     /// association check is forwarded there with the authenticated identity in a header.
     pub upstream: Option<SocketAddr>,
@@ -499,6 +503,11 @@ impl ServerConfig {
             None => None,
             Some(p) => Some(PskConfig {
                 listen: addr("psk.listen", &p.listen)?,
+                dtls_listen: p
+                    .dtls_listen
+                    .as_deref()
+                    .map(|u| addr("psk.dtls_listen", u))
+                    .transpose()?,
                 upstream: p
                     .upstream
                     .as_deref()

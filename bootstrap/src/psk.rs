@@ -98,17 +98,51 @@ fn lookup(
     ))
 }
 
-/// The IN's PSK context: TLS 1.2, PSK suites only, the key looked up by identity in `store`.
-pub(crate) fn server_context(
-    store: Arc<CredentialStore>,
-    key: StoreKey,
-    versions: SslVersion,
-) -> Result<SslContext> {
-    let index = association_index()?;
+/// The IN's PSK context over TLS: TLS 1.2, PSK suites only, the key looked up by identity in
+/// `store`.
+pub(crate) fn server_context(store: Arc<CredentialStore>, key: StoreKey) -> Result<SslContext> {
     let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(openssl_error)?;
-    configure(&mut b, versions)?;
+    configure(&mut b, SslVersion::TLS1_2)?;
     b.set_options(SslOptions::CIPHER_SERVER_PREFERENCE | SslOptions::NO_TICKET);
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
+    install_lookup(&mut b, store, key)?;
+    Ok(b.build())
+}
+
+/// The IN's PSK context over DTLS 1.2 (CoAP), with TS-0003's `TLS_PSK_WITH_AES_128_CCM_8`
+/// first.
+pub(crate) fn dtls_server_context(
+    store: Arc<CredentialStore>,
+    key: StoreKey,
+) -> Result<SslContext> {
+    let mut list = DTLS_SUITES.to_owned();
+    // OpenSSL 3.2 and later count CCM_8's 64-bit tag below security level 1.
+    if openssl::version::number() >= 0x3020_0000 {
+        list.push_str(":@SECLEVEL=0");
+    }
+    let mut b = crate::dtls::base_context(true, &list)?;
+    install_lookup(&mut b, store, key)?;
+    Ok(b.build())
+}
+
+/// DTLS 1.2 PSK suites: TS-0003's mandatory one first.
+pub const DTLS_SUITES: &str = "PSK-AES128-CCM8:ECDHE-PSK-AES128-CBC-SHA256:PSK-AES128-CCM:\
+PSK-AES128-GCM-SHA256:ECDHE-PSK-CHACHA20-POLY1305:PSK-CHACHA20-POLY1305";
+
+/// The association a PSK handshake of `ssl` authenticated, if it did.
+pub(crate) fn association_of(ssl: &openssl::ssl::SslRef) -> Option<Association> {
+    association_index()
+        .ok()
+        .and_then(|i| ssl.ex_data(i).cloned())
+}
+
+/// Installs the PSK lookup: the identity names a credential record of `store`.
+fn install_lookup(
+    b: &mut SslContextBuilder,
+    store: Arc<CredentialStore>,
+    key: StoreKey,
+) -> Result<()> {
+    let index = association_index()?;
     b.set_psk_server_callback(move |ssl, identity, psk| {
         let Some(identity) = identity.and_then(|i| std::str::from_utf8(i).ok()) else {
             tracing::info!("PSK association refused: no readable PSK identity");
@@ -135,7 +169,7 @@ pub(crate) fn server_context(
             }
         }
     });
-    Ok(b.build())
+    Ok(())
 }
 
 fn configure(b: &mut SslContextBuilder, version: SslVersion) -> Result<()> {
@@ -219,10 +253,7 @@ impl Listener {
                 return;
             }
         }
-        let Some(assoc) = association_index()
-            .ok()
-            .and_then(|i| tls.ssl().ex_data(i).cloned())
-        else {
+        let Some(assoc) = association_of(tls.ssl()) else {
             tracing::warn!(%peer, "PSK handshake completed without a looked-up credential; closed");
             return;
         };

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::ServerConfig;
+use crate::config::{DtlsConfig, ServerConfig};
 use crate::credstore::{CredentialStore, GroupCommitter, StoreKey};
 use crate::enrol::{Admitted, Answer, Core, Outcome};
 use crate::http_head::{self, Head, Rewind};
@@ -41,6 +41,7 @@ pub struct Server {
     dtls: Option<Arc<crate::dtls::server::Endpoint>>,
     cbc: Option<Arc<crate::cbc::Cbc>>,
     psk: Option<Arc<crate::psk::Listener>>,
+    psk_dtls: Option<Arc<crate::dtls::server::Endpoint>>,
     ca_store: Arc<RedbStore>,
 }
 
@@ -53,6 +54,8 @@ pub struct Listeners {
     pub dtls: Option<tokio::net::UdpSocket>,
     /// The PSK association listener (TCP), when configured.
     pub psk: Option<TcpListener>,
+    /// The PSK association over DTLS (UDP), when configured.
+    pub psk_dtls: Option<tokio::net::UdpSocket>,
 }
 
 impl Listeners {
@@ -69,6 +72,14 @@ impl Listeners {
         self.dtls
             .as_ref()
             .ok_or_else(|| std::io::Error::other("DTLS is switched off in the server config"))?
+            .local_addr()
+    }
+
+    /// The DTLS PSK association address.
+    pub fn psk_dtls_addr(&self) -> std::io::Result<SocketAddr> {
+        self.psk_dtls
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no [psk] dtls_listen in the server config"))?
             .local_addr()
     }
 
@@ -250,18 +261,37 @@ impl Server {
                 config,
                 cookies: crate::dtls::record::Cookies::new()?,
                 live: std::sync::atomic::AtomicUsize::new(0),
+                association: false,
             })),
         };
         let psk = match &shared.config.psk {
             None => None,
             Some(p) => Some(Arc::new(crate::psk::Listener {
-                ctx: crate::psk::server_context(
-                    shared.creds.clone(),
-                    shared.store_key.clone(),
-                    openssl::ssl::SslVersion::TLS1_2,
-                )?,
+                ctx: crate::psk::server_context(shared.creds.clone(), shared.store_key.clone())?,
                 upstream: p.upstream,
                 limits: shared.config.limits.clone(),
+            })),
+        };
+        let psk_dtls = match shared.config.psk.as_ref().and_then(|p| p.dtls_listen) {
+            None => None,
+            Some(listen) => Some(Arc::new(crate::dtls::server::Endpoint {
+                core: shared.clone(),
+                ctx: crate::psk::dtls_server_context(
+                    shared.creds.clone(),
+                    shared.store_key.clone(),
+                )?,
+                config: DtlsConfig {
+                    listen,
+                    ..shared.config.dtls.clone().unwrap_or_else(|| DtlsConfig {
+                        listen,
+                        mtu: crate::config::DEFAULT_MTU,
+                        suites: vec![],
+                        max_peers: 1024,
+                    })
+                },
+                cookies: crate::dtls::record::Cookies::new()?,
+                live: std::sync::atomic::AtomicUsize::new(0),
+                association: true,
             })),
         };
         Ok(Server {
@@ -270,6 +300,7 @@ impl Server {
             dtls,
             cbc,
             psk,
+            psk_dtls,
             ca_store,
         })
     }
@@ -331,7 +362,20 @@ impl Server {
                     .map_err(|e| cant(p.listen, e))?,
             ),
         };
-        Ok(Listeners { tls, dtls, psk })
+        let psk_dtls = match self.shared.config.psk.as_ref().and_then(|p| p.dtls_listen) {
+            None => None,
+            Some(addr) => Some(
+                tokio::net::UdpSocket::bind(addr)
+                    .await
+                    .map_err(|e| cant(addr, e))?,
+            ),
+        };
+        Ok(Listeners {
+            tls,
+            dtls,
+            psk,
+            psk_dtls,
+        })
     }
 
     /// Serves until `shutdown` completes, then stops accepting and lets open connections
@@ -398,6 +442,21 @@ impl Server {
             }
             _ => None,
         };
+        let psk_dtls = match (listeners.psk_dtls, &self.psk_dtls) {
+            (Some(socket), Some(endpoint)) => {
+                tracing::info!(addr = %socket.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "PSK association listener (DTLS 1.2 PSK, CoAP)");
+                let endpoint = endpoint.clone();
+                let mut stop = stop_rx.clone();
+                Some(tokio::spawn(async move {
+                    endpoint
+                        .run(socket, async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        })
+                        .await
+                }))
+            }
+            _ => None,
+        };
         let result = match listeners.tls {
             Some(listener) => self.clone().run_tls(listener, shutdown).await,
             None => {
@@ -410,6 +469,9 @@ impl Server {
             let _ = d.await;
         }
         if let Some(p) = psk {
+            let _ = p.await;
+        }
+        if let Some(p) = psk_dtls {
             let _ = p.await;
         }
         drop(stop_rx);

@@ -359,6 +359,8 @@ struct Running {
     dtls: Option<SocketAddr>,
     /// The PSK association address, when the config has a [psk] section.
     psk: Option<SocketAddr>,
+    /// The DTLS PSK association address, when [psk] has `dtls_listen`.
+    psk_dtls: Option<SocketAddr>,
     server: Arc<Server>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<m2mpki_bootstrap::Result<()>>>,
@@ -377,6 +379,7 @@ impl Running {
         let addr = listener.local_addr().unwrap();
         let dtls = listener.dtls_addr().ok();
         let psk = listener.psk_addr().ok();
+        let psk_dtls = listener.psk_dtls_addr().ok();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let s = server.clone();
         let task = rt.spawn(async move {
@@ -390,6 +393,7 @@ impl Running {
             addr,
             dtls,
             psk,
+            psk_dtls,
             server,
             stop: Some(tx),
             task: Some(task),
@@ -2599,4 +2603,135 @@ fn credential_on_token() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("lives on a token"));
+}
+
+/// `openssl s_client -dtls1_2 -psk` with `cipher`: sends `request` (a CoAP message) once the
+/// handshake is done and returns what came back (raw) and s_client's diagnostics.
+fn psk_client_dtls(
+    addr: SocketAddr,
+    identity: &str,
+    key: &[u8],
+    cipher: &str,
+    request: &[u8],
+) -> (Vec<u8>, String) {
+    let mut child = tool("openssl")
+        .args([
+            "s_client",
+            "-dtls1_2",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            IN_FQDN,
+            "-psk_identity",
+            identity,
+            "-psk",
+            &hex::encode(key),
+            "-cipher",
+            cipher,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let mut stdin = child.stdin.take().unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let mut sent = false;
+    while std::time::Instant::now() < until {
+        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(100)) {
+            out.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8_lossy(&out);
+        if !sent && text.contains("Cipher is") {
+            use std::io::Write;
+            stdin.write_all(request).unwrap();
+            stdin.flush().unwrap();
+            sent = true;
+        }
+        if sent && (text.contains("\"expires\"") || text.contains("\"error\"")) {
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+    }
+    drop(stdin);
+    // A refused DTLS handshake can leave s_client waiting: it has had its time.
+    std::thread::sleep(Duration::from_millis(200));
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().unwrap();
+    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+        out.extend_from_slice(&chunk);
+    }
+    (out, String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// The association over DTLS 1.2 with TS-0003's `TLS_PSK_WITH_AES_128_CCM_8`, for constrained
+/// nodes: a confirmable CoAP `GET /.well-known/m2mpki/association` is answered with an ACK
+/// 2.05 carrying the identity the IN authenticated by the credential; a wrong key gets no
+/// session.
+#[test]
+fn the_association_runs_over_dtls_with_psk_ccm8() {
+    use m2mpki_bootstrap::coap::{self, option, Message, Type};
+    let fx = Fixture::new(Backend::Software);
+    let extra = "\n[psk]\nlisten = \"127.0.0.1:0\"\ndtls_listen = \"127.0.0.1:0\"\n";
+    let run = Running::start(&fx, fx.config("allow", extra));
+    let addr = run.psk_dtls.unwrap();
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    let d1 = &fx.nodes["d1"];
+    let got = run.enroll(&profile, d1, BOTH[0]).unwrap();
+    let get = Message {
+        kind: Type::Con,
+        code: 1,
+        message_id: 0x2a,
+        token: vec![7],
+        options: [".well-known", "m2mpki", "association"]
+            .iter()
+            .map(|s| (option::URI_PATH, s.as_bytes().to_vec()))
+            .collect(),
+        payload: vec![],
+    }
+    .encode();
+    let (out, err) = psk_client_dtls(
+        addr,
+        &got.credential_id,
+        got.credential.expose(),
+        "PSK-AES128-CCM8",
+        &get,
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("Cipher is PSK-AES128-CCM8"), "{text}\n{err}");
+    let start = text
+        .find("{\"identity\"")
+        .unwrap_or_else(|| panic!("{text}\n{err}"));
+    let end = start + text[start..].find('}').unwrap() + 1;
+    let body: serde_json::Value = serde_json::from_str(&text[start..end]).unwrap();
+    assert_eq!(body["identity"], d1.identity.as_str());
+    assert_eq!(body["credential_id"], got.credential_id.as_str());
+    // The answer is a piggybacked ACK 2.05 for our message ID.
+    let reply = out
+        .windows(4)
+        .position(|w| w[0] >> 4 == 0x6 && w[1] == coap::code(2, 5) && w[2..4] == [0x00, 0x2a]);
+    assert!(reply.is_some(), "no ACK 2.05 for message 0x2a: {text}");
+    // A wrong key: no session, no answer.
+    let mut wrong = *got.credential.expose();
+    wrong[5] ^= 0x80;
+    let (out, err) = psk_client_dtls(addr, &got.credential_id, &wrong, "PSK-AES128-CCM8", &get);
+    let text = String::from_utf8_lossy(&out);
+    assert!(!text.contains("{\"identity\""), "{text}");
+    assert!(!text.contains("Cipher is PSK"), "{text}\n{err}");
 }

@@ -267,6 +267,9 @@ pub fn config_on_free_ports(layout: &LabLayout) -> Result<ServerConfig> {
     }
     if let Some(p) = config.psk.as_mut() {
         p.listen = free;
+        if p.dtls_listen.is_some() {
+            p.dtls_listen = Some(free);
+        }
     }
     Ok(config)
 }

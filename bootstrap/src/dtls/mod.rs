@@ -176,6 +176,25 @@ pub(crate) fn context(
     chain: &[Vec<u8>],
     pkcs8: &[u8],
 ) -> Result<SslContextBuilder> {
+    let mut list: String = suites
+        .iter()
+        .map(|s| s.openssl_name())
+        .collect::<Vec<_>>()
+        .join(":");
+    // OpenSSL 3.2 and later count CCM_8's 64-bit tag below security level 1.
+    if suites.contains(&DtlsSuite::Aes128Ccm8) && openssl::version::number() >= 0x3020_0000 {
+        list.push_str(":@SECLEVEL=0");
+    }
+    let mut b = base_context(server, &list)?;
+    b.set_sigalgs_list("ECDSA+SHA256:ECDSA+SHA384:ed25519")
+        .map_err(openssl_error)?;
+    set_identity(&mut b, chain, pkcs8)?;
+    Ok(b)
+}
+
+/// A DTLS 1.2 context with the cipher list `list` and what every m2mpki DTLS endpoint uses
+/// (groups, options, our stateless cookie exchange on a server), without credentials.
+pub(crate) fn base_context(server: bool, list: &str) -> Result<SslContextBuilder> {
     let method = if server {
         SslMethod::dtls_server()
     } else {
@@ -186,19 +205,8 @@ pub(crate) fn context(
         .map_err(openssl_error)?;
     b.set_max_proto_version(Some(SslVersion::DTLS1_2))
         .map_err(openssl_error)?;
-    let mut list: String = suites
-        .iter()
-        .map(|s| s.openssl_name())
-        .collect::<Vec<_>>()
-        .join(":");
-    // OpenSSL 3.2 and later count CCM_8's 64-bit tag below security level 1.
-    if suites.contains(&DtlsSuite::Aes128Ccm8) && openssl::version::number() >= 0x3020_0000 {
-        list.push_str(":@SECLEVEL=0");
-    }
-    b.set_cipher_list(&list).map_err(openssl_error)?;
+    b.set_cipher_list(list).map_err(openssl_error)?;
     b.set_groups_list("P-256:X25519:P-384")
-        .map_err(openssl_error)?;
-    b.set_sigalgs_list("ECDSA+SHA256:ECDSA+SHA384:ed25519")
         .map_err(openssl_error)?;
     b.set_options(
         SslOptions::NO_TICKET
@@ -221,7 +229,6 @@ pub(crate) fn context(
     }
     b.set_mode(SslMode::RELEASE_BUFFERS);
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
-    set_identity(&mut b, chain, pkcs8)?;
     Ok(b)
 }
 

@@ -39,6 +39,25 @@ pub(crate) struct Endpoint {
     pub(crate) cookies: Cookies,
     /// Peers with a handshake or session under way.
     pub(crate) live: std::sync::atomic::AtomicUsize,
+    /// The PSK association endpoint (answers who it authenticated) rather than the bootstrap.
+    pub(crate) association: bool,
+}
+
+/// Who is on the other end of a session, and for what.
+enum Session {
+    /// A node bootstrapping with its certificate.
+    Enrol(Box<Admitted>),
+    /// A node associating with its credential.
+    Associate(crate::psk::Association, SocketAddr),
+}
+
+impl Session {
+    fn peer(&self) -> SocketAddr {
+        match self {
+            Session::Enrol(a) => a.peer,
+            Session::Associate(_, p) => *p,
+        }
+    }
 }
 
 struct PeerHandle {
@@ -194,8 +213,18 @@ impl Endpoint {
                 return;
             }
         };
-        let Some(node) = self.admit(&stream, peer) else {
-            return;
+        let node = if self.association {
+            let Some(a) = crate::psk::association_of(stream.ssl()) else {
+                tracing::warn!(%peer, "DTLS PSK handshake completed without a looked-up credential; closed");
+                return;
+            };
+            tracing::info!(%peer, identity = %a.identity, credential = %a.credential_id, suite = %super::suite_name(stream.ssl()), "PSK association established (DTLS)");
+            Session::Associate(a, peer)
+        } else {
+            let Some(node) = self.admit(&stream, peer) else {
+                return;
+            };
+            Session::Enrol(Box::new(node))
         };
         let mut coap = CoapSession::default();
         let idle = self.core.config.limits.idle_timeout;
@@ -378,16 +407,11 @@ const UNDERSTOOD: [u16; 7] = [
 ];
 
 impl CoapSession {
-    async fn on_message(
-        &mut self,
-        ep: &Endpoint,
-        node: &Admitted,
-        bytes: &[u8],
-    ) -> Option<Vec<u8>> {
+    async fn on_message(&mut self, ep: &Endpoint, node: &Session, bytes: &[u8]) -> Option<Vec<u8>> {
         let m = match Message::decode(bytes) {
             Ok(m) => m,
             Err(e) => {
-                tracing::info!(peer = %node.peer, error = %e, "malformed CoAP message");
+                tracing::info!(peer = %node.peer(), error = %e, "malformed CoAP message");
                 // A confirmable message we cannot read is rejected with a Reset (§4.2).
                 return (bytes.len() >= 4 && bytes[0] >> 4 & 3 == 0).then(|| {
                     Message {
@@ -418,7 +442,7 @@ impl CoapSession {
         }
         let (code, body, block) = self.respond(ep, node, &m).await;
         let room = usize::from(ep.config.mtu)
-            .saturating_sub(if node.peer.is_ipv6() { 48 } else { 28 })
+            .saturating_sub(if node.peer().is_ipv6() { 48 } else { 28 })
             .saturating_sub(RESPONSE_OVERHEAD);
         let mut options = vec![(option::CONTENT_FORMAT, coap::uint(u32::from(coap::JSON)))];
         let payload = match block {
@@ -481,7 +505,7 @@ impl CoapSession {
     async fn respond(
         &mut self,
         ep: &Endpoint,
-        node: &Admitted,
+        node: &Session,
         m: &Message,
     ) -> (u8, Vec<u8>, Option<Block>) {
         let refuse = |outcome: Outcome, code: &str, msg: String| {
@@ -513,6 +537,30 @@ impl CoapSession {
                     )
                 }
             },
+        };
+        let node = match node {
+            Session::Enrol(a) => a,
+            Session::Associate(assoc, _) => {
+                return if m.path() != crate::psk::ASSOCIATION_PATH {
+                    refuse(
+                        Outcome::NotFound,
+                        "not_found",
+                        format!("the only resource is GET {}", crate::psk::ASSOCIATION_PATH),
+                    )
+                } else if m.code != coap::GET {
+                    refuse(
+                        Outcome::MethodNotAllowed,
+                        "method_not_allowed",
+                        "GET only".into(),
+                    )
+                } else {
+                    (
+                        coap::code(2, 5),
+                        serde_json::to_vec(assoc).unwrap_or_default(),
+                        block,
+                    )
+                };
+            }
         };
         if m.path() != PATH {
             return refuse(
