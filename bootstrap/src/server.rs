@@ -412,48 +412,37 @@ impl Server {
             })
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Each side listener runs until the stop signal; `run_tls` (or the shutdown future)
+        // decides when that is.
+        let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let addr_of =
+            |a: std::io::Result<SocketAddr>| a.map_or_else(|_| "?".into(), |a| a.to_string());
         let dtls = match (listeners.dtls, &self.dtls) {
             (Some(socket), Some(endpoint)) => {
-                tracing::info!(addr = %socket.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), fqdn = %self.shared.config.fqdn, "bootstrap server listening (DTLS, CoAP)");
-                let endpoint = endpoint.clone();
-                let mut stop = stop_rx.clone();
-                Some(tokio::spawn(async move {
-                    endpoint
-                        .run(socket, async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        })
-                        .await
-                }))
+                tracing::info!(addr = %addr_of(socket.local_addr()), fqdn = %self.shared.config.fqdn, "bootstrap server listening (DTLS, CoAP)");
+                Some(tokio::spawn(
+                    endpoint.clone().run(socket, stopped(stop_rx.clone())),
+                ))
             }
             _ => None,
         };
         let psk = match (listeners.psk, &self.psk) {
             (Some(listener), Some(service)) => {
-                tracing::info!(addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), upstream = ?service.upstream, "PSK association listener (TLS 1.2 PSK)");
-                let service = service.clone();
-                let mut stop = stop_rx.clone();
-                Some(tokio::spawn(async move {
-                    service
-                        .run(listener, async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        })
-                        .await
-                }))
+                tracing::info!(addr = %addr_of(listener.local_addr()), upstream = ?service.upstream, "PSK association listener (TLS 1.2 PSK)");
+                Some(tokio::spawn(
+                    service.clone().run(listener, stopped(stop_rx.clone())),
+                ))
             }
             _ => None,
         };
         let psk_dtls = match (listeners.psk_dtls, &self.psk_dtls) {
             (Some(socket), Some(endpoint)) => {
-                tracing::info!(addr = %socket.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "PSK association listener (DTLS 1.2 PSK, CoAP)");
-                let endpoint = endpoint.clone();
-                let mut stop = stop_rx.clone();
-                Some(tokio::spawn(async move {
-                    endpoint
-                        .run(socket, async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        })
-                        .await
-                }))
+                tracing::info!(addr = %addr_of(socket.local_addr()), "PSK association listener (DTLS 1.2 PSK, CoAP)");
+                Some(tokio::spawn(
+                    endpoint.clone().run(socket, stopped(stop_rx.clone())),
+                ))
             }
             _ => None,
         };

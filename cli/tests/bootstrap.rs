@@ -1636,7 +1636,7 @@ fn s_client_dtls_version(
 ) -> (Vec<u8>, String) {
     let (label, len) = export_of(version);
     let (leaf, rest) = leaf_and_chain_files(fx, node, "dc");
-    let mut child = tool("openssl")
+    let child = tool("openssl")
         .args([
             "s_client",
             "-dtls1_2",
@@ -1662,8 +1662,27 @@ fn s_client_dtls_version(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // stdout is read on a thread, so we can wait for the answer before closing stdin (which
-    // makes s_client send close_notify and exit).
+    drive_s_client(
+        child,
+        request,
+        "Keying material",
+        |text| request.is_none() || text.contains("}}") || text.contains("\"error\""),
+        Duration::from_secs(15),
+    )
+}
+
+/// Drives a running `openssl s_client`: once its output shows `ready`, writes `request` (if
+/// any) to its stdin; stops when `done` says the answer is there, when s_client exits, or
+/// after `limit` (then kills it: a refused DTLS handshake can leave it waiting). Returns
+/// stdout (raw: a CoAP answer is binary) and stderr. stdout is read on a thread, so the answer
+/// can be awaited before stdin closes (which makes s_client send close_notify and exit).
+fn drive_s_client(
+    mut child: std::process::Child,
+    request: Option<&[u8]>,
+    ready: &str,
+    done: impl Fn(&str) -> bool,
+    limit: Duration,
+) -> (Vec<u8>, String) {
     let mut stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::spawn(move || {
@@ -1677,14 +1696,14 @@ fn s_client_dtls_version(
     });
     let mut out = Vec::new();
     let mut stdin = child.stdin.take().unwrap();
-    let until = std::time::Instant::now() + Duration::from_secs(15);
+    let until = std::time::Instant::now() + limit;
     let mut sent = false;
     while std::time::Instant::now() < until {
         if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(100)) {
             out.extend_from_slice(&chunk);
         }
         let text = String::from_utf8_lossy(&out);
-        if !sent && text.contains("Keying material") {
+        if !sent && text.contains(ready) {
             if let Some(req) = request {
                 use std::io::Write;
                 stdin.write_all(req).unwrap();
@@ -1692,7 +1711,7 @@ fn s_client_dtls_version(
             }
             sent = true;
         }
-        if sent && (request.is_none() || text.contains("}}") || text.contains("\"error\"")) {
+        if sent && done(&text) {
             break;
         }
         if child.try_wait().unwrap().is_some() {
@@ -1700,6 +1719,13 @@ fn s_client_dtls_version(
         }
     }
     drop(stdin);
+    let grace = std::time::Instant::now() + Duration::from_secs(2);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < grace {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+    }
     let output = child.wait_with_output().unwrap();
     while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
         out.extend_from_slice(&chunk);
@@ -2614,7 +2640,7 @@ fn psk_client_dtls(
     cipher: &str,
     request: &[u8],
 ) -> (Vec<u8>, String) {
-    let mut child = tool("openssl")
+    let child = tool("openssl")
         .args([
             "s_client",
             "-dtls1_2",
@@ -2634,50 +2660,13 @@ fn psk_client_dtls(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    std::thread::spawn(move || {
-        use std::io::Read;
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut out = Vec::new();
-    let mut stdin = child.stdin.take().unwrap();
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    let mut sent = false;
-    while std::time::Instant::now() < until {
-        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(100)) {
-            out.extend_from_slice(&chunk);
-        }
-        let text = String::from_utf8_lossy(&out);
-        if !sent && text.contains("Cipher is") {
-            use std::io::Write;
-            stdin.write_all(request).unwrap();
-            stdin.flush().unwrap();
-            sent = true;
-        }
-        if sent && (text.contains("\"expires\"") || text.contains("\"error\"")) {
-            break;
-        }
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-    }
-    drop(stdin);
-    // A refused DTLS handshake can leave s_client waiting: it has had its time.
-    std::thread::sleep(Duration::from_millis(200));
-    if child.try_wait().unwrap().is_none() {
-        let _ = child.kill();
-    }
-    let output = child.wait_with_output().unwrap();
-    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
-        out.extend_from_slice(&chunk);
-    }
-    (out, String::from_utf8_lossy(&output.stderr).into_owned())
+    drive_s_client(
+        child,
+        Some(request),
+        "Cipher is",
+        |text| text.contains("\"expires\"") || text.contains("\"error\""),
+        Duration::from_secs(10),
+    )
 }
 
 /// The association over DTLS 1.2 with TS-0003's `TLS_PSK_WITH_AES_128_CCM_8`, for constrained

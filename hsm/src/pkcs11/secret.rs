@@ -60,35 +60,7 @@ impl Pkcs11SecretKey {
     /// Opens the AES key the URI names.
     pub fn open(uri: &Pkcs11Uri, cfg: &Pkcs11Config) -> Result<Self> {
         let token = Token::open(uri, cfg, true)?;
-        let mut template = vec![
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(CkKeyType::AES),
-        ];
-        if let Some(l) = &uri.object {
-            template.push(Attribute::Label(l.as_bytes().to_vec()));
-        }
-        if let Some(id) = &uri.id {
-            template.push(Attribute::Id(id.clone()));
-        }
-        let found = token.with_session(|s| {
-            s.find_objects(&template)
-                .map_err(|e| p11(&token.label, "finding objects", e))
-        })?;
-        let handle = match found.as_slice() {
-            [h] => *h,
-            [] => {
-                return Err(Error::KeyObjectNotFound {
-                    uri: uri.to_string(),
-                    token: token.label.clone(),
-                })
-            }
-            _ => {
-                return Err(Error::BadPkcs11Uri {
-                    uri: uri.to_string(),
-                    reason: "matches several AES keys: add id= or object=".into(),
-                })
-            }
-        };
+        let handle = find_secret(&token, uri, CkKeyType::AES, "AES keys")?;
         Ok(Pkcs11SecretKey {
             token,
             handle,
@@ -213,12 +185,16 @@ pub fn import_credential(
     Ok(new.full)
 }
 
-/// HMAC-SHA-256 of `data` with the credential object `uri` names, computed on the token.
-pub fn credential_hmac(uri: &Pkcs11Uri, cfg: &Pkcs11Config, data: &[u8]) -> Result<Vec<u8>> {
-    let token = Token::open(uri, cfg, true)?;
+/// The one secret key of type `kind` the URI names on `token` (by label and/or id).
+fn find_secret(
+    token: &Token,
+    uri: &Pkcs11Uri,
+    kind: CkKeyType,
+    what: &str,
+) -> Result<ObjectHandle> {
     let mut template = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+        Attribute::KeyType(kind),
     ];
     if let Some(l) = &uri.object {
         template.push(Attribute::Label(l.as_bytes().to_vec()));
@@ -226,17 +202,29 @@ pub fn credential_hmac(uri: &Pkcs11Uri, cfg: &Pkcs11Config, data: &[u8]) -> Resu
     if let Some(id) = &uri.id {
         template.push(Attribute::Id(id.clone()));
     }
+    let found = token.with_session(|s| {
+        s.find_objects(&template)
+            .map_err(|e| p11(&token.label, "finding objects", e))
+    })?;
+    match found.as_slice() {
+        [h] => Ok(*h),
+        [] => Err(Error::KeyObjectNotFound {
+            uri: uri.to_string(),
+            token: token.label.clone(),
+        }),
+        _ => Err(Error::BadPkcs11Uri {
+            uri: uri.to_string(),
+            reason: format!("matches several {what}: add id= or object="),
+        }),
+    }
+}
+
+/// HMAC-SHA-256 of `data` with the credential object `uri` names, computed on the token.
+pub fn credential_hmac(uri: &Pkcs11Uri, cfg: &Pkcs11Config, data: &[u8]) -> Result<Vec<u8>> {
+    let token = Token::open(uri, cfg, true)?;
+    let handle = find_secret(&token, uri, CkKeyType::GENERIC_SECRET, "secret keys")?;
     token.with_session(|s| {
-        let found = s
-            .find_objects(&template)
-            .map_err(|e| p11(&token.label, "finding objects", e))?;
-        let [h] = found.as_slice() else {
-            return Err(Error::KeyObjectNotFound {
-                uri: uri.to_string(),
-                token: token.label.clone(),
-            });
-        };
-        s.sign(&Mechanism::Sha256Hmac, *h, data)
+        s.sign(&Mechanism::Sha256Hmac, handle, data)
             .map_err(|e| p11(&token.label, "HMAC on the token", e))
     })
 }
