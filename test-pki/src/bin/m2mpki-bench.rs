@@ -1467,6 +1467,25 @@ fn revocation_bench(size: Size, report: &mut Report, work: &Path) -> Result<()> 
         };
         let base = time_verify(&plain)?;
         let base_median = base.median;
+        // The same chain and set through m2mpki's own path validation (what chains under URI,
+        // directoryName or rfc822Name constraints get, e.g. every enterprise node chain).
+        let own = {
+            let now = time::OffsetDateTime::now_utc();
+            repeat(size.runs.max(5), || {
+                let start = Instant::now();
+                m2mpki_ca::verify::verify_using(
+                    &plain,
+                    &chain,
+                    m2mpki_ca::verify::Purpose::Client,
+                    None,
+                    now,
+                    m2mpki_ca::verify::EkuPolicy::Required,
+                    m2mpki_ca::verify::Validator::Own,
+                )
+                .map_err(|r| anyhow::anyhow!("refused: {r}"))?;
+                Ok(start.elapsed().as_secs_f64() * 1000.0)
+            })?
+        };
         // The IN prepares a set's CRLs when it loads the set (at start and on every trust
         // refresh), not during a handshake: time that step, then verification after it.
         let start = Instant::now();
@@ -1488,6 +1507,14 @@ fn revocation_bench(size: Size, report: &mut Report, work: &Path) -> Result<()> 
             "ms",
             base,
         );
+        report
+            .add(
+                "5 revocation",
+                "verify one device chain, set without CRL, m2mpki's own path validation",
+                "ms",
+                own,
+            )
+            .against("set without CRL (rustls-webpki)", base_median, None);
         report
             .add(
                 "5 revocation",
