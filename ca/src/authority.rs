@@ -902,6 +902,15 @@ mod tests {
     struct RefusingStore(crate::RedbStore);
 
     impl Store for RefusingStore {
+        fn backend(&self) -> String {
+            self.0.backend()
+        }
+        fn export(&self, v: &mut dyn FnMut(crate::Item) -> Result<()>) -> Result<()> {
+            self.0.export(v)
+        }
+        fn import(&self, i: &mut dyn Iterator<Item = Result<crate::Item>>) -> Result<u64> {
+            self.0.import(i)
+        }
         fn create_ca(&self, _: &CaRecord, _: AuditEvent) -> Result<()> {
             Err(Error::Store("disk full".into()))
         }

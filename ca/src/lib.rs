@@ -3,7 +3,7 @@
 //!
 //! Everything that signs goes through [`m2mpki_hsm::Signer`], so software and PKCS#11 keys
 //! issue alike. Everything that is remembered goes through the [`Store`] trait; the embedded
-//! implementation is [`RedbStore`].
+//! implementation is [`RedbStore`]; [`PgStore`] shares one ledger between processes and hosts.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -22,6 +22,7 @@ pub mod input;
 mod issue;
 mod leaf_der;
 mod path;
+mod pg_store;
 pub mod profile;
 mod redb_store;
 pub mod revocation;
@@ -40,6 +41,10 @@ pub use error::{Error, ErrorKind, Result};
 pub use home::Home;
 pub use identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId};
 pub use issue::{chain_pem, issue, prepare, Prepared};
+pub use pg_store::PgStore;
 pub use redb_store::RedbStore;
 pub use serial::Serial;
-pub use store::{CaRecord, CertFilter, CertRecord, CertStatus, NewCert, RecordOutcome, Store};
+pub use store::{
+    CaRecord, CertFilter, CertRecord, CertStatus, Item, NewCert, RecordOutcome, Store,
+    StoreLocation,
+};

@@ -2,14 +2,17 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
 
 use crate::audit::{self, AuditEntry, AuditEvent};
 use crate::rootset::RootSet;
 use crate::serial::Serial;
 use crate::store::CertStatus;
 use crate::store::{CaRecord, RevocationReason, RevokedEntry};
-use crate::store::{CertFilter, CertRecord, NewCert, RecordOutcome, Store};
+use crate::store::{CertFilter, CertRecord, Item, NewCert, RecordOutcome, Store};
 use crate::{Error, Result};
 
 const CAS: TableDefinition<&str, &[u8]> = TableDefinition::new("cas");
@@ -53,6 +56,13 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result
 
 fn live_key(ca: &str, subject_key: &str) -> String {
     format!("{ca}\x1f{subject_key}")
+}
+
+/// Splits a "<ca>\x1f<rest>" key.
+fn split_key(what: &str, key: &str) -> Result<(String, String)> {
+    key.split_once('\x1f')
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        .ok_or_else(|| Error::Store(format!("corrupt {what} key {key:?}")))
 }
 
 fn now() -> i64 {
@@ -152,6 +162,10 @@ impl RedbStore {
 }
 
 impl Store for RedbStore {
+    fn backend(&self) -> String {
+        format!("redb:{}", self.path.display())
+    }
+
     fn create_ca(&self, ca: &CaRecord, event: AuditEvent) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
@@ -468,6 +482,166 @@ impl Store for RedbStore {
                 detail,
             }],
         )?;
+        tx.commit().map_err(db_err)?;
+        Ok(n)
+    }
+
+    fn export(&self, visit: &mut dyn FnMut(Item) -> Result<()>) -> Result<()> {
+        // One read transaction: a consistent snapshot of everything.
+        let tx = self.db.begin_read().map_err(db_err)?;
+        for row in tx.open_table(CAS).map_err(db_err)?.iter().map_err(db_err)? {
+            let (_, v) = row.map_err(db_err)?;
+            visit(Item::Ca(from_json("CA", v.value())?))?;
+        }
+        let ders = tx.open_table(CERT_DER).map_err(db_err)?;
+        for row in tx
+            .open_table(CERTS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            let record: CertRecord = from_json("certificate", v.value())?;
+            let der = ders
+                .get(k.value())
+                .map_err(db_err)?
+                .ok_or_else(|| Error::Store(format!("certificate {} has no DER", record.serial)))?
+                .value()
+                .to_vec();
+            visit(Item::Cert(NewCert { record, der }))?;
+        }
+        for row in tx
+            .open_table(LIVE)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            let (ca, subject_key) = split_key("live", k.value())?;
+            visit(Item::Live {
+                ca,
+                subject_key,
+                serial: Serial::from_bytes(v.value()),
+            })?;
+        }
+        for row in tx
+            .open_table(REVOKED)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            let (ca, _) = split_key("revocation", k.value())?;
+            visit(Item::Revoked {
+                ca,
+                entry: from_json("revocation", v.value())?,
+            })?;
+        }
+        let numbers = tx.open_table(CRL_NUMBERS).map_err(db_err)?;
+        for row in numbers.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            visit(Item::CrlNumber {
+                ca: k.value().to_owned(),
+                last: v.value(),
+            })?;
+        }
+        let sets = tx.open_table(ROOT_SETS).map_err(db_err)?;
+        for row in sets.iter().map_err(db_err)? {
+            let (_, v) = row.map_err(db_err)?;
+            visit(Item::RootSet(from_json("root set", v.value())?))?;
+        }
+        for row in tx
+            .open_table(AUDIT)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (_, v) = row.map_err(db_err)?;
+            visit(Item::Audit(from_json("audit", v.value())?))?;
+        }
+        Ok(())
+    }
+
+    fn import(&self, items: &mut dyn Iterator<Item = Result<Item>>) -> Result<u64> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let n = {
+            let mut cas = tx.open_table(CAS).map_err(db_err)?;
+            let mut certs = tx.open_table(CERTS).map_err(db_err)?;
+            let mut ders = tx.open_table(CERT_DER).map_err(db_err)?;
+            let mut live = tx.open_table(LIVE).map_err(db_err)?;
+            let mut by_id = tx.open_multimap_table(BY_ID).map_err(db_err)?;
+            let mut audit = tx.open_table(AUDIT).map_err(db_err)?;
+            let mut sets = tx.open_table(ROOT_SETS).map_err(db_err)?;
+            let mut revoked = tx.open_table(REVOKED).map_err(db_err)?;
+            let mut numbers = tx.open_table(CRL_NUMBERS).map_err(db_err)?;
+            let empty = cas.is_empty().map_err(db_err)?
+                && certs.is_empty().map_err(db_err)?
+                && audit.is_empty().map_err(db_err)?
+                && sets.is_empty().map_err(db_err)?
+                && revoked.is_empty().map_err(db_err)?
+                && numbers.is_empty().map_err(db_err)?;
+            if !empty {
+                return Err(Error::Policy(format!(
+                    "the destination store {} is not empty; a migration only runs into an empty one",
+                    self.path.display()
+                )));
+            }
+            let mut n = 0u64;
+            for item in items {
+                n += 1;
+                match item? {
+                    Item::Ca(ca) => {
+                        cas.insert(ca.name.as_str(), to_json(&ca)?.as_slice())
+                            .map_err(db_err)?;
+                    }
+                    Item::Cert(cert) => {
+                        let r = &cert.record;
+                        let serial = r.serial.as_bytes();
+                        certs
+                            .insert(serial, to_json(r)?.as_slice())
+                            .map_err(db_err)?;
+                        ders.insert(serial, cert.der.as_slice()).map_err(db_err)?;
+                        by_id
+                            .insert(r.subject_key.as_str(), serial)
+                            .map_err(db_err)?;
+                        if let Some(identity) = &r.identity {
+                            by_id
+                                .insert(identity.id().as_str(), serial)
+                                .map_err(db_err)?;
+                        }
+                    }
+                    Item::Live {
+                        ca,
+                        subject_key,
+                        serial,
+                    } => {
+                        live.insert(live_key(&ca, &subject_key).as_str(), serial.as_bytes())
+                            .map_err(db_err)?;
+                    }
+                    Item::Revoked { ca, entry } => {
+                        revoked
+                            .insert(
+                                format!("{ca}\x1f{}", entry.serial).as_str(),
+                                to_json(&entry)?.as_slice(),
+                            )
+                            .map_err(db_err)?;
+                    }
+                    Item::CrlNumber { ca, last } => {
+                        numbers.insert(ca.as_str(), last).map_err(db_err)?;
+                    }
+                    Item::RootSet(set) => {
+                        sets.insert(set.name.as_str(), to_json(&set)?.as_slice())
+                            .map_err(db_err)?;
+                    }
+                    Item::Audit(entry) => {
+                        audit
+                            .insert(entry.seq, to_json(&entry)?.as_slice())
+                            .map_err(db_err)?;
+                    }
+                }
+            }
+            n
+        };
         tx.commit().map_err(db_err)?;
         Ok(n)
     }

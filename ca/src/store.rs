@@ -247,9 +247,48 @@ pub struct CertFilter {
     pub id: Option<String>,
 }
 
+/// One record of a store, as `store migrate` copies it: everything a store holds is a
+/// sequence of these ([`Store::export`], [`Store::import`]).
+#[derive(Clone, Debug)]
+pub enum Item {
+    /// A CA.
+    Ca(CaRecord),
+    /// An issued certificate (its current record, revoked or not) and its DER.
+    Cert(NewCert),
+    /// The live certificate of a subject at a CA.
+    Live {
+        /// The CA.
+        ca: String,
+        /// The subject key.
+        subject_key: String,
+        /// The live certificate.
+        serial: Serial,
+    },
+    /// A revocation, as the CA's CRL lists it.
+    Revoked {
+        /// The CA.
+        ca: String,
+        /// The entry.
+        entry: RevokedEntry,
+    },
+    /// The last CRL number a CA took.
+    CrlNumber {
+        /// The CA.
+        ca: String,
+        /// The number.
+        last: u64,
+    },
+    /// A root set with its anchors and CRLs.
+    RootSet(RootSet),
+    /// An audit entry, as sealed (copied, never re-sealed).
+    Audit(AuditEntry),
+}
+
 /// The storage the CA needs. Every method is atomic; every change appends audit entries in
 /// the same transaction.
 pub trait Store: Send + Sync {
+    /// Where the store is, for messages (never a password).
+    fn backend(&self) -> String;
     /// Records a new CA; refuses a duplicate name.
     fn create_ca(&self, ca: &CaRecord, event: AuditEvent) -> Result<()>;
     /// A CA by name.
@@ -298,4 +337,62 @@ pub trait Store: Send + Sync {
     fn revoked(&self, ca: &str, visit: &mut dyn FnMut(RevokedEntry) -> Result<()>) -> Result<()>;
     /// Takes the next CRL number of `ca` (1, 2, ...), with an audit entry.
     fn next_crl_number(&self, ca: &str, detail: serde_json::Value) -> Result<u64>;
+
+    /// Visits everything the store holds: CAs, certificates, live certificates, revocations,
+    /// CRL numbers, root sets, then the audit log in order.
+    fn export(&self, visit: &mut dyn FnMut(Item) -> Result<()>) -> Result<()>;
+    /// Loads `items` into this store in one transaction, refusing unless the store is empty;
+    /// returns how many were loaded. Audit entries are stored as given (not re-sealed), so
+    /// the caller verifies the chain afterwards.
+    fn import(&self, items: &mut dyn Iterator<Item = Result<Item>>) -> Result<u64>;
+}
+
+/// Where a store lives: `redb:PATH` (the embedded store, one process at a time) or a
+/// PostgreSQL URL (`postgres://` or `postgresql://`), shared by several processes and hosts.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// An embedded redb file.
+    Redb(std::path::PathBuf),
+    /// A PostgreSQL database (the URL may carry a password: never printed).
+    Postgres(String),
+}
+
+impl fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreLocation::Redb(p) => write!(f, "Redb({})", p.display()),
+            StoreLocation::Postgres(_) => f.write_str("Postgres(..)"),
+        }
+    }
+}
+
+impl FromStr for StoreLocation {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(StoreLocation::Postgres(s.to_owned()))
+        } else if let Some(path) = s.strip_prefix("redb:") {
+            if path.is_empty() {
+                return Err(Error::invalid("store", s, "redb: needs a file path"));
+            }
+            Ok(StoreLocation::Redb(path.into()))
+        } else {
+            // Never echo what might be a mistyped URL with a password in it.
+            Err(Error::invalid(
+                "store",
+                if s.contains('@') { "(not shown)" } else { s },
+                "expected redb:PATH or a postgres:// URL",
+            ))
+        }
+    }
+}
+
+impl StoreLocation {
+    /// Opens the store (creating an empty one when there is none).
+    pub fn open(&self) -> Result<Box<dyn Store>> {
+        Ok(match self {
+            StoreLocation::Redb(path) => Box::new(crate::RedbStore::open(path)?),
+            StoreLocation::Postgres(url) => Box::new(crate::PgStore::open(url)?),
+        })
+    }
 }

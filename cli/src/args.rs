@@ -21,6 +21,18 @@ pub struct Cli {
     #[arg(long, global = true, env = "M2MPKI_HOME", value_name = "DIR")]
     pub home: Option<PathBuf>,
 
+    /// Where the ledger, audit log and root sets live: redb:PATH (one process at a time) or a
+    /// postgres:// URL shared by several processes and hosts (docs/store.md)
+    /// [default: $M2MPKI_STORE, else redb:<home>/store.redb]
+    #[arg(
+        long,
+        global = true,
+        env = "M2MPKI_STORE",
+        hide_env_values = true,
+        value_name = "STORE"
+    )]
+    pub store: Option<String>,
+
     /// Print results as JSON (one document on stdout); errors too, on stderr
     #[arg(long, global = true)]
     pub json: bool,
@@ -58,6 +70,9 @@ pub enum Command {
     /// Agreed root sets (device roots per vertical, node roots per enterprise, IN roots)
     #[command(subcommand, after_help = EXIT_CODES)]
     Roots(RootsCommand),
+    /// Move the CA store between backends (redb, PostgreSQL)
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Store(StoreCommand),
     /// Revoke a certificate
     #[command(after_help = EXIT_CODES)]
     Revoke {
@@ -114,6 +129,21 @@ Exit codes:
   2  bad usage or input (bad URI, module not found, no such token or key, wrong PIN,
      an object with that label or id exists)
   3  internal or HSM failure (mechanism not supported, token removed)";
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy everything (CAs, ledger, revocations, CRL numbers, root sets, the audit log as
+    /// sealed) into an empty store in one transaction, checking the audit chain on the way
+    /// and again at the destination
+    Migrate {
+        /// The store to copy: redb:PATH or a postgres:// URL
+        #[arg(long, value_name = "STORE")]
+        from: String,
+        /// The empty store to fill: redb:PATH or a postgres:// URL
+        #[arg(long, value_name = "STORE")]
+        to: String,
+    },
+}
 
 #[derive(Debug, Subcommand)]
 pub enum HsmCommand {

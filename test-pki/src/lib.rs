@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod lab;
+pub mod pg;
 pub mod softhsm;
 
 use std::path::Path;

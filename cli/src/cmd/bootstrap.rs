@@ -8,7 +8,7 @@ use m2mpki_bootstrap::client::{self, Enrolment};
 use m2mpki_bootstrap::config::{FieldNodeProfile, ServerConfig, TlsVersion};
 use m2mpki_bootstrap::credstore::CredentialStore;
 use m2mpki_bootstrap::server::Server;
-use m2mpki_ca::{FieldNodeIdentity, Home, Store};
+use m2mpki_ca::{FieldNodeIdentity, Home, Store, StoreLocation};
 use m2mpki_hsm::files::{self, Mode};
 use m2mpki_hsm::{KeyRef, Keystore};
 use serde::Serialize;
@@ -128,7 +128,13 @@ async fn shutdown_signal() {
     }
 }
 
-pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) -> Result<()> {
+pub fn run(
+    home: &Path,
+    store: Option<&StoreLocation>,
+    keystore: &Keystore,
+    json: bool,
+    cmd: BootstrapCommand,
+) -> Result<()> {
     match cmd {
         BootstrapCommand::Profile {
             set,
@@ -145,7 +151,10 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
         } => {
             let fqdn: m2mpki_ca::DnsName = fqdn.parse()?;
             let home = Home::open(home)?;
-            let store = home.store()?;
+            let store: Box<dyn Store> = match store {
+                Some(location) => location.open()?,
+                None => Box::new(home.store()?),
+            };
             let mut s = store
                 .root_set(&set)?
                 .ok_or_else(|| m2mpki_ca::Error::UnknownRootSet(set.clone()))?;
@@ -202,6 +211,15 @@ pub fn run(home: &Path, keystore: &Keystore, json: bool, cmd: BootstrapCommand) 
             }
         }
         BootstrapCommand::Serve { config } => {
+            if store.is_some() {
+                return Err(UsageError(
+                    "bootstrap serve reads the home's own store (--home), not --store or \
+                     $M2MPKI_STORE: the IN's credential store has no PostgreSQL backend yet \
+                     (docs/store.md)"
+                        .into(),
+                )
+                .into());
+            }
             init_logging();
             let config = ServerConfig::load(&config)?;
             let home = Home::open(home)?;

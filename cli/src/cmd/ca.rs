@@ -1,7 +1,7 @@
 //! `m2mpki ca`: create, list and show CAs.
 
 use anyhow::Result;
-use m2mpki_ca::{CaInit, CaKey, CaRecord, NameConstraints, Store};
+use m2mpki_ca::{CaInit, CaKey, CaRecord, NameConstraints};
 use m2mpki_hsm::KeyRef;
 use serde::Serialize;
 
@@ -74,7 +74,7 @@ pub(crate) fn init(ctx: &Ctx, a: Box<CaInitArgs>) -> Result<()> {
             &a.exclude_uri_domain,
         )?,
     };
-    let record = m2mpki_ca::init_ca(&ctx.home, &store, &ctx.keystore, req)?;
+    let record = m2mpki_ca::init_ca(&ctx.home, &*store, &ctx.keystore, req)?;
     // A defaulted lifetime is cut to the parent's: say so.
     let parent_not_after = match &a.parent {
         Some(p) if a.validity.is_none() => store.ca(p)?.map(|p| p.not_after),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use m2mpki_ca::profile::ProfileKind;
 use m2mpki_ca::validity::Validity;
-use m2mpki_ca::{audit::ChainVerifier, Authority, CertFilter, CertRecord, Store};
+use m2mpki_ca::{audit::ChainVerifier, Authority, CertFilter, CertRecord};
 use m2mpki_hsm::files::{self, Mode};
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -215,8 +215,8 @@ pub(crate) fn crl(
     }
     let next_update: Validity = next_update.parse()?;
     let store = ctx.store()?;
-    let authority = Authority::load(&ctx.home, &store, &ctx.keystore, ca)?;
-    let crl = m2mpki_ca::revocation::issue_crl(&store, &authority, next_update)?;
+    let authority = Authority::load(&ctx.home, &*store, &ctx.keystore, ca)?;
+    let crl = m2mpki_ca::revocation::issue_crl(&*store, &authority, next_update)?;
     let bytes = if der {
         crl.der.clone()
     } else {

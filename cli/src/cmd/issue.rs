@@ -37,7 +37,7 @@ pub(crate) fn one(ctx: &Ctx, subject: LeafSubject, a: IssueArgs) -> Result<()> {
         None => None,
     };
     let store = ctx.store()?;
-    let authority = Authority::load(&ctx.home, &store, &ctx.keystore, &a.ca)?;
+    let authority = Authority::load(&ctx.home, &*store, &ctx.keystore, &a.ca)?;
     let (public_key, new_key) = match csr {
         Some(csr) => (csr.public_key, None),
         None => {
@@ -57,7 +57,7 @@ pub(crate) fn one(ctx: &Ctx, subject: LeafSubject, a: IssueArgs) -> Result<()> {
     // The request and the ledger are checked before the key file is written, so a refusal
     // leaves nothing behind; the key is written before the certificate is recorded, so a
     // recorded certificate always has its key on disk.
-    let prepared = m2mpki_ca::prepare(&store, &authority, &profile, req, a.reissue)?;
+    let prepared = m2mpki_ca::prepare(&*store, &authority, &profile, req, a.reissue)?;
     if let (Some(mut key), Some(path)) = (new_key, &a.key_out) {
         let overwrite = if a.force {
             Overwrite::Replace
@@ -66,7 +66,7 @@ pub(crate) fn one(ctx: &Ctx, subject: LeafSubject, a: IssueArgs) -> Result<()> {
         };
         key.save(path, key_pass.as_ref(), overwrite)?;
     }
-    let cert = match prepared.commit(&store) {
+    let cert = match prepared.commit(&*store) {
         Ok(cert) => cert,
         Err(e) => {
             // The key certifies nothing: do not leave it behind.
@@ -143,7 +143,7 @@ pub(crate) fn batch(ctx: &Ctx, a: BatchArgs) -> Result<()> {
         chunk_size: a.chunk,
     };
     let store = ctx.store()?;
-    let authority = Authority::load(&ctx.home, &store, &ctx.keystore, &a.ca)?;
+    let authority = Authority::load(&ctx.home, &*store, &ctx.keystore, &a.ca)?;
     let bar = if ctx.json {
         indicatif::ProgressBar::hidden()
     } else {
@@ -160,7 +160,7 @@ pub(crate) fn batch(ctx: &Ctx, a: BatchArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let bar = Arc::new(bar);
     let tick = bar.clone();
-    let report = batch::run_batch(&store, &authority, input, &opts, &move |n| tick.inc(n))?;
+    let report = batch::run_batch(&*store, &authority, input, &opts, &move |n| tick.inc(n))?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     if ctx.json {

@@ -8,28 +8,36 @@ mod hsm;
 mod issue;
 mod lab;
 mod roots;
+mod store;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use m2mpki_ca::validity::{parse_time, Validity};
-use m2mpki_ca::{Home, LeafSubject};
+use m2mpki_ca::{Home, LeafSubject, Store, StoreLocation};
 use m2mpki_hsm::files::{Mode, Overwrite, WriteOptions};
 use m2mpki_hsm::{Keystore, Passphrase};
 use time::OffsetDateTime;
 
-use crate::args::{AuditCommand, CaCommand, CertsCommand, Cli, Command, IssueCommand};
+use crate::args::{
+    AuditCommand, CaCommand, CertsCommand, Cli, Command, IssueCommand, StoreCommand,
+};
 use crate::output::UsageError;
 
 pub(crate) struct Ctx {
     pub(crate) home: Home,
     pub(crate) json: bool,
     pub(crate) keystore: Keystore,
+    /// `--store` / `$M2MPKI_STORE`; `None`: the home's redb file.
+    pub(crate) store: Option<StoreLocation>,
 }
 
 impl Ctx {
-    pub(crate) fn store(&self) -> Result<m2mpki_ca::RedbStore> {
-        Ok(self.home.store()?)
+    pub(crate) fn store(&self) -> Result<Box<dyn Store>> {
+        Ok(match &self.store {
+            Some(location) => location.open()?,
+            None => Box::new(self.home.store()?),
+        })
     }
 }
 
@@ -64,10 +72,16 @@ pub fn run(cli: Cli) -> Result<()> {
         pkcs11.sessions = n.max(1);
     }
     let keystore = Keystore::new(passphrase(cli.key_pass_file.as_deref())?).with_pkcs11(pkcs11);
+    let store = cli.store.as_deref().map(str::parse).transpose()?;
     // Token commands need no home folder.
     let cmd = match cli.command {
+        Command::Store(StoreCommand::Migrate { from, to }) => {
+            return store::migrate(cli.json, &from.parse()?, &to.parse()?)
+        }
         Command::Hsm(cmd) => return hsm::run(&keystore, cli.json, cmd),
-        Command::Bootstrap(cmd) => return bootstrap::run(&home, &keystore, cli.json, cmd),
+        Command::Bootstrap(cmd) => {
+            return bootstrap::run(&home, store.as_ref(), &keystore, cli.json, cmd)
+        }
         Command::Lab(cmd) => return lab::run(cli.json, cmd),
         other => other,
     };
@@ -75,9 +89,10 @@ pub fn run(cli: Cli) -> Result<()> {
         home: Home::open(&home)?,
         json: cli.json,
         keystore,
+        store,
     };
     match cmd {
-        Command::Hsm(_) | Command::Bootstrap(_) | Command::Lab(_) => Ok(()),
+        Command::Hsm(_) | Command::Bootstrap(_) | Command::Lab(_) | Command::Store(_) => Ok(()),
         Command::Roots(cmd) => roots::run(&ctx, cmd),
         Command::Revoke { serial, ca, reason } => certs::revoke(&ctx, &serial, &ca, &reason),
         Command::Crl {

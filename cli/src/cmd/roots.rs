@@ -1,7 +1,6 @@
 //! `m2mpki roots`: the agreed root sets.
 
 use anyhow::Result;
-use m2mpki_ca::Store;
 use m2mpki_hsm::files::{self, Mode};
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -62,7 +61,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
                 SetKind::Infrastructure => RootSetKind::Infrastructure,
             };
             let created = roots::create(
-                &store,
+                &*store,
                 &set,
                 kind,
                 revocation,
@@ -87,7 +86,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
             if revocation.is_none() && crl_grace.is_none() {
                 return Err(UsageError("give --revocation and/or --crl-grace".into()).into());
             }
-            let policy = roots::set_policy(&store, &set, revocation.map(Into::into), crl_grace)?;
+            let policy = roots::set_policy(&*store, &set, revocation.map(Into::into), crl_grace)?;
             if ctx.json {
                 emit_json(&serde_json::json!({ "set": set, "revocation": policy }))
             } else {
@@ -101,17 +100,17 @@ pub(crate) fn run(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
                     anchors.push(Anchor::from_der(&der, &f.display().to_string())?);
                 }
             }
-            added(ctx, &set, &roots::add_anchors(&store, &set, anchors)?)
+            added(ctx, &set, &roots::add_anchors(&*store, &set, anchors)?)
         }
         RootsCommand::AddCa { set, ca } => {
             let record = store
                 .ca(&ca)?
                 .ok_or_else(|| m2mpki_ca::Error::UnknownCa(ca.clone()))?;
             let anchor = Anchor::from_der(record.root_der(), &format!("CA {ca}"))?;
-            added(ctx, &set, &roots::add_anchors(&store, &set, vec![anchor])?)
+            added(ctx, &set, &roots::add_anchors(&*store, &set, vec![anchor])?)
         }
         RootsCommand::Remove { set, fingerprint } => {
-            let a = roots::remove_anchor(&store, &set, &fingerprint)?;
+            let a = roots::remove_anchor(&*store, &set, &fingerprint)?;
             if ctx.json {
                 emit_json(&anchor_view(&a))
             } else {
@@ -212,7 +211,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
             }
         }
         RootsCommand::RemoveCrl { set, fingerprint } => {
-            let crl = roots::detach_crl(&store, &set, &fingerprint)?;
+            let crl = roots::detach_crl(&*store, &set, &fingerprint)?;
             if ctx.json {
                 emit_json(
                     &serde_json::json!({ "set": set, "removed": { "issuer": crl.issuer, "number": crl.number, "sha256": crl.sha256 } }),
@@ -248,7 +247,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: RootsCommand) -> Result<()> {
             }
             let crl = CrlRecord::from_der(&ders.remove(0), &file.display().to_string())?;
             let view = serde_json::json!({ "issuer": crl.issuer, "number": crl.number, "entries": crl.entries, "sha256": crl.sha256 });
-            let changed = roots::attach_crl(&store, &set, crl.clone(), &issuers)?;
+            let changed = roots::attach_crl(&*store, &set, crl.clone(), &issuers)?;
             if ctx.json {
                 emit_json(&serde_json::json!({ "set": set, "crl": view, "changed": changed }))
             } else if changed {

@@ -1,0 +1,801 @@
+//! The shared store: PostgreSQL, for several CA hosts (and, later, IN instances) on one ledger.
+//!
+//! Concurrency (docs/store.md): every change appends to the one hash-chained audit log, so
+//! writes are a total order anyway. Each write transaction first takes one transaction-level
+//! advisory lock (`pg_advisory_xact_lock`), then reads what it depends on (the live
+//! certificate of a subject, the last audit entry, a root set) and writes. Under READ
+//! COMMITTED every statement after the lock sees every write committed before it, so two
+//! processes on two hosts behave as two writers of the embedded store do: serials are never
+//! reused (also a primary key), a subject keeps one live certificate (also a primary key on
+//! `(ca, subject_key)`), and the audit chain never forks (also a primary key on `seq`).
+//! Readers take no lock. A transaction that fails with a serialization failure or deadlock is
+//! retried from the start; a failed commit is never retried blind.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use postgres::error::SqlState;
+use postgres::{Client, NoTls, Transaction};
+
+use crate::audit::{self, AuditAction, AuditEntry, AuditEvent};
+use crate::rootset::RootSet;
+use crate::serial::Serial;
+use crate::store::{
+    CaRecord, CertFilter, CertRecord, CertStatus, Item, NewCert, RecordOutcome, RevocationReason,
+    RevokedEntry, Store,
+};
+use crate::{Error, Result};
+
+/// The schema this build writes; a database with a newer one is refused.
+const SCHEMA_VERSION: i32 = 1;
+
+/// The advisory lock key every writer holds for the length of its transaction
+/// ("m2mpki" in ASCII).
+const WRITE_LOCK: i64 = 0x6d_32_6d_70_6b_69;
+
+/// Tries of one transaction that meets a serialization failure or a deadlock.
+const TRIES: usize = 5;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS m2mpki_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS m2mpki_cas (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS m2mpki_certs (
+    serial BYTEA PRIMARY KEY,
+    ca TEXT NOT NULL,
+    subject_key TEXT NOT NULL,
+    id TEXT,
+    record TEXT NOT NULL,
+    der BYTEA NOT NULL
+);
+CREATE INDEX IF NOT EXISTS m2mpki_certs_subject ON m2mpki_certs (subject_key);
+CREATE INDEX IF NOT EXISTS m2mpki_certs_id ON m2mpki_certs (id);
+CREATE TABLE IF NOT EXISTS m2mpki_live (
+    ca TEXT NOT NULL,
+    subject_key TEXT NOT NULL,
+    serial BYTEA NOT NULL,
+    PRIMARY KEY (ca, subject_key)
+);
+CREATE TABLE IF NOT EXISTS m2mpki_audit (seq BIGINT PRIMARY KEY, entry TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS m2mpki_root_sets (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS m2mpki_revoked (
+    ca TEXT NOT NULL,
+    serial BYTEA NOT NULL,
+    entry TEXT NOT NULL,
+    PRIMARY KEY (ca, serial)
+);
+CREATE TABLE IF NOT EXISTS m2mpki_crl_numbers (ca TEXT PRIMARY KEY, n BIGINT NOT NULL);
+";
+
+/// The tables that hold data, for the emptiness check of an import.
+const DATA_TABLES: &[&str] = &[
+    "m2mpki_cas",
+    "m2mpki_certs",
+    "m2mpki_live",
+    "m2mpki_audit",
+    "m2mpki_root_sets",
+    "m2mpki_revoked",
+    "m2mpki_crl_numbers",
+];
+
+/// The PostgreSQL-backed [`Store`]. One connection, reopened when it breaks; calls from
+/// several threads take turns.
+pub struct PgStore {
+    config: postgres::Config,
+    /// Where it points, without user or password (for messages).
+    shown: String,
+    client: Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("database", &self.shown)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Host, port and database of a configuration: never the user or password.
+fn describe(config: &postgres::Config) -> String {
+    use postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgres://{}:{port}/{}",
+        if hosts.is_empty() {
+            "localhost".to_owned()
+        } else {
+            hosts.join(",")
+        },
+        config.get_dbname().unwrap_or("")
+    )
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(Error::internal)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::Store(format!("corrupt {what} record: {e}")))
+}
+
+/// Whether a failed transaction may simply run again.
+fn retryable(e: &postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
+
+/// Why a transaction ended: ours (an m2mpki error, returned as is) or the database's.
+enum Fail {
+    Ours(Error),
+    Db(postgres::Error),
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail::Ours(e)
+    }
+}
+
+impl From<postgres::Error> for Fail {
+    fn from(e: postgres::Error) -> Self {
+        Fail::Db(e)
+    }
+}
+
+type TxResult<T> = std::result::Result<T, Fail>;
+
+fn i64_of(n: u64, what: &str) -> Result<i64> {
+    i64::try_from(n).map_err(|_| Error::Store(format!("{what} {n} does not fit the database")))
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user@host:port/db`, or key=value pairs), creating the
+    /// schema when the database has none. A connect timeout of 5 s applies unless the URL
+    /// sets one.
+    pub fn open(url: &str) -> Result<Self> {
+        let mut config: postgres::Config = url.parse().map_err(|e| {
+            // The parser's message never repeats the URL, which may hold a password.
+            Error::invalid("PostgreSQL URL", "(not shown)", format!("{e}"))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("m2mpki");
+        }
+        let store = PgStore {
+            shown: describe(&config),
+            config,
+            client: Mutex::new(None),
+        };
+        store.write(|tx| {
+            tx.batch_execute(SCHEMA)?;
+            let found = tx.query_opt(
+                "SELECT value FROM m2mpki_meta WHERE key = 'schema_version'",
+                &[],
+            )?;
+            match found {
+                None => {
+                    tx.execute(
+                        "INSERT INTO m2mpki_meta (key, value) VALUES ('schema_version', $1)",
+                        &[&SCHEMA_VERSION.to_string()],
+                    )?;
+                }
+                Some(row) => {
+                    let v: String = row.get(0);
+                    if v.parse::<i32>().map_or(true, |v| v > SCHEMA_VERSION) {
+                        return Err(Error::Store(format!(
+                            "the database's m2mpki schema is version {v}; this build knows \
+                             version {SCHEMA_VERSION} (upgrade m2mpki)"
+                        ))
+                        .into());
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    fn db_err(&self, e: &postgres::Error) -> Error {
+        match e.as_db_error() {
+            Some(db) => Error::Store(format!(
+                "{}: {} ({})",
+                self.shown,
+                db.message(),
+                db.code().code()
+            )),
+            None => Error::Store(format!("{}: {e}", self.shown)),
+        }
+    }
+
+    /// Runs `f` with the connection, opening it first when there is none or it broke.
+    fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        let mut guard = self
+            .client
+            .lock()
+            .map_err(|_| Error::internal("the PostgreSQL connection lock is poisoned"))?;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            let client = self.config.connect(NoTls).map_err(|e| {
+                Error::Store(format!(
+                    "cannot connect to PostgreSQL at {}: {e}",
+                    self.shown
+                ))
+            })?;
+            *guard = Some(client);
+        }
+        let client = guard
+            .as_mut()
+            .ok_or_else(|| Error::internal("no PostgreSQL connection"))?;
+        let out = f(client);
+        if client.is_closed() {
+            *guard = None;
+        }
+        out
+    }
+
+    /// A read-only statement sequence in one snapshot (REPEATABLE READ, READ ONLY).
+    fn read<T>(&self, mut f: impl FnMut(&mut Transaction<'_>) -> TxResult<T>) -> Result<T> {
+        self.with_client(|client| {
+            let mut run = |client: &mut Client| -> TxResult<T> {
+                let mut tx = client
+                    .build_transaction()
+                    .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()?;
+                let out = f(&mut tx)?;
+                tx.commit()?;
+                Ok(out)
+            };
+            run(client).map_err(|e| match e {
+                Fail::Ours(e) => e,
+                Fail::Db(e) => self.db_err(&e),
+            })
+        })
+    }
+
+    /// A write transaction under the writers' lock, retried on serialization failures.
+    fn write<T>(&self, mut f: impl FnMut(&mut Transaction<'_>) -> TxResult<T>) -> Result<T> {
+        self.with_client(|client| {
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let attempt = (|| -> TxResult<T> {
+                    let mut tx = client.transaction()?;
+                    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
+                    let out = f(&mut tx)?;
+                    tx.commit()?;
+                    Ok(out)
+                })();
+                match attempt {
+                    Ok(v) => return Ok(v),
+                    Err(Fail::Ours(e)) => return Err(e),
+                    Err(Fail::Db(e)) if retryable(&e) && tries < TRIES => continue,
+                    Err(Fail::Db(e)) => return Err(self.db_err(&e)),
+                }
+            }
+        })
+    }
+
+    /// Appends audit entries inside a write transaction (which holds the writers' lock).
+    fn append_audit(tx: &mut Transaction<'_>, events: Vec<AuditEvent>) -> TxResult<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let last = tx.query_opt(
+            "SELECT seq, entry FROM m2mpki_audit ORDER BY seq DESC LIMIT 1",
+            &[],
+        )?;
+        let (mut seq, mut prev) = match last {
+            Some(row) => {
+                let entry: AuditEntry = from_json("audit", row.get::<_, &str>(1))?;
+                (entry.seq, entry.hash)
+            }
+            None => (0, audit::GENESIS.to_owned()),
+        };
+        let t = time::OffsetDateTime::now_utc().unix_timestamp();
+        let insert = tx.prepare("INSERT INTO m2mpki_audit (seq, entry) VALUES ($1, $2)")?;
+        for event in events {
+            seq += 1;
+            let (hash, json) = audit::seal_json(seq, t, &event, &prev)?;
+            let text = String::from_utf8(json).map_err(Error::internal)?;
+            tx.execute(&insert, &[&i64_of(seq, "audit sequence")?, &text])?;
+            prev = hash;
+        }
+        Ok(())
+    }
+
+    /// Test support: rewrites one audit entry's JSON in place, as an attacker with database
+    /// access could. Only with the `test-support` feature.
+    #[cfg(feature = "test-support")]
+    pub fn tamper_audit_entry(&self, seq: u64, f: impl FnOnce(&mut AuditEntry)) -> Result<()> {
+        let mut f = Some(f);
+        self.write(|tx| {
+            let row = tx
+                .query_opt(
+                    "SELECT entry FROM m2mpki_audit WHERE seq = $1",
+                    &[&i64_of(seq, "audit sequence")?],
+                )?
+                .ok_or_else(|| Error::Store(format!("no audit entry {seq}")))?;
+            let mut entry: AuditEntry = from_json("audit", row.get::<_, &str>(0))?;
+            if let Some(f) = f.take() {
+                f(&mut entry);
+            }
+            tx.execute(
+                "UPDATE m2mpki_audit SET entry = $2 WHERE seq = $1",
+                &[&i64_of(seq, "audit sequence")?, &to_json(&entry)?],
+            )?;
+            Ok(())
+        })
+    }
+}
+
+fn cert_from_row(row: &postgres::Row) -> Result<CertRecord> {
+    from_json("certificate", row.get::<_, &str>(0))
+}
+
+impl Store for PgStore {
+    fn backend(&self) -> String {
+        self.shown.clone()
+    }
+
+    fn create_ca(&self, ca: &CaRecord, event: AuditEvent) -> Result<()> {
+        let json = to_json(ca)?;
+        self.write(|tx| {
+            let n = tx.execute(
+                "INSERT INTO m2mpki_cas (name, record) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&ca.name, &json],
+            )?;
+            if n == 0 {
+                return Err(Error::CaExists(ca.name.clone()).into());
+            }
+            Self::append_audit(tx, vec![event.clone()])
+        })
+    }
+
+    fn ca(&self, name: &str) -> Result<Option<CaRecord>> {
+        self.read(|tx| {
+            let row = tx.query_opt("SELECT record FROM m2mpki_cas WHERE name = $1", &[&name])?;
+            Ok(row
+                .map(|r| from_json("CA", r.get::<_, &str>(0)))
+                .transpose()?)
+        })
+    }
+
+    fn cas(&self) -> Result<Vec<CaRecord>> {
+        self.read(|tx| {
+            let rows = tx.query("SELECT record FROM m2mpki_cas ORDER BY name", &[])?;
+            Ok(rows
+                .iter()
+                .map(|r| from_json("CA", r.get::<_, &str>(0)))
+                .collect::<Result<_>>()?)
+        })
+    }
+
+    fn record_certs(&self, certs: &[NewCert], reissue: bool) -> Result<Vec<RecordOutcome>> {
+        let jsons = certs
+            .iter()
+            .map(|c| to_json(&c.record))
+            .collect::<Result<Vec<_>>>()?;
+        self.write(|tx| {
+            let live_of =
+                tx.prepare("SELECT serial FROM m2mpki_live WHERE ca = $1 AND subject_key = $2")?;
+            let insert = tx.prepare(
+                "INSERT INTO m2mpki_certs (serial, ca, subject_key, id, record, der) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            )?;
+            let set_live = tx.prepare(
+                "INSERT INTO m2mpki_live (ca, subject_key, serial) VALUES ($1, $2, $3) \
+                 ON CONFLICT (ca, subject_key) DO UPDATE SET serial = EXCLUDED.serial",
+            )?;
+            let mut outcomes = Vec::with_capacity(certs.len());
+            let mut events = Vec::with_capacity(certs.len());
+            for (cert, json) in certs.iter().zip(&jsons) {
+                let r = &cert.record;
+                if !reissue {
+                    if let Some(row) = tx.query_opt(&live_of, &[&r.ca, &r.subject_key])? {
+                        outcomes.push(RecordOutcome::AlreadyLive(Serial::from_bytes(
+                            row.get::<_, &[u8]>(0),
+                        )));
+                        continue;
+                    }
+                }
+                let id = r.identity.as_ref().map(|i| i.id().as_str().to_owned());
+                let n = tx.execute(
+                    &insert,
+                    &[
+                        &r.serial.as_bytes(),
+                        &r.ca,
+                        &r.subject_key,
+                        &id,
+                        json,
+                        &cert.der.as_slice(),
+                    ],
+                )?;
+                // A serial is never reused: finding one in place aborts the whole transaction.
+                if n == 0 {
+                    return Err(Error::Internal(format!(
+                        "serial {} exists already; nothing was recorded",
+                        r.serial
+                    ))
+                    .into());
+                }
+                tx.execute(&set_live, &[&r.ca, &r.subject_key, &r.serial.as_bytes()])?;
+                events.push(AuditEvent {
+                    action: AuditAction::CertIssue,
+                    subject: r.serial.to_string(),
+                    detail: serde_json::json!({
+                        "ca": r.ca,
+                        "profile": r.profile,
+                        "subject_key": r.subject_key,
+                        "sha256": r.sha256,
+                        "reissue": reissue,
+                    }),
+                });
+                outcomes.push(RecordOutcome::Recorded);
+            }
+            Self::append_audit(tx, events)?;
+            Ok(outcomes)
+        })
+    }
+
+    fn live_cert(&self, ca: &str, subject_key: &str) -> Result<Option<Serial>> {
+        self.read(|tx| {
+            let row = tx.query_opt(
+                "SELECT serial FROM m2mpki_live WHERE ca = $1 AND subject_key = $2",
+                &[&ca, &subject_key],
+            )?;
+            Ok(row.map(|r| Serial::from_bytes(r.get::<_, &[u8]>(0))))
+        })
+    }
+
+    fn cert(&self, serial: &Serial) -> Result<Option<(CertRecord, Vec<u8>)>> {
+        self.read(|tx| {
+            let row = tx.query_opt(
+                "SELECT record, der FROM m2mpki_certs WHERE serial = $1",
+                &[&serial.as_bytes()],
+            )?;
+            Ok(match row {
+                Some(r) => Some((cert_from_row(&r)?, r.get::<_, Vec<u8>>(1))),
+                None => None,
+            })
+        })
+    }
+
+    fn certs(&self, filter: &CertFilter) -> Result<Vec<CertRecord>> {
+        self.read(|tx| {
+            let rows = tx.query(
+                "SELECT record FROM m2mpki_certs \
+                 WHERE ($1::TEXT IS NULL OR ca = $1) \
+                   AND ($2::TEXT IS NULL OR subject_key = $2 OR id = $2) \
+                 ORDER BY serial",
+                &[&filter.ca, &filter.id],
+            )?;
+            Ok(rows.iter().map(cert_from_row).collect::<Result<Vec<_>>>()?)
+        })
+    }
+
+    fn audit_log(&self, visit: &mut dyn FnMut(AuditEntry) -> Result<()>) -> Result<()> {
+        // In pages, so a long log is not held in memory at once.
+        const PAGE: i64 = 10_000;
+        let mut after = 0i64;
+        loop {
+            let rows = self.read(|tx| {
+                Ok(tx.query(
+                    "SELECT seq, entry FROM m2mpki_audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&after, &PAGE],
+                )?)
+            })?;
+            for row in &rows {
+                after = row.get(0);
+                visit(from_json("audit", row.get::<_, &str>(1))?)?;
+            }
+            if (rows.len() as i64) < PAGE {
+                return Ok(());
+            }
+        }
+    }
+
+    fn create_root_set(&self, set: &RootSet, event: AuditEvent) -> Result<()> {
+        let json = to_json(set)?;
+        self.write(|tx| {
+            let n = tx.execute(
+                "INSERT INTO m2mpki_root_sets (name, record) VALUES ($1, $2) \
+                 ON CONFLICT DO NOTHING",
+                &[&set.name, &json],
+            )?;
+            if n == 0 {
+                return Err(Error::RootSetExists(set.name.clone()).into());
+            }
+            Self::append_audit(tx, vec![event.clone()])
+        })
+    }
+
+    fn root_set(&self, name: &str) -> Result<Option<RootSet>> {
+        self.read(|tx| {
+            let row = tx.query_opt(
+                "SELECT record FROM m2mpki_root_sets WHERE name = $1",
+                &[&name],
+            )?;
+            Ok(row
+                .map(|r| from_json("root set", r.get::<_, &str>(0)))
+                .transpose()?)
+        })
+    }
+
+    fn root_sets(&self) -> Result<Vec<RootSet>> {
+        self.read(|tx| {
+            let rows = tx.query("SELECT record FROM m2mpki_root_sets ORDER BY name", &[])?;
+            Ok(rows
+                .iter()
+                .map(|r| from_json("root set", r.get::<_, &str>(0)))
+                .collect::<Result<_>>()?)
+        })
+    }
+
+    fn modify_root_set(
+        &self,
+        name: &str,
+        change: &mut dyn FnMut(&mut RootSet) -> Result<AuditEvent>,
+    ) -> Result<RootSet> {
+        self.write(|tx| {
+            let row = tx.query_opt(
+                "SELECT record FROM m2mpki_root_sets WHERE name = $1",
+                &[&name],
+            )?;
+            let mut set: RootSet = match row {
+                Some(r) => from_json("root set", r.get::<_, &str>(0))?,
+                None => return Err(Error::UnknownRootSet(name.to_owned()).into()),
+            };
+            let event = change(&mut set)?;
+            tx.execute(
+                "UPDATE m2mpki_root_sets SET record = $2 WHERE name = $1",
+                &[&name, &to_json(&set)?],
+            )?;
+            Self::append_audit(tx, vec![event])?;
+            Ok(set)
+        })
+    }
+
+    fn revoke(
+        &self,
+        ca: &str,
+        serial: &Serial,
+        reason: RevocationReason,
+        at: i64,
+    ) -> Result<CertRecord> {
+        self.write(|tx| {
+            let row = tx.query_opt(
+                "SELECT record FROM m2mpki_certs WHERE serial = $1",
+                &[&serial.as_bytes()],
+            )?;
+            let mut record = match row {
+                Some(r) => cert_from_row(&r)?,
+                None => return Err(Error::CertNotFound(format!("with serial {serial}")).into()),
+            };
+            if record.ca != ca {
+                return Err(Error::CertNotFound(format!(
+                    "with serial {serial} from CA `{ca}` (it was issued by `{}`)",
+                    record.ca
+                ))
+                .into());
+            }
+            if record.status == CertStatus::Revoked {
+                return Err(
+                    Error::Policy(format!("certificate {serial} is already revoked")).into(),
+                );
+            }
+            record.status = CertStatus::Revoked;
+            record.revoked_at = Some(at);
+            record.revocation_reason = Some(reason);
+            tx.execute(
+                "UPDATE m2mpki_certs SET record = $2 WHERE serial = $1",
+                &[&serial.as_bytes(), &to_json(&record)?],
+            )?;
+            let entry = RevokedEntry {
+                serial: serial.clone(),
+                revoked_at: at,
+                reason,
+                not_after: record.not_after,
+            };
+            tx.execute(
+                "INSERT INTO m2mpki_revoked (ca, serial, entry) VALUES ($1, $2, $3)",
+                &[&ca, &serial.as_bytes(), &to_json(&entry)?],
+            )?;
+            tx.execute(
+                "DELETE FROM m2mpki_live WHERE ca = $1 AND subject_key = $2 AND serial = $3",
+                &[&ca, &record.subject_key, &serial.as_bytes()],
+            )?;
+            Self::append_audit(
+                tx,
+                vec![AuditEvent {
+                    action: AuditAction::CertRevoke,
+                    subject: serial.to_string(),
+                    detail: serde_json::json!({ "ca": ca, "reason": reason, "subject_key": record.subject_key }),
+                }],
+            )?;
+            Ok(record)
+        })
+    }
+
+    fn revoked(&self, ca: &str, visit: &mut dyn FnMut(RevokedEntry) -> Result<()>) -> Result<()> {
+        let rows = self.read(|tx| {
+            Ok(tx.query(
+                "SELECT entry FROM m2mpki_revoked WHERE ca = $1 ORDER BY serial",
+                &[&ca],
+            )?)
+        })?;
+        for row in &rows {
+            visit(from_json("revocation", row.get::<_, &str>(0))?)?;
+        }
+        Ok(())
+    }
+
+    fn next_crl_number(&self, ca: &str, detail: serde_json::Value) -> Result<u64> {
+        self.write(|tx| {
+            let row = tx.query_one(
+                "INSERT INTO m2mpki_crl_numbers (ca, n) VALUES ($1, 1) \
+                 ON CONFLICT (ca) DO UPDATE SET n = m2mpki_crl_numbers.n + 1 RETURNING n",
+                &[&ca],
+            )?;
+            let n = u64::try_from(row.get::<_, i64>(0))
+                .map_err(|_| Error::Store("negative CRL number in the database".into()))?;
+            let mut detail = detail.clone();
+            if let Some(obj) = detail.as_object_mut() {
+                obj.insert("crl_number".into(), n.into());
+            }
+            Self::append_audit(
+                tx,
+                vec![AuditEvent {
+                    action: AuditAction::CrlIssue,
+                    subject: ca.to_owned(),
+                    detail,
+                }],
+            )?;
+            Ok(n)
+        })
+    }
+
+    fn export(&self, visit: &mut dyn FnMut(Item) -> Result<()>) -> Result<()> {
+        // One snapshot for everything but the audit log, which is paged (its entries are
+        // only ever appended, and the chain check at the destination covers it).
+        let items = self.read(|tx| {
+            let mut items = Vec::new();
+            for r in tx.query("SELECT record FROM m2mpki_cas ORDER BY name", &[])? {
+                items.push(Item::Ca(from_json("CA", r.get::<_, &str>(0))?));
+            }
+            for r in tx.query("SELECT record, der FROM m2mpki_certs ORDER BY serial", &[])? {
+                items.push(Item::Cert(NewCert {
+                    record: cert_from_row(&r)?,
+                    der: r.get(1),
+                }));
+            }
+            for r in tx.query(
+                "SELECT ca, subject_key, serial FROM m2mpki_live ORDER BY ca, subject_key",
+                &[],
+            )? {
+                items.push(Item::Live {
+                    ca: r.get(0),
+                    subject_key: r.get(1),
+                    serial: Serial::from_bytes(r.get::<_, &[u8]>(2)),
+                });
+            }
+            for r in tx.query(
+                "SELECT ca, entry FROM m2mpki_revoked ORDER BY ca, serial",
+                &[],
+            )? {
+                items.push(Item::Revoked {
+                    ca: r.get(0),
+                    entry: from_json("revocation", r.get::<_, &str>(1))?,
+                });
+            }
+            for r in tx.query("SELECT ca, n FROM m2mpki_crl_numbers ORDER BY ca", &[])? {
+                let n: i64 = r.get(1);
+                items.push(Item::CrlNumber {
+                    ca: r.get(0),
+                    last: u64::try_from(n).unwrap_or(0),
+                });
+            }
+            for r in tx.query("SELECT record FROM m2mpki_root_sets ORDER BY name", &[])? {
+                items.push(Item::RootSet(from_json("root set", r.get::<_, &str>(0))?));
+            }
+            Ok(items)
+        })?;
+        for item in items {
+            visit(item)?;
+        }
+        self.audit_log(&mut |entry| visit(Item::Audit(entry)))
+    }
+
+    fn import(&self, items: &mut dyn Iterator<Item = Result<Item>>) -> Result<u64> {
+        // One transaction: a migration lands whole or not at all.
+        let mut items = Some(items);
+        self.write(|tx| {
+            for table in DATA_TABLES {
+                let row = tx.query_one(&format!("SELECT EXISTS (SELECT 1 FROM {table})"), &[])?;
+                if row.get::<_, bool>(0) {
+                    return Err(Error::Policy(
+                        "the destination store is not empty (table {table}); a migration only \
+                         runs into an empty one"
+                            .replace("{table}", table),
+                    )
+                    .into());
+                }
+            }
+            let Some(items) = items.take() else {
+                return Err(Error::internal("an import ran twice").into());
+            };
+            let mut n = 0u64;
+            for item in items {
+                n += 1;
+                match item? {
+                    Item::Ca(ca) => {
+                        tx.execute(
+                            "INSERT INTO m2mpki_cas (name, record) VALUES ($1, $2)",
+                            &[&ca.name, &to_json(&ca)?],
+                        )?;
+                    }
+                    Item::Cert(cert) => {
+                        let r = &cert.record;
+                        tx.execute(
+                            "INSERT INTO m2mpki_certs (serial, ca, subject_key, id, record, der) \
+                             VALUES ($1, $2, $3, $4, $5, $6)",
+                            &[
+                                &r.serial.as_bytes(),
+                                &r.ca,
+                                &r.subject_key,
+                                &r.identity.as_ref().map(|i| i.id().as_str().to_owned()),
+                                &to_json(r)?,
+                                &cert.der.as_slice(),
+                            ],
+                        )?;
+                    }
+                    Item::Live {
+                        ca,
+                        subject_key,
+                        serial,
+                    } => {
+                        tx.execute(
+                            "INSERT INTO m2mpki_live (ca, subject_key, serial) VALUES ($1, $2, $3)",
+                            &[&ca, &subject_key, &serial.as_bytes()],
+                        )?;
+                    }
+                    Item::Revoked { ca, entry } => {
+                        tx.execute(
+                            "INSERT INTO m2mpki_revoked (ca, serial, entry) VALUES ($1, $2, $3)",
+                            &[&ca, &entry.serial.as_bytes(), &to_json(&entry)?],
+                        )?;
+                    }
+                    Item::CrlNumber { ca, last } => {
+                        tx.execute(
+                            "INSERT INTO m2mpki_crl_numbers (ca, n) VALUES ($1, $2)",
+                            &[&ca, &i64_of(last, "CRL number")?],
+                        )?;
+                    }
+                    Item::RootSet(set) => {
+                        tx.execute(
+                            "INSERT INTO m2mpki_root_sets (name, record) VALUES ($1, $2)",
+                            &[&set.name, &to_json(&set)?],
+                        )?;
+                    }
+                    Item::Audit(entry) => {
+                        tx.execute(
+                            "INSERT INTO m2mpki_audit (seq, entry) VALUES ($1, $2)",
+                            &[&i64_of(entry.seq, "audit sequence")?, &to_json(&entry)?],
+                        )?;
+                    }
+                }
+            }
+            Ok(n)
+        })
+    }
+}

@@ -1,0 +1,60 @@
+//! PostgreSQL databases for tests: one fresh database per test on the throwaway cluster that
+//! `scripts/test` starts (`scripts/pg-cluster`), named by `$M2MPKI_TEST_PG`.
+
+use anyhow::{bail, Context, Result};
+use postgres::{Client, NoTls};
+
+/// The variable naming the test cluster's administrative URL.
+pub const ENV: &str = "M2MPKI_TEST_PG";
+
+/// The test cluster's administrative URL, or an error saying how to get one.
+pub fn server() -> Result<String> {
+    match std::env::var(ENV) {
+        Ok(url) if !url.is_empty() => Ok(url),
+        _ => bail!(
+            "{ENV} is not set: run the tests with scripts/test, which starts a throwaway \
+             PostgreSQL cluster (or start one with `eval $(scripts/pg-cluster start)`)"
+        ),
+    }
+}
+
+/// A database of its own for one test, dropped (with its connections) at the end.
+#[derive(Debug)]
+pub struct TestDb {
+    admin: String,
+    name: String,
+    /// The URL of the database.
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates an empty database with a fresh name.
+    pub fn create() -> Result<Self> {
+        let admin = server()?;
+        let mut random = [0u8; 6];
+        aws_lc_rs::rand::fill(&mut random).map_err(|_| anyhow::anyhow!("no randomness"))?;
+        let name = format!("m2mpki_t_{}", hex::encode(random));
+        let mut client = Client::connect(&admin, NoTls)
+            .with_context(|| format!("connecting to the test cluster ({ENV})"))?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .with_context(|| format!("creating database {name}"))?;
+        let url = match admin.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => bail!("{ENV} must be a postgres:// URL ending in /DATABASE"),
+        };
+        Ok(TestDb { admin, name, url })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Best effort: the whole cluster goes away at the end of the run anyway.
+        if let Ok(mut client) = Client::connect(&self.admin, NoTls) {
+            let _ = client.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
