@@ -179,6 +179,7 @@ pub async fn serve(
     mut tcp: TcpStream,
     peer: SocketAddr,
     hello: &TlsHello,
+    mut ticket: crate::admission::Ticket,
 ) {
     if !hello.ems {
         tracing::info!(%peer, "TLS 1.2 (CBC) hello without the extended master secret refused");
@@ -196,21 +197,26 @@ pub async fn serve(
         return;
     };
     let limit = core.config.limits.handshake_timeout;
-    match tokio::time::timeout(limit, Pin::new(&mut stream).accept()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
+    let handshake = tokio::time::timeout(limit, Pin::new(&mut stream).accept());
+    match ticket.or_evicted(handshake).await {
+        Some(Ok(Ok(()))) => {}
+        Some(Ok(Err(e))) => {
             tracing::info!(%peer, error = %e, "TLS 1.2 (CBC) handshake failed");
             return;
         }
-        Err(_) => {
+        Some(Err(_)) => {
             tracing::info!(%peer, "TLS 1.2 (CBC) handshake timed out");
+            return;
+        }
+        None => {
+            tracing::info!(%peer, "TLS 1.2 (CBC) connection evicted during the handshake");
             return;
         }
     }
     let Some(node) = admit(&stream, &verdict, peer) else {
         return;
     };
-    crate::server::serve_http(core, node, stream).await;
+    crate::server::serve_http(core, node, stream, ticket).await;
 }
 
 fn admit(

@@ -348,12 +348,45 @@ pub async fn connect(e: &Enrolment) -> Result<Connected> {
 
 /// [`connect`] with a set-up made once.
 pub async fn connect_prepared(p: &Prepared) -> Result<Connected> {
-    let tcp = tokio::net::TcpStream::connect(&p.addr)
-        .await
-        .map_err(|err| Error::Connect {
-            addr: p.addr.clone(),
-            reason: err.to_string(),
-        })?;
+    connect_prepared_from(p, None).await
+}
+
+/// [`connect_prepared`] from the local address `from` (a multi-homed node choosing its
+/// interface), or from whatever the system picks.
+pub async fn connect_prepared_from(
+    p: &Prepared,
+    from: Option<std::net::IpAddr>,
+) -> Result<Connected> {
+    let connect_err = |err: std::io::Error| Error::Connect {
+        addr: p.addr.clone(),
+        reason: err.to_string(),
+    };
+    let tcp = match from {
+        None => tokio::net::TcpStream::connect(&p.addr)
+            .await
+            .map_err(connect_err)?,
+        Some(local) => {
+            let remote = tokio::net::lookup_host(&p.addr)
+                .await
+                .map_err(connect_err)?
+                .find(|a| a.is_ipv4() == local.is_ipv4())
+                .ok_or_else(|| {
+                    connect_err(std::io::Error::other(format!(
+                        "no address of the same family as {local}"
+                    )))
+                })?;
+            let socket = if local.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }
+            .map_err(connect_err)?;
+            socket
+                .bind(std::net::SocketAddr::new(local, 0))
+                .map_err(connect_err)?;
+            socket.connect(remote).await.map_err(connect_err)?
+        }
+    };
     let _ = tcp.set_nodelay(true);
     let server_name = ServerName::try_from(p.fqdn.to_string()).map_err(Error::internal)?;
     let peer = format!("{} ({})", p.fqdn, p.addr);

@@ -1,6 +1,7 @@
 //! The IN's `bootstrap serve` configuration (TOML, unknown keys refused) and the Field Node's
 //! bootstrap profile.
 
+use crate::ratelimit::Rate;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -297,7 +298,11 @@ struct LimitsFile {
     handshake_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connections: Option<usize>,
+    max_connections_per_address: Option<usize>,
+    hello_timeout: Option<String>,
     max_body: Option<usize>,
+    enrolments_per_identity: Option<String>,
+    enrolments_per_address: Option<String>,
 }
 
 /// Limits that keep slow or silent clients from holding the server up.
@@ -305,21 +310,36 @@ struct LimitsFile {
 pub struct Limits {
     /// Time allowed for the TLS handshake.
     pub handshake_timeout: Duration,
+    /// Time allowed from accepting a TCP connection until its first TLS record (the
+    /// ClientHello) is complete: short, so silent or trickling connections free their slot
+    /// long before `handshake_timeout`.
+    pub hello_timeout: Duration,
     /// Time allowed for the request and response after the handshake.
     pub idle_timeout: Duration,
-    /// Connections served at once; more wait in the kernel's accept queue.
+    /// Connections served at once. When all are taken, a new connection evicts the one that
+    /// has waited longest on its peer (for its hello, handshake or request).
     pub max_connections: usize,
+    /// Connections open at once from one source address; more are closed when accepted.
+    pub max_connections_per_address: usize,
     /// Largest request body.
     pub max_body: usize,
+    /// Enrolments one authenticated identity may make (token bucket; `None`: unlimited).
+    pub enrolments_per_identity: Option<Rate>,
+    /// Enrolments one source address may make (token bucket; `None`: unlimited).
+    pub enrolments_per_address: Option<Rate>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             handshake_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(30),
             max_connections: 1024,
+            max_connections_per_address: 64,
             max_body: 8 * 1024,
+            enrolments_per_identity: None,
+            enrolments_per_address: None,
         }
     }
 }
@@ -475,12 +495,34 @@ impl ServerConfig {
             limits.handshake_timeout,
         )?;
         limits.idle_timeout = dur("idle_timeout", f.limits.idle_timeout, limits.idle_timeout)?;
+        limits.hello_timeout = dur(
+            "hello_timeout",
+            f.limits.hello_timeout,
+            limits.hello_timeout,
+        )?;
+        if let Some(n) = f.limits.max_connections_per_address {
+            if n == 0 {
+                return Err(bad(
+                    "limits.max_connections_per_address must be at least 1".into()
+                ));
+            }
+            limits.max_connections_per_address = n;
+        }
         if let Some(n) = f.limits.max_connections {
             if n == 0 {
                 return Err(bad("limits.max_connections must be at least 1".into()));
             }
             limits.max_connections = n;
         }
+        let rate = |name: &str, v: Option<String>| -> Result<Option<Rate>> {
+            v.map(|s| s.parse::<Rate>())
+                .transpose()
+                .map_err(|e| bad(format!("limits.{name}: {e}")))
+        };
+        limits.enrolments_per_identity =
+            rate("enrolments_per_identity", f.limits.enrolments_per_identity)?;
+        limits.enrolments_per_address =
+            rate("enrolments_per_address", f.limits.enrolments_per_address)?;
         if let Some(n) = f.limits.max_body {
             limits.max_body = n.clamp(64, 1 << 20);
         }
@@ -775,6 +817,25 @@ handshake_timeout = "2s"
         ] {
             assert!(ServerConfig::parse(&bad, Path::new(".")).is_err(), "{bad}");
         }
+        // Rates: the key and the value are named.
+        let bad = GOOD.replace(
+            "[limits]",
+            "[limits]\nenrolments_per_identity = \"3 per hour\"",
+        );
+        let err = ServerConfig::parse(&bad, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("limits.enrolments_per_identity") && err.contains("3 per hour"),
+            "{err}"
+        );
+        let good = GOOD.replace("[limits]", "[limits]\nenrolments_per_address = \"600/1m\"");
+        let c = ServerConfig::parse(&good, Path::new(".")).unwrap();
+        assert_eq!(
+            c.limits.enrolments_per_address,
+            Some("600/1m".parse().unwrap())
+        );
+        assert_eq!(c.limits.enrolments_per_identity, None);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! with HTTP ([`crate::server`]) and DTLS with CoAP ([`crate::dtls`]) are two thin bindings on
 //! it; what they share is decided and recorded here once.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use m2mpki_ca::verify::Verified;
@@ -15,6 +16,7 @@ use crate::protocol::{
     self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, ErrorDetail, Ts0003Keys,
     WrapKey, VERSION, VERSION_TS0003, WRAP_ALGORITHM,
 };
+use crate::ratelimit::Buckets;
 use crate::tls::FieldNodeVerifier;
 use crate::{Error, Result};
 
@@ -36,6 +38,8 @@ pub enum Outcome {
     TooLarge,
     /// The body is not JSON (415, 4.15).
     UnsupportedMediaType,
+    /// A rate limit of the IN was reached (429, 4.29); the answer says when to retry.
+    TooManyRequests,
     /// The server failed (500, 5.00).
     Internal,
 }
@@ -51,6 +55,7 @@ impl Outcome {
             Outcome::MethodNotAllowed => 405,
             Outcome::TooLarge => 413,
             Outcome::UnsupportedMediaType => 415,
+            Outcome::TooManyRequests => 429,
             Outcome::Internal => 500,
         }
     }
@@ -65,6 +70,7 @@ impl Outcome {
             Outcome::MethodNotAllowed => (4, 5),
             Outcome::TooLarge => (4, 13),
             Outcome::UnsupportedMediaType => (4, 15),
+            Outcome::TooManyRequests => (4, 29),
             Outcome::Internal => (5, 0),
         }
     }
@@ -78,6 +84,9 @@ pub struct Answer {
     pub outcome: Outcome,
     /// The JSON body.
     pub body: Vec<u8>,
+    /// When a rate-limited node may try again, in whole seconds (HTTP `Retry-After`, CoAP
+    /// `Max-Age` with 4.29, RFC 8516).
+    pub retry_after: Option<u32>,
 }
 
 impl Answer {
@@ -92,7 +101,60 @@ impl Answer {
         Answer {
             outcome,
             body: serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec()),
+            retry_after: None,
         }
+    }
+
+    /// A rate-limit refusal: retry after `wait` (rounded up to whole seconds, at least 1).
+    pub fn rate_limited(message: String, wait: Duration) -> Self {
+        let secs = wait.as_secs_f64().ceil().clamp(1.0, f64::from(u32::MAX)) as u32;
+        Answer {
+            retry_after: Some(secs),
+            ..Answer::refusal(Outcome::TooManyRequests, "rate_limited", message)
+        }
+    }
+}
+
+/// The IN's enrolment rate limits (`[limits] enrolments_per_address`,
+/// `enrolments_per_identity`).
+#[derive(Debug)]
+pub struct RateLimits {
+    address: Option<Buckets<IpAddr>>,
+    identity: Option<Buckets<String>>,
+}
+
+impl RateLimits {
+    /// The limits a configuration asks for.
+    pub fn new(limits: &crate::config::Limits) -> Self {
+        RateLimits {
+            address: limits.enrolments_per_address.map(Buckets::new),
+            identity: limits.enrolments_per_identity.map(Buckets::new),
+        }
+    }
+
+    /// Takes one enrolment from the node's address and identity buckets: `None` when both
+    /// had one, else the refusal.
+    fn check(&self, node: &Admitted) -> Option<Answer> {
+        let now = Instant::now();
+        if let Some(b) = &self.address {
+            if let Err(wait) = b.take(&node.peer.ip(), now) {
+                tracing::warn!(peer = %node.peer, "enrolment refused: address rate limit");
+                return Some(Answer::rate_limited(
+                    format!("too many enrolments from {}", node.peer.ip()),
+                    wait,
+                ));
+            }
+        }
+        if let (Some(b), Some(identity)) = (&self.identity, &node.verified.identity) {
+            if let Err(wait) = b.take(&identity.to_string(), now) {
+                tracing::warn!(peer = %node.peer, %identity, "enrolment refused: identity rate limit");
+                return Some(Answer::rate_limited(
+                    format!("too many enrolments of {identity}"),
+                    wait,
+                ));
+            }
+        }
+        None
     }
 }
 
@@ -118,6 +180,7 @@ pub struct Core {
     pub(crate) creds: Arc<CredentialStore>,
     pub(crate) writer: GroupCommitter,
     pub(crate) store_key: StoreKey,
+    pub(crate) limiter: RateLimits,
 }
 
 impl Core {
@@ -125,6 +188,9 @@ impl Core {
     /// of this protocol version; then the policy decides, and a fresh credential is recorded
     /// (sealed, group-committed) before it is wrapped and returned.
     pub async fn answer(&self, node: &Admitted, body: &[u8]) -> Answer {
+        if let Some(refusal) = self.limiter.check(node) {
+            return refusal;
+        }
         if body.len() > self.config.limits.max_body {
             return Answer::refusal(
                 Outcome::TooLarge,
@@ -255,6 +321,7 @@ impl Core {
         Ok(Answer {
             outcome: Outcome::Issued,
             body: serde_json::to_vec(&doc).map_err(Error::internal)?,
+            retry_after: None,
         })
     }
 }

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod admission;
 mod cbc;
 pub mod client;
 pub mod coap;
@@ -19,6 +20,7 @@ mod error;
 mod http_head;
 pub mod protocol;
 pub mod psk;
+pub mod ratelimit;
 pub mod server;
 pub mod tls;
 

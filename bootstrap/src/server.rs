@@ -18,6 +18,8 @@ use m2mpki_hsm::Keystore;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+use crate::admission::{self, PerAddress, Ticket, Waiting};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{DtlsConfig, ServerConfig};
@@ -246,12 +248,14 @@ impl Server {
             m2mpki_hsm::KeyRef::File(home.root().join("keys").join("credential-store.key"))
         });
         let store_key = StoreKey::load(&key_ref, keystore)?;
+        let limiter = crate::enrol::RateLimits::new(&config.limits);
         let shared = Arc::new(Core {
             config,
             verifier,
             creds,
             writer,
             store_key,
+            limiter,
         });
         let dtls = match dtls_ctx {
             None => None,
@@ -476,17 +480,14 @@ impl Server {
     ) -> Result<()> {
         let limits = self.shared.config.limits.clone();
         let permits = Arc::new(Semaphore::new(limits.max_connections));
+        let per_address = PerAddress::new(limits.max_connections_per_address);
+        let waiting = Arc::new(Waiting::default());
         let acceptor = TlsAcceptor::from(self.tls.clone());
         tracing::info!(addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), fqdn = %self.shared.config.fqdn, "bootstrap server listening");
         tokio::pin!(shutdown);
         loop {
-            let permit = tokio::select! {
-                _ = &mut shutdown => break,
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
+            // Accept first, even when every slot is taken: the newcomer may take the place of
+            // a connection that only waits (crate::admission).
             let (tcp, peer) = tokio::select! {
                 _ = &mut shutdown => break,
                 r = listener.accept() => match r {
@@ -498,23 +499,48 @@ impl Server {
                     }
                 },
             };
+            let Some(address_slot) = per_address.enter(peer.ip()) else {
+                tracing::debug!(%peer, "closed: too many connections from this address");
+                continue;
+            };
+            let permit = match permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    if waiting.evict() {
+                        tracing::debug!(%peer, "all slots taken: evicted the longest-waiting connection");
+                    }
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        p = permits.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => break,
+                        },
+                    }
+                }
+            };
+            let ticket = waiting.enter(peer.ip());
             let _ = tcp.set_nodelay(true);
             let shared = self.shared.clone();
             let acceptor = acceptor.clone();
             let cbc = self.cbc.clone();
             tokio::spawn(async move {
+                let mut ticket = ticket;
                 if let Some(cbc) = cbc {
-                    let limit = shared.config.limits.handshake_timeout;
-                    if let Some(hello) = crate::cbc::peek_hello(&tcp, limit).await {
+                    let limit = shared.config.limits.hello_timeout;
+                    let hello = ticket
+                        .or_evicted(crate::cbc::peek_hello(&tcp, limit))
+                        .await
+                        .flatten();
+                    if let Some(hello) = hello {
                         if cbc.chooses(&hello) {
-                            crate::cbc::serve(shared, &cbc.ctx, tcp, peer, &hello).await;
-                            drop(permit);
+                            crate::cbc::serve(shared, &cbc.ctx, tcp, peer, &hello, ticket).await;
+                            drop((permit, address_slot));
                             return;
                         }
                     }
                 }
-                serve_connection(shared, acceptor, tcp, peer).await;
-                drop(permit);
+                serve_connection(shared, acceptor, tcp, peer, ticket).await;
+                drop((permit, address_slot));
             });
         }
         drop(listener);
@@ -536,16 +562,36 @@ async fn serve_connection(
     acceptor: TlsAcceptor,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
+    mut ticket: Ticket,
 ) {
     let limits = &shared.config.limits;
-    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
+    match ticket
+        .or_evicted(admission::first_record(&tcp, limits.hello_timeout))
+        .await
+    {
+        Some(true) => {}
+        Some(false) => {
+            tracing::info!(%peer, "no ClientHello within the hello timeout; closed");
+            return;
+        }
+        None => {
+            tracing::info!(%peer, "evicted while waiting for its ClientHello");
+            return;
+        }
+    }
+    let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
+    let tls = match ticket.or_evicted(handshake).await {
+        Some(Ok(Ok(tls))) => tls,
+        Some(Ok(Err(e))) => {
             tracing::info!(%peer, error = %e, "handshake failed");
             return;
         }
-        Err(_) => {
+        Some(Err(_)) => {
             tracing::info!(%peer, "handshake timed out");
+            return;
+        }
+        None => {
+            tracing::info!(%peer, "evicted during the handshake");
             return;
         }
     };
@@ -597,12 +643,13 @@ async fn serve_connection(
         transport: version.map_or_else(|| "?".into(), |v| format!("{v:?}")),
         ts0003: Some(ts0003),
     };
-    serve_http(shared, node, tls).await;
+    serve_http(shared, node, tls, ticket).await;
 }
 
 /// The HTTP exchange on an established, admitted session (either TLS stack): one request, its
-/// answer, within the idle limit.
-pub(crate) async fn serve_http<S>(shared: Arc<Core>, node: Admitted, mut tls: S)
+/// answer, within the idle limit. The connection can be evicted until its request head is
+/// in, not after.
+pub(crate) async fn serve_http<S>(shared: Arc<Core>, node: Admitted, mut tls: S, ticket: Ticket)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -615,8 +662,14 @@ where
     });
     let max_body = limits.max_body;
     let exchange = async move {
+        let mut ticket = ticket;
         // The head is checked here, so that every refusal carries the JSON error document.
-        let buffered = match http_head::read(&mut tls, max_body).await {
+        let Some(head) = ticket.or_evicted(http_head::read(&mut tls, max_body)).await else {
+            tracing::info!(%peer, "evicted while waiting for its request");
+            return;
+        };
+        ticket.leave();
+        let buffered = match head {
             Ok(Head::Ok { buffered }) => buffered,
             Ok(Head::Closed) => return,
             Ok(Head::Refuse(r)) => {
@@ -688,7 +741,13 @@ fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Respons
 fn http_answer(a: Answer) -> Response<Full<Bytes>> {
     let status =
         StatusCode::from_u16(a.outcome.http()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    json_reply(status, a.body)
+    let mut reply = json_reply(status, a.body);
+    if let Some(secs) = a.retry_after {
+        reply
+            .headers_mut()
+            .insert(hyper::header::RETRY_AFTER, secs.into());
+    }
+    reply
 }
 
 impl Session {

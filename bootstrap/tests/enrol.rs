@@ -196,3 +196,32 @@ fn an_in_that_answers_version_1_only_refuses_version_2() {
     }
     assert_eq!(run.server.credentials().count().unwrap(), 0);
 }
+
+/// `[limits] enrolments_per_address`: our client gets a 429 refusal naming the address once
+/// the address used its enrolments, whichever identity asks (TLS; DTLS shares the core); nothing
+/// is recorded for it.
+#[test]
+fn an_address_that_enrols_too_often_is_refused_with_429() {
+    let run = Running::start(|c| {
+        c.limits.enrolments_per_address = Some("2/1h".parse().unwrap());
+    });
+    for name in ["SN-0001", "pump-1"] {
+        let prepared = Prepared::new(&enrolment(&run, name, name, TlsVersion::Tls13)).unwrap();
+        run.rt.block_on(client::enroll_prepared(&prepared)).unwrap();
+    }
+    let device = run.node("SN-0002").identity.clone();
+    let prepared =
+        Prepared::new(&enrolment(&run, "SN-0002", "SN-0002", TlsVersion::Tls12)).unwrap();
+    match run.rt.block_on(client::enroll_prepared(&prepared)) {
+        Err(Error::Refused {
+            status,
+            code,
+            message,
+        }) => {
+            assert_eq!((status, code.as_str()), (429, "rate_limited"));
+            assert!(message.contains("127.0.0.1"), "{message}");
+        }
+        other => panic!("expected a 429 refusal, got {other:?}"),
+    }
+    assert!(run.server.credentials().live(&device).unwrap().is_none());
+}

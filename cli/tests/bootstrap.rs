@@ -2724,3 +2724,54 @@ fn the_association_runs_over_dtls_with_psk_ccm8() {
     assert!(!text.contains("{\"identity\""), "{text}");
     assert!(!text.contains("Cipher is PSK"), "{text}\n{err}");
 }
+
+/// `[limits] enrolments_per_identity`: the second enrolment of one identity within the hour is
+/// refused with HTTP 429 and `Retry-After` over TLS, and with CoAP 4.29 and `Max-Age` over DTLS
+/// (RFC 8516); the refused attempts record nothing, and another identity from the same address
+/// still enrols.
+#[test]
+fn a_node_that_re_enrols_too_often_gets_429_and_4_29_with_when_to_retry() {
+    let fx = Fixture::new(Backend::Software);
+    let extra = format!("enrolments_per_identity = \"1/1h\"\n{DTLS}");
+    let run = Running::start(&fx, fx.config("allow", &extra));
+    let node = &fx.nodes["d1"];
+    let (first, err) = s_client(&run, &fx, node, false, true);
+    assert!(first.contains("HTTP/1.1 200"), "{first}{err}");
+    let (credential_id, _) = run.stored(&node.identity).unwrap();
+
+    let (second, err) = s_client(&run, &fx, node, false, true);
+    assert!(second.contains("HTTP/1.1 429"), "{second}{err}");
+    assert!(second.contains("\"rate_limited\""), "{second}");
+    let retry: u32 = second
+        .lines()
+        .find_map(|l| {
+            let l = l.trim().to_ascii_lowercase();
+            l.strip_prefix("retry-after:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no Retry-After in: {second}"));
+    assert!((3500..=3600).contains(&retry), "{retry}");
+
+    let request = coap_post(0x7002, br#"{"version":1}"#);
+    let (raw, err) = s_client_dtls(&run, &fx, node, Some(&request));
+    // ACK, TKL 2, 4.29 (0x9d), our message ID and token, Content-Format 50, then Max-Age
+    // (delta 2, two bytes).
+    let head = [0x62, 0x9d, 0x70, 0x02, 0xbe, 0xef, 0xc1, 50, 0x22];
+    let at = raw
+        .windows(head.len())
+        .position(|w| w == head)
+        .unwrap_or_else(|| {
+            panic!(
+                "no 4.29 ACK with Max-Age in: {}{err}",
+                String::from_utf8_lossy(&raw)
+            )
+        });
+    let max_age = u16::from_be_bytes([raw[at + head.len()], raw[at + head.len() + 1]]);
+    assert!((3500..=3600).contains(&max_age), "{max_age}");
+
+    // Nothing new was recorded for the refused attempts.
+    assert_eq!(run.stored(&node.identity).unwrap().0, credential_id);
+    // Another identity, same address: enrols.
+    let (other, err) = s_client(&run, &fx, &fx.nodes["n1"], false, true);
+    assert!(other.contains("HTTP/1.1 200"), "{other}{err}");
+}

@@ -392,6 +392,8 @@ async fn flush(socket: &UdpSocket, peer: SocketAddr, pipe: &mut Pipe) {
 struct CoapSession {
     remembered: VecDeque<(u16, Vec<u8>)>,
     last: Option<(u8, Vec<u8>)>,
+    /// Seconds until a rate-limited node may retry, from the last enrolment answer.
+    retry_after: Option<u32>,
 }
 
 /// The options this binding understands; any other critical (odd-numbered) option in a
@@ -445,6 +447,11 @@ impl CoapSession {
             .saturating_sub(if node.peer().is_ipv6() { 48 } else { 28 })
             .saturating_sub(RESPONSE_OVERHEAD);
         let mut options = vec![(option::CONTENT_FORMAT, coap::uint(u32::from(coap::JSON)))];
+        if code == coap::code(4, 29) {
+            if let Some(secs) = self.retry_after {
+                options.push((option::MAX_AGE, coap::uint(secs)));
+            }
+        }
         let payload = match block {
             Some(want) if body.len() > room || want.num > 0 => {
                 let szx = want.szx.min(Block::szx_for(room));
@@ -607,6 +614,7 @@ impl CoapSession {
         let (c, d) = a.outcome.coap();
         let code = coap::code(c, d);
         self.last = Some((code, a.body.clone()));
+        self.retry_after = a.retry_after;
         (code, a.body, block)
     }
 }

@@ -819,6 +819,8 @@ fn bootstrap_bench(
         .build()?;
     let mut config = m2mpki_test_pki::lab::config_on_free_ports(&layout)?;
     config.limits.max_connections = 4096;
+    // Every bench client comes from 127.0.0.1: the per-address cap is not what is measured.
+    config.limits.max_connections_per_address = 4096;
     let home = m2mpki_ca::Home::open(&layout.home)?;
     let server = Arc::new(Server::new(config, &home, &keystore)?);
     let listener = server_rt.block_on(server.bind())?;
