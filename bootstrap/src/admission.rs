@@ -143,7 +143,9 @@ impl Ticket {
     /// Runs `work` unless the connection is evicted first (`None`).
     pub(crate) async fn or_evicted<F: Future>(&mut self, work: F) -> Option<F::Output> {
         let evicted = self.evicted.as_mut()?;
+        // Biased: an eviction that has arrived wins over work that is ready at the same time.
         tokio::select! {
+            biased;
             _ = evicted => {
                 self.evicted = None;
                 None
