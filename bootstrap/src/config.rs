@@ -221,6 +221,13 @@ struct File {
     #[serde(default)]
     protocol: ProtocolFile,
     psk: Option<PskFile>,
+    metrics: Option<MetricsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
+    listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -381,6 +388,8 @@ pub struct ServerConfig {
     pub parameters: serde_json::Map<String, serde_json::Value>,
     /// Limits.
     pub limits: Limits,
+    /// Where Prometheus metrics are served (plain HTTP, `GET /metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     /// Protocol versions answered: 1 (the contribution) and 2 (TS-0003), both by default.
     pub protocol_versions: Vec<u32>,
     /// The PSK association listener; `None` (the default) switches it off.
@@ -557,10 +566,15 @@ impl ServerConfig {
                     .transpose()?,
             }),
         };
+        let metrics_listen = f
+            .metrics
+            .map(|m| addr("metrics.listen", &m.listen))
+            .transpose()?;
         Ok(ServerConfig {
             fqdn,
             listen,
             dtls,
+            metrics_listen,
             chain: rel(base, f.tls.chain),
             key,
             versions,

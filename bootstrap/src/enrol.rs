@@ -45,6 +45,21 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// A short name, for metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Issued => "issued",
+            Outcome::BadRequest => "bad_request",
+            Outcome::Forbidden => "forbidden",
+            Outcome::NotFound => "not_found",
+            Outcome::MethodNotAllowed => "method_not_allowed",
+            Outcome::TooLarge => "too_large",
+            Outcome::UnsupportedMediaType => "unsupported_media_type",
+            Outcome::TooManyRequests => "rate_limited",
+            Outcome::Internal => "internal",
+        }
+    }
+
     /// The HTTP status.
     pub fn http(self) -> u16 {
         match self {
@@ -181,6 +196,7 @@ pub struct Core {
     pub(crate) writer: GroupCommitter,
     pub(crate) store_key: StoreKey,
     pub(crate) limiter: RateLimits,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Core {
@@ -188,6 +204,14 @@ impl Core {
     /// of this protocol version; then the policy decides, and a fresh credential is recorded
     /// (sealed, group-committed) before it is wrapped and returned.
     pub async fn answer(&self, node: &Admitted, body: &[u8]) -> Answer {
+        let start = Instant::now();
+        let answer = self.answer_uncounted(node, body).await;
+        self.metrics
+            .enrolment(answer.outcome, &node.transport, start.elapsed());
+        answer
+    }
+
+    async fn answer_uncounted(&self, node: &Admitted, body: &[u8]) -> Answer {
         if let Some(refusal) = self.limiter.check(node) {
             return refusal;
         }
@@ -303,7 +327,9 @@ impl Core {
                 (record, None, Some(ke_id), VERSION_TS0003)
             }
         };
+        let committing = Instant::now();
         let record = self.writer.commit(record).await?;
+        self.metrics.commit(committing.elapsed());
         tracing::info!(%identity, set = %admitted_by.set, credential_id = %record.id, version, transport = %node.transport, peer = %node.peer, "issued a root credential");
         let doc = BootstrapResponse {
             version,

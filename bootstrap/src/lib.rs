@@ -18,6 +18,7 @@ pub mod dtls;
 pub mod enrol;
 mod error;
 mod http_head;
+pub mod metrics;
 pub mod protocol;
 pub mod psk;
 pub mod ratelimit;

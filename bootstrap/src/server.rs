@@ -58,6 +58,8 @@ pub struct Listeners {
     pub psk: Option<TcpListener>,
     /// The PSK association over DTLS (UDP), when configured.
     pub psk_dtls: Option<tokio::net::UdpSocket>,
+    /// The Prometheus metrics listener (plain HTTP), when configured.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -82,6 +84,14 @@ impl Listeners {
         self.psk_dtls
             .as_ref()
             .ok_or_else(|| std::io::Error::other("no [psk] dtls_listen in the server config"))?
+            .local_addr()
+    }
+
+    /// The metrics address.
+    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no [metrics] listen in the server config"))?
             .local_addr()
     }
 
@@ -156,9 +166,11 @@ impl Server {
     pub fn new(config: ServerConfig, home: &Home, keystore: &Keystore) -> Result<Self> {
         let ca_store = Arc::new(home.store()?);
         let provider = tls::provider();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         let verifier = Arc::new(
             FieldNodeVerifier::new(prepared(load_sets(&*ca_store, &config)?), provider.clone())
-                .with_algorithms(config.algorithms.clone()),
+                .with_algorithms(config.algorithms.clone())
+                .counting(metrics.refusals.clone()),
         );
         let chain = tls::load_chain(&config.chain)?;
         let key = keystore.open(&config.key)?;
@@ -256,6 +268,7 @@ impl Server {
             writer,
             store_key,
             limiter,
+            metrics,
         });
         let dtls = match dtls_ctx {
             None => None,
@@ -374,11 +387,16 @@ impl Server {
                     .map_err(|e| cant(addr, e))?,
             ),
         };
+        let metrics = match self.shared.config.metrics_listen {
+            None => None,
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| cant(addr, e))?),
+        };
         Ok(Listeners {
             tls,
             dtls,
             psk,
             psk_dtls,
+            metrics,
         })
     }
 
@@ -450,6 +468,14 @@ impl Server {
             }
             _ => None,
         };
+        let metrics = listeners.metrics.map(|listener| {
+            tracing::info!(url = %crate::metrics::describe(listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))), "metrics listener");
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                self.shared.clone(),
+                self.shared.metrics.clone(),
+            ))
+        });
         let result = match listeners.tls {
             Some(listener) => self.clone().run_tls(listener, shutdown).await,
             None => {
@@ -458,6 +484,9 @@ impl Server {
             }
         };
         let _ = stop_tx.send(true);
+        if let Some(m) = metrics {
+            m.abort();
+        }
         if let Some(d) = dtls {
             let _ = d.await;
         }
@@ -501,6 +530,7 @@ impl Server {
             };
             let Some(address_slot) = per_address.enter(peer.ip()) else {
                 tracing::debug!(%peer, "closed: too many connections from this address");
+                self.shared.metrics.refusals.count("per_address_cap");
                 continue;
             };
             let permit = match permits.clone().try_acquire_owned() {
@@ -508,6 +538,7 @@ impl Server {
                 Err(_) => {
                     if waiting.evict() {
                         tracing::debug!(%peer, "all slots taken: evicted the longest-waiting connection");
+                        self.shared.metrics.refusals.count("evicted");
                     }
                     tokio::select! {
                         _ = &mut shutdown => break,
@@ -519,6 +550,7 @@ impl Server {
                 }
             };
             let ticket = waiting.enter(peer.ip());
+            let open = OpenConnection::new(&self.shared.metrics);
             let _ = tcp.set_nodelay(true);
             let shared = self.shared.clone();
             let acceptor = acceptor.clone();
@@ -534,13 +566,13 @@ impl Server {
                     if let Some(hello) = hello {
                         if cbc.chooses(&hello) {
                             crate::cbc::serve(shared, &cbc.ctx, tcp, peer, &hello, ticket).await;
-                            drop((permit, address_slot));
+                            drop((permit, address_slot, open));
                             return;
                         }
                     }
                 }
                 serve_connection(shared, acceptor, tcp, peer, ticket).await;
-                drop((permit, address_slot));
+                drop((permit, address_slot, open));
             });
         }
         drop(listener);
@@ -572,6 +604,7 @@ async fn serve_connection(
         Some(true) => {}
         Some(false) => {
             tracing::info!(%peer, "no ClientHello within the hello timeout; closed");
+            shared.metrics.refusals.count("hello_timeout");
             return;
         }
         None => {
@@ -588,6 +621,7 @@ async fn serve_connection(
         }
         Some(Err(_)) => {
             tracing::info!(%peer, "handshake timed out");
+            shared.metrics.refusals.count("handshake_timeout");
             return;
         }
         None => {
@@ -706,6 +740,22 @@ where
         .is_err()
     {
         tracing::info!(%peer, "connection idle too long; closed");
+    }
+}
+
+/// A TCP connection counted in the `open_connections` gauge while it lives.
+struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenConnection {
+    fn new(metrics: &crate::metrics::Metrics) -> Self {
+        metrics.open_connections.inc();
+        OpenConnection(metrics.open_connections.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

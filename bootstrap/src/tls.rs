@@ -150,6 +150,7 @@ pub struct FieldNodeVerifier {
     admitted: Mutex<HashMap<Vec<u8>, Verified>>,
     provider: Arc<CryptoProvider>,
     algorithms: Vec<Algorithm>,
+    refusals: crate::metrics::Refusals,
 }
 
 const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
@@ -200,7 +201,14 @@ impl FieldNodeVerifier {
             admitted: Mutex::new(HashMap::new()),
             provider,
             algorithms: Algorithm::ALL.to_vec(),
+            refusals: crate::metrics::Refusals::default(),
         }
+    }
+
+    /// Counts the refusals of this verifier in `refusals` (by the refusal's code).
+    pub fn counting(mut self, refusals: crate::metrics::Refusals) -> Self {
+        self.refusals = refusals;
+        self
     }
 
     /// Admits only chains whose certificates use these algorithms (keys, and the signatures
@@ -243,7 +251,7 @@ impl FieldNodeVerifier {
         }
     }
 
-    fn sets(&self) -> Arc<Vec<RootSet>> {
+    pub(crate) fn sets(&self) -> Arc<Vec<RootSet>> {
         self.sets
             .read()
             .map(|s| s.clone())
@@ -253,6 +261,18 @@ impl FieldNodeVerifier {
     /// Verifies a chain against every set; the first set that admits it wins. When none does,
     /// the most specific refusal is returned (a known root's reason beats "unknown root").
     pub fn verify(
+        &self,
+        chain: &[Vec<u8>],
+        at: OffsetDateTime,
+    ) -> std::result::Result<Verified, Refusal> {
+        let verdict = self.verify_uncounted(chain, at);
+        if let Err(r) = &verdict {
+            self.refusals.count(r.code());
+        }
+        verdict
+    }
+
+    fn verify_uncounted(
         &self,
         chain: &[Vec<u8>],
         at: OffsetDateTime,

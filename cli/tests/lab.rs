@@ -19,8 +19,9 @@ fn demo(extra: &[&str]) {
     // With software keys the IN also serves DTLS: a device enrols over DTLS + CoAP and the
     // rogue is refused there too. With the IN key on a token it serves TLS alone.
     let dtls = !extra.contains(&"softhsm");
-    // Then each node that got a credential puts it to use (a PSK association with the IN).
-    assert_eq!(steps.len(), if dtls { 5 + 3 } else { 3 + 2 });
+    // Then each node that got a credential puts it to use (a PSK association with the IN),
+    // and the IN's metrics endpoint is read.
+    assert_eq!(steps.len(), if dtls { 5 + 3 + 1 } else { 3 + 2 + 1 });
     assert!(steps.iter().all(|s| s["ok"] == true), "{steps:?}");
     assert!(steps[2]["outcome"].as_str().unwrap().contains("refused"));
     if dtls {
@@ -50,6 +51,15 @@ fn demo(extra: &[&str]) {
             "{s:?}"
         );
     }
+    let metrics = steps.last().unwrap();
+    assert_eq!(metrics["step"], "metrics");
+    let (issued, refused) = if dtls { (3, 2) } else { (2, 1) };
+    assert!(
+        metrics["outcome"].as_str().unwrap().contains(&format!(
+            "counts {issued} issued enrolments and {refused} handshakes refused"
+        )),
+        "{metrics:?}"
+    );
     // What it left behind is a working lab: its audit log verifies, and its credential
     // store holds exactly the credentials issued (two over TLS, one over DTLS).
     let home = dir.join("lab").join("home");

@@ -238,6 +238,11 @@ pub fn init(dir: &Path, hsm: LabHsm, port: u16) -> Result<LabLayout> {
         "\n[psk]\nlisten = \"127.0.0.1:{}\"\n",
         port.saturating_add(1)
     ));
+    // Prometheus metrics of the IN, on loopback.
+    serve_text.push_str(&format!(
+        "\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
+        port.saturating_add(2)
+    ));
     std::fs::write(&serve_config, serve_text)?;
     let cas = lab.cas.iter().map(|c| c.name.clone()).collect();
     drop(lab);
@@ -271,7 +276,38 @@ pub fn config_on_free_ports(layout: &LabLayout) -> Result<ServerConfig> {
             p.dtls_listen = Some(free);
         }
     }
+    if config.metrics_listen.is_some() {
+        config.metrics_listen = Some(free);
+    }
     Ok(config)
+}
+
+/// `GET /metrics` from `addr`: the body.
+fn scrape(addr: SocketAddr) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        tcp,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    tcp.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP response")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "{}",
+        head.lines().next().unwrap_or("")
+    );
+    Ok(body.to_owned())
+}
+
+/// The sum of the samples whose series starts with `prefix`.
+fn sum_of(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 /// One step of the demo.
@@ -326,6 +362,7 @@ pub fn demo(layout: LabLayout) -> Result<DemoReport> {
     let addr = listener.local_addr()?;
     let dtls_addr = listener.dtls_addr().ok();
     let psk_addr = listener.psk_addr().ok();
+    let metrics_addr = listener.metrics_addr().ok();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = {
         let s = server.clone();
@@ -470,6 +507,42 @@ pub fn demo(layout: LabLayout) -> Result<DemoReport> {
             expected: format!(
                 "{} establishes a TLS 1.2 PSK association with its credential",
                 got.identity
+            ),
+            outcome,
+            ok,
+            millis: started.elapsed().as_millis(),
+        });
+    }
+    // What an operator's Prometheus sees of all this.
+    if let Some(addr) = metrics_addr {
+        let started = Instant::now();
+        let issued = steps
+            .iter()
+            .filter(|s| {
+                s.step.starts_with("enrol ") && s.outcome.contains("equals the IN's record")
+            })
+            .count();
+        let refused = steps
+            .iter()
+            .filter(|s| s.step.starts_with("enrol ") && s.outcome.starts_with("refused"))
+            .count();
+        let (ok, outcome) = match scrape(addr) {
+            Ok(text) => {
+                let counted = sum_of(&text, "m2mpki_enrolments_total{outcome=\"issued\"");
+                let refusals = sum_of(&text, "m2mpki_refusals_total{reason=\"unknown_root\"");
+                (
+                    counted == issued as f64 && refusals == refused as f64,
+                    format!(
+                        "http://{addr}/metrics counts {counted} issued enrolments and {refusals} handshakes refused as unknown_root"
+                    ),
+                )
+            }
+            Err(e) => (false, format!("no metrics: {e:#}")),
+        };
+        steps.push(DemoStep {
+            step: "metrics".into(),
+            expected: format!(
+                "the IN's Prometheus endpoint counts the {issued} enrolments and {refused} refusals above"
             ),
             outcome,
             ok,

@@ -18,6 +18,8 @@ pub struct Running {
     pub tls: Option<SocketAddr>,
     /// The DTLS address, unless the tweak switched DTLS off.
     pub dtls: Option<SocketAddr>,
+    /// The metrics address, when the tweak set `metrics_listen`.
+    pub metrics: Option<SocketAddr>,
     pub layout: LabLayout,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     _dir: tempfile::TempDir,
@@ -41,6 +43,7 @@ impl Running {
         let listeners = rt.block_on(server.bind()).unwrap();
         let tls = listeners.local_addr().ok();
         let dtls = listeners.dtls_addr().ok();
+        let metrics = listeners.metrics_addr().ok();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let s = server.clone();
         rt.spawn(async move {
@@ -54,6 +57,7 @@ impl Running {
             server,
             tls,
             dtls,
+            metrics,
             layout,
             stop: Some(stop),
             _dir: dir,

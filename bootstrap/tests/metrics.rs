@@ -1,0 +1,174 @@
+//! The IN's Prometheus endpoint: after enrolments over TLS 1.3, TLS 1.2 and DTLS, a refused
+//! rogue device and a rate-limited retry, `GET /metrics` shows each of them, parsed here as
+//! the OpenMetrics text format (no promtool on this machine).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use m2mpki_bootstrap::client::{self, Enrolment};
+use m2mpki_bootstrap::config::{FieldNodeProfile, TlsVersion, Transport};
+
+mod common;
+
+use common::Running;
+
+fn enrolment(run: &Running, name: &str, version: Option<TlsVersion>) -> Enrolment {
+    let mut profile = FieldNodeProfile::load(&run.layout.profile).unwrap();
+    let connect = match version {
+        Some(_) => run.tls.unwrap(),
+        None => {
+            profile.transport = Transport::Dtls;
+            run.dtls.unwrap()
+        }
+    };
+    Enrolment {
+        profile,
+        chain: m2mpki_bootstrap::tls::load_chain(&run.node(name).chain).unwrap(),
+        key: run.key(name),
+        connect: Some(connect.to_string()),
+        versions: version.into_iter().collect(),
+        timeout: Duration::from_secs(60),
+    }
+}
+
+/// `GET path` over plain HTTP/1.1: the status line and the body.
+fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+/// Samples by `name{labels}` (labels as written), checking the exposition's shape: every
+/// sample belongs to a family announced by `# TYPE`, every value is a number, and the text
+/// ends with `# EOF`.
+fn parse(text: &str) -> BTreeMap<String, f64> {
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    let mut families: Vec<String> = Vec::new();
+    let mut samples = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            families.push(name.to_owned());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            families.iter().any(|f| name.starts_with(f.as_str())),
+            "{name} has no # TYPE"
+        );
+        samples.insert(series.to_owned(), value);
+    }
+    samples
+}
+
+#[test]
+fn the_metrics_endpoint_shows_enrolments_refusals_latency_store_size_and_crl_age() {
+    let run = Running::start(|c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.limits.enrolments_per_identity = Some("1/1h".parse().unwrap());
+    });
+    let metrics = run.metrics.unwrap();
+    let (status, before) = get(metrics, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let before = parse(&before);
+    assert_eq!(before.get("m2mpki_credentials"), Some(&0.0));
+
+    for (name, version) in [
+        ("SN-0001", Some(TlsVersion::Tls13)),
+        ("pump-1", Some(TlsVersion::Tls12)),
+        ("SN-0002", None),
+    ] {
+        run.rt
+            .block_on(client::enroll(enrolment(&run, name, version)))
+            .unwrap();
+    }
+    // Refused at the handshake: an untrusted manufacturer.
+    assert!(run
+        .rt
+        .block_on(client::enroll(enrolment(
+            &run,
+            "ROGUE-1",
+            Some(TlsVersion::Tls13)
+        )))
+        .is_err());
+    // Refused by the rate limit: SN-0001 again.
+    assert!(run
+        .rt
+        .block_on(client::enroll(enrolment(
+            &run,
+            "SN-0001",
+            Some(TlsVersion::Tls13)
+        )))
+        .is_err());
+
+    let (status, text) = get(metrics, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let m = parse(&text);
+    let at = |series: &str| {
+        *m.get(series)
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    assert_eq!(
+        at(r#"m2mpki_enrolments_total{outcome="issued",transport="tls1.3"}"#),
+        1.0
+    );
+    assert_eq!(
+        at(r#"m2mpki_enrolments_total{outcome="issued",transport="tls1.2"}"#),
+        1.0
+    );
+    assert_eq!(
+        at(r#"m2mpki_enrolments_total{outcome="issued",transport="dtls1.2"}"#),
+        1.0
+    );
+    assert_eq!(
+        at(r#"m2mpki_enrolments_total{outcome="rate_limited",transport="tls1.3"}"#),
+        1.0
+    );
+    assert_eq!(at(r#"m2mpki_refusals_total{reason="unknown_root"}"#), 1.0);
+    assert_eq!(at("m2mpki_credentials"), 3.0);
+    assert_eq!(at("m2mpki_enrolment_seconds_count"), 4.0);
+    assert_eq!(at("m2mpki_commit_seconds_count"), 3.0);
+    assert!(at("m2mpki_commit_seconds_sum") > 0.0);
+    // Connections are counted while they hold a slot: none is open between scrapes.
+    assert_eq!(at("m2mpki_open_connections"), 0.0);
+
+    // One CRL age per trusted set and issuer that has a CRL, none negative.
+    let home = m2mpki_ca::Home::open(&run.layout.home).unwrap();
+    let store = home.store().unwrap();
+    let mut expected = 0;
+    for set in [m2mpki_test_pki::sets::DEVICE, m2mpki_test_pki::sets::NODE] {
+        let set = m2mpki_ca::Store::root_set(&store, set).unwrap().unwrap();
+        let issuers: std::collections::BTreeSet<_> =
+            set.crls.iter().map(|c| c.issuer.clone()).collect();
+        expected += issuers.len();
+    }
+    let ages: Vec<f64> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("m2mpki_crl_age_seconds{"))
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(ages.len(), expected, "{text}");
+    assert!(expected > 0, "the lab's sets carry CRLs");
+    assert!(ages.iter().all(|a| *a >= 0.0), "{ages:?}");
+
+    let (status, _) = get(metrics, "/other");
+    assert!(status.contains("404"), "{status}");
+}
