@@ -446,6 +446,19 @@ fn m2mpki_batch_process_rate(
     n: usize,
     bundle: bool,
 ) -> Result<f64> {
+    m2mpki_batch_into(bin, home, None, csr_dir, out, n, bundle)
+}
+
+/// [`m2mpki_batch_process_rate`] with `--store STORE` (redb:PATH or a postgres:// URL).
+fn m2mpki_batch_into(
+    bin: &Path,
+    home: &Path,
+    store: Option<&str>,
+    csr_dir: &Path,
+    out: &Path,
+    n: usize,
+    bundle: bool,
+) -> Result<f64> {
     if out.exists() {
         bail!(
             "{} exists: every run gets a folder that never held files",
@@ -455,6 +468,9 @@ fn m2mpki_batch_process_rate(
     settle()?;
     let start = Instant::now();
     let mut cmd = Command::new(bin);
+    if let Some(store) = store {
+        cmd.args(["--store", store]);
+    }
     cmd.arg("--home")
         .arg(home)
         .args([
@@ -1835,9 +1851,110 @@ struct Args {
         default_value = "target/bench/results.json"
     )]
     out_json: PathBuf,
+    /// A PostgreSQL server's administrative URL for section 7 (scripts/bench starts a
+    /// throwaway cluster with fsync on); section 7 is skipped without it.
+    #[arg(long, value_name = "URL")]
+    pg: Option<String>,
     /// Run only these sections (e.g. `2,4`, for profiling); all by default.
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     only: Option<Vec<String>>,
+}
+
+/// Transactions PostgreSQL counted as committed in database `db` so far (the stats of a
+/// finished backend are flushed when it exits).
+fn pg_commits(admin: &str, db: &str) -> Result<i64> {
+    let mut c = postgres::Client::connect(admin, postgres::NoTls)?;
+    c.batch_execute("SELECT pg_stat_clear_snapshot()")?;
+    let row = c.query_one(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = $1",
+        &[&db],
+    )?;
+    Ok(row.get(0))
+}
+
+/// Section 7: the same `issue batch` (process, CSR folder, --bundle, --reissue) into the lab's
+/// redb store and into the same ledger migrated to PostgreSQL (a database of its own on a
+/// cluster with fsync on), alternating run by run; the ratio is PostgreSQL over redb per pair.
+fn store_bench(
+    size: Size,
+    report: &mut Report,
+    work: &Path,
+    bin: &Path,
+    admin: &str,
+) -> Result<()> {
+    let n = size.peer_csrs;
+    let home = work.join("store-home");
+    let lab = LabPki::build(&home, &Keystore::default(), &LabSpec::default())?;
+    drop(lab);
+    let csr_dir = work.join("store-csrs");
+    make_csrs(&csr_dir, n)?;
+    let db = format!("m2mpki_bench_{}", std::process::id());
+    postgres::Client::connect(admin, postgres::NoTls)?
+        .batch_execute(&format!("CREATE DATABASE {db}"))?;
+    let url = match admin.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => bail!("--pg must be a postgres:// URL ending in /DATABASE"),
+    };
+    let redb = format!("redb:{}", home.join("store.redb").display());
+    let migrated = Command::new(bin)
+        .args(["store", "migrate", "--from", &redb, "--to", &url])
+        .output()?;
+    if !migrated.status.success() {
+        bail!(
+            "store migrate: {}",
+            String::from_utf8_lossy(&migrated.stderr)
+        );
+    }
+    let (mut on_redb, mut on_pg, mut ratios, mut per_cert) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..size.runs {
+        let r = m2mpki_batch_into(
+            bin,
+            &home,
+            Some(&redb),
+            &csr_dir,
+            &work.join(format!("store-redb-{run}")),
+            n,
+            true,
+        )?;
+        let before = pg_commits(admin, &db)?;
+        let p = m2mpki_batch_into(
+            bin,
+            &home,
+            Some(&url),
+            &csr_dir,
+            &work.join(format!("store-pg-{run}")),
+            n,
+            true,
+        )?;
+        // Our own snapshot query is one more committed transaction.
+        let commits = pg_commits(admin, &db)? - before - 1;
+        on_redb.push(r);
+        on_pg.push(p);
+        ratios.push(p / r);
+        per_cert.push(commits as f64 * 1000.0 / n as f64);
+    }
+    report.add(
+        "7 store",
+        &format!("m2mpki issue batch --bundle into redb ({n} CSRs, one process)"),
+        "certs/s",
+        stat(on_redb),
+    );
+    report
+        .add(
+            "7 store",
+            &format!("the same batch into PostgreSQL, fsync on ({n} CSRs, one process)"),
+            "certs/s",
+            stat(on_pg),
+        )
+        .paired("redb, the run before", &stat(ratios), None);
+    report.add(
+        "7 store",
+        "PostgreSQL transactions committed per 1 000 certificates (reads and writes)",
+        "xact/1000",
+        stat(per_cert),
+    );
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -1846,6 +1963,7 @@ fn main() -> Result<()> {
         python,
         m2mpki_bin,
         out_json,
+        pg,
         only,
     } = clap::Parser::parse();
     let size = if smoke { SMOKE } else { FULL };
@@ -1887,6 +2005,19 @@ fn main() -> Result<()> {
     if run("6") {
         eprintln!("6. bootstrap over DTLS + CoAP");
         dtls_bench(size, &mut report, work, m2mpki_bin.as_deref())?;
+    }
+
+    if run("7") {
+        eprintln!("7. the CA store: PostgreSQL against redb");
+        match (&pg, m2mpki_bin.as_deref()) {
+            (Some(url), Some(bin)) => store_bench(size, &mut report, work, bin, url)?,
+            _ => {
+                report.notes.insert(
+                    "7".into(),
+                    "skipped: needs --pg URL and --m2mpki PATH (scripts/bench gives both)".into(),
+                );
+            }
+        }
     }
 
     // The table.
