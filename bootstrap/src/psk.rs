@@ -195,6 +195,8 @@ impl Listener {
         stop: impl std::future::Future<Output = ()>,
     ) {
         let permits = Arc::new(Semaphore::new(self.limits.max_connections));
+        let per_address =
+            crate::admission::PerAddress::new(self.limits.max_connections_per_address);
         tokio::pin!(stop);
         loop {
             let permit = tokio::select! {
@@ -215,6 +217,10 @@ impl Listener {
                     }
                 },
             };
+            let Some(address_slot) = per_address.enter(peer.ip()) else {
+                tracing::debug!(%peer, "PSK association closed: too many connections from this address");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let this = self.clone();
             tokio::spawn(async move {
@@ -225,12 +231,16 @@ impl Listener {
                 {
                     tracing::info!(%peer, "PSK association took too long; closed");
                 }
-                drop(permit);
+                drop((permit, address_slot));
             });
         }
     }
 
     async fn serve(&self, tcp: TcpStream, peer: SocketAddr) {
+        if !crate::admission::first_record(&tcp, self.limits.hello_timeout).await {
+            tracing::info!(%peer, "no ClientHello within the hello timeout (PSK association); closed");
+            return;
+        }
         let ssl = match Ssl::new(&self.ctx) {
             Ok(s) => s,
             Err(e) => {

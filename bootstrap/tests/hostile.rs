@@ -151,17 +151,24 @@ fn a_legitimate_node_enrols_through_2000_silent_connections_and_idle_authenticat
 }
 
 /// A connection that sends nothing is closed after `hello_timeout`, long before the handshake
-/// timeout would have freed its slot.
+/// timeout would have freed its slot: on the bootstrap listener and on the PSK association
+/// listener.
 #[test]
 fn a_silent_connection_is_closed_after_the_hello_timeout() {
     let run = Running::start(|c| {
         c.dtls = None;
         c.limits.hello_timeout = Duration::from_millis(300);
         c.limits.handshake_timeout = Duration::from_secs(60);
+        c.limits.idle_timeout = Duration::from_secs(60);
     });
-    let addr = run.tls.unwrap();
+    let psk = run.psk.expect("the lab configures a PSK listener");
     run.rt.block_on(async {
-        for half in [false, true] {
+        for (addr, half) in [
+            (run.tls.unwrap(), false),
+            (run.tls.unwrap(), true),
+            (psk, false),
+            (psk, true),
+        ] {
             let mut tcp = silent(IpAddr::from([127, 0, 0, 1]), addr, half)
                 .await
                 .unwrap();

@@ -18,12 +18,12 @@ use std::time::Duration;
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
 
-use crate::audit::{self, AuditAction, AuditEntry, AuditEvent};
+use crate::audit::{self, AuditEntry, AuditEvent};
 use crate::rootset::RootSet;
 use crate::serial::Serial;
 use crate::store::{
-    CaRecord, CertFilter, CertRecord, CertStatus, Item, NewCert, RecordOutcome, RevocationReason,
-    RevokedEntry, Store,
+    CaRecord, CertFilter, CertRecord, Item, NewCert, RecordOutcome, RevocationReason, RevokedEntry,
+    Store,
 };
 use crate::{Error, Result};
 
@@ -438,17 +438,7 @@ impl Store for PgStore {
                 }
                 live.insert(key, r.serial.clone());
                 recorded.push((cert, json));
-                events.push(AuditEvent {
-                    action: AuditAction::CertIssue,
-                    subject: r.serial.to_string(),
-                    detail: serde_json::json!({
-                        "ca": r.ca,
-                        "profile": r.profile,
-                        "subject_key": r.subject_key,
-                        "sha256": r.sha256,
-                        "reissue": reissue,
-                    }),
-                });
+                events.push(crate::store::issue_event(r, reissue));
                 outcomes.push(RecordOutcome::Recorded);
             }
             if recorded.is_empty() {
@@ -659,31 +649,11 @@ impl Store for PgStore {
                 Some(r) => cert_from_row(&r)?,
                 None => return Err(Error::CertNotFound(format!("with serial {serial}")).into()),
             };
-            if record.ca != ca {
-                return Err(Error::CertNotFound(format!(
-                    "with serial {serial} from CA `{ca}` (it was issued by `{}`)",
-                    record.ca
-                ))
-                .into());
-            }
-            if record.status == CertStatus::Revoked {
-                return Err(
-                    Error::Policy(format!("certificate {serial} is already revoked")).into(),
-                );
-            }
-            record.status = CertStatus::Revoked;
-            record.revoked_at = Some(at);
-            record.revocation_reason = Some(reason);
+            let (entry, event) = crate::store::revoke_record(&mut record, ca, serial, reason, at)?;
             tx.execute(
                 "UPDATE m2mpki_certs SET record = $2 WHERE serial = $1",
                 &[&serial.as_bytes(), &to_json(&record)?],
             )?;
-            let entry = RevokedEntry {
-                serial: serial.clone(),
-                revoked_at: at,
-                reason,
-                not_after: record.not_after,
-            };
             tx.execute(
                 "INSERT INTO m2mpki_revoked (ca, serial, entry) VALUES ($1, $2, $3)",
                 &[&ca, &serial.as_bytes(), &to_json(&entry)?],
@@ -692,14 +662,7 @@ impl Store for PgStore {
                 "DELETE FROM m2mpki_live WHERE ca = $1 AND subject_key = $2 AND serial = $3",
                 &[&ca, &record.subject_key, &serial.as_bytes()],
             )?;
-            Self::append_audit(
-                tx,
-                vec![AuditEvent {
-                    action: AuditAction::CertRevoke,
-                    subject: serial.to_string(),
-                    detail: serde_json::json!({ "ca": ca, "reason": reason, "subject_key": record.subject_key }),
-                }],
-            )?;
+            Self::append_audit(tx, vec![event])?;
             Ok(record)
         })
     }
@@ -726,18 +689,7 @@ impl Store for PgStore {
             )?;
             let n = u64::try_from(row.get::<_, i64>(0))
                 .map_err(|_| Error::Store("negative CRL number in the database".into()))?;
-            let mut detail = detail.clone();
-            if let Some(obj) = detail.as_object_mut() {
-                obj.insert("crl_number".into(), n.into());
-            }
-            Self::append_audit(
-                tx,
-                vec![AuditEvent {
-                    action: AuditAction::CrlIssue,
-                    subject: ca.to_owned(),
-                    detail,
-                }],
-            )?;
+            Self::append_audit(tx, vec![crate::store::crl_event(ca, detail.clone(), n)])?;
             Ok(n)
         })
     }

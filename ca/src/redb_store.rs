@@ -10,7 +10,6 @@ use redb::{
 use crate::audit::{self, AuditEntry, AuditEvent};
 use crate::rootset::RootSet;
 use crate::serial::Serial;
-use crate::store::CertStatus;
 use crate::store::{CaRecord, RevocationReason, RevokedEntry};
 use crate::store::{CertFilter, CertRecord, Item, NewCert, RecordOutcome, Store};
 use crate::{Error, Result};
@@ -241,17 +240,7 @@ impl Store for RedbStore {
                         .insert(identity.id().as_str(), serial)
                         .map_err(db_err)?;
                 }
-                events.push(AuditEvent {
-                    action: crate::audit::AuditAction::CertIssue,
-                    subject: r.serial.to_string(),
-                    detail: serde_json::json!({
-                        "ca": r.ca,
-                        "profile": r.profile,
-                        "subject_key": r.subject_key,
-                        "sha256": r.sha256,
-                        "reissue": reissue,
-                    }),
-                });
+                events.push(crate::store::issue_event(r, reissue));
                 outcomes.push(RecordOutcome::Recorded);
             }
         }
@@ -395,29 +384,10 @@ impl Store for RedbStore {
                 Some(v) => from_json("certificate", v.value())?,
                 None => return Err(Error::CertNotFound(format!("with serial {serial}"))),
             };
-            if record.ca != ca {
-                return Err(Error::CertNotFound(format!(
-                    "with serial {serial} from CA `{ca}` (it was issued by `{}`)",
-                    record.ca
-                )));
-            }
-            if record.status == CertStatus::Revoked {
-                return Err(Error::Policy(format!(
-                    "certificate {serial} is already revoked"
-                )));
-            }
-            record.status = CertStatus::Revoked;
-            record.revoked_at = Some(at);
-            record.revocation_reason = Some(reason);
+            let (entry, event) = crate::store::revoke_record(&mut record, ca, serial, reason, at)?;
             records
                 .insert(serial.as_bytes(), to_json(&record)?.as_slice())
                 .map_err(db_err)?;
-            let entry = RevokedEntry {
-                serial: serial.clone(),
-                revoked_at: at,
-                reason,
-                not_after: record.not_after,
-            };
             tx.open_table(REVOKED)
                 .map_err(db_err)?
                 .insert(
@@ -434,16 +404,10 @@ impl Store for RedbStore {
             if is_live {
                 live.remove(lk.as_str()).map_err(db_err)?;
             }
-            record
+            (record, event)
         };
-        Self::append_audit(
-            &tx,
-            vec![AuditEvent {
-                action: crate::audit::AuditAction::CertRevoke,
-                subject: serial.to_string(),
-                detail: serde_json::json!({ "ca": ca, "reason": reason, "subject_key": record.subject_key }),
-            }],
-        )?;
+        let (record, event) = record;
+        Self::append_audit(&tx, vec![event])?;
         tx.commit().map_err(db_err)?;
         Ok(record)
     }
@@ -470,18 +434,7 @@ impl Store for RedbStore {
             table.insert(ca, n).map_err(db_err)?;
             n
         };
-        let mut detail = detail;
-        if let Some(obj) = detail.as_object_mut() {
-            obj.insert("crl_number".into(), n.into());
-        }
-        Self::append_audit(
-            &tx,
-            vec![AuditEvent {
-                action: crate::audit::AuditAction::CrlIssue,
-                subject: ca.to_owned(),
-                detail,
-            }],
-        )?;
+        Self::append_audit(&tx, vec![crate::store::crl_event(ca, detail, n)])?;
         tx.commit().map_err(db_err)?;
         Ok(n)
     }

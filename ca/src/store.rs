@@ -347,6 +347,71 @@ pub trait Store: Send + Sync {
     fn import(&self, items: &mut dyn Iterator<Item = Result<Item>>) -> Result<u64>;
 }
 
+/// The `cert.issue` audit event of a recorded certificate (every backend writes the same).
+pub(crate) fn issue_event(r: &CertRecord, reissue: bool) -> AuditEvent {
+    AuditEvent {
+        action: crate::audit::AuditAction::CertIssue,
+        subject: r.serial.to_string(),
+        detail: serde_json::json!({
+            "ca": r.ca,
+            "profile": r.profile,
+            "subject_key": r.subject_key,
+            "sha256": r.sha256,
+            "reissue": reissue,
+        }),
+    }
+}
+
+/// Revokes `record` (found under `serial`) for CA `ca`, checking that `ca` issued it and that
+/// it is not revoked yet: the changed record is left in `record`; returns the CRL entry and
+/// the `cert.revoke` audit event to store with it.
+pub(crate) fn revoke_record(
+    record: &mut CertRecord,
+    ca: &str,
+    serial: &Serial,
+    reason: RevocationReason,
+    at: i64,
+) -> Result<(RevokedEntry, AuditEvent)> {
+    if record.ca != ca {
+        return Err(Error::CertNotFound(format!(
+            "with serial {serial} from CA `{ca}` (it was issued by `{}`)",
+            record.ca
+        )));
+    }
+    if record.status == CertStatus::Revoked {
+        return Err(Error::Policy(format!(
+            "certificate {serial} is already revoked"
+        )));
+    }
+    record.status = CertStatus::Revoked;
+    record.revoked_at = Some(at);
+    record.revocation_reason = Some(reason);
+    let entry = RevokedEntry {
+        serial: serial.clone(),
+        revoked_at: at,
+        reason,
+        not_after: record.not_after,
+    };
+    let event = AuditEvent {
+        action: crate::audit::AuditAction::CertRevoke,
+        subject: serial.to_string(),
+        detail: serde_json::json!({ "ca": ca, "reason": reason, "subject_key": record.subject_key }),
+    };
+    Ok((entry, event))
+}
+
+/// The `crl.issue` audit event for CRL number `n` of `ca`.
+pub(crate) fn crl_event(ca: &str, mut detail: serde_json::Value, n: u64) -> AuditEvent {
+    if let Some(obj) = detail.as_object_mut() {
+        obj.insert("crl_number".into(), n.into());
+    }
+    AuditEvent {
+        action: crate::audit::AuditAction::CrlIssue,
+        subject: ca.to_owned(),
+        detail,
+    }
+}
+
 /// Where a store lives: `redb:PATH` (the embedded store, one process at a time) or a
 /// PostgreSQL URL (`postgres://` or `postgresql://`), shared by several processes and hosts.
 #[derive(Clone, PartialEq, Eq)]

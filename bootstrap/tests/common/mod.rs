@@ -20,6 +20,8 @@ pub struct Running {
     pub dtls: Option<SocketAddr>,
     /// The metrics address, when the tweak set `metrics_listen`.
     pub metrics: Option<SocketAddr>,
+    /// The PSK association address (the lab configures one).
+    pub psk: Option<SocketAddr>,
     pub layout: LabLayout,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     _dir: tempfile::TempDir,
@@ -44,6 +46,7 @@ impl Running {
         let tls = listeners.local_addr().ok();
         let dtls = listeners.dtls_addr().ok();
         let metrics = listeners.metrics_addr().ok();
+        let psk = listeners.psk_addr().ok();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let s = server.clone();
         rt.spawn(async move {
@@ -58,6 +61,7 @@ impl Running {
             tls,
             dtls,
             metrics,
+            psk,
             layout,
             stop: Some(stop),
             _dir: dir,
