@@ -23,7 +23,7 @@ pub mod option {
     pub const URI_PATH: u16 = 11;
     /// Content-Format.
     pub const CONTENT_FORMAT: u16 = 12;
-    /// Max-Age: with 4.29, when to retry (RFC 8516).
+    /// Max-Age: with 4.29 (RFC 8516) and 5.03, when to retry.
     pub const MAX_AGE: u16 = 14;
     /// Accept.
     pub const ACCEPT: u16 = 17;

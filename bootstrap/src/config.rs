@@ -207,6 +207,7 @@ pub struct Policy {
 struct File {
     fqdn: String,
     listen: Option<String>,
+    store: Option<String>,
     tls: TlsFile,
     dtls: Option<DtlsFile>,
     trust: TrustFile,
@@ -356,6 +357,10 @@ impl Default for Limits {
 pub struct ServerConfig {
     /// The IN's FQDN (its certificate must name it; clients send it as SNI).
     pub fqdn: DnsName,
+    /// Where the trusted root sets and their CRLs are read from (`store = "postgres://..."`
+    /// shares them between IN instances); `None`: the home's redb store. The IN's own
+    /// credentials, grants and policy stay in its home.
+    pub store: Option<m2mpki_ca::StoreLocation>,
     /// Where to listen for TLS (TCP); `None` switches TLS off.
     pub listen: Option<SocketAddr>,
     /// The DTLS + CoAP endpoint; `None` switches DTLS off.
@@ -570,8 +575,15 @@ impl ServerConfig {
             .metrics
             .map(|m| addr("metrics.listen", &m.listen))
             .transpose()?;
+        let store = f
+            .store
+            .as_deref()
+            .map(|s| s.parse::<m2mpki_ca::StoreLocation>())
+            .transpose()
+            .map_err(|e| bad(format!("store: {e}")))?;
         Ok(ServerConfig {
             fqdn,
+            store,
             listen,
             dtls,
             metrics_listen,

@@ -1,9 +1,10 @@
 //! The IN's credential store: root credentials (sealed under a store key), who holds them,
 //! technician grants and the active authorization policy.
 //!
-//! One redb file, `bootstrap.redb`, in the IN's home folder, shared by the running server and
-//! the `m2mpki bootstrap grant/...` commands (redb multi-writer mode), so grants take effect
-//! without a restart.
+//! By default one redb file, `bootstrap.redb`, in the IN's home folder, shared by the running
+//! server and the `m2mpki bootstrap grant/...` commands (redb multi-writer mode), so grants take
+//! effect without a restart. With `store = "postgres://..."` (or `--store`) the same records
+//! live in PostgreSQL, shared by several IN instances (see `credstore_pg`).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -57,17 +58,31 @@ pub struct CredentialRecord {
     pub supersedes: Option<String>,
 }
 
+/// What the key check value seals (32 bytes, not secret).
+const KEY_CHECK: &[u8; 32] = b"m2mpki credential store key chk!";
+
 /// The store.
 pub struct CredentialStore {
-    db: Database,
-    path: PathBuf,
+    backend: Backend,
+}
+
+enum Backend {
+    Redb { db: Database, path: PathBuf },
+    Pg(Box<crate::credstore_pg::Pg>),
 }
 
 impl std::fmt::Debug for CredentialStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CredentialStore")
-            .field("path", &self.path)
-            .finish()
+        match &self.backend {
+            Backend::Redb { path, .. } => f
+                .debug_struct("CredentialStore")
+                .field("path", path)
+                .finish(),
+            Backend::Pg(pg) => f
+                .debug_struct("CredentialStore")
+                .field("database", &pg.shown())
+                .finish(),
+        }
     }
 }
 
@@ -139,7 +154,37 @@ impl CredentialStore {
         tx.open_table(GRANTS).map_err(db_err)?;
         tx.open_table(META).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
-        Ok(CredentialStore { db, path })
+        Ok(CredentialStore {
+            backend: Backend::Redb { db, path },
+        })
+    }
+
+    /// Opens the store `location` selects: PostgreSQL for a `postgres://` URL (the same
+    /// database as the CA ledger, tables of its own), else `bootstrap.redb` in `home` (a
+    /// `redb:PATH` location names only the CA ledger).
+    pub fn open_at(location: Option<&m2mpki_ca::StoreLocation>, home: &Path) -> Result<Self> {
+        match location {
+            Some(m2mpki_ca::StoreLocation::Postgres(url)) => Ok(CredentialStore {
+                backend: Backend::Pg(Box::new(crate::credstore_pg::open(url)?)),
+            }),
+            _ => Self::open(home),
+        }
+    }
+
+    /// Which backend holds the records: `redb:PATH` or the database (never its password).
+    pub fn backend(&self) -> String {
+        match &self.backend {
+            Backend::Redb { path, .. } => format!("redb:{}", path.display()),
+            Backend::Pg(pg) => pg.shown().to_owned(),
+        }
+    }
+
+    /// The redb database, or the answer of the PostgreSQL backend.
+    fn redb(&self) -> std::result::Result<&Database, &crate::credstore_pg::Pg> {
+        match &self.backend {
+            Backend::Redb { db, .. } => Ok(db),
+            Backend::Pg(conn) => Err(conn),
+        }
     }
 
     /// Makes a fresh root credential for `new`, sealed under `store_key`; nothing is stored yet.
@@ -178,7 +223,11 @@ impl CredentialStore {
     /// Stores prepared credentials in one durable transaction, in order: each becomes its
     /// identity's live credential and supersedes the previous one (`supersedes` is filled in).
     pub fn commit(&self, records: &mut [CredentialRecord]) -> Result<()> {
-        let tx = self.db.begin_write().map_err(db_err)?;
+        let db = match self.redb() {
+            Ok(db) => db,
+            Err(pg) => return crate::credstore_pg::commit(pg, records),
+        };
+        let tx = db.begin_write().map_err(db_err)?;
         {
             let mut creds = tx.open_table(CREDENTIALS).map_err(db_err)?;
             let mut live = tx.open_table(LIVE).map_err(db_err)?;
@@ -228,14 +277,22 @@ impl CredentialStore {
 
     /// How many credential records exist (live and superseded).
     pub fn count(&self) -> Result<u64> {
-        let tx = self.db.begin_read().map_err(db_err)?;
+        let db = match self.redb() {
+            Ok(db) => db,
+            Err(pg) => return crate::credstore_pg::count(pg),
+        };
+        let tx = db.begin_read().map_err(db_err)?;
         let t = tx.open_table(CREDENTIALS).map_err(db_err)?;
         t.len().map_err(db_err)
     }
 
     /// A credential record by ID.
     pub fn credential(&self, id: &str) -> Result<Option<CredentialRecord>> {
-        let tx = self.db.begin_read().map_err(db_err)?;
+        let db = match self.redb() {
+            Ok(db) => db,
+            Err(pg) => return crate::credstore_pg::credential(pg, id),
+        };
+        let tx = db.begin_read().map_err(db_err)?;
         let t = tx.open_table(CREDENTIALS).map_err(db_err)?;
         let v = t.get(id).map_err(db_err)?;
         v.map(|v| parse(v.value())).transpose()
@@ -243,8 +300,12 @@ impl CredentialStore {
 
     /// The live credential of an identity.
     pub fn live(&self, identity: &FieldNodeIdentity) -> Result<Option<CredentialRecord>> {
+        let db = match self.redb() {
+            Ok(db) => db,
+            Err(pg) => return crate::credstore_pg::live(pg, identity),
+        };
         let id = {
-            let tx = self.db.begin_read().map_err(db_err)?;
+            let tx = db.begin_read().map_err(db_err)?;
             let t = tx.open_table(LIVE).map_err(db_err)?;
             let v = t.get(identity.to_string().as_str()).map_err(db_err)?;
             v.map(|v| v.value().to_owned())
@@ -257,7 +318,11 @@ impl CredentialStore {
 
     /// All credential records of an identity (live and superseded).
     pub fn history(&self, identity: &FieldNodeIdentity) -> Result<Vec<CredentialRecord>> {
-        let tx = self.db.begin_read().map_err(db_err)?;
+        let db = match self.redb() {
+            Ok(db) => db,
+            Err(pg) => return crate::credstore_pg::history(pg, identity),
+        };
+        let tx = db.begin_read().map_err(db_err)?;
         let t = tx.open_table(CREDENTIALS).map_err(db_err)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(db_err)? {
@@ -287,9 +352,125 @@ impl CredentialStore {
         })
     }
 
+    /// Checks that `key` is the store key the credentials here are sealed under: the first
+    /// start records a check value sealed under its key, every later start (of any IN on a
+    /// shared store) must open it. Refuses a mismatch before any credential is sealed under
+    /// the wrong key (all INs on one database need the same store key).
+    pub fn check_key(&self, key: &StoreKey) -> Result<()> {
+        let sealed = hex::encode(key.0.seal(KEY_CHECK)?);
+        let stored = match self.redb() {
+            Err(pg) => crate::credstore_pg::key_check(pg, &sealed)?,
+            Ok(db) => {
+                let tx = db.begin_write().map_err(db_err)?;
+                let stored = {
+                    let mut t = tx.open_table(META).map_err(db_err)?;
+                    let found = t
+                        .get("store_key_check")
+                        .map_err(db_err)?
+                        .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+                    match found {
+                        Some(v) => v,
+                        None => {
+                            t.insert("store_key_check", sealed.as_bytes())
+                                .map_err(db_err)?;
+                            sealed
+                        }
+                    }
+                };
+                tx.commit().map_err(db_err)?;
+                stored
+            }
+        };
+        let opens = hex::decode(&stored)
+            .ok()
+            .and_then(|blob| key.0.unseal(&blob).ok())
+            .is_some_and(|plain| plain[..] == KEY_CHECK[..]);
+        if opens {
+            Ok(())
+        } else {
+            Err(Error::Store(format!(
+                "the configured store key does not open the credentials in {} (they were \
+                 sealed under another key; every IN on one store needs the same store key)",
+                self.backend()
+            )))
+        }
+    }
+
+    /// Copies every record of this store (credentials with their status and chain, the live
+    /// credential of each identity, grants, the recorded policy and the store key check) into
+    /// `to`, which must be empty; the credentials stay sealed as they are. Returns the number
+    /// of credentials and of identities with grants copied.
+    pub fn copy_into(&self, to: &CredentialStore) -> Result<(u64, u64)> {
+        let db = match self.redb() {
+            Ok(db) => db,
+            Err(_) => {
+                return Err(Error::Store(
+                    "copying from a PostgreSQL credential store is not supported; copy from a \
+                     home's bootstrap.redb"
+                        .into(),
+                ))
+            }
+        };
+        let Err(pg) = to.redb() else {
+            return Err(Error::Store(
+                "the destination of a copy must be a PostgreSQL credential store".into(),
+            ));
+        };
+        let tx = db.begin_read().map_err(db_err)?;
+        let mut records = Vec::new();
+        for row in tx
+            .open_table(CREDENTIALS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (_, v) = row.map_err(db_err)?;
+            records.push(parse::<CredentialRecord>(v.value())?);
+        }
+        let mut live = Vec::new();
+        for row in tx
+            .open_table(LIVE)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            live.push((k.value().to_owned(), v.value().to_owned()));
+        }
+        let mut grants = Vec::new();
+        for row in tx
+            .open_table(GRANTS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            grants.push((k.value().to_owned(), parse::<Vec<String>>(v.value())?));
+        }
+        let mut meta = Vec::new();
+        for row in tx
+            .open_table(META)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            let text = String::from_utf8(v.value().to_vec())
+                .map_err(|_| Error::Store(format!("corrupt meta record {}", k.value())))?;
+            meta.push((k.value().to_owned(), text));
+        }
+        let copied = (records.len() as u64, grants.len() as u64);
+        crate::credstore_pg::import(pg, &records, &live, &grants, &meta)?;
+        Ok(copied)
+    }
+
     /// Records the policy the server runs with, so `bootstrap check` answers as the server does.
     pub fn set_policy(&self, policy: &Policy) -> Result<()> {
-        let tx = self.db.begin_write().map_err(db_err)?;
+        let db = match self.redb() {
+            Ok(db) => db,
+            Err(pg) => return crate::credstore_pg::set_policy(pg, policy),
+        };
+        let tx = db.begin_write().map_err(db_err)?;
         tx.open_table(META)
             .map_err(db_err)?
             .insert("policy", json(policy)?.as_slice())
@@ -299,7 +480,11 @@ impl CredentialStore {
 
     /// The recorded policy (allow with no default grants when no server has run yet).
     pub fn policy(&self) -> Result<Policy> {
-        let tx = self.db.begin_read().map_err(db_err)?;
+        let db = match self.redb() {
+            Ok(db) => db,
+            Err(pg) => return crate::credstore_pg::policy(pg),
+        };
+        let tx = db.begin_read().map_err(db_err)?;
         let t = tx.open_table(META).map_err(db_err)?;
         let v = t.get("policy").map_err(db_err)?;
         Ok(v.map(|v| parse(v.value())).transpose()?.unwrap_or_default())
@@ -307,7 +492,7 @@ impl CredentialStore {
 
     /// Adds technician grants for an identity; returns its grants now.
     pub fn grant(&self, identity: &FieldNodeIdentity, resources: &[String]) -> Result<Vec<String>> {
-        self.change_grants(identity, |g| {
+        self.change_grants(identity, &|g| {
             g.extend(resources.iter().cloned());
         })
     }
@@ -318,7 +503,7 @@ impl CredentialStore {
         identity: &FieldNodeIdentity,
         resources: &[String],
     ) -> Result<Vec<String>> {
-        self.change_grants(identity, |g| {
+        self.change_grants(identity, &|g| {
             for r in resources {
                 g.remove(r);
             }
@@ -328,10 +513,14 @@ impl CredentialStore {
     fn change_grants(
         &self,
         identity: &FieldNodeIdentity,
-        f: impl FnOnce(&mut BTreeSet<String>),
+        f: &dyn Fn(&mut BTreeSet<String>),
     ) -> Result<Vec<String>> {
+        let db = match self.redb() {
+            Ok(db) => db,
+            Err(pg) => return crate::credstore_pg::change_grants(pg, identity, f),
+        };
         let key = identity.to_string();
-        let tx = self.db.begin_write().map_err(db_err)?;
+        let tx = db.begin_write().map_err(db_err)?;
         let now = {
             let mut t = tx.open_table(GRANTS).map_err(db_err)?;
             let mut set: BTreeSet<String> = t
@@ -355,7 +544,11 @@ impl CredentialStore {
 
     /// Technician grants of one identity.
     pub fn grants_of(&self, identity: &FieldNodeIdentity) -> Result<Vec<String>> {
-        let tx = self.db.begin_read().map_err(db_err)?;
+        let db = match self.redb() {
+            Ok(db) => db,
+            Err(pg) => return crate::credstore_pg::grants_of(pg, identity),
+        };
+        let tx = db.begin_read().map_err(db_err)?;
         let t = tx.open_table(GRANTS).map_err(db_err)?;
         let v = t.get(identity.to_string().as_str()).map_err(db_err)?;
         Ok(v.map(|v| parse(v.value())).transpose()?.unwrap_or_default())
@@ -363,7 +556,11 @@ impl CredentialStore {
 
     /// Every identity's technician grants.
     pub fn all_grants(&self) -> Result<Vec<(String, Vec<String>)>> {
-        let tx = self.db.begin_read().map_err(db_err)?;
+        let db = match self.redb() {
+            Ok(db) => db,
+            Err(pg) => return crate::credstore_pg::all_grants(pg),
+        };
+        let tx = db.begin_read().map_err(db_err)?;
         let t = tx.open_table(GRANTS).map_err(db_err)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(db_err)? {
@@ -411,6 +608,7 @@ struct Job {
 #[derive(Clone)]
 pub struct GroupCommitter {
     jobs: std::sync::mpsc::Sender<Job>,
+    commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for GroupCommitter {
@@ -429,6 +627,8 @@ impl GroupCommitter {
     /// Starts the writer thread; it ends when every handle is dropped.
     pub fn start(store: std::sync::Arc<CredentialStore>) -> Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let commits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = commits.clone();
         std::thread::Builder::new()
             .name("credential-writer".into())
             .spawn(move || {
@@ -459,6 +659,9 @@ impl GroupCommitter {
                     let mut records: Vec<CredentialRecord> =
                         jobs.iter().map(|j| j.record.clone()).collect();
                     let result = store.commit(&mut records);
+                    if result.is_ok() {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     for (job, record) in jobs.into_iter().zip(records) {
                         let _ = job.reply.send(match &result {
                             Ok(()) => Ok(record),
@@ -468,7 +671,12 @@ impl GroupCommitter {
                 }
             })
             .map_err(|e| Error::internal(format!("starting the credential writer: {e}")))?;
-        Ok(GroupCommitter { jobs: tx })
+        Ok(GroupCommitter { jobs: tx, commits })
+    }
+
+    /// Transactions that stored credentials so far (one per group).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stores a prepared credential; resolves once it is durable.
@@ -494,12 +702,55 @@ mod tests {
     fn fx() -> (tempfile::TempDir, CredentialStore, StoreKey) {
         let dir = tempfile::tempdir().unwrap();
         let store = CredentialStore::open(dir.path()).unwrap();
-        let key = StoreKey::load(
-            &m2mpki_hsm::KeyRef::File(dir.path().join("store.key")),
+        let key = file_key(dir.path(), "store.key");
+        (dir, store, key)
+    }
+
+    fn file_key(dir: &Path, name: &str) -> StoreKey {
+        StoreKey::load(
+            &m2mpki_hsm::KeyRef::File(dir.join(name)),
             &m2mpki_hsm::Keystore::default(),
         )
+        .unwrap()
+    }
+
+    /// A store on each backend: redb in a temp folder, and a fresh PostgreSQL database on the
+    /// cluster `scripts/test` starts (`$M2MPKI_TEST_PG`).
+    struct Fx {
+        dir: tempfile::TempDir,
+        store: CredentialStore,
+        key: StoreKey,
+        db: Option<m2mpki_test_pki::pg::TestDb>,
+    }
+
+    fn backends() -> [Fx; 2] {
+        let (dir, store, key) = fx();
+        let redb = Fx {
+            dir,
+            store,
+            key,
+            db: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let db = m2mpki_test_pki::pg::TestDb::create().unwrap();
+        let store = CredentialStore::open_at(
+            Some(&m2mpki_ca::StoreLocation::Postgres(db.url.clone())),
+            dir.path(),
+        )
         .unwrap();
-        (dir, store, key)
+        assert!(
+            store.backend().starts_with("postgres://"),
+            "{}",
+            store.backend()
+        );
+        let key = file_key(dir.path(), "store.key");
+        let pg = Fx {
+            dir,
+            store,
+            key,
+            db: Some(db),
+        };
+        [redb, pg]
     }
 
     fn admission() -> Admission {
@@ -522,13 +773,25 @@ mod tests {
 
     #[test]
     fn each_identity_has_one_live_credential_and_a_history() {
-        let (dir, store, key) = fx();
+        for Fx {
+            dir, store, key, ..
+        } in backends()
+        {
+            one_live_credential_and_a_history(&dir, &store, &key);
+        }
+    }
+
+    fn one_live_credential_and_a_history(
+        dir: &tempfile::TempDir,
+        store: &CredentialStore,
+        key: &StoreKey,
+    ) {
         let adm = admission();
         let a = identity("device:1.3.6.1.4.1.99999.1:SN-1");
         let b = identity("node:acme.example:pump-1");
-        let (first, c1) = store.issue(&key, new(&a, &adm)).unwrap();
-        let (second, c2) = store.issue(&key, new(&a, &adm)).unwrap();
-        let (other, _) = store.issue(&key, new(&b, &adm)).unwrap();
+        let (first, c1) = store.issue(key, new(&a, &adm)).unwrap();
+        let (second, c2) = store.issue(key, new(&a, &adm)).unwrap();
+        let (other, _) = store.issue(key, new(&b, &adm)).unwrap();
         assert_ne!(c1, c2, "every bootstrap gets a fresh credential");
         assert_eq!(second.supersedes.as_deref(), Some(first.id.as_str()));
         assert_eq!(store.live(&a).unwrap().unwrap().id, second.id);
@@ -542,7 +805,7 @@ mod tests {
         // Sealed, not stored in the clear; unseals to what the node got.
         let rec = store.credential(&second.id).unwrap().unwrap();
         assert!(!rec.sealed.contains(&hex::encode(c2.expose())));
-        assert_eq!(store.unseal(&key, &rec).unwrap(), c2);
+        assert_eq!(store.unseal(key, &rec).unwrap(), c2);
         // The record's identity is typed and stored canonically.
         assert_eq!(rec.identity, a);
         // Another store key does not open it, and says which credential.
@@ -561,11 +824,16 @@ mod tests {
 
     #[test]
     fn a_group_commit_keeps_order_within_the_group() {
-        let (_dir, store, key) = fx();
+        for Fx { store, key, .. } in backends() {
+            group_keeps_order(&store, &key);
+        }
+    }
+
+    fn group_keeps_order(store: &CredentialStore, key: &StoreKey) {
         let adm = admission();
         let a = identity("device:1.3.6.1.4.1.99999.1:SN-1");
         let mut group: Vec<CredentialRecord> = (0..3)
-            .map(|_| CredentialStore::prepare(&key, new(&a, &adm)).unwrap().0)
+            .map(|_| CredentialStore::prepare(key, new(&a, &adm)).unwrap().0)
             .collect();
         store.commit(&mut group).unwrap();
         assert_eq!(group[0].supersedes, None);
@@ -576,7 +844,12 @@ mod tests {
 
     #[test]
     fn grants_under_each_policy() {
-        let (_dir, store, _) = fx();
+        for Fx { store, .. } in backends() {
+            grants_and_policy(&store);
+        }
+    }
+
+    fn grants_and_policy(store: &CredentialStore) {
         let tech = identity("node:acme.example:pump-1");
         let plain = identity("node:acme.example:pump-2");
         store
@@ -626,5 +899,139 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o077, 0, "{f}: {mode:o}");
         }
+    }
+
+    #[test]
+    fn a_store_refuses_a_store_key_that_does_not_open_its_credentials() {
+        for Fx {
+            dir, store, key, ..
+        } in backends()
+        {
+            store.check_key(&key).unwrap();
+            // Again, as at every start.
+            store.check_key(&key).unwrap();
+            let other = file_key(dir.path(), "other.key");
+            let err = store.check_key(&other).unwrap_err().to_string();
+            assert!(err.contains("store key"), "{}: {err}", store.backend());
+        }
+    }
+
+    /// Two IN instances on one database enrol one identity at the same moment, over and over:
+    /// exactly one credential ends live, every credential is recorded, and the superseded ones
+    /// form one chain back from it (no fork). A grant written through one applies at the other.
+    #[test]
+    fn two_stores_on_one_database_keep_one_live_credential() {
+        let [_, Fx {
+            dir,
+            store,
+            key,
+            db,
+        }] = backends();
+        let db = db.unwrap();
+        let loc = m2mpki_ca::StoreLocation::Postgres(db.url.clone());
+        let other = CredentialStore::open_at(Some(&loc), dir.path()).unwrap();
+        let adm = admission();
+        let a = identity("device:1.3.6.1.4.1.99999.1:SN-RACE");
+        let ids = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for (n, st) in [&store, &other].into_iter().enumerate() {
+                let (key, adm, a, ids) = (&key, &adm, &a, &ids);
+                s.spawn(move || {
+                    for round in 0..30 {
+                        // Groups of 1 to 3, as the group committer makes them.
+                        let mut group: Vec<CredentialRecord> = (0..1 + (round + n) % 3)
+                            .map(|_| CredentialStore::prepare(key, new(a, adm)).unwrap().0)
+                            .collect();
+                        st.commit(&mut group).unwrap();
+                        ids.lock().unwrap().extend(group.into_iter().map(|r| r.id));
+                    }
+                });
+            }
+        });
+        let ids = ids.into_inner().unwrap();
+        let history = store.history(&a).unwrap();
+        assert_eq!(history.len(), ids.len());
+        let live: Vec<_> = history
+            .iter()
+            .filter(|r| r.status == CredentialStatus::Live)
+            .collect();
+        assert_eq!(live.len(), 1, "one live credential");
+        assert_eq!(other.live(&a).unwrap().unwrap().id, live[0].id);
+        // Walk back from the live credential through `supersedes`: every record, once.
+        let by_id: std::collections::HashMap<&str, &CredentialRecord> =
+            history.iter().map(|r| (r.id.as_str(), r)).collect();
+        let mut seen = BTreeSet::new();
+        let mut at = Some(live[0].id.as_str());
+        while let Some(id) = at {
+            assert!(seen.insert(id.to_owned()), "{id} twice in the chain");
+            at = by_id[id].supersedes.as_deref();
+        }
+        assert_eq!(seen, ids.iter().cloned().collect::<BTreeSet<_>>());
+
+        let tech = identity("node:acme.example:pump-9");
+        store.grant(&tech, &["valve-9".into()]).unwrap();
+        other
+            .set_policy(&Policy {
+                default: DefaultPolicy::Deny,
+                grants: vec![],
+            })
+            .unwrap();
+        assert!(other.check(&tech, "valve-9").unwrap());
+        assert!(!store
+            .check(&identity("node:acme.example:pump-8"), "valve-9")
+            .unwrap());
+    }
+
+    /// A home's redb store copied into PostgreSQL reads back the same, record for record, and
+    /// the copy is refused into tables that already hold something.
+    #[test]
+    fn a_redb_store_copies_into_postgresql() {
+        // All bound, so that the folders and the database live to the end of the test.
+        let [Fx {
+            dir: _from_dir,
+            store: from,
+            key,
+            db: _,
+        }, Fx {
+            dir: _to_dir,
+            store: to,
+            db: _db,
+            ..
+        }] = backends();
+        let adm = admission();
+        let a = identity("device:1.3.6.1.4.1.99999.1:SN-1");
+        let b = identity("node:acme.example:pump-1");
+        from.check_key(&key).unwrap();
+        let (r1, ca1) = from.issue(&key, new(&a, &adm)).unwrap();
+        from.issue(&key, new(&a, &adm)).unwrap();
+        from.issue(&key, new(&b, &adm)).unwrap();
+        from.grant(&b, &["valve-7".into()]).unwrap();
+        let policy = Policy {
+            default: DefaultPolicy::Deny,
+            grants: vec!["weather".into()],
+        };
+        from.set_policy(&policy).unwrap();
+        assert_eq!(from.copy_into(&to).unwrap(), (3, 1));
+        for who in [&a, &b] {
+            let (h1, h2) = (from.history(who).unwrap(), to.history(who).unwrap());
+            assert_eq!(
+                serde_json::to_value(&h1).unwrap(),
+                serde_json::to_value(&h2).unwrap()
+            );
+            assert_eq!(
+                from.live(who).unwrap().unwrap().id,
+                to.live(who).unwrap().unwrap().id
+            );
+        }
+        assert_eq!(to.all_grants().unwrap(), from.all_grants().unwrap());
+        assert_eq!(to.policy().unwrap().default, DefaultPolicy::Deny);
+        // Still sealed under the same key, and the key check came along.
+        to.check_key(&key).unwrap();
+        let first = to.credential(&r1.id).unwrap().unwrap();
+        assert_eq!(to.unseal(&key, &first).unwrap(), ca1);
+        // A second copy into the now full tables is refused, and changes nothing.
+        let err = from.copy_into(&to).unwrap_err().to_string();
+        assert!(err.contains("not empty"), "{err}");
+        assert_eq!(to.count().unwrap(), 3);
     }
 }

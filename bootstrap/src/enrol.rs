@@ -20,6 +20,9 @@ use crate::ratelimit::Buckets;
 use crate::tls::FieldNodeVerifier;
 use crate::{Error, Result};
 
+/// The Retry-After (Max-Age) of a 503 while the credential store is unreachable, in seconds.
+const STORE_RETRY_AFTER: u32 = 2;
+
 /// How an enrolment ended, independent of the transport; each binding maps it to its status
 /// codes (HTTP, CoAP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +45,8 @@ pub enum Outcome {
     TooManyRequests,
     /// The server failed (500, 5.00).
     Internal,
+    /// The credential store cannot be reached; nothing was recorded, try again (503, 5.03).
+    Unavailable,
 }
 
 impl Outcome {
@@ -57,6 +62,7 @@ impl Outcome {
             Outcome::UnsupportedMediaType => "unsupported_media_type",
             Outcome::TooManyRequests => "rate_limited",
             Outcome::Internal => "internal",
+            Outcome::Unavailable => "store_unavailable",
         }
     }
 
@@ -72,6 +78,7 @@ impl Outcome {
             Outcome::UnsupportedMediaType => 415,
             Outcome::TooManyRequests => 429,
             Outcome::Internal => 500,
+            Outcome::Unavailable => 503,
         }
     }
 
@@ -87,6 +94,7 @@ impl Outcome {
             Outcome::UnsupportedMediaType => (4, 15),
             Outcome::TooManyRequests => (4, 29),
             Outcome::Internal => (5, 0),
+            Outcome::Unavailable => (5, 3),
         }
     }
 }
@@ -269,6 +277,17 @@ impl Core {
         };
         match self.issue(node, ts0003).await {
             Ok(a) => a,
+            Err(e @ Error::Store(_)) => {
+                tracing::error!(peer = %node.peer, error = %e, "bootstrap refused: the credential store is unavailable");
+                Answer {
+                    retry_after: Some(STORE_RETRY_AFTER),
+                    ..Answer::refusal(
+                        Outcome::Unavailable,
+                        "store_unavailable",
+                        "the IN cannot reach its credential store; nothing was recorded, try again later",
+                    )
+                }
+            }
             Err(e) => {
                 tracing::error!(peer = %node.peer, error = %e, "bootstrap failed");
                 Answer::refusal(

@@ -14,6 +14,7 @@ pub mod client;
 pub mod coap;
 pub mod config;
 pub mod credstore;
+mod credstore_pg;
 pub mod dtls;
 pub mod enrol;
 mod error;

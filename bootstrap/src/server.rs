@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use m2mpki_ca::rootset::RootSet;
-use m2mpki_ca::{Home, RedbStore, Store};
+use m2mpki_ca::{Home, Store};
 use m2mpki_hsm::tls::TlsKey;
 use m2mpki_hsm::Keystore;
 use tokio::io::AsyncWriteExt;
@@ -44,7 +44,7 @@ pub struct Server {
     cbc: Option<Arc<crate::cbc::Cbc>>,
     psk: Option<Arc<crate::psk::Listener>>,
     psk_dtls: Option<Arc<crate::dtls::server::Endpoint>>,
-    ca_store: Arc<RedbStore>,
+    ca_store: Arc<dyn Store>,
 }
 
 /// The bound sockets of the configured transports.
@@ -164,7 +164,10 @@ impl Server {
     /// Prepares the endpoint: loads the trusted sets, the TLS chain and key (file or token),
     /// the credential store and its key, and records the policy.
     pub fn new(config: ServerConfig, home: &Home, keystore: &Keystore) -> Result<Self> {
-        let ca_store = Arc::new(home.store()?);
+        let ca_store: Arc<dyn Store> = match &config.store {
+            Some(location) => Arc::from(location.open()?),
+            None => Arc::new(home.store()?),
+        };
         let provider = tls::provider();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let verifier = Arc::new(
@@ -253,13 +256,17 @@ impl Server {
             certified,
             config.require_sni,
         )?;
-        let creds = Arc::new(CredentialStore::open(home.root())?);
+        let creds = Arc::new(CredentialStore::open_at(
+            config.store.as_ref(),
+            home.root(),
+        )?);
         creds.set_policy(&config.policy)?;
-        let writer = GroupCommitter::start(creds.clone())?;
         let key_ref = config.store_key.clone().unwrap_or_else(|| {
             m2mpki_hsm::KeyRef::File(home.root().join("keys").join("credential-store.key"))
         });
         let store_key = StoreKey::load(&key_ref, keystore)?;
+        creds.check_key(&store_key)?;
+        let writer = GroupCommitter::start(creds.clone())?;
         let limiter = crate::enrol::RateLimits::new(&config.limits);
         let shared = Arc::new(Core {
             config,
@@ -325,6 +332,12 @@ impl Server {
     /// The credential store (to read back what was issued).
     pub fn credentials(&self) -> &CredentialStore {
         &self.shared.creds
+    }
+
+    /// Transactions that stored credentials since the start: one per group commit, so
+    /// `credential_commits / enrolments` is the commits per enrolment.
+    pub fn credential_commits(&self) -> u64 {
+        self.shared.writer.commits()
     }
 
     /// DTLS peers with a handshake or session under way (0 when DTLS is off). A peer exists

@@ -22,6 +22,7 @@ pub mod input;
 mod issue;
 mod leaf_der;
 mod path;
+pub mod pg;
 mod pg_store;
 pub mod profile;
 mod redb_store;

@@ -12,13 +12,11 @@
 //! retried from the start; a failed commit is never retried blind.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
 
-use postgres::error::SqlState;
-use postgres::{Client, NoTls, Transaction};
+use postgres::Transaction;
 
 use crate::audit::{self, AuditEntry, AuditEvent};
+use crate::pg::{postgres, PgConn, TxResult};
 use crate::rootset::RootSet;
 use crate::serial::Serial;
 use crate::store::{
@@ -33,9 +31,6 @@ const SCHEMA_VERSION: i32 = 1;
 /// The advisory lock key every writer holds for the length of its transaction
 /// ("m2mpki" in ASCII).
 const WRITE_LOCK: i64 = 0x6d_32_6d_70_6b_69;
-
-/// Tries of one transaction that meets a serialization failure or a deadlock.
-const TRIES: usize = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS m2mpki_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -81,41 +76,15 @@ const DATA_TABLES: &[&str] = &[
 /// The PostgreSQL-backed [`Store`]. One connection, reopened when it breaks; calls from
 /// several threads take turns.
 pub struct PgStore {
-    config: postgres::Config,
-    /// Where it points, without user or password (for messages).
-    shown: String,
-    client: Mutex<Option<Client>>,
+    conn: PgConn,
 }
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
-            .field("database", &self.shown)
+            .field("database", &self.conn.shown())
             .finish_non_exhaustive()
     }
-}
-
-/// Host, port and database of a configuration: never the user or password.
-fn describe(config: &postgres::Config) -> String {
-    use postgres::config::Host;
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .map(|h| match h {
-            Host::Tcp(name) => name.clone(),
-            Host::Unix(path) => path.display().to_string(),
-        })
-        .collect();
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    format!(
-        "postgres://{}:{port}/{}",
-        if hosts.is_empty() {
-            "localhost".to_owned()
-        } else {
-            hosts.join(",")
-        },
-        config.get_dbname().unwrap_or("")
-    )
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
@@ -126,34 +95,6 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T
     serde_json::from_str(text).map_err(|e| Error::Store(format!("corrupt {what} record: {e}")))
 }
 
-/// Whether a failed transaction may simply run again.
-fn retryable(e: &postgres::Error) -> bool {
-    matches!(
-        e.code(),
-        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
-    )
-}
-
-/// Why a transaction ended: ours (an m2mpki error, returned as is) or the database's.
-enum Fail {
-    Ours(Error),
-    Db(postgres::Error),
-}
-
-impl From<Error> for Fail {
-    fn from(e: Error) -> Self {
-        Fail::Ours(e)
-    }
-}
-
-impl From<postgres::Error> for Fail {
-    fn from(e: postgres::Error) -> Self {
-        Fail::Db(e)
-    }
-}
-
-type TxResult<T> = std::result::Result<T, Fail>;
-
 fn i64_of(n: u64, what: &str) -> Result<i64> {
     i64::try_from(n).map_err(|_| Error::Store(format!("{what} {n} does not fit the database")))
 }
@@ -163,22 +104,10 @@ impl PgStore {
     /// schema when the database has none. A connect timeout of 5 s applies unless the URL
     /// sets one.
     pub fn open(url: &str) -> Result<Self> {
-        let mut config: postgres::Config = url.parse().map_err(|e| {
-            // The parser's message never repeats the URL, which may hold a password.
-            Error::invalid("PostgreSQL URL", "(not shown)", format!("{e}"))
-        })?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(5));
-        }
-        if config.get_application_name().is_none() {
-            config.application_name("m2mpki");
-        }
         let store = PgStore {
-            shown: describe(&config),
-            config,
-            client: Mutex::new(None),
+            conn: PgConn::new(url)?,
         };
-        store.write(|tx| {
+        store.conn.write(WRITE_LOCK, |tx| {
             tx.batch_execute(SCHEMA)?;
             let found = tx.query_opt(
                 "SELECT value FROM m2mpki_meta WHERE key = 'schema_version'",
@@ -205,86 +134,6 @@ impl PgStore {
             Ok(())
         })?;
         Ok(store)
-    }
-
-    fn db_err(&self, e: &postgres::Error) -> Error {
-        match e.as_db_error() {
-            Some(db) => Error::Store(format!(
-                "{}: {} ({})",
-                self.shown,
-                db.message(),
-                db.code().code()
-            )),
-            None => Error::Store(format!("{}: {e}", self.shown)),
-        }
-    }
-
-    /// Runs `f` with the connection, opening it first when there is none or it broke.
-    fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
-        let mut guard = self
-            .client
-            .lock()
-            .map_err(|_| Error::internal("the PostgreSQL connection lock is poisoned"))?;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            let client = self.config.connect(NoTls).map_err(|e| {
-                Error::Store(format!(
-                    "cannot connect to PostgreSQL at {}: {e}",
-                    self.shown
-                ))
-            })?;
-            *guard = Some(client);
-        }
-        let client = guard
-            .as_mut()
-            .ok_or_else(|| Error::internal("no PostgreSQL connection"))?;
-        let out = f(client);
-        if client.is_closed() {
-            *guard = None;
-        }
-        out
-    }
-
-    /// A read-only statement sequence in one snapshot (REPEATABLE READ, READ ONLY).
-    fn read<T>(&self, mut f: impl FnMut(&mut Transaction<'_>) -> TxResult<T>) -> Result<T> {
-        self.with_client(|client| {
-            let mut run = |client: &mut Client| -> TxResult<T> {
-                let mut tx = client
-                    .build_transaction()
-                    .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                    .read_only(true)
-                    .start()?;
-                let out = f(&mut tx)?;
-                tx.commit()?;
-                Ok(out)
-            };
-            run(client).map_err(|e| match e {
-                Fail::Ours(e) => e,
-                Fail::Db(e) => self.db_err(&e),
-            })
-        })
-    }
-
-    /// A write transaction under the writers' lock, retried on serialization failures.
-    fn write<T>(&self, mut f: impl FnMut(&mut Transaction<'_>) -> TxResult<T>) -> Result<T> {
-        self.with_client(|client| {
-            let mut tries = 0;
-            loop {
-                tries += 1;
-                let attempt = (|| -> TxResult<T> {
-                    let mut tx = client.transaction()?;
-                    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
-                    let out = f(&mut tx)?;
-                    tx.commit()?;
-                    Ok(out)
-                })();
-                match attempt {
-                    Ok(v) => return Ok(v),
-                    Err(Fail::Ours(e)) => return Err(e),
-                    Err(Fail::Db(e)) if retryable(&e) && tries < TRIES => continue,
-                    Err(Fail::Db(e)) => return Err(self.db_err(&e)),
-                }
-            }
-        })
     }
 
     /// Appends audit entries inside a write transaction (which holds the writers' lock).
@@ -324,7 +173,7 @@ impl PgStore {
     #[cfg(feature = "test-support")]
     pub fn tamper_audit_entry(&self, seq: u64, f: impl FnOnce(&mut AuditEntry)) -> Result<()> {
         let mut f = Some(f);
-        self.write(|tx| {
+        self.conn.write(WRITE_LOCK, |tx| {
             let row = tx
                 .query_opt(
                     "SELECT entry FROM m2mpki_audit WHERE seq = $1",
@@ -350,12 +199,12 @@ fn cert_from_row(row: &postgres::Row) -> Result<CertRecord> {
 
 impl Store for PgStore {
     fn backend(&self) -> String {
-        self.shown.clone()
+        self.conn.shown().to_owned()
     }
 
     fn create_ca(&self, ca: &CaRecord, event: AuditEvent) -> Result<()> {
         let json = to_json(ca)?;
-        self.write(|tx| {
+        self.conn.write(WRITE_LOCK, |tx| {
             let n = tx.execute(
                 "INSERT INTO m2mpki_cas (name, record) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 &[&ca.name, &json],
@@ -368,7 +217,7 @@ impl Store for PgStore {
     }
 
     fn ca(&self, name: &str) -> Result<Option<CaRecord>> {
-        self.read(|tx| {
+        self.conn.read(|tx| {
             let row = tx.query_opt("SELECT record FROM m2mpki_cas WHERE name = $1", &[&name])?;
             Ok(row
                 .map(|r| from_json("CA", r.get::<_, &str>(0)))
@@ -377,7 +226,7 @@ impl Store for PgStore {
     }
 
     fn cas(&self) -> Result<Vec<CaRecord>> {
-        self.read(|tx| {
+        self.conn.read(|tx| {
             let rows = tx.query("SELECT record FROM m2mpki_cas ORDER BY name", &[])?;
             Ok(rows
                 .iter()
@@ -393,7 +242,7 @@ impl Store for PgStore {
             .collect::<Result<Vec<_>>>()?;
         // Set-based: a handful of statements per call however many certificates it carries
         // (one round trip per certificate made PostgreSQL a third as fast as redb).
-        self.write(|tx| {
+        self.conn.write(WRITE_LOCK, |tx| {
             let mut live: HashMap<(&str, &str), Serial> = HashMap::new();
             if !reissue {
                 let cas: Vec<&str> = certs.iter().map(|c| c.record.ca.as_str()).collect();
@@ -516,7 +365,7 @@ impl Store for PgStore {
     }
 
     fn live_cert(&self, ca: &str, subject_key: &str) -> Result<Option<Serial>> {
-        self.read(|tx| {
+        self.conn.read(|tx| {
             let row = tx.query_opt(
                 "SELECT serial FROM m2mpki_live WHERE ca = $1 AND subject_key = $2",
                 &[&ca, &subject_key],
@@ -526,7 +375,7 @@ impl Store for PgStore {
     }
 
     fn cert(&self, serial: &Serial) -> Result<Option<(CertRecord, Vec<u8>)>> {
-        self.read(|tx| {
+        self.conn.read(|tx| {
             let row = tx.query_opt(
                 "SELECT record, der FROM m2mpki_certs WHERE serial = $1",
                 &[&serial.as_bytes()],
@@ -539,7 +388,7 @@ impl Store for PgStore {
     }
 
     fn certs(&self, filter: &CertFilter) -> Result<Vec<CertRecord>> {
-        self.read(|tx| {
+        self.conn.read(|tx| {
             let rows = tx.query(
                 "SELECT record FROM m2mpki_certs \
                  WHERE ($1::TEXT IS NULL OR ca = $1) \
@@ -556,7 +405,7 @@ impl Store for PgStore {
         const PAGE: i64 = 10_000;
         let mut after = 0i64;
         loop {
-            let rows = self.read(|tx| {
+            let rows = self.conn.read(|tx| {
                 Ok(tx.query(
                     "SELECT seq, entry FROM m2mpki_audit WHERE seq > $1 ORDER BY seq LIMIT $2",
                     &[&after, &PAGE],
@@ -574,7 +423,7 @@ impl Store for PgStore {
 
     fn create_root_set(&self, set: &RootSet, event: AuditEvent) -> Result<()> {
         let json = to_json(set)?;
-        self.write(|tx| {
+        self.conn.write(WRITE_LOCK, |tx| {
             let n = tx.execute(
                 "INSERT INTO m2mpki_root_sets (name, record) VALUES ($1, $2) \
                  ON CONFLICT DO NOTHING",
@@ -588,7 +437,7 @@ impl Store for PgStore {
     }
 
     fn root_set(&self, name: &str) -> Result<Option<RootSet>> {
-        self.read(|tx| {
+        self.conn.read(|tx| {
             let row = tx.query_opt(
                 "SELECT record FROM m2mpki_root_sets WHERE name = $1",
                 &[&name],
@@ -600,7 +449,7 @@ impl Store for PgStore {
     }
 
     fn root_sets(&self) -> Result<Vec<RootSet>> {
-        self.read(|tx| {
+        self.conn.read(|tx| {
             let rows = tx.query("SELECT record FROM m2mpki_root_sets ORDER BY name", &[])?;
             Ok(rows
                 .iter()
@@ -614,7 +463,7 @@ impl Store for PgStore {
         name: &str,
         change: &mut dyn FnMut(&mut RootSet) -> Result<AuditEvent>,
     ) -> Result<RootSet> {
-        self.write(|tx| {
+        self.conn.write(WRITE_LOCK, |tx| {
             let row = tx.query_opt(
                 "SELECT record FROM m2mpki_root_sets WHERE name = $1",
                 &[&name],
@@ -640,7 +489,7 @@ impl Store for PgStore {
         reason: RevocationReason,
         at: i64,
     ) -> Result<CertRecord> {
-        self.write(|tx| {
+        self.conn.write(WRITE_LOCK, |tx| {
             let row = tx.query_opt(
                 "SELECT record FROM m2mpki_certs WHERE serial = $1",
                 &[&serial.as_bytes()],
@@ -668,7 +517,7 @@ impl Store for PgStore {
     }
 
     fn revoked(&self, ca: &str, visit: &mut dyn FnMut(RevokedEntry) -> Result<()>) -> Result<()> {
-        let rows = self.read(|tx| {
+        let rows = self.conn.read(|tx| {
             Ok(tx.query(
                 "SELECT entry FROM m2mpki_revoked WHERE ca = $1 ORDER BY serial",
                 &[&ca],
@@ -681,7 +530,7 @@ impl Store for PgStore {
     }
 
     fn next_crl_number(&self, ca: &str, detail: serde_json::Value) -> Result<u64> {
-        self.write(|tx| {
+        self.conn.write(WRITE_LOCK, |tx| {
             let row = tx.query_one(
                 "INSERT INTO m2mpki_crl_numbers (ca, n) VALUES ($1, 1) \
                  ON CONFLICT (ca) DO UPDATE SET n = m2mpki_crl_numbers.n + 1 RETURNING n",
@@ -697,7 +546,7 @@ impl Store for PgStore {
     fn export(&self, visit: &mut dyn FnMut(Item) -> Result<()>) -> Result<()> {
         // One snapshot for everything but the audit log, which is paged (its entries are
         // only ever appended, and the chain check at the destination covers it).
-        let items = self.read(|tx| {
+        let items = self.conn.read(|tx| {
             let mut items = Vec::new();
             for r in tx.query("SELECT record FROM m2mpki_cas ORDER BY name", &[])? {
                 items.push(Item::Ca(from_json("CA", r.get::<_, &str>(0))?));
@@ -748,7 +597,7 @@ impl Store for PgStore {
     fn import(&self, items: &mut dyn Iterator<Item = Result<Item>>) -> Result<u64> {
         // One transaction: a migration lands whole or not at all.
         let mut items = Some(items);
-        self.write(|tx| {
+        self.conn.write(WRITE_LOCK, |tx| {
             for table in DATA_TABLES {
                 let row = tx.query_one(&format!("SELECT EXISTS (SELECT 1 FROM {table})"), &[])?;
                 if row.get::<_, bool>(0) {

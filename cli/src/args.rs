@@ -712,6 +712,13 @@ pub enum BootstrapCommand {
         /// Canonical identity
         identity: String,
     },
+    /// Copy the IN's credential store (<home>/bootstrap.redb: sealed credentials, grants,
+    /// policy) into a PostgreSQL store, for INs that share it (docs/store.md)
+    Migrate {
+        /// The empty PostgreSQL store to fill (postgres:// URL)
+        #[arg(long, value_name = "URL")]
+        to: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -802,3 +802,474 @@ fn the_cli_runs_on_postgres_and_migrates_both_ways() {
         "{err}"
     );
 }
+
+/// Two `bootstrap serve` processes read their root sets and CRLs from one PostgreSQL store
+/// (`store = "postgres://..."`): both enrol a device; once its certificate is revoked and the
+/// CRL added to the set on the shared store (by the CLI, on another "host"), both refuse it
+/// within their refresh period, without a restart.
+#[test]
+fn two_ins_on_one_postgres_store_both_see_a_new_crl() {
+    let lab = SharedLab::new();
+    let mut ins = Children(Vec::new());
+    for n in 0..2 {
+        let port = free_port();
+        ins.0.push((
+            lab.start_in(n, port, "store.key", std::process::Stdio::null()),
+            port,
+        ));
+        lab.wait_ready(port);
+    }
+    let (cert, key) = lab.device("SN-0001");
+
+    // Revoke SN-0001 and publish the CRL into the device set, on the shared store.
+    let listed: serde_json::Value =
+        serde_json::from_str(&lab.on_pg(&["--json", "certs", "list", "--id", "SN-0001"])).unwrap();
+    let serial = listed[0]["serial"].as_str().unwrap().to_owned();
+    lab.on_pg(&[
+        "revoke",
+        &serial,
+        "--ca",
+        names::MFR_CA,
+        "--reason",
+        "key-compromise",
+    ]);
+    let crl = lab.dir.path().join("mfr.crl");
+    lab.on_pg(&["crl", "--ca", names::MFR_CA, "--out", crl.to_str().unwrap()]);
+    lab.on_pg(&[
+        "roots",
+        "add-crl",
+        m2mpki_test_pki::sets::DEVICE,
+        crl.to_str().unwrap(),
+    ]);
+
+    // Both INs refuse it within their refresh period (5 s), without a restart.
+    for (_, port) in &ins.0 {
+        let mut refused = None;
+        for n in 0..60 {
+            let (code, err) = lab.enrol(*port, &cert, &key, &format!("crl-{port}-{n}"));
+            if code != Some(0) {
+                refused = Some((code, err));
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        let (code, err) = refused
+            .unwrap_or_else(|| panic!("the IN on port {port} still enrols a revoked device"));
+        assert_eq!(code, Some(1), "{err}");
+    }
+}
+
+/// A lab whose CA store was migrated into a fresh PostgreSQL database, with Infrastructure
+/// Nodes started on it: each IN has a home of its own (a copy of the lab's) and all share the
+/// database (root sets, CRLs, credentials, grants) and one store key file.
+struct SharedLab {
+    dir: tempfile::TempDir,
+    lab_dir: std::path::PathBuf,
+    home: std::path::PathBuf,
+    db: TestDb,
+    /// The lab's serve.toml up to its DTLS and PSK sections (TLS only).
+    base: String,
+}
+
+impl SharedLab {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let lab_dir = dir.path().join("lab");
+        let db = TestDb::create().unwrap();
+        let mut lab = SharedLab {
+            home: lab_dir.join("home"),
+            lab_dir,
+            db,
+            base: String::new(),
+            dir,
+        };
+        let (code, _, err) = lab.m2mpki(&["lab", "init", lab.lab_dir.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{err}");
+        let from = format!("redb:{}", lab.home.join("store.redb").display());
+        let (code, _, err) =
+            lab.m2mpki(&["store", "migrate", "--from", &from, "--to", &lab.db.url]);
+        assert_eq!(code, Some(0), "{err}");
+        // The CA store moves aside: everything comes from the database now.
+        std::fs::rename(lab.home.join("store.redb"), lab.dir.path().join("old.redb")).unwrap();
+        let base = std::fs::read_to_string(lab.lab_dir.join("serve.toml")).unwrap();
+        let cut = base.find("\n[dtls]").or(base.find("\n[psk]")).unwrap();
+        lab.base = base[..cut].to_owned();
+        lab
+    }
+
+    fn m2mpki(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+            .env_remove("M2MPKI_STORE")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `m2mpki --home <lab home> --store <database> ARGS`, which must succeed.
+    fn on_pg(&self, args: &[&str]) -> String {
+        let mut a = vec![
+            "--home",
+            self.home.to_str().unwrap(),
+            "--store",
+            self.db.url.as_str(),
+        ];
+        a.extend_from_slice(args);
+        let (code, out, err) = self.m2mpki(&a);
+        assert_eq!(code, Some(0), "m2mpki {args:?}: {err}");
+        out
+    }
+
+    /// Writes IN `n`'s configuration (port `port`, store key file `key`) and starts it, its
+    /// standard error going to `stderr`.
+    fn start_in(
+        &self,
+        n: usize,
+        port: u16,
+        key: &str,
+        stderr: std::process::Stdio,
+    ) -> std::process::Child {
+        let home = self.dir.path().join(format!("in-home-{n}"));
+        if !home.exists() {
+            let ok = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&self.home)
+                .arg(&home)
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        let text = self
+            .base
+            .replace(
+                "listen = \"127.0.0.1:8443\"",
+                &format!("listen = \"127.0.0.1:{port}\"\nstore = \"{}\"", self.db.url),
+            )
+            .replace(
+                "[credentials]\n",
+                &format!(
+                    "[credentials]\nstore_key = \"{}\"\n",
+                    self.dir.path().join(key).display()
+                ),
+            );
+        let config = self.dir.path().join(format!("in-{n}.toml"));
+        std::fs::write(&config, text).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+            .env_remove("M2MPKI_STORE")
+            .arg("--home")
+            .arg(&home)
+            .args(["bootstrap", "serve", "--config"])
+            .arg(&config)
+            .stderr(stderr)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Enrols with `cert`/`key` at `port`; the exit code, and the result document on success.
+    fn enrol(&self, port: u16, cert: &Path, key: &Path, tag: &str) -> (Option<i32>, String) {
+        let out = self.dir.path().join(format!("cred-{tag}.json"));
+        let (code, stdout, err) = self.m2mpki(&[
+            "--home",
+            self.home.to_str().unwrap(),
+            "--json",
+            "bootstrap",
+            "enroll",
+            "--profile",
+            self.lab_dir.join("profile.toml").to_str().unwrap(),
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--timeout",
+            "10s",
+            "--force",
+        ]);
+        (code, if code == Some(0) { stdout } else { err })
+    }
+
+    fn device(&self, id: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let d = self.lab_dir.join("devices");
+        (d.join(format!("{id}.pem")), d.join(format!("{id}.key.pem")))
+    }
+
+    /// Waits until the IN on `port` enrols SN-0001.
+    fn wait_ready(&self, port: u16) {
+        let (cert, key) = self.device("SN-0001");
+        let mut last = String::new();
+        for n in 0..100 {
+            let (code, text) = self.enrol(port, &cert, &key, &format!("ready-{port}-{n}"));
+            if code == Some(0) {
+                return;
+            }
+            last = text;
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        panic!("the IN on port {port} did not enrol SN-0001: {last}");
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Two `bootstrap serve` processes on one PostgreSQL store, 16 clients enrolling through both
+/// (four identities through both at once): no enrolment fails while both run, every identity
+/// ends with one live credential, and every credential a client received is recorded. One IN
+/// is killed (SIGKILL) mid-run: clients retry on the other and all succeed; the killed one
+/// restarts cleanly and serves again. An IN configured with another store key refuses to start.
+#[test]
+fn two_ins_on_one_postgres_store_share_credentials_and_survive_a_kill() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let lab = SharedLab::new();
+    let null = std::process::Stdio::null;
+    // 12 more devices, issued into the shared ledger.
+    let ids = lab.dir.path().join("ids.txt");
+    let names: Vec<String> = (0..12).map(|n| format!("SN-20{n:02}")).collect();
+    std::fs::write(&ids, names.join("\n")).unwrap();
+    lab.on_pg(&[
+        "issue",
+        "batch",
+        "--ca",
+        names::MFR_CA,
+        "--profile",
+        "device",
+        "--ids",
+        ids.to_str().unwrap(),
+        "--out-dir",
+        lab.lab_dir.join("devices").to_str().unwrap(),
+    ]);
+
+    let ports = [free_port(), free_port()];
+    let mut ins = Children(Vec::new());
+    ins.0
+        .push((lab.start_in(0, ports[0], "store.key", null()), ports[0]));
+    lab.wait_ready(ports[0]);
+    ins.0
+        .push((lab.start_in(1, ports[1], "store.key", null()), ports[1]));
+    lab.wait_ready(ports[1]);
+
+    // Another store key: refused at start, before it could seal anything.
+    let out = lab
+        .start_in(2, free_port(), "other.key", std::process::Stdio::piped())
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "an IN with another store key started"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("store key"), "{err}");
+
+    let killed = AtomicBool::new(false);
+    let done = AtomicUsize::new(0);
+    let failures_before_kill = AtomicUsize::new(0);
+    let retried_after_kill = AtomicUsize::new(0);
+    let received = std::sync::Mutex::new(Vec::<(String, String)>::new());
+    std::thread::scope(|s| {
+        for client in 0..16usize {
+            let (lab, names) = (&lab, &names);
+            let (killed, done, failures_before_kill, retried_after_kill, received) = (
+                &killed,
+                &done,
+                &failures_before_kill,
+                &retried_after_kill,
+                &received,
+            );
+            s.spawn(move || {
+                // Clients 12..15 share identities 0..3 with clients 0..3.
+                let (cert, key) = lab.device(&names[client % 12]);
+                for round in 0..6 {
+                    let mut target = (client + round) % 2;
+                    let mut result = None;
+                    for attempt in 0..6 {
+                        let tag = format!("{client}-{round}-{attempt}");
+                        let was_killed = killed.load(Ordering::SeqCst);
+                        let (code, text) = lab.enrol(ports[target], &cert, &key, &tag);
+                        if code == Some(0) {
+                            result = Some(text);
+                            break;
+                        }
+                        if !was_killed && !killed.load(Ordering::SeqCst) {
+                            failures_before_kill.fetch_add(1, Ordering::SeqCst);
+                            eprintln!("client {client} at {}: {text}", ports[target]);
+                        } else {
+                            retried_after_kill.fetch_add(1, Ordering::SeqCst);
+                        }
+                        // Retry on the other IN.
+                        target = 1 - target;
+                    }
+                    let text = result.unwrap_or_else(|| {
+                        panic!("client {client}, round {round}: no IN enrolled it")
+                    });
+                    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    let result = &doc["result"];
+                    received.lock().unwrap().push((
+                        result["identity"].as_str().unwrap().to_owned(),
+                        result["credential_id"].as_str().unwrap().to_owned(),
+                    ));
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+        // Kill the first IN once a third of the enrolments are in.
+        while done.load(Ordering::SeqCst) < 32 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        killed.store(true, Ordering::SeqCst);
+        ins.0[0].0.kill().unwrap();
+        ins.0[0].0.wait().unwrap();
+    });
+    assert_eq!(failures_before_kill.load(Ordering::SeqCst), 0);
+    // The kill hit clients at work: some enrolments went to the dead IN and were retried.
+    assert!(retried_after_kill.load(Ordering::SeqCst) > 0);
+    let received = received.into_inner().unwrap();
+    assert_eq!(received.len(), 16 * 6);
+
+    // The killed IN restarts cleanly on the same store and port, and serves again.
+    ins.0[0].0 = lab.start_in(0, ports[0], "store.key", null());
+    lab.wait_ready(ports[0]);
+
+    // One live credential per identity; every credential a client got is recorded.
+    let mut identities: Vec<&str> = received.iter().map(|(i, _)| i.as_str()).collect();
+    identities.sort_unstable();
+    identities.dedup();
+    assert_eq!(identities.len(), 12);
+    for identity in identities {
+        let history: serde_json::Value =
+            serde_json::from_str(&lab.on_pg(&["--json", "bootstrap", "credentials", identity]))
+                .unwrap();
+        let history = history.as_array().unwrap();
+        let live = history.iter().filter(|r| r["status"] == "live").count();
+        assert_eq!(live, 1, "{identity}: {live} live credentials");
+        for (_, id) in received.iter().filter(|(i, _)| i == identity) {
+            assert!(
+                history.iter().any(|r| r["credential_id"] == id.as_str()),
+                "{identity}: credential {id} a client received is not recorded"
+            );
+        }
+    }
+}
+
+/// Child processes killed when the test ends, also when it fails.
+struct Children(Vec<(std::process::Child, u16)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (child, _) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// When its store goes away, an IN refuses enrolments at once with 503 `store_unavailable`
+/// (the client gets a refusal, not a timeout; nothing is recorded), and serves again as soon
+/// as the database is back, without a restart.
+#[test]
+fn an_in_whose_store_is_unreachable_answers_503_and_recovers() {
+    let lab = SharedLab::new();
+    let port = free_port();
+    let _ins = Children(vec![(
+        lab.start_in(0, port, "store.key", std::process::Stdio::null()),
+        port,
+    )]);
+    lab.wait_ready(port);
+    let (cert, key) = lab.device("SN-0002");
+    lab.db.set_reachable(false).unwrap();
+    for n in 0..3 {
+        let (code, err) = lab.enrol(port, &cert, &key, &format!("down-{n}"));
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains("503") && err.contains("store_unavailable"),
+            "{err}"
+        );
+    }
+    lab.db.set_reachable(true).unwrap();
+    let mut back = None;
+    for n in 0..50 {
+        let (code, text) = lab.enrol(port, &cert, &key, &format!("back-{n}"));
+        if code == Some(0) {
+            back = Some(text);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let back: serde_json::Value =
+        serde_json::from_str(&back.expect("the IN did not serve again")).unwrap();
+    let identity = back["result"]["identity"].as_str().unwrap();
+    let history: serde_json::Value =
+        serde_json::from_str(&lab.on_pg(&["--json", "bootstrap", "credentials", identity]))
+            .unwrap();
+    // Only the enrolment after the store came back is recorded.
+    assert_eq!(history.as_array().unwrap().len(), 1, "{history}");
+}
+
+/// `m2mpki bootstrap migrate --to postgres://...` copies a home's IN store into the database
+/// (grants and policy here; credential records are compared one by one in
+/// bootstrap/src/credstore.rs), refuses a second run into the filled database (exit 1), and
+/// takes only a postgres:// destination (exit 2).
+#[test]
+fn bootstrap_migrate_copies_the_in_store_into_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let db = TestDb::create().unwrap();
+    let m2mpki = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+            .env_remove("M2MPKI_STORE")
+            .arg("--home")
+            .arg(&home)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (who, what) in [
+        ("node:acme.example:pump-1", "valve-7"),
+        ("node:acme.example:pump-2", "meter"),
+    ] {
+        let (code, _, err) = m2mpki(&["bootstrap", "grant", who, what]);
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let (code, out, err) = m2mpki(&["--json", "bootstrap", "migrate", "--to", &db.url]);
+    assert_eq!(code, Some(0), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["identities_with_grants"], 2);
+    assert!(!out.contains("postgres@"), "the report shows who: {out}");
+    let (code, out, err) = m2mpki(&["--json", "--store", &db.url, "bootstrap", "grants"]);
+    assert_eq!(code, Some(0), "{err}");
+    let grants: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(grants["grants"].as_array().unwrap().len(), 2, "{grants}");
+    let (code, _, err) = m2mpki(&[
+        "--store",
+        &db.url,
+        "bootstrap",
+        "check",
+        "node:acme.example:pump-1",
+        "valve-7",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+
+    let (code, _, err) = m2mpki(&["bootstrap", "migrate", "--to", &db.url]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("already holds"), "{err}");
+    let redb = format!("redb:{}", dir.path().join("x.redb").display());
+    let (code, _, err) = m2mpki(&["bootstrap", "migrate", "--to", &redb]);
+    assert_eq!(code, Some(2), "{err}");
+}

@@ -47,6 +47,27 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Makes the database refuse new connections and ends the open ones, as when its server
+    /// goes away (`false`), or accept them again (`true`).
+    pub fn set_reachable(&self, reachable: bool) -> Result<()> {
+        let mut client = Client::connect(&self.admin, NoTls)
+            .with_context(|| format!("connecting to the test cluster ({ENV})"))?;
+        client.batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS {reachable}",
+            self.name
+        ))?;
+        if !reachable {
+            client.batch_execute(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = '{}' AND pid <> pg_backend_pid()",
+                self.name
+            ))?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         // Best effort: the whole cluster goes away at the end of the run anyway.

@@ -447,7 +447,7 @@ impl CoapSession {
             .saturating_sub(if node.peer().is_ipv6() { 48 } else { 28 })
             .saturating_sub(RESPONSE_OVERHEAD);
         let mut options = vec![(option::CONTENT_FORMAT, coap::uint(u32::from(coap::JSON)))];
-        if code == coap::code(4, 29) {
+        if code == coap::code(4, 29) || code == coap::code(5, 3) {
             if let Some(secs) = self.retry_after {
                 options.push((option::MAX_AGE, coap::uint(secs)));
             }

@@ -211,17 +211,23 @@ pub fn run(
             }
         }
         BootstrapCommand::Serve { config } => {
-            if store.is_some() {
-                return Err(UsageError(
-                    "bootstrap serve reads the home's own store (--home), not --store or \
-                     $M2MPKI_STORE: the IN's credential store has no PostgreSQL backend yet \
-                     (docs/store.md)"
-                        .into(),
-                )
-                .into());
-            }
             init_logging();
-            let config = ServerConfig::load(&config)?;
+            let mut config = ServerConfig::load(&config)?;
+            // --store / $M2MPKI_STORE: where the root sets and CRLs come from, as `store = ...`
+            // in the config does; the two must not disagree.
+            if let Some(location) = store {
+                match &config.store {
+                    Some(configured) if configured != location => {
+                        return Err(UsageError(
+                            "--store (or $M2MPKI_STORE) and `store` in the server config name \
+                             different stores"
+                                .into(),
+                        )
+                        .into())
+                    }
+                    _ => config.store = Some(location.clone()),
+                }
+            }
             let home = Home::open(home)?;
             let server = Arc::new(Server::new(config, &home, keystore)?);
             runtime()?.block_on(async move {
@@ -372,7 +378,8 @@ pub fn run(
         } => {
             let id: FieldNodeIdentity = identity.parse()?;
             check_resources(&resources)?;
-            let now = CredentialStore::open(Home::open(home)?.root())?.grant(&id, &resources)?;
+            let now = CredentialStore::open_at(store, Home::open(home)?.root())?
+                .grant(&id, &resources)?;
             grant_out(json, &id, &now)
         }
         BootstrapCommand::RevokeGrant {
@@ -380,12 +387,12 @@ pub fn run(
             resources,
         } => {
             let id: FieldNodeIdentity = identity.parse()?;
-            let now =
-                CredentialStore::open(Home::open(home)?.root())?.revoke_grant(&id, &resources)?;
+            let now = CredentialStore::open_at(store, Home::open(home)?.root())?
+                .revoke_grant(&id, &resources)?;
             grant_out(json, &id, &now)
         }
         BootstrapCommand::Grants => {
-            let store = CredentialStore::open(Home::open(home)?.root())?;
+            let store = CredentialStore::open_at(store, Home::open(home)?.root())?;
             let policy = store.policy()?;
             let all = store.all_grants()?;
             if json {
@@ -413,7 +420,8 @@ pub fn run(
         }
         BootstrapCommand::Check { identity, resource } => {
             let id: FieldNodeIdentity = identity.parse()?;
-            let allowed = CredentialStore::open(Home::open(home)?.root())?.check(&id, &resource)?;
+            let allowed =
+                CredentialStore::open_at(store, Home::open(home)?.root())?.check(&id, &resource)?;
             if json {
                 emit_json(
                     &serde_json::json!({ "identity": id.to_string(), "resource": resource, "allowed": allowed }),
@@ -427,9 +435,51 @@ pub fn run(
                 Err(Denied(format!("denied: {id} may not access {resource}")).into())
             }
         }
+        BootstrapCommand::Migrate { to } => {
+            let to: StoreLocation = to.parse()?;
+            if !matches!(to, StoreLocation::Postgres(_)) {
+                return Err(UsageError(
+                    "--to must be a postgres:// URL: the IN's redb store is always \
+                     <home>/bootstrap.redb"
+                        .into(),
+                )
+                .into());
+            }
+            let root = Home::open(home)?.root().to_owned();
+            if !root.join("bootstrap.redb").exists() {
+                return Err(UsageError(format!(
+                    "{}: no IN credential store to copy",
+                    root.join("bootstrap.redb").display()
+                ))
+                .into());
+            }
+            let from = CredentialStore::open(&root)?;
+            let dest = CredentialStore::open_at(Some(&to), &root)?;
+            if dest.count()? > 0 || !dest.all_grants()?.is_empty() {
+                return Err(Denied(format!(
+                    "{} already holds IN credentials or grants: refusing to copy into it",
+                    dest.backend()
+                ))
+                .into());
+            }
+            let (credentials, grants) = from.copy_into(&dest)?;
+            if json {
+                emit_json(&serde_json::json!({
+                    "from": from.backend(), "to": dest.backend(),
+                    "credentials": credentials, "identities_with_grants": grants,
+                }))
+            } else {
+                emit(&format!(
+                    "copied {credentials} credentials and the grants of {grants} identities from {} to {}",
+                    from.backend(),
+                    dest.backend()
+                ))
+            }
+        }
         BootstrapCommand::Credentials { identity } => {
             let id: FieldNodeIdentity = identity.parse()?;
-            let history = CredentialStore::open(Home::open(home)?.root())?.history(&id)?;
+            let history =
+                CredentialStore::open_at(store, Home::open(home)?.root())?.history(&id)?;
             let views: Vec<serde_json::Value> = history
                 .iter()
                 .map(|r| {

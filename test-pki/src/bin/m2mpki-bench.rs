@@ -1957,6 +1957,222 @@ fn store_bench(
     Ok(())
 }
 
+/// CPU time (user + system) of every `postgres` process on the machine so far, in seconds.
+fn postgres_cpu_secs() -> f64 {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return f64::NAN;
+    };
+    let mut ticks = 0.0;
+    for p in procs.flatten() {
+        let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if !head.ends_with("(postgres") {
+            continue;
+        }
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0.0))
+            .collect();
+        ticks += f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0);
+    }
+    ticks / 100.0
+}
+
+/// Section 7, the IN: enrolments/s and p99 over TLS 1.3 with the IN's stores (root sets,
+/// credentials, grants) on PostgreSQL (fsync on) against the same IN on redb, in one process
+/// each run, alternating which goes first; the ratio is PostgreSQL over redb per pair. Both
+/// INs serve the same lab and the same fleet, and their stores start empty and grow the same
+/// way through the runs.
+fn in_store_bench(
+    size: Size,
+    report: &mut Report,
+    work: &Path,
+    bin: &Path,
+    admin: &str,
+) -> Result<()> {
+    let dir = work.join("in-store");
+    let layout = m2mpki_test_pki::lab::init(&dir, m2mpki_test_pki::lab::LabHsm::None, 8443)?;
+    let fleet = make_fleet(&layout, "PGFLEET")?;
+    let db = format!("m2mpki_bench_in_{}", std::process::id());
+    postgres::Client::connect(admin, postgres::NoTls)?
+        .batch_execute(&format!("CREATE DATABASE {db}"))?;
+    let url = match admin.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => bail!("--pg must be a postgres:// URL ending in /DATABASE"),
+    };
+    // The PostgreSQL IN reads the lab's root sets from the same ledger, migrated.
+    let redb = format!("redb:{}", layout.home.join("store.redb").display());
+    let migrated = Command::new(bin)
+        .args(["store", "migrate", "--from", &redb, "--to", &url])
+        .output()?;
+    if !migrated.status.success() {
+        bail!(
+            "store migrate: {}",
+            String::from_utf8_lossy(&migrated.stderr)
+        );
+    }
+    let keystore = Keystore::default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fleet")
+        .build()?;
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("in-server")
+        .thread_keep_alive(Duration::from_secs(3600))
+        .build()?;
+    let home = m2mpki_ca::Home::open(&layout.home)?;
+    let mut ins = Vec::new();
+    for store in [None, Some(m2mpki_ca::StoreLocation::Postgres(url.clone()))] {
+        let mut config = m2mpki_test_pki::lab::config_on_free_ports(&layout)?;
+        config.limits.max_connections = 4096;
+        config.limits.max_connections_per_address = 4096;
+        config.store = store;
+        let server = Arc::new(Server::new(config, &home, &keystore)?);
+        let listener = server_rt.block_on(server.bind())?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let s2 = server.clone();
+        let running = server_rt.spawn(async move {
+            s2.run(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let prepared: Arc<Vec<client::Prepared>> = Arc::new(
+            fleet
+                .nodes
+                .iter()
+                .map(|(chain, key)| {
+                    client::Prepared::new(&Enrolment {
+                        profile: fleet.profile.clone(),
+                        chain: chain.clone(),
+                        key: key.clone(),
+                        connect: Some(addr.to_string()),
+                        versions: vec![TlsVersion::Tls13],
+                        timeout: Duration::from_secs(60),
+                    })
+                })
+                .collect::<m2mpki_bootstrap::Result<_>>()?,
+        );
+        ins.push((server, prepared, stop, running));
+    }
+    for &c in size.concurrency.iter().filter(|&&c| c > 1) {
+        let (mut rates, mut p99s, mut commits) =
+            ([vec![], vec![]], [vec![], vec![]], [vec![], vec![]]);
+        let (mut in_cpu, mut db_cpu) = ([vec![], vec![]], [vec![], vec![]]);
+        let mut ratios = Vec::new();
+        let mut failures = 0;
+        for run in 0..size.runs {
+            let mut rate = [0.0; 2];
+            // Alternate which store goes first.
+            for k in [run % 2, 1 - run % 2] {
+                let (server, prepared, _, _) = &ins[k];
+                let before = server.credential_commits();
+                let db_before = postgres_cpu_secs();
+                let preps = prepared.clone();
+                let (r, server_us) = measured(&rt, c, size.secs, move |i| {
+                    let p = preps[i % preps.len()].clone();
+                    async move { client::enroll_prepared(&p).await.is_ok() }
+                });
+                let n = server.credential_commits() - before;
+                in_cpu[k].push(server_us);
+                db_cpu[k].push((postgres_cpu_secs() - db_before) * 1e6 / r.ops.max(1) as f64);
+                failures += r.failures;
+                rate[k] = r.rate;
+                rates[k].push(r.rate);
+                p99s[k].push(r.p99_ms);
+                commits[k].push(n as f64 / r.ops.max(1) as f64);
+            }
+            ratios.push(rate[1] / rate[0]);
+        }
+        let [redb_rate, pg_rate] = rates;
+        let [redb_p99, pg_p99] = p99s;
+        let [redb_commits, pg_commits] = commits;
+        let [redb_in_cpu, pg_in_cpu] = in_cpu;
+        let [_, pg_db_cpu] = db_cpu;
+        report.add(
+            "7 store",
+            &format!("IN enrolments, redb store, TLS 1.3, {c} concurrent"),
+            "enrol/s",
+            stat(redb_rate),
+        );
+        report
+            .add(
+                "7 store",
+                &format!("IN enrolments, PostgreSQL store, TLS 1.3, {c} concurrent"),
+                "enrol/s",
+                stat(pg_rate),
+            )
+            .paired("redb, the same run", &stat(ratios), None);
+        let rp = stat(redb_p99);
+        let rpm = rp.median;
+        report.add(
+            "7 store",
+            &format!("IN enrolment p99, redb store, {c} concurrent"),
+            "ms",
+            rp,
+        );
+        report
+            .add(
+                "7 store",
+                &format!("IN enrolment p99, PostgreSQL store, {c} concurrent"),
+                "ms",
+                stat(pg_p99),
+            )
+            .against("redb p99", rpm, None);
+        report.add(
+            "7 store",
+            &format!("credential commits per enrolment, redb store, {c} concurrent"),
+            "commits",
+            stat(redb_commits),
+        );
+        report.add(
+            "7 store",
+            &format!("credential commits per enrolment, PostgreSQL store, {c} concurrent"),
+            "commits",
+            stat(pg_commits),
+        );
+        let rc = stat(redb_in_cpu);
+        let rcm = rc.median;
+        report.add(
+            "7 store",
+            &format!("IN CPU per enrolment (server threads), redb store, {c} concurrent"),
+            "us",
+            rc,
+        );
+        report
+            .add(
+                "7 store",
+                &format!("IN CPU per enrolment (server threads), PostgreSQL store, {c} concurrent"),
+                "us",
+                stat(pg_in_cpu),
+            )
+            .against("redb", rcm, None);
+        report.add(
+            "7 store",
+            &format!("PostgreSQL server CPU per enrolment (its processes), {c} concurrent"),
+            "us",
+            stat(pg_db_cpu),
+        );
+        report
+            .add(
+                "7 store",
+                &format!("failed IN enrolments (both stores), {c} concurrent"),
+                "count",
+                stat(vec![failures as f64]),
+            )
+            .absolute("0", failures == 0);
+    }
+    for (_, _, stop, running) in ins {
+        let _ = stop.send(());
+        server_rt.block_on(running)??;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let Args {
         smoke,
@@ -2008,9 +2224,12 @@ fn main() -> Result<()> {
     }
 
     if run("7") {
-        eprintln!("7. the CA store: PostgreSQL against redb");
+        eprintln!("7. the CA and IN stores: PostgreSQL against redb");
         match (&pg, m2mpki_bin.as_deref()) {
-            (Some(url), Some(bin)) => store_bench(size, &mut report, work, bin, url)?,
+            (Some(url), Some(bin)) => {
+                store_bench(size, &mut report, work, bin, url)?;
+                in_store_bench(size, &mut report, work, bin, url)?;
+            }
             _ => {
                 report.notes.insert(
                     "7".into(),

@@ -1,0 +1,371 @@
+//! The IN's credential store in PostgreSQL (`store = "postgres://..."` in the server config):
+//! several IN instances on one database.
+//!
+//! Every write (a group of credentials, a grant change, the policy) runs in one transaction
+//! that first takes the IN's advisory lock, so two instances that enrol one identity at the
+//! same moment are ordered: the later supersedes the earlier and exactly one stays live (also
+//! a primary key on the identity in `m2mpki_in_live`). Grants and the policy are read from the
+//! database at every enrolment, with no cache: a grant written through any instance (or
+//! `m2mpki bootstrap grant --store postgres://...`) applies to the next enrolment everywhere.
+
+use m2mpki_ca::pg::postgres::types::Type;
+use m2mpki_ca::pg::{PgConn, TxResult};
+use m2mpki_ca::FieldNodeIdentity;
+
+use crate::config::Policy;
+use crate::credstore::{CredentialRecord, CredentialStatus};
+use crate::{Error, Result};
+
+type CaError = m2mpki_ca::Error;
+
+/// The advisory lock every IN writer holds for its transaction ("m2min" in ASCII); distinct
+/// from the CA ledger's, so issuing certificates and enrolling nodes do not wait on each other.
+const LOCK: i64 = 0x6d_32_6d_69_6e;
+
+/// The schema this build writes; a database with a newer one is refused.
+const SCHEMA_VERSION: i32 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS m2mpki_in_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS m2mpki_in_credentials (
+    id TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,
+    created BIGINT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS m2mpki_in_credentials_identity ON m2mpki_in_credentials (identity);
+CREATE TABLE IF NOT EXISTS m2mpki_in_live (identity TEXT PRIMARY KEY, id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS m2mpki_in_grants (identity TEXT PRIMARY KEY, grants TEXT NOT NULL);
+";
+
+/// A value as the JSON text the tables hold.
+fn text<T: serde::Serialize>(v: &T) -> m2mpki_ca::Result<String> {
+    serde_json::to_string(v).map_err(|e| CaError::Store(format!("encoding a record: {e}")))
+}
+
+/// A value read back from its JSON text.
+fn value<T: serde::de::DeserializeOwned>(t: &str) -> m2mpki_ca::Result<T> {
+    serde_json::from_str(t).map_err(|e| CaError::Store(format!("corrupt record: {e}")))
+}
+
+/// The IN's connections: one for the group committer and the other writers, one for the
+/// reads of the enrolments (grants, PSK lookups), so that a read never waits behind a commit.
+pub(crate) struct Pg {
+    reads: PgConn,
+    writes: PgConn,
+}
+
+impl Pg {
+    /// Where it points, without user or password.
+    pub(crate) fn shown(&self) -> &str {
+        self.reads.shown()
+    }
+}
+
+/// Connects and creates the tables when the database has none.
+pub(super) fn open(url: &str) -> Result<Pg> {
+    let conn = PgConn::new(url).map_err(store)?;
+    conn.write(LOCK, |tx| {
+        tx.batch_execute(SCHEMA)?;
+        let found = tx.query_opt(
+            "SELECT value FROM m2mpki_in_meta WHERE key = 'schema_version'",
+            &[],
+        )?;
+        match found {
+            None => {
+                tx.execute(
+                    "INSERT INTO m2mpki_in_meta (key, value) VALUES ('schema_version', $1)",
+                    &[&SCHEMA_VERSION.to_string()],
+                )?;
+            }
+            Some(row) => {
+                let v: String = row.get(0);
+                if v.parse::<i32>().map_or(true, |v| v > SCHEMA_VERSION) {
+                    return Err(CaError::Store(format!(
+                        "the database's IN schema is version {v}; this build knows version \
+                         {SCHEMA_VERSION} (upgrade m2mpki)"
+                    ))
+                    .into());
+                }
+            }
+        }
+        Ok(())
+    })
+    .map_err(store)?;
+    Ok(Pg {
+        reads: PgConn::new(url).map_err(store)?,
+        writes: conn,
+    })
+}
+
+/// A database failure as the credential store's error (the message names the database).
+fn store(e: CaError) -> Error {
+    match e {
+        CaError::Store(m) => Error::Store(m),
+        other => Error::Ca(other),
+    }
+}
+
+pub(super) fn commit(pg: &Pg, records: &mut [CredentialRecord]) -> Result<()> {
+    pg.writes
+        .write(LOCK, |tx| {
+            for record in records.iter_mut() {
+                // A retried transaction starts again from the records as they came.
+                record.supersedes = None;
+                let identity = record.identity.to_string();
+                let old = tx.query_typed_opt(
+                    "SELECT c.id, c.record FROM m2mpki_in_live l \
+                 JOIN m2mpki_in_credentials c ON c.id = l.id WHERE l.identity = $1",
+                    &[(&identity, Type::TEXT)],
+                )?;
+                if let Some(row) = old {
+                    let old_id: String = row.get(0);
+                    let mut old = value::<CredentialRecord>(row.get(1))?;
+                    old.status = CredentialStatus::Superseded;
+                    tx.query_typed(
+                        "UPDATE m2mpki_in_credentials SET record = $2 WHERE id = $1",
+                        &[(&old_id, Type::TEXT), (&text(&old)?, Type::TEXT)],
+                    )?;
+                    record.supersedes = Some(old_id);
+                }
+                tx.query_typed(
+                    "INSERT INTO m2mpki_in_credentials (id, identity, created, record) \
+                 VALUES ($1, $2, $3, $4)",
+                    &[
+                        (&record.id, Type::TEXT),
+                        (&identity, Type::TEXT),
+                        (&record.created, Type::INT8),
+                        (&text(&*record)?, Type::TEXT),
+                    ],
+                )?;
+                tx.query_typed(
+                    "INSERT INTO m2mpki_in_live (identity, id) VALUES ($1, $2) \
+                 ON CONFLICT (identity) DO UPDATE SET id = EXCLUDED.id",
+                    &[(&identity, Type::TEXT), (&record.id, Type::TEXT)],
+                )?;
+            }
+            Ok(())
+        })
+        .map_err(store)
+}
+
+pub(super) fn count(pg: &Pg) -> Result<u64> {
+    pg.reads
+        .single(|c| {
+            let n: i64 = c
+                .query_typed_one("SELECT count(*) FROM m2mpki_in_credentials", &[])?
+                .get(0);
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+        .map_err(store)
+}
+
+pub(super) fn credential(pg: &Pg, id: &str) -> Result<Option<CredentialRecord>> {
+    pg.reads
+        .single(|c| {
+            let row = c.query_typed_opt(
+                "SELECT record FROM m2mpki_in_credentials WHERE id = $1",
+                &[(&id, Type::TEXT)],
+            )?;
+            Ok(row
+                .map(|r| value::<CredentialRecord>(r.get(0)))
+                .transpose()?)
+        })
+        .map_err(store)
+}
+
+pub(super) fn live(pg: &Pg, identity: &FieldNodeIdentity) -> Result<Option<CredentialRecord>> {
+    let identity = identity.to_string();
+    pg.reads
+        .single(|c| {
+            let row = c.query_typed_opt(
+                "SELECT c.record FROM m2mpki_in_live l \
+             JOIN m2mpki_in_credentials c ON c.id = l.id WHERE l.identity = $1",
+                &[(&identity, Type::TEXT)],
+            )?;
+            Ok(row
+                .map(|r| value::<CredentialRecord>(r.get(0)))
+                .transpose()?)
+        })
+        .map_err(store)
+}
+
+pub(super) fn history(pg: &Pg, identity: &FieldNodeIdentity) -> Result<Vec<CredentialRecord>> {
+    let identity = identity.to_string();
+    pg.reads
+        .read(|tx| {
+            let rows = tx.query(
+                "SELECT record FROM m2mpki_in_credentials WHERE identity = $1 \
+             ORDER BY created, id",
+                &[&identity],
+            )?;
+            rows.iter()
+                .map(|r| Ok(value::<CredentialRecord>(r.get(0))?))
+                .collect::<TxResult<Vec<_>>>()
+        })
+        .map_err(store)
+}
+
+pub(super) fn set_policy(pg: &Pg, policy: &Policy) -> Result<()> {
+    let value = text(policy).map_err(store)?;
+    pg.writes
+        .write(LOCK, |tx| {
+            tx.execute(
+                "INSERT INTO m2mpki_in_meta (key, value) VALUES ('policy', $1) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                &[&value],
+            )?;
+            Ok(())
+        })
+        .map_err(store)
+}
+
+pub(super) fn policy(pg: &Pg) -> Result<Policy> {
+    pg.reads
+        .read(|tx| {
+            let row = tx.query_opt("SELECT value FROM m2mpki_in_meta WHERE key = 'policy'", &[])?;
+            Ok(row
+                .map(|r| value::<Policy>(r.get(0)))
+                .transpose()?
+                .unwrap_or_default())
+        })
+        .map_err(store)
+}
+
+pub(super) fn change_grants(
+    pg: &Pg,
+    identity: &FieldNodeIdentity,
+    f: &dyn Fn(&mut std::collections::BTreeSet<String>),
+) -> Result<Vec<String>> {
+    let key = identity.to_string();
+    pg.writes
+        .write(LOCK, |tx| {
+            let row = tx.query_opt(
+                "SELECT grants FROM m2mpki_in_grants WHERE identity = $1",
+                &[&key],
+            )?;
+            let mut set: std::collections::BTreeSet<String> = row
+                .map(|r| value(r.get(0)))
+                .transpose()?
+                .unwrap_or_default();
+            f(&mut set);
+            if set.is_empty() {
+                tx.execute("DELETE FROM m2mpki_in_grants WHERE identity = $1", &[&key])?;
+            } else {
+                tx.execute(
+                    "INSERT INTO m2mpki_in_grants (identity, grants) VALUES ($1, $2) \
+                 ON CONFLICT (identity) DO UPDATE SET grants = EXCLUDED.grants",
+                    &[&key, &text(&set)?],
+                )?;
+            }
+            Ok(set.into_iter().collect())
+        })
+        .map_err(store)
+}
+
+pub(super) fn grants_of(pg: &Pg, identity: &FieldNodeIdentity) -> Result<Vec<String>> {
+    let key = identity.to_string();
+    pg.reads
+        .single(|c| {
+            let row = c.query_typed_opt(
+                "SELECT grants FROM m2mpki_in_grants WHERE identity = $1",
+                &[(&key, Type::TEXT)],
+            )?;
+            Ok(row
+                .map(|r| value(r.get(0)))
+                .transpose()?
+                .unwrap_or_default())
+        })
+        .map_err(store)
+}
+
+pub(super) fn all_grants(pg: &Pg) -> Result<Vec<(String, Vec<String>)>> {
+    pg.reads
+        .read(|tx| {
+            let rows = tx.query(
+                "SELECT identity, grants FROM m2mpki_in_grants ORDER BY identity",
+                &[],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    let grants: Vec<String> = value(r.get(1))?;
+                    Ok((r.get::<_, String>(0), grants))
+                })
+                .collect::<TxResult<Vec<_>>>()
+        })
+        .map_err(store)
+}
+
+/// Records `sealed` as the store key check value unless one is there; returns the one that is.
+pub(super) fn key_check(pg: &Pg, sealed: &str) -> Result<String> {
+    pg.writes
+        .write(LOCK, |tx| {
+            tx.execute(
+                "INSERT INTO m2mpki_in_meta (key, value) VALUES ('store_key_check', $1) \
+             ON CONFLICT (key) DO NOTHING",
+                &[&sealed],
+            )?;
+            let row = tx.query_one(
+                "SELECT value FROM m2mpki_in_meta WHERE key = 'store_key_check'",
+                &[],
+            )?;
+            Ok(row.get::<_, String>(0))
+        })
+        .map_err(store)
+}
+
+/// Writes a whole credential store into empty tables in one transaction; refuses tables that
+/// hold any credential, grant or recorded policy.
+pub(super) fn import(
+    pg: &Pg,
+    records: &[CredentialRecord],
+    live: &[(String, String)],
+    grants: &[(String, Vec<String>)],
+    meta: &[(String, String)],
+) -> Result<()> {
+    pg.writes
+        .write(LOCK, |tx| {
+            let used: i64 = tx
+                .query_one(
+                    "SELECT (SELECT count(*) FROM m2mpki_in_credentials) \
+                 + (SELECT count(*) FROM m2mpki_in_grants) \
+                 + (SELECT count(*) FROM m2mpki_in_meta WHERE key <> 'schema_version')",
+                    &[],
+                )?
+                .get(0);
+            if used > 0 {
+                return Err(CaError::Store(format!(
+                "the IN tables of {} are not empty ({used} records): refusing to copy into them",
+                pg.writes.shown()
+            ))
+                .into());
+            }
+            for r in records {
+                tx.execute(
+                    "INSERT INTO m2mpki_in_credentials (id, identity, created, record) \
+                 VALUES ($1, $2, $3, $4)",
+                    &[&r.id, &r.identity.to_string(), &r.created, &text(r)?],
+                )?;
+            }
+            for (identity, id) in live {
+                tx.execute(
+                    "INSERT INTO m2mpki_in_live (identity, id) VALUES ($1, $2)",
+                    &[identity, id],
+                )?;
+            }
+            for (identity, set) in grants {
+                tx.execute(
+                    "INSERT INTO m2mpki_in_grants (identity, grants) VALUES ($1, $2)",
+                    &[identity, &text(set)?],
+                )?;
+            }
+            for (key, value) in meta.iter().filter(|(k, _)| k != "schema_version") {
+                tx.execute(
+                    "INSERT INTO m2mpki_in_meta (key, value) VALUES ($1, $2)",
+                    &[key, value],
+                )?;
+            }
+            Ok(())
+        })
+        .map_err(store)
+}

@@ -1,0 +1,256 @@
+//! One PostgreSQL connection shared by the stores that live in a database (the CA ledger, the
+//! IN's credentials): connect on first use and again after a break, read in one snapshot,
+//! write under an advisory lock with retries, and never block an async runtime's worker.
+//!
+//! The `postgres` client drives its own small runtime, which must not be entered from a
+//! thread of another runtime; every call here therefore leaves the caller's runtime first
+//! ([`outside_runtime`]). When the database is unreachable, calls fail at once for
+//! [`DOWN_BACKOFF`] after a failed connect instead of each waiting for its own connect timeout,
+//! so an IN refuses enrolments quickly while its store is down.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub use postgres;
+use postgres::error::SqlState;
+use postgres::{Client, NoTls, Transaction};
+
+use crate::{Error, Result};
+
+/// Tries of one transaction that meets a serialization failure or a deadlock.
+const TRIES: usize = 5;
+
+/// How long after a failed connect further calls fail without trying again.
+pub const DOWN_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Why a transaction ended: ours (an m2mpki error, returned as is) or the database's.
+#[derive(Debug)]
+pub enum Fail {
+    /// An m2mpki error (bad data, a refused change): returned as is, never retried.
+    Ours(Error),
+    /// A database error: retried when it is a serialization failure or deadlock.
+    Db(postgres::Error),
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail::Ours(e)
+    }
+}
+
+impl From<postgres::Error> for Fail {
+    fn from(e: postgres::Error) -> Self {
+        Fail::Db(e)
+    }
+}
+
+/// The result of the body of a transaction.
+pub type TxResult<T> = std::result::Result<T, Fail>;
+
+/// Whether a failed transaction may simply run again.
+fn retryable(e: &postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
+
+/// Host, port and database of a configuration: never the user or password.
+fn describe(config: &postgres::Config) -> String {
+    use postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgres://{}:{port}/{}",
+        if hosts.is_empty() {
+            "localhost".to_owned()
+        } else {
+            hosts.join(",")
+        },
+        config.get_dbname().unwrap_or("")
+    )
+}
+
+/// Runs `f` off the caller's async runtime, if it is on one: in place on a multi-threaded
+/// runtime (the worker hands its other tasks on first). A single-threaded runtime cannot be
+/// left that way; calls from one are refused with an error rather than a panic.
+pub fn outside_runtime<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Err(_) => f(),
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        Ok(_) => Err(Error::internal(
+            "the PostgreSQL store was called from a single-threaded async runtime; \
+             it needs a multi-threaded one or a plain thread",
+        )),
+    }
+}
+
+struct Conn {
+    client: Option<Client>,
+    /// When the last connect failed, and how.
+    down: Option<(Instant, String)>,
+}
+
+/// A lazily opened connection to one database. `Debug` shows where, never who or the password.
+pub struct PgConn {
+    config: postgres::Config,
+    shown: String,
+    conn: Mutex<Conn>,
+}
+
+impl std::fmt::Debug for PgConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConn")
+            .field("database", &self.shown)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgConn {
+    /// Parses `url` (`postgres://user@host:port/db`, or key=value pairs); connects on first
+    /// use. A connect timeout of 5 s applies unless the URL sets one.
+    pub fn new(url: &str) -> Result<Self> {
+        let mut config: postgres::Config = url.parse().map_err(|e| {
+            // The parser's message never repeats the URL, which may hold a password.
+            Error::invalid("PostgreSQL URL", "(not shown)", format!("{e}"))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("m2mpki");
+        }
+        Ok(PgConn {
+            shown: describe(&config),
+            config,
+            conn: Mutex::new(Conn {
+                client: None,
+                down: None,
+            }),
+        })
+    }
+
+    /// Where it points, without user or password.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// A database error as a store error naming the database (never the URL's secrets).
+    pub fn db_err(&self, e: &postgres::Error) -> Error {
+        match e.as_db_error() {
+            Some(db) => Error::Store(format!(
+                "{}: {} ({})",
+                self.shown,
+                db.message(),
+                db.code().code()
+            )),
+            None => Error::Store(format!("{}: {e}", self.shown)),
+        }
+    }
+
+    /// Runs `f` with the connection, opening it first when there is none or it broke.
+    fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        outside_runtime(|| {
+            let mut guard = self
+                .conn
+                .lock()
+                .map_err(|_| Error::internal("the PostgreSQL connection lock is poisoned"))?;
+            if guard.client.as_ref().is_none_or(Client::is_closed) {
+                guard.client = None;
+                if let Some((at, why)) = &guard.down {
+                    if at.elapsed() < DOWN_BACKOFF {
+                        return Err(Error::Store(why.clone()));
+                    }
+                }
+                match self.config.connect(NoTls) {
+                    Ok(client) => {
+                        guard.client = Some(client);
+                        guard.down = None;
+                    }
+                    Err(e) => {
+                        let why = format!("cannot connect to PostgreSQL at {}: {e}", self.shown);
+                        guard.down = Some((Instant::now(), why.clone()));
+                        return Err(Error::Store(why));
+                    }
+                }
+            }
+            let client = guard
+                .client
+                .as_mut()
+                .ok_or_else(|| Error::internal("no PostgreSQL connection"))?;
+            let out = f(client);
+            if client.is_closed() {
+                guard.client = None;
+            }
+            out
+        })
+    }
+
+    /// Statements run on the connection as they are, each committing by itself: for a single
+    /// read, one round trip (with `query_typed`) instead of a transaction's four.
+    pub fn single<T>(&self, f: impl FnOnce(&mut Client) -> TxResult<T>) -> Result<T> {
+        self.with_client(|client| {
+            f(client).map_err(|e| match e {
+                Fail::Ours(e) => e,
+                Fail::Db(e) => self.db_err(&e),
+            })
+        })
+    }
+
+    /// A read-only statement sequence in one snapshot (REPEATABLE READ, READ ONLY).
+    pub fn read<T>(&self, mut f: impl FnMut(&mut Transaction<'_>) -> TxResult<T>) -> Result<T> {
+        self.with_client(|client| {
+            let mut run = |client: &mut Client| -> TxResult<T> {
+                let mut tx = client
+                    .build_transaction()
+                    .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()?;
+                let out = f(&mut tx)?;
+                tx.commit()?;
+                Ok(out)
+            };
+            run(client).map_err(|e| match e {
+                Fail::Ours(e) => e,
+                Fail::Db(e) => self.db_err(&e),
+            })
+        })
+    }
+
+    /// A write transaction (READ COMMITTED) that first takes the advisory lock `lock` for its
+    /// length, retried from the start on serialization failures and deadlocks; a failed commit
+    /// is never retried blind.
+    pub fn write<T>(
+        &self,
+        lock: i64,
+        mut f: impl FnMut(&mut Transaction<'_>) -> TxResult<T>,
+    ) -> Result<T> {
+        self.with_client(|client| {
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let attempt = (|| -> TxResult<T> {
+                    let mut tx = client.transaction()?;
+                    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])?;
+                    let out = f(&mut tx)?;
+                    tx.commit()?;
+                    Ok(out)
+                })();
+                match attempt {
+                    Ok(v) => return Ok(v),
+                    Err(Fail::Ours(e)) => return Err(e),
+                    Err(Fail::Db(e)) if retryable(&e) && tries < TRIES => continue,
+                    Err(Fail::Db(e)) => return Err(self.db_err(&e)),
+                }
+            }
+        })
+    }
+}
