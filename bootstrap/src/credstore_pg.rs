@@ -8,6 +8,8 @@
 //! database at every enrolment, with no cache: a grant written through any instance (or
 //! `m2mpki bootstrap grant --store postgres://...`) applies to the next enrolment everywhere.
 
+use std::collections::HashMap;
+
 use m2mpki_ca::pg::postgres::types::Type;
 use m2mpki_ca::pg::{PgConn, TxResult};
 use m2mpki_ca::FieldNodeIdentity;
@@ -107,46 +109,102 @@ fn store(e: CaError) -> Error {
 }
 
 pub(super) fn commit(pg: &Pg, records: &mut [CredentialRecord]) -> Result<()> {
+    // Within the group, each record supersedes the one before it of the same identity (in
+    // order), and the first of an identity supersedes its live credential in the database.
+    let identities: Vec<String> = records.iter().map(|r| r.identity.to_string()).collect();
+    let mut distinct: Vec<String> = identities.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
     pg.writes
         .write(LOCK, |tx| {
-            for record in records.iter_mut() {
-                // A retried transaction starts again from the records as they came.
-                record.supersedes = None;
-                let identity = record.identity.to_string();
-                let old = tx.query_typed_opt(
-                    "SELECT c.id, c.record FROM m2mpki_in_live l \
-                 JOIN m2mpki_in_credentials c ON c.id = l.id WHERE l.identity = $1",
-                    &[(&identity, Type::TEXT)],
-                )?;
-                if let Some(row) = old {
-                    let old_id: String = row.get(0);
-                    let mut old = value::<CredentialRecord>(row.get(1))?;
-                    old.status = CredentialStatus::Superseded;
-                    tx.query_typed(
-                        "UPDATE m2mpki_in_credentials SET record = $2 WHERE id = $1",
-                        &[(&old_id, Type::TEXT), (&text(&old)?, Type::TEXT)],
-                    )?;
-                    record.supersedes = Some(old_id);
+            let rows = tx.query_typed(
+                "SELECT l.identity, c.id, c.record FROM m2mpki_in_live l \
+                 JOIN m2mpki_in_credentials c ON c.id = l.id WHERE l.identity = ANY($1)",
+                &[(&distinct, Type::TEXT_ARRAY)],
+            )?;
+            // identity -> (id of its live credential, that record while it is still in the
+            // database, None once it is one of this group's)
+            let mut live: HashMap<String, (String, Option<CredentialRecord>)> = HashMap::new();
+            for row in &rows {
+                let record = value::<CredentialRecord>(row.get(2))?;
+                live.insert(row.get(0), (row.get(1), Some(record)));
+            }
+            // A retried transaction starts again from the records as they came.
+            let mut new: Vec<CredentialRecord> = records
+                .iter()
+                .map(|r| CredentialRecord {
+                    supersedes: None,
+                    status: CredentialStatus::Live,
+                    ..r.clone()
+                })
+                .collect();
+            let mut old_updates: Vec<CredentialRecord> = Vec::new();
+            let mut index_of: HashMap<String, usize> = HashMap::new();
+            for (i, identity) in identities.iter().enumerate() {
+                if let Some(&prev) = index_of.get(identity) {
+                    new[prev].status = CredentialStatus::Superseded;
+                    new[i].supersedes = Some(new[prev].id.clone());
+                } else if let Some((old_id, old)) = live.get_mut(identity.as_str()) {
+                    if let Some(mut old) = old.take() {
+                        old.status = CredentialStatus::Superseded;
+                        old_updates.push(old);
+                    }
+                    new[i].supersedes = Some(old_id.clone());
                 }
+                index_of.insert(identity.clone(), i);
+            }
+            if !old_updates.is_empty() {
+                let ids: Vec<&str> = old_updates.iter().map(|r| r.id.as_str()).collect();
+                let texts = old_updates
+                    .iter()
+                    .map(text)
+                    .collect::<m2mpki_ca::Result<Vec<_>>>()?;
                 tx.query_typed(
-                    "INSERT INTO m2mpki_in_credentials (id, identity, created, record) \
-                 VALUES ($1, $2, $3, $4)",
-                    &[
-                        (&record.id, Type::TEXT),
-                        (&identity, Type::TEXT),
-                        (&record.created, Type::INT8),
-                        (&text(&*record)?, Type::TEXT),
-                    ],
-                )?;
-                tx.query_typed(
-                    "INSERT INTO m2mpki_in_live (identity, id) VALUES ($1, $2) \
-                 ON CONFLICT (identity) DO UPDATE SET id = EXCLUDED.id",
-                    &[(&identity, Type::TEXT), (&record.id, Type::TEXT)],
+                    "UPDATE m2mpki_in_credentials c SET record = u.record \
+                     FROM UNNEST($1::text[], $2::text[]) AS u(id, record) WHERE c.id = u.id",
+                    &[(&ids, Type::TEXT_ARRAY), (&texts, Type::TEXT_ARRAY)],
                 )?;
             }
-            Ok(())
+            let ids: Vec<&str> = new.iter().map(|r| r.id.as_str()).collect();
+            let created: Vec<i64> = new.iter().map(|r| r.created).collect();
+            let texts = new
+                .iter()
+                .map(text)
+                .collect::<m2mpki_ca::Result<Vec<_>>>()?;
+            tx.query_typed(
+                "INSERT INTO m2mpki_in_credentials (id, identity, created, record) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[])",
+                &[
+                    (&ids, Type::TEXT_ARRAY),
+                    (&identities, Type::TEXT_ARRAY),
+                    (&created, Type::INT8_ARRAY),
+                    (&texts, Type::TEXT_ARRAY),
+                ],
+            )?;
+            // The last record of each identity is its live one.
+            let (live_identities, live_ids): (Vec<&str>, Vec<&str>) = index_of
+                .iter()
+                .map(|(identity, &i)| (identity.as_str(), new[i].id.as_str()))
+                .unzip();
+            tx.query_typed(
+                "INSERT INTO m2mpki_in_live (identity, id) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[]) \
+                 ON CONFLICT (identity) DO UPDATE SET id = EXCLUDED.id",
+                &[
+                    (&live_identities, Type::TEXT_ARRAY),
+                    (&live_ids, Type::TEXT_ARRAY),
+                ],
+            )?;
+            Ok(new)
         })
         .map_err(store)
+        .map(|new| {
+            // The caller's records: what was stored, `supersedes` filled in, still live (each
+            // was live when it was answered to its node).
+            for (r, n) in records.iter_mut().zip(new) {
+                r.supersedes = n.supersedes;
+            }
+        })
 }
 
 pub(super) fn count(pg: &Pg) -> Result<u64> {
@@ -266,16 +324,16 @@ pub(super) fn change_grants(
 pub(super) fn grants_of(pg: &Pg, identity: &FieldNodeIdentity) -> Result<Vec<String>> {
     let key = identity.to_string();
     pg.reads
-        .single(|c| {
-            let row = c.query_typed_opt(
-                "SELECT grants FROM m2mpki_in_grants WHERE identity = $1",
-                &[(&key, Type::TEXT)],
-            )?;
-            Ok(row
-                .map(|r| value(r.get(0)))
-                .transpose()?
-                .unwrap_or_default())
-        })
+        .single_prepared(
+            "SELECT grants FROM m2mpki_in_grants WHERE identity = $1",
+            |c, statement| {
+                let row = c.query_opt(statement, &[&key])?;
+                Ok(row
+                    .map(|r| value(r.get(0)))
+                    .transpose()?
+                    .unwrap_or_default())
+            },
+        )
         .map_err(store)
 }
 

@@ -95,6 +95,8 @@ pub fn outside_runtime<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 struct Conn {
     client: Option<Client>,
+    /// Statements prepared on `client`, by their text (gone with the connection).
+    prepared: std::collections::HashMap<&'static str, postgres::Statement>,
     /// When the last connect failed, and how.
     down: Option<(Instant, String)>,
 }
@@ -133,6 +135,7 @@ impl PgConn {
             config,
             conn: Mutex::new(Conn {
                 client: None,
+                prepared: std::collections::HashMap::new(),
                 down: None,
             }),
         })
@@ -158,6 +161,17 @@ impl PgConn {
 
     /// Runs `f` with the connection, opening it first when there is none or it broke.
     fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        self.with_conn(|client, _| f(client))
+    }
+
+    /// Runs `f` with the connection and its prepared statements.
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(
+            &mut Client,
+            &mut std::collections::HashMap<&'static str, postgres::Statement>,
+        ) -> Result<T>,
+    ) -> Result<T> {
         outside_runtime(|| {
             let mut guard = self
                 .conn
@@ -165,6 +179,7 @@ impl PgConn {
                 .map_err(|_| Error::internal("the PostgreSQL connection lock is poisoned"))?;
             if guard.client.as_ref().is_none_or(Client::is_closed) {
                 guard.client = None;
+                guard.prepared.clear();
                 if let Some((at, why)) = &guard.down {
                     if at.elapsed() < DOWN_BACKOFF {
                         return Err(Error::Store(why.clone()));
@@ -182,13 +197,16 @@ impl PgConn {
                     }
                 }
             }
-            let client = guard
-                .client
+            let Conn {
+                client, prepared, ..
+            } = &mut *guard;
+            let client = client
                 .as_mut()
                 .ok_or_else(|| Error::internal("no PostgreSQL connection"))?;
-            let out = f(client);
+            let out = f(client, prepared);
             if client.is_closed() {
                 guard.client = None;
+                guard.prepared.clear();
             }
             out
         })
@@ -199,6 +217,29 @@ impl PgConn {
     pub fn single<T>(&self, f: impl FnOnce(&mut Client) -> TxResult<T>) -> Result<T> {
         self.with_client(|client| {
             f(client).map_err(|e| match e {
+                Fail::Ours(e) => e,
+                Fail::Db(e) => self.db_err(&e),
+            })
+        })
+    }
+
+    /// Runs the one statement `sql`, prepared once per connection (no parsing and planning
+    /// at each call), with `f`; it commits by itself.
+    pub fn single_prepared<T>(
+        &self,
+        sql: &'static str,
+        f: impl FnOnce(&mut Client, &postgres::Statement) -> TxResult<T>,
+    ) -> Result<T> {
+        self.with_conn(|client, prepared| {
+            let statement = match prepared.get(sql) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = client.prepare(sql).map_err(|e| self.db_err(&e))?;
+                    prepared.insert(sql, s.clone());
+                    s
+                }
+            };
+            f(client, &statement).map_err(|e| match e {
                 Fail::Ours(e) => e,
                 Fail::Db(e) => self.db_err(&e),
             })

@@ -1142,6 +1142,26 @@ fn two_ins_on_one_postgres_store_share_credentials_and_survive_a_kill() {
     ins.0[0].0 = lab.start_in(0, ports[0], "store.key", null());
     lab.wait_ready(ports[0]);
 
+    // A grant written from a third "host" applies at the next enrolment at both instances.
+    let (cert, key) = lab.device("SN-0001");
+    let enrolled = |port: u16, tag: &str| -> serde_json::Value {
+        let (code, text) = lab.enrol(port, &cert, &key, tag);
+        assert_eq!(code, Some(0), "{text}");
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["result"].clone()
+    };
+    let identity = enrolled(ports[1], "before-grant")["identity"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    lab.on_pg(&["bootstrap", "grant", &identity, "valve-9"]);
+    for port in ports {
+        let grants = enrolled(port, &format!("granted-{port}"))["grants"].clone();
+        assert!(
+            grants.as_array().unwrap().iter().any(|g| g == "valve-9"),
+            "{port}: {grants}"
+        );
+    }
+
     // One live credential per identity; every credential a client got is recorded.
     let mut identities: Vec<&str> = received.iter().map(|(i, _)| i.as_str()).collect();
     identities.sort_unstable();
