@@ -50,52 +50,44 @@ fn value<T: serde::de::DeserializeOwned>(t: &str) -> m2mpki_ca::Result<T> {
     serde_json::from_str(t).map_err(|e| CaError::Store(format!("corrupt record: {e}")))
 }
 
-/// The IN's connections: one for the group committer and the other writers, one for the
-/// reads of the enrolments (grants, PSK lookups), so that a read never waits behind a commit.
+/// Connections for the reads of the enrolments (grants, PSK lookups), taken in turn: a read
+/// holds its connection (and a runtime worker, which hands its tasks on) for one round trip.
+const READ_CONNECTIONS: usize = 4;
+
+/// The IN's connections: one for the group committer and the other writers, a few for the
+/// reads of the enrolments, so that a read never waits behind a commit or many others.
 pub(crate) struct Pg {
-    reads: PgConn,
+    reads: Vec<PgConn>,
+    next_read: std::sync::atomic::AtomicUsize,
     writes: PgConn,
 }
 
 impl Pg {
     /// Where it points, without user or password.
     pub(crate) fn shown(&self) -> &str {
-        self.reads.shown()
+        self.writes.shown()
+    }
+
+    /// The next read connection, in turn (each opens on first use).
+    fn reads(&self) -> &PgConn {
+        let n = self
+            .next_read
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.reads[n % self.reads.len()]
     }
 }
 
 /// Connects and creates the tables when the database has none.
 pub(super) fn open(url: &str) -> Result<Pg> {
     let conn = PgConn::new(url).map_err(store)?;
-    conn.write(LOCK, |tx| {
-        tx.batch_execute(SCHEMA)?;
-        let found = tx.query_opt(
-            "SELECT value FROM m2mpki_in_meta WHERE key = 'schema_version'",
-            &[],
-        )?;
-        match found {
-            None => {
-                tx.execute(
-                    "INSERT INTO m2mpki_in_meta (key, value) VALUES ('schema_version', $1)",
-                    &[&SCHEMA_VERSION.to_string()],
-                )?;
-            }
-            Some(row) => {
-                let v: String = row.get(0);
-                if v.parse::<i32>().map_or(true, |v| v > SCHEMA_VERSION) {
-                    return Err(CaError::Store(format!(
-                        "the database's IN schema is version {v}; this build knows version \
-                         {SCHEMA_VERSION} (upgrade m2mpki)"
-                    ))
-                    .into());
-                }
-            }
-        }
-        Ok(())
-    })
-    .map_err(store)?;
+    conn.ensure_schema(LOCK, SCHEMA, "m2mpki_in_meta", SCHEMA_VERSION, "IN")
+        .map_err(store)?;
     Ok(Pg {
-        reads: PgConn::new(url).map_err(store)?,
+        reads: (0..READ_CONNECTIONS)
+            .map(|_| PgConn::new(url))
+            .collect::<m2mpki_ca::Result<_>>()
+            .map_err(store)?,
+        next_read: std::sync::atomic::AtomicUsize::new(0),
         writes: conn,
     })
 }
@@ -208,7 +200,7 @@ pub(super) fn commit(pg: &Pg, records: &mut [CredentialRecord]) -> Result<()> {
 }
 
 pub(super) fn count(pg: &Pg) -> Result<u64> {
-    pg.reads
+    pg.reads()
         .single(|c| {
             let n: i64 = c
                 .query_typed_one("SELECT count(*) FROM m2mpki_in_credentials", &[])?
@@ -219,7 +211,7 @@ pub(super) fn count(pg: &Pg) -> Result<u64> {
 }
 
 pub(super) fn credential(pg: &Pg, id: &str) -> Result<Option<CredentialRecord>> {
-    pg.reads
+    pg.reads()
         .single(|c| {
             let row = c.query_typed_opt(
                 "SELECT record FROM m2mpki_in_credentials WHERE id = $1",
@@ -234,7 +226,7 @@ pub(super) fn credential(pg: &Pg, id: &str) -> Result<Option<CredentialRecord>> 
 
 pub(super) fn live(pg: &Pg, identity: &FieldNodeIdentity) -> Result<Option<CredentialRecord>> {
     let identity = identity.to_string();
-    pg.reads
+    pg.reads()
         .single(|c| {
             let row = c.query_typed_opt(
                 "SELECT c.record FROM m2mpki_in_live l \
@@ -250,7 +242,7 @@ pub(super) fn live(pg: &Pg, identity: &FieldNodeIdentity) -> Result<Option<Crede
 
 pub(super) fn history(pg: &Pg, identity: &FieldNodeIdentity) -> Result<Vec<CredentialRecord>> {
     let identity = identity.to_string();
-    pg.reads
+    pg.reads()
         .read(|tx| {
             let rows = tx.query(
                 "SELECT record FROM m2mpki_in_credentials WHERE identity = $1 \
@@ -279,7 +271,7 @@ pub(super) fn set_policy(pg: &Pg, policy: &Policy) -> Result<()> {
 }
 
 pub(super) fn policy(pg: &Pg) -> Result<Policy> {
-    pg.reads
+    pg.reads()
         .read(|tx| {
             let row = tx.query_opt("SELECT value FROM m2mpki_in_meta WHERE key = 'policy'", &[])?;
             Ok(row
@@ -323,7 +315,7 @@ pub(super) fn change_grants(
 
 pub(super) fn grants_of(pg: &Pg, identity: &FieldNodeIdentity) -> Result<Vec<String>> {
     let key = identity.to_string();
-    pg.reads
+    pg.reads()
         .single_prepared(
             "SELECT grants FROM m2mpki_in_grants WHERE identity = $1",
             |c, statement| {
@@ -338,7 +330,7 @@ pub(super) fn grants_of(pg: &Pg, identity: &FieldNodeIdentity) -> Result<Vec<Str
 }
 
 pub(super) fn all_grants(pg: &Pg) -> Result<Vec<(String, Vec<String>)>> {
-    pg.reads
+    pg.reads()
         .read(|tx| {
             let rows = tx.query(
                 "SELECT identity, grants FROM m2mpki_in_grants ORDER BY identity",

@@ -246,6 +246,45 @@ impl PgConn {
         })
     }
 
+    /// Creates the tables of `schema` (idempotent DDL) under `lock`, and records `version` as
+    /// `schema_version` in `meta` (a table of `key` and `value` that `schema` creates); a
+    /// database that records a newer version of the `what` schema is refused.
+    pub fn ensure_schema(
+        &self,
+        lock: i64,
+        schema: &str,
+        meta: &str,
+        version: i32,
+        what: &str,
+    ) -> Result<()> {
+        self.write(lock, |tx| {
+            tx.batch_execute(schema)?;
+            let found = tx.query_opt(
+                &format!("SELECT value FROM {meta} WHERE key = 'schema_version'"),
+                &[],
+            )?;
+            match found {
+                None => {
+                    tx.execute(
+                        &format!("INSERT INTO {meta} (key, value) VALUES ('schema_version', $1)"),
+                        &[&version.to_string()],
+                    )?;
+                }
+                Some(row) => {
+                    let v: String = row.get(0);
+                    if v.parse::<i32>().map_or(true, |v| v > version) {
+                        return Err(Error::Store(format!(
+                            "the database's {what} schema is version {v}; this build knows \
+                             version {version} (upgrade m2mpki)"
+                        ))
+                        .into());
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// A read-only statement sequence in one snapshot (REPEATABLE READ, READ ONLY).
     pub fn read<T>(&self, mut f: impl FnMut(&mut Transaction<'_>) -> TxResult<T>) -> Result<T> {
         self.with_client(|client| {

@@ -107,32 +107,9 @@ impl PgStore {
         let store = PgStore {
             conn: PgConn::new(url)?,
         };
-        store.conn.write(WRITE_LOCK, |tx| {
-            tx.batch_execute(SCHEMA)?;
-            let found = tx.query_opt(
-                "SELECT value FROM m2mpki_meta WHERE key = 'schema_version'",
-                &[],
-            )?;
-            match found {
-                None => {
-                    tx.execute(
-                        "INSERT INTO m2mpki_meta (key, value) VALUES ('schema_version', $1)",
-                        &[&SCHEMA_VERSION.to_string()],
-                    )?;
-                }
-                Some(row) => {
-                    let v: String = row.get(0);
-                    if v.parse::<i32>().map_or(true, |v| v > SCHEMA_VERSION) {
-                        return Err(Error::Store(format!(
-                            "the database's m2mpki schema is version {v}; this build knows \
-                             version {SCHEMA_VERSION} (upgrade m2mpki)"
-                        ))
-                        .into());
-                    }
-                }
-            }
-            Ok(())
-        })?;
+        store
+            .conn
+            .ensure_schema(WRITE_LOCK, SCHEMA, "m2mpki_meta", SCHEMA_VERSION, "m2mpki")?;
         Ok(store)
     }
 

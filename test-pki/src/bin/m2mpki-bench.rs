@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark may abort loudly
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -693,6 +694,84 @@ where
     }
 }
 
+/// The fleet's runtime and the servers': separate, the servers' threads named so that their
+/// CPU per operation can be told from the clients'.
+fn runtimes() -> Result<(tokio::runtime::Runtime, tokio::runtime::Runtime)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fleet")
+        .build()?;
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("in-server")
+        .thread_keep_alive(Duration::from_secs(3600))
+        .build()?;
+    Ok((rt, server_rt))
+}
+
+/// An IN serving on `server_rt` until [`Serving::stop`].
+struct Serving {
+    /// Its TLS address, when it serves TLS.
+    tls: Option<SocketAddr>,
+    /// Its DTLS address, when it serves DTLS.
+    dtls: Option<SocketAddr>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<m2mpki_bootstrap::Result<()>>,
+}
+
+/// The bootstrap client's own set-up for every node of `fleet`, enrolling at `addr`.
+fn prepared_fleet(
+    fleet: &Fleet,
+    addr: SocketAddr,
+    version: TlsVersion,
+) -> Result<Arc<Vec<client::Prepared>>> {
+    Ok(Arc::new(
+        fleet
+            .nodes
+            .iter()
+            .map(|(chain, key)| {
+                client::Prepared::new(&Enrolment {
+                    profile: fleet.profile.clone(),
+                    chain: chain.clone(),
+                    key: key.clone(),
+                    connect: Some(addr.to_string()),
+                    versions: vec![version],
+                    timeout: Duration::from_secs(60),
+                })
+            })
+            .collect::<m2mpki_bootstrap::Result<_>>()?,
+    ))
+}
+
+/// Binds `server`'s listeners and runs it on `server_rt`.
+fn serve(server_rt: &tokio::runtime::Runtime, server: &Arc<Server>) -> Result<Serving> {
+    let listeners = server_rt.block_on(server.bind())?;
+    let (tls, dtls) = (listeners.local_addr().ok(), listeners.dtls_addr().ok());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let s2 = server.clone();
+    let running = server_rt.spawn(async move {
+        s2.run(listeners, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    Ok(Serving {
+        tls,
+        dtls,
+        stop,
+        running,
+    })
+}
+
+impl Serving {
+    /// Stops the IN and waits for it to end.
+    fn stop(self, server_rt: &tokio::runtime::Runtime) -> Result<()> {
+        let _ = self.stop.send(());
+        server_rt.block_on(self.running)??;
+        Ok(())
+    }
+}
+
 fn bare_server_config(
     lab_home: &Path,
     chain: &Path,
@@ -824,31 +903,15 @@ fn bootstrap_bench(
     let keystore = Keystore::default();
     // Clients and servers share the two cores but not a runtime: the servers' threads are
     // named, so their CPU per operation can be told from the clients'.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("fleet")
-        .build()?;
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("in-server")
-        .thread_keep_alive(Duration::from_secs(3600))
-        .build()?;
+    let (rt, server_rt) = runtimes()?;
     let mut config = m2mpki_test_pki::lab::config_on_free_ports(&layout)?;
     config.limits.max_connections = 4096;
     // Every bench client comes from 127.0.0.1: the per-address cap is not what is measured.
     config.limits.max_connections_per_address = 4096;
     let home = m2mpki_ca::Home::open(&layout.home)?;
     let server = Arc::new(Server::new(config, &home, &keystore)?);
-    let listener = server_rt.block_on(server.bind())?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let s2 = server.clone();
-    let running = server_rt.spawn(async move {
-        s2.run(listener, async {
-            let _ = stopped.await;
-        })
-        .await
-    });
+    let serving = serve(&server_rt, &server)?;
+    let addr = serving.tls.context("the IN serves no TLS")?;
     let in_key = PathBuf::from(&layout.in_key);
     let bare_cfg = bare_server_config(&layout.home, &layout.in_chain, &in_key)?;
     let (bare_addr, bare_task) = server_rt.block_on(bare_server(bare_cfg))?;
@@ -867,22 +930,7 @@ fn bootstrap_bench(
                 .map(|i| client_config(&fleet, i, version))
                 .collect::<Result<_>>()?,
         );
-        let prepared: Arc<Vec<client::Prepared>> = Arc::new(
-            fleet
-                .nodes
-                .iter()
-                .map(|(chain, key)| {
-                    client::Prepared::new(&Enrolment {
-                        profile: fleet.profile.clone(),
-                        chain: chain.clone(),
-                        key: key.clone(),
-                        connect: Some(addr.to_string()),
-                        versions: vec![version],
-                        timeout: Duration::from_secs(60),
-                    })
-                })
-                .collect::<m2mpki_bootstrap::Result<_>>()?,
-        );
+        let prepared = prepared_fleet(&fleet, addr, version)?;
         for &c in size.concurrency {
             let mut bare_rates = Vec::new();
             let mut ours_rates = Vec::new();
@@ -1006,8 +1054,7 @@ fn bootstrap_bench(
                 .absolute("0", failures == 0);
         }
     }
-    let _ = stop.send(());
-    server_rt.block_on(running)??;
+    serving.stop(&server_rt)?;
     bare_task.abort();
 
     if let Some(bin) = m2mpki_bin {
@@ -1127,15 +1174,7 @@ fn dtls_bench(
     let layout = m2mpki_test_pki::lab::init(&dir, m2mpki_test_pki::lab::LabHsm::None, 8443)?;
     let fleet = make_fleet(&layout, "DTLS")?;
     let keystore = Keystore::default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("fleet")
-        .build()?;
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("in-server")
-        .thread_keep_alive(Duration::from_secs(3600))
-        .build()?;
+    let (rt, server_rt) = runtimes()?;
     let mut config = m2mpki_test_pki::lab::config_on_free_ports(&layout)?;
     config.listen = None;
     let d = config.dtls.as_mut().context("the lab IN serves DTLS")?;
@@ -1143,16 +1182,8 @@ fn dtls_bench(
     config.limits.handshake_timeout = Duration::from_secs(30);
     let home = m2mpki_ca::Home::open(&layout.home)?;
     let server = Arc::new(Server::new(config, &home, &keystore)?);
-    let listeners = server_rt.block_on(server.bind())?;
-    let addr = listeners.dtls_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let s2 = server.clone();
-    let running = server_rt.spawn(async move {
-        s2.run(listeners, async {
-            let _ = stopped.await;
-        })
-        .await
-    });
+    let serving = serve(&server_rt, &server)?;
+    let addr = serving.dtls.context("the IN serves no DTLS")?;
     let suites = [DtlsSuite::Aes128Ccm8];
     let fqdn = fleet.profile.in_fqdn.clone();
     let contexts: Arc<Vec<openssl::ssl::SslContext>> = Arc::new(
@@ -1284,8 +1315,7 @@ fn dtls_bench(
             )
             .absolute("0", failures == 0);
     }
-    let _ = stop.send(());
-    server_rt.block_on(running)??;
+    serving.stop(&server_rt)?;
     if let Some(bin) = m2mpki_bin {
         dtls_idle_memory(size, report, bin, &layout, &dir, &contexts, &fqdn, &rt)?;
     }
@@ -2014,15 +2044,7 @@ fn in_store_bench(
         );
     }
     let keystore = Keystore::default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("fleet")
-        .build()?;
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("in-server")
-        .thread_keep_alive(Duration::from_secs(3600))
-        .build()?;
+    let (rt, server_rt) = runtimes()?;
     let home = m2mpki_ca::Home::open(&layout.home)?;
     let mut ins = Vec::new();
     for store in [None, Some(m2mpki_ca::StoreLocation::Postgres(url.clone()))] {
@@ -2031,33 +2053,10 @@ fn in_store_bench(
         config.limits.max_connections_per_address = 4096;
         config.store = store;
         let server = Arc::new(Server::new(config, &home, &keystore)?);
-        let listener = server_rt.block_on(server.bind())?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let s2 = server.clone();
-        let running = server_rt.spawn(async move {
-            s2.run(listener, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        let prepared: Arc<Vec<client::Prepared>> = Arc::new(
-            fleet
-                .nodes
-                .iter()
-                .map(|(chain, key)| {
-                    client::Prepared::new(&Enrolment {
-                        profile: fleet.profile.clone(),
-                        chain: chain.clone(),
-                        key: key.clone(),
-                        connect: Some(addr.to_string()),
-                        versions: vec![TlsVersion::Tls13],
-                        timeout: Duration::from_secs(60),
-                    })
-                })
-                .collect::<m2mpki_bootstrap::Result<_>>()?,
-        );
-        ins.push((server, prepared, stop, running));
+        let serving = serve(&server_rt, &server)?;
+        let addr = serving.tls.context("the IN serves no TLS")?;
+        let prepared = prepared_fleet(&fleet, addr, TlsVersion::Tls13)?;
+        ins.push((server, prepared, serving));
     }
     for &c in size.concurrency.iter().filter(|&&c| c > 1) {
         let (mut rates, mut p99s, mut commits) =
@@ -2069,7 +2068,7 @@ fn in_store_bench(
             let mut rate = [0.0; 2];
             // Alternate which store goes first.
             for k in [run % 2, 1 - run % 2] {
-                let (server, prepared, _, _) = &ins[k];
+                let (server, prepared, _) = &ins[k];
                 let before = server.credential_commits();
                 let db_before = postgres_cpu_secs();
                 let preps = prepared.clone();
@@ -2166,9 +2165,8 @@ fn in_store_bench(
             )
             .absolute("0", failures == 0);
     }
-    for (_, _, stop, running) in ins {
-        let _ = stop.send(());
-        server_rt.block_on(running)??;
+    for (_, _, serving) in ins {
+        serving.stop(&server_rt)?;
     }
     Ok(())
 }
