@@ -78,6 +78,99 @@ fn describe(config: &postgres::Config) -> String {
     )
 }
 
+/// The TLS settings of a PostgreSQL URL, in libpq's names, taken out of it before it is parsed
+/// (the parser knows neither `verify-full` nor `sslrootcert`): `sslmode=verify-full` with
+/// `sslrootcert=FILE` (TLS 1.2/1.3; the database's certificate must chain to a root in FILE
+/// and name the host connected to), or `sslmode=disable` (the default: no TLS). Modes that
+/// encrypt without verifying (`require`, `prefer`, `allow`, `verify-ca`) are refused.
+fn take_tls(url: &str) -> Result<(String, Option<tokio_postgres_rustls::MakeRustlsConnect>)> {
+    let bad = |reason: String| Error::invalid("PostgreSQL URL", "(not shown)", reason);
+    let mut mode = None;
+    let mut root = None;
+    let mut take = |pair: &str| -> bool {
+        match pair.split_once('=') {
+            Some(("sslmode", v)) => {
+                mode = Some(v.trim_matches('\'').to_owned());
+                false
+            }
+            Some(("sslrootcert", v)) => {
+                root = Some(v.trim_matches('\'').to_owned());
+                false
+            }
+            _ => true,
+        }
+    };
+    let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        match url.split_once('?') {
+            None => url.to_owned(),
+            Some((base, query)) => {
+                let kept: Vec<&str> = query.split('&').filter(|p| take(p)).collect();
+                if kept.is_empty() {
+                    base.to_owned()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+        }
+    } else {
+        let kept: Vec<&str> = url.split_whitespace().filter(|p| take(p)).collect();
+        kept.join(" ")
+    };
+    match (mode.as_deref(), root) {
+        (None | Some("disable"), None) => Ok((rest, None)),
+        (Some("verify-full"), Some(root)) => {
+            let pem = std::fs::read(&root).map_err(|e| bad(format!("sslrootcert {root}: {e}")))?;
+            let ders = crate::input::der_objects(&pem, &["CERTIFICATE"])
+                .map_err(|e| bad(format!("sslrootcert {root}: {e}")))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for der in ders {
+                roots
+                    .add(rustls::pki_types::CertificateDer::from(der))
+                    .map_err(|e| bad(format!("sslrootcert {root}: unusable root ({e})")))?;
+            }
+            let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(Error::internal)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            Ok((
+                rest,
+                Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)),
+            ))
+        }
+        (Some("verify-full"), None) => Err(bad(
+            "sslmode=verify-full needs sslrootcert=FILE (the roots that issue the database's \
+             certificate)"
+                .into(),
+        )),
+        (None | Some("disable"), Some(_)) => Err(bad(
+            "sslrootcert is given without sslmode=verify-full".into(),
+        )),
+        (Some(other), _) => Err(bad(format!(
+            "sslmode={other} is not supported: use sslmode=verify-full with sslrootcert=FILE \
+             (TLS, the database's certificate and name verified) or sslmode=disable"
+        ))),
+    }
+}
+
+/// An error and its causes, `outer: inner: ...` (a TLS failure says why the certificate was
+/// refused; none of them repeats the URL).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// Runs `f` off the caller's async runtime, if it is on one: in place on a multi-threaded
 /// runtime (the worker hands its other tasks on first). A single-threaded runtime cannot be
 /// left that way; calls from one are refused with an error rather than a panic.
@@ -104,6 +197,8 @@ struct Conn {
 /// A lazily opened connection to one database. `Debug` shows where, never who or the password.
 pub struct PgConn {
     config: postgres::Config,
+    /// TLS that verifies the database (`sslmode=verify-full`), or none.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     shown: String,
     conn: Mutex<Conn>,
 }
@@ -120,6 +215,7 @@ impl PgConn {
     /// Parses `url` (`postgres://user@host:port/db`, or key=value pairs); connects on first
     /// use. A connect timeout of 5 s applies unless the URL sets one.
     pub fn new(url: &str) -> Result<Self> {
+        let (url, tls) = take_tls(url)?;
         let mut config: postgres::Config = url.parse().map_err(|e| {
             // The parser's message never repeats the URL, which may hold a password.
             Error::invalid("PostgreSQL URL", "(not shown)", format!("{e}"))
@@ -130,7 +226,13 @@ impl PgConn {
         if config.get_application_name().is_none() {
             config.application_name("m2mpki");
         }
+        config.ssl_mode(if tls.is_some() {
+            postgres::config::SslMode::Require
+        } else {
+            postgres::config::SslMode::Disable
+        });
         Ok(PgConn {
+            tls,
             shown: describe(&config),
             config,
             conn: Mutex::new(Conn {
@@ -185,13 +287,21 @@ impl PgConn {
                         return Err(Error::Store(why.clone()));
                     }
                 }
-                match self.config.connect(NoTls) {
+                let connected = match &self.tls {
+                    None => self.config.connect(NoTls),
+                    Some(tls) => self.config.connect(tls.clone()),
+                };
+                match connected {
                     Ok(client) => {
                         guard.client = Some(client);
                         guard.down = None;
                     }
                     Err(e) => {
-                        let why = format!("cannot connect to PostgreSQL at {}: {e}", self.shown);
+                        let why = format!(
+                            "cannot connect to PostgreSQL at {}: {}",
+                            self.shown,
+                            with_causes(&e)
+                        );
                         guard.down = Some((Instant::now(), why.clone()));
                         return Err(Error::Store(why));
                     }

@@ -1293,3 +1293,107 @@ fn bootstrap_migrate_copies_the_in_store_into_postgres() {
     let (code, _, err) = m2mpki(&["bootstrap", "migrate", "--to", &redb]);
     assert_eq!(code, Some(2), "{err}");
 }
+
+/// `sslmode=verify-full&sslrootcert=FILE`: the store talks TLS to PostgreSQL (the server's
+/// pg_stat_ssl shows it) after verifying its certificate and name; a root that did not issue
+/// the database's certificate is refused before anything is sent (exit 3, naming the
+/// certificate); modes that encrypt without verifying, and a missing root file, are usage
+/// errors (exit 2) that never print the URL.
+#[test]
+fn the_store_verifies_postgresql_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create().unwrap();
+    let ca = m2mpki_test_pki::pg::server_ca().unwrap();
+    let tls_url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        db.url,
+        ca.display()
+    );
+    let store = m2mpki_ca::PgStore::open(&tls_url).unwrap();
+    assert!(store.cas().unwrap().is_empty());
+    // The server's view of this connection.
+    use m2mpki_ca::pg::postgres;
+    let mut admin =
+        postgres::Client::connect(&m2mpki_test_pki::pg::server().unwrap(), postgres::NoTls)
+            .unwrap();
+    let row = admin
+        .query_one(
+            "SELECT bool_and(s.ssl), min(s.version) FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE a.datname = $1",
+            &[&db.url.rsplit('/').next().unwrap()],
+        )
+        .unwrap();
+    let (ssl, version): (Option<bool>, Option<String>) = (row.get(0), row.get(1));
+    assert_eq!(ssl, Some(true), "{version:?}");
+    assert!(version.unwrap_or_default().starts_with("TLSv1."));
+    drop(store);
+
+    let m2mpki = |store: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+            .env_remove("M2MPKI_STORE")
+            .arg("--home")
+            .arg(dir.path().join("home"))
+            .args(["--store", store, "ca", "list"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = m2mpki(&tls_url);
+    assert_eq!(code, Some(0), "{err}");
+
+    // Another root: refused by the TLS handshake.
+    let other = dir.path().join("other-ca.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=another CA",
+            "-keyout",
+        ])
+        .arg(dir.path().join("other.key"))
+        .arg("-out")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let (code, err) = m2mpki(&format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        db.url,
+        other.display()
+    ));
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("certificate"), "{err}");
+
+    for (query, says) in [
+        ("sslmode=require", "sslmode=require is not supported"),
+        ("sslmode=verify-full", "needs sslrootcert"),
+        (
+            "sslrootcert=/nonexistent.pem",
+            "without sslmode=verify-full",
+        ),
+        (
+            "sslmode=verify-full&sslrootcert=/nonexistent.pem",
+            "/nonexistent.pem",
+        ),
+    ] {
+        let url = format!(
+            "{}?{query}",
+            db.url.replace("postgres@", "postgres:s3cret@")
+        );
+        let (code, err) = m2mpki(&url);
+        assert_eq!(code, Some(2), "{query}: {err}");
+        assert!(err.contains(says), "{query}: {err}");
+        assert!(!err.contains("s3cret"), "{query}: {err}");
+    }
+}

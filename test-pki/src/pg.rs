@@ -18,6 +18,14 @@ pub fn server() -> Result<String> {
     }
 }
 
+/// The root that issued the test cluster's TLS certificate (`$M2MPKI_TEST_PG_CA`).
+pub fn server_ca() -> Result<std::path::PathBuf> {
+    match std::env::var("M2MPKI_TEST_PG_CA") {
+        Ok(p) if !p.is_empty() => Ok(p.into()),
+        _ => bail!("M2MPKI_TEST_PG_CA is not set: start the cluster with scripts/pg-cluster"),
+    }
+}
+
 /// A database of its own for one test, dropped (with its connections) at the end.
 #[derive(Debug)]
 pub struct TestDb {
