@@ -1902,6 +1902,28 @@ fn pg_commits(admin: &str, db: &str) -> Result<i64> {
     Ok(row.get(0))
 }
 
+/// Creates database `db` on the cluster `admin` names and migrates the redb store of `home`
+/// into it with `m2mpki store migrate`; returns both store locations (redb:..., postgres://...).
+fn migrated_database(bin: &Path, admin: &str, home: &Path, db: &str) -> Result<(String, String)> {
+    postgres::Client::connect(admin, postgres::NoTls)?
+        .batch_execute(&format!("CREATE DATABASE {db}"))?;
+    let url = match admin.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => bail!("--pg must be a postgres:// URL ending in /DATABASE"),
+    };
+    let redb = format!("redb:{}", home.join("store.redb").display());
+    let migrated = Command::new(bin)
+        .args(["store", "migrate", "--from", &redb, "--to", &url])
+        .output()?;
+    if !migrated.status.success() {
+        bail!(
+            "store migrate: {}",
+            String::from_utf8_lossy(&migrated.stderr)
+        );
+    }
+    Ok((redb, url))
+}
+
 /// Section 7: the same `issue batch` (process, CSR folder, --bundle, --reissue) into the lab's
 /// redb store and into the same ledger migrated to PostgreSQL (a database of its own on a
 /// cluster with fsync on), alternating run by run; the ratio is PostgreSQL over redb per pair.
@@ -1919,22 +1941,7 @@ fn store_bench(
     let csr_dir = work.join("store-csrs");
     make_csrs(&csr_dir, n)?;
     let db = format!("m2mpki_bench_{}", std::process::id());
-    postgres::Client::connect(admin, postgres::NoTls)?
-        .batch_execute(&format!("CREATE DATABASE {db}"))?;
-    let url = match admin.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => bail!("--pg must be a postgres:// URL ending in /DATABASE"),
-    };
-    let redb = format!("redb:{}", home.join("store.redb").display());
-    let migrated = Command::new(bin)
-        .args(["store", "migrate", "--from", &redb, "--to", &url])
-        .output()?;
-    if !migrated.status.success() {
-        bail!(
-            "store migrate: {}",
-            String::from_utf8_lossy(&migrated.stderr)
-        );
-    }
+    let (redb, url) = migrated_database(bin, admin, &home, &db)?;
     let (mut on_redb, mut on_pg, mut ratios, mut per_cert) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..size.runs {
@@ -2025,24 +2032,9 @@ fn in_store_bench(
     let dir = work.join("in-store");
     let layout = m2mpki_test_pki::lab::init(&dir, m2mpki_test_pki::lab::LabHsm::None, 8443)?;
     let fleet = make_fleet(&layout, "PGFLEET")?;
-    let db = format!("m2mpki_bench_in_{}", std::process::id());
-    postgres::Client::connect(admin, postgres::NoTls)?
-        .batch_execute(&format!("CREATE DATABASE {db}"))?;
-    let url = match admin.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => bail!("--pg must be a postgres:// URL ending in /DATABASE"),
-    };
     // The PostgreSQL IN reads the lab's root sets from the same ledger, migrated.
-    let redb = format!("redb:{}", layout.home.join("store.redb").display());
-    let migrated = Command::new(bin)
-        .args(["store", "migrate", "--from", &redb, "--to", &url])
-        .output()?;
-    if !migrated.status.success() {
-        bail!(
-            "store migrate: {}",
-            String::from_utf8_lossy(&migrated.stderr)
-        );
-    }
+    let db = format!("m2mpki_bench_in_{}", std::process::id());
+    let (_, url) = migrated_database(bin, admin, &layout.home, &db)?;
     let keystore = Keystore::default();
     let (rt, server_rt) = runtimes()?;
     let home = m2mpki_ca::Home::open(&layout.home)?;
