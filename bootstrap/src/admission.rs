@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -170,31 +171,85 @@ impl Drop for Ticket {
 /// reading it), within `limit`: `false` on timeout, on a closed connection, or when the first
 /// bytes cannot start a TLS handshake record.
 pub(crate) async fn first_record(tcp: &TcpStream, limit: Duration) -> bool {
-    const MAX_RECORD: usize = 5 + (1 << 14) + 2048;
     let mut buf = vec![0u8; MAX_RECORD];
-    let wait = async {
-        loop {
-            let n = match tcp.peek(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => n,
-            };
-            if buf[0] != 22 {
-                return false; // not a handshake record
-            }
-            if n >= 5 {
-                let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
-                if 5 + len <= n {
-                    return true;
-                }
-                if 5 + len > MAX_RECORD {
-                    return false;
-                }
-            }
-            // peek returns at once while data is buffered: wait for more.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    peek_first_record(tcp, &mut buf, limit).await.is_some()
+}
+
+/// The longest TLS record on the wire (RFC 8446 §5.2) with its header.
+pub(crate) const MAX_RECORD: usize = 5 + (1 << 14) + 256;
+
+/// `fd` registered with the runtime for readable events.
+///
+/// tokio 1.54 deprecates the safe constructor because a `T: AsRawFd` need not own its
+/// descriptor (RUSTSEC-2026-0386). An `OwnedFd` does: it stays open, and the same, until the
+/// `AsyncFd` drops it, which is what the unsafe `register_with_interest` asks of its caller.
+/// This crate forbids unsafe code, so it uses the safe constructor for the one type it is sound
+/// for.
+#[allow(deprecated)]
+fn watch_readable(fd: std::os::fd::OwnedFd) -> std::io::Result<AsyncFd<std::os::fd::OwnedFd>> {
+    AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)
+}
+
+/// Peeks until the connection's first TLS record is complete in `buf`, within `limit`, and
+/// returns how many bytes were peeked (that record and perhaps more). `None` on timeout, when
+/// the peer closes or resets first, or when the bytes cannot start a handshake record that
+/// fits in `buf`.
+///
+/// It sleeps until the socket reports something new instead of polling. A peek returns at
+/// once while bytes are buffered and never shows the peer's FIN behind them: a loop that
+/// peeked every 5 ms (until 2026-12-01) kept a connection that sent half a hello and closed
+/// (CLOSE-WAIT) in its slot until `hello_timeout`, and woke 200 times a second for each
+/// connection that waits. Waiting on the stream's own readiness is no way out: clearing it
+/// while bytes are buffered would leave the TLS stack's first read waiting for an event that
+/// never comes. So the wait watches a duplicate of the socket (its own epoll registration,
+/// edge-triggered, with EPOLLRDHUP for the FIN) and leaves the stream's readiness alone.
+pub(crate) async fn peek_first_record(
+    tcp: &TcpStream,
+    buf: &mut [u8],
+    limit: Duration,
+) -> Option<usize> {
+    use rustix::net::RecvFlags;
+    use std::os::fd::AsFd;
+    let watch = match tcp.as_fd().try_clone_to_owned().and_then(watch_readable) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch a new connection (out of file descriptors?); closed");
+            return None;
         }
     };
-    tokio::time::timeout(limit, wait).await.unwrap_or(false)
+    let wait = async {
+        loop {
+            let mut event = watch.readable().await.ok()?;
+            let n = match rustix::net::recv(tcp, &mut *buf, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+                Ok((_, 0)) => return None, // closed before sending anything
+                Ok((_, n)) => n,
+                Err(rustix::io::Errno::AGAIN) => {
+                    event.clear_ready();
+                    continue;
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => return None,
+            };
+            if buf[0] != 22 {
+                return None; // not a handshake record
+            }
+            if n >= 5 {
+                let len = 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+                if len <= n {
+                    return Some(n);
+                }
+                if len > buf.len() {
+                    return None;
+                }
+            }
+            if event.ready().is_read_closed() {
+                return None; // the peer closed after these bytes
+            }
+            // Events after the one this guard holds keep the watch ready.
+            event.clear_ready();
+        }
+    };
+    tokio::time::timeout(limit, wait).await.ok().flatten()
 }
 
 #[cfg(test)]

@@ -50,11 +50,6 @@ fn vector(d: &[u8], at: usize, len_bytes: usize) -> Option<(&[u8], usize)> {
     Some((d.get(start..end)?, end))
 }
 
-/// How many bytes the first TLS record of `d` needs, once its header is there.
-pub fn record_len(d: &[u8]) -> Option<usize> {
-    Some(5 + be(d, 3, 2)?)
-}
-
 /// Reads a ClientHello that fits its first record (every hello a node sends does; a longer one
 /// is read as "not for OpenSSL" and goes to rustls, which reassembles it).
 pub fn parse_hello(d: &[u8]) -> Option<TlsHello> {
@@ -91,23 +86,9 @@ pub fn parse_hello(d: &[u8]) -> Option<TlsHello> {
 
 /// Peeks at the connection's first record, within `limit`.
 pub async fn peek_hello(tcp: &TcpStream, limit: Duration) -> Option<TlsHello> {
-    let mut buf = vec![0u8; 16 * 1024 + 5];
-    let read = async {
-        loop {
-            let n = tcp.peek(&mut buf).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            if n >= 5 && record_len(&buf[..n])? <= n {
-                return parse_hello(&buf[..n]);
-            }
-            if n == buf.len() {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(limit, read).await.ok().flatten()
+    let mut buf = vec![0u8; crate::admission::MAX_RECORD];
+    let n = crate::admission::peek_first_record(tcp, &mut buf, limit).await?;
+    parse_hello(&buf[..n])
 }
 
 /// The CBC path of an IN: its OpenSSL context, and the suites rustls serves (a hello offering
@@ -284,7 +265,6 @@ mod tests {
     #[test]
     fn reads_suites_ems_and_sni() {
         let d = hello(&[CBC_SUITE, 0xC02B], &[EXT_SERVER_NAME, EXT_EMS]);
-        assert_eq!(record_len(&d), Some(d.len()));
         assert_eq!(
             parse_hello(&d),
             Some(TlsHello {

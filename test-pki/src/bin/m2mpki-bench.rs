@@ -746,6 +746,15 @@ fn prepared_fleet(
 /// Binds `server`'s listeners and runs it on `server_rt`.
 fn serve(server_rt: &tokio::runtime::Runtime, server: &Arc<Server>) -> Result<Serving> {
     let listeners = server_rt.block_on(server.bind())?;
+    serve_on(server_rt, server, listeners)
+}
+
+/// Runs `server` on `server_rt` with `listeners` bound elsewhere.
+fn serve_on(
+    server_rt: &tokio::runtime::Runtime,
+    server: &Arc<Server>,
+    listeners: m2mpki_bootstrap::server::Listeners,
+) -> Result<Serving> {
     let (tls, dtls) = (listeners.local_addr().ok(), listeners.dtls_addr().ok());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let s2 = server.clone();
@@ -812,8 +821,8 @@ fn bare_server_config(
 async fn bare_server(
     cfg: Arc<rustls::ServerConfig>,
 ) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
-    // The same accept queue as the bootstrap server's (its `max_connections` here).
-    let listener = m2mpki_bootstrap::server::listen("127.0.0.1:0".parse()?, 4096)?;
+    // The same accept queue as the bootstrap server's.
+    let listener = m2mpki_bootstrap::server::listen("127.0.0.1:0".parse()?)?;
     let addr = listener.local_addr()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let task = tokio::spawn(async move {
@@ -1924,6 +1933,170 @@ fn migrated_database(bin: &Path, admin: &str, home: &Path, db: &str) -> Result<(
     Ok((redb, url))
 }
 
+/// Section 8: availability under hostile load, the attack of `bootstrap/tests/hostile.rs`
+/// timed. An IN with `max_connections = 128` and every timeout at 30 s; 128 authenticated
+/// clients (64 from each of 127.0.0.3 and .4) that then ask nothing; 2 000 connections from
+/// 127.0.0.2 that send nothing or half a ClientHello, each reopened as soon as the IN closes
+/// it; and a legitimate node on 127.0.0.1 enrolling 20 times in a row. The baseline is the
+/// same node's 20 enrolments on the same IN right before the attack starts. The attack is also
+/// run against an IN whose accept queue is 128 (`TcpListener::bind`'s, what the IN asked for
+/// until 2026-12-01), with the kernel's count of SYNs dropped on a full queue for both.
+#[allow(clippy::too_many_lines)]
+fn hostile_bench(size: Size, report: &mut Report, work: &Path) -> Result<()> {
+    use m2mpki_test_pki::hostile::{listen_overflows, Flood};
+    use std::net::IpAddr;
+    const ATTACKER: [u8; 4] = [127, 0, 0, 2];
+    const IDLE: [[u8; 4]; 2] = [[127, 0, 0, 3], [127, 0, 0, 4]];
+    let (flood_n, idle_n, legit_n, fill) = if size.smoke {
+        (200, 16, 5, Duration::from_millis(500))
+    } else {
+        (2000, 128, 20, Duration::from_secs(2))
+    };
+    let dir = work.join("hostile");
+    let layout = m2mpki_test_pki::lab::init(&dir, m2mpki_test_pki::lab::LabHsm::None, 8443)?;
+    let fleet = make_fleet(&layout, "HOSTILE")?;
+    let keystore = Keystore::default();
+    let (rt, server_rt) = runtimes()?;
+    let mut config = m2mpki_test_pki::lab::config_on_free_ports(&layout)?;
+    config.dtls = None;
+    config.psk = None;
+    config.metrics_listen = None;
+    config.limits.max_connections = 128;
+    config.limits.hello_timeout = Duration::from_secs(30);
+    config.limits.handshake_timeout = Duration::from_secs(30);
+    config.limits.idle_timeout = Duration::from_secs(30);
+
+    // (name, accept queue of 128?)
+    let variants = [
+        ("accept queue net.core.somaxconn", false),
+        ("accept queue 128", true),
+    ];
+    let mut baseline = Vec::new();
+    let mut under: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut failed = vec![0usize; variants.len()];
+    let mut overflows = vec![0u64; variants.len()];
+    let mut opened = vec![0usize; variants.len()];
+    let mut attack_secs = vec![0f64; variants.len()];
+    let mut held_min = usize::MAX;
+    let mut base_failed = 0usize;
+    for _ in 0..size.runs {
+        for (v, &(_, short_queue)) in variants.iter().enumerate() {
+            let home = m2mpki_ca::Home::open(&layout.home)?;
+            let server = Arc::new(Server::new(config.clone(), &home, &keystore)?);
+            let serving = if short_queue {
+                let listeners = {
+                    let _in_runtime = server_rt.enter();
+                    let socket = tokio::net::TcpSocket::new_v4()?;
+                    socket.set_reuseaddr(true)?;
+                    socket.bind("127.0.0.1:0".parse()?)?;
+                    m2mpki_bootstrap::server::Listeners {
+                        tls: Some(socket.listen(128)?),
+                        dtls: None,
+                        psk: None,
+                        psk_dtls: None,
+                        metrics: None,
+                    }
+                };
+                serve_on(&server_rt, &server, listeners)?
+            } else {
+                serve(&server_rt, &server)?
+            };
+            let addr = serving.tls.context("the IN serves no TLS")?;
+            let prepared = prepared_fleet(&fleet, addr, TlsVersion::Tls13)?;
+            let legit = &prepared[0];
+            let timed = |out: &mut Vec<f64>| -> usize {
+                let mut fails = 0;
+                for _ in 0..legit_n {
+                    let start = Instant::now();
+                    if rt.block_on(client::enroll_prepared(legit)).is_err() {
+                        fails += 1;
+                    }
+                    out.push(start.elapsed().as_secs_f64() * 1000.0);
+                }
+                fails
+            };
+            if !short_queue {
+                base_failed += timed(&mut baseline);
+            }
+            let held = rt.block_on(async {
+                let mut held = Vec::new();
+                for (i, p) in prepared[1..=idle_n].iter().enumerate() {
+                    let from = IpAddr::from(IDLE[i % 2]);
+                    if let Ok(c) = client::connect_prepared_from(p, Some(from)).await {
+                        held.push(c);
+                    }
+                }
+                held
+            });
+            held_min = held_min.min(held.len());
+            let before = listen_overflows().unwrap_or(0);
+            let started = Instant::now();
+            let flood = Flood::start(rt.handle(), IpAddr::from(ATTACKER), addr, flood_n);
+            std::thread::sleep(fill);
+            failed[v] += timed(&mut under[v]);
+            opened[v] += flood.stop();
+            attack_secs[v] += started.elapsed().as_secs_f64();
+            overflows[v] += listen_overflows().unwrap_or(0).saturating_sub(before);
+            drop(held);
+            serving.stop(&server_rt)?;
+        }
+    }
+    let attack = format!(
+        "{flood_n} churned silent/half-hello + {held_min} idle authenticated, {legit_n} in a row"
+    );
+    let base = stat(baseline);
+    let bm = base.median;
+    report.add(
+        "8 hostile",
+        &format!("legitimate enrolment, no attack, {legit_n} in a row"),
+        "ms",
+        base,
+    );
+    report.add(
+        "8 hostile",
+        "legitimate enrolments that failed, no attack",
+        "count",
+        stat(vec![base_failed as f64]),
+    );
+    for (v, (name, _)) in variants.iter().enumerate() {
+        let lat = stat(std::mem::take(&mut under[v]));
+        let worst = lat.max;
+        let row = report.add(
+            "8 hostile",
+            &format!("legitimate enrolment under attack ({attack}), {name}"),
+            "ms",
+            lat,
+        );
+        row.against("no attack (median)", bm, None);
+        if v == 0 {
+            row.absolute("max <= 1000 ms", worst <= 1000.0 && failed[v] == 0);
+        }
+        report.add(
+            "8 hostile",
+            &format!("SYNs dropped on a full accept queue during the attacks, {name}"),
+            "drops",
+            stat(vec![overflows[v] as f64]),
+        );
+        report.add(
+            "8 hostile",
+            &format!("attacker connections opened per second, {name}"),
+            "conn/s",
+            stat(vec![opened[v] as f64 / attack_secs[v].max(1e-9)]),
+        );
+        report.add(
+            "8 hostile",
+            &format!("legitimate enrolments that failed, {name}"),
+            "count",
+            stat(vec![failed[v] as f64]),
+        );
+    }
+    report.notes.insert(
+        "8".into(),
+        "ListenOverflows is the kernel's count for the whole machine: other listeners on it add to it".into(),
+    );
+    Ok(())
+}
+
 /// Section 7: the same `issue batch` (process, CSR folder, --bundle, --reissue) into the lab's
 /// redb store and into the same ledger migrated to PostgreSQL (a database of its own on a
 /// cluster with fsync on), alternating run by run; the ratio is PostgreSQL over redb per pair.
@@ -2227,6 +2400,11 @@ fn main() -> Result<()> {
                 );
             }
         }
+    }
+
+    if run("8") {
+        eprintln!("8. availability under hostile load");
+        hostile_bench(size, &mut report, work)?;
     }
 
     // The table.
