@@ -382,6 +382,10 @@ pub struct BatchArgs {
     /// Worker threads [default: all cores]
     #[arg(long)]
     pub threads: Option<usize>,
+    /// At the end of the run, successful or not, write its outcome as Prometheus text to this
+    /// file (replaced atomically, 0644): for node_exporter's textfile collector
+    #[arg(long, value_name = "FILE")]
+    pub metrics_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -59,13 +59,22 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Prints the whole error chain on one line (or as JSON on stderr with `--json`).
+/// Prints the whole error chain on one line (or as JSON on stderr with `--json`). A cause
+/// whose text the line already holds is left out: an error that shows its source in its own
+/// message (`PATH: No such file or directory`) and also returns it as its source would
+/// otherwise print the OS error twice.
 pub fn print_error(err: &anyhow::Error, code: u8, json: bool) {
-    let message = err
-        .chain()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ");
+    let mut message = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
     if json {
         let doc = serde_json::json!({ "error": message, "exit_code": code });
         eprintln!("{doc}");

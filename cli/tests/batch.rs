@@ -750,3 +750,137 @@ fn concurrent_batches_of_the_same_ids_never_mismatch_keys() {
     assert_eq!(again["key_mismatches"].as_array().unwrap().len(), 0);
     assert_eq!(assert_pairs_match(&b), (pb, 2000 - pb));
 }
+
+/// Samples of a Prometheus text exposition (format 0.0.4, what node_exporter's textfile
+/// collector reads) by `name{labels}`, checking its shape: every family announced once with
+/// `# HELP` then `# TYPE gauge`, every sample in an announced family, every value a number.
+fn prometheus_samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut families: Vec<String> = Vec::new();
+    let mut helped: Option<String> = None;
+    let mut samples = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            helped = Some(rest.split_once(' ').unwrap().0.to_owned());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert_eq!(kind, "gauge", "{line}");
+            assert_eq!(helped.as_deref(), Some(name), "# HELP before {line}");
+            assert!(
+                !families.iter().any(|f| f == name),
+                "{name} announced twice"
+            );
+            families.push(name.to_owned());
+            continue;
+        }
+        assert!(!line.starts_with('#') && !line.is_empty(), "{line:?}");
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(families.iter().any(|f| f == name), "{name} has no # TYPE");
+        assert!(
+            samples.insert(series.to_owned(), value).is_none(),
+            "{series} twice"
+        );
+    }
+    samples
+}
+
+/// `--metrics-file` leaves the outcome of every run, successful or not, for node_exporter's
+/// textfile collector: replaced atomically, world-readable, the counts of the run.
+#[test]
+fn a_batch_leaves_its_outcome_for_the_textfile_collector() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::new();
+    let ids = lab.path("ids.txt");
+    write_ids(&ids, "M-", 20);
+    let textfile = lab.path("textfile");
+    std::fs::create_dir_all(&textfile).unwrap();
+    let prom = textfile.join("m2mpki_batch.prom");
+    let (ids_s, out, prom_s) = (
+        ids.to_str().unwrap(),
+        lab.path("out"),
+        prom.to_str().unwrap().to_owned(),
+    );
+    let out_s = out.to_str().unwrap();
+    let mut args = batch_args(ids_s, out_s);
+    args.extend(["--metrics-file", &prom_s]);
+    let series = |name: &str, extra: &str| {
+        format!(
+            "m2mpki_batch_{name}{{ca=\"{}\",profile=\"device\"{extra}}}",
+            names::MFR_CA
+        )
+    };
+    let read = || prometheus_samples(&std::fs::read_to_string(&prom).unwrap());
+
+    lab.ok(&args);
+    let m = read();
+    assert_eq!(m[&series("last_success", "")], 1.0);
+    assert_eq!(m[&series("last_subjects_done", "")], 20.0);
+    assert_eq!(m[&series("last_certificates", ",result=\"issued\"")], 20.0);
+    assert_eq!(
+        m[&series("last_certificates", ",result=\"already_issued\"")],
+        0.0
+    );
+    assert!(m[&series("last_duration_seconds", "")] > 0.0);
+    let ended = m[&series("last_end_timestamp_seconds", "")];
+    let now = ::time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+    assert!(
+        (now - 600.0..=now + 1.0).contains(&ended),
+        "{ended} vs {now}"
+    );
+    let mode = std::fs::metadata(&prom).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644);
+
+    // A rerun replaces the file: nothing new to issue.
+    lab.ok(&args);
+    let m = read();
+    assert_eq!(m[&series("last_certificates", ",result=\"issued\"")], 0.0);
+    assert_eq!(
+        m[&series("last_certificates", ",result=\"already_issued\"")],
+        20.0
+    );
+
+    // A run that fails after its chunk was recorded (a foreign key file under a live ID's
+    // name, exit 2) says so, with what it recorded and no per-result counts.
+    std::fs::remove_file(out.join("M-000000.pem")).unwrap();
+    let stray = SoftwareKey::generate(m2mpki_hsm::KeyType::P256).unwrap();
+    std::fs::write(
+        out.join("M-000000.key.pem"),
+        stray.to_pkcs8_pem(None).unwrap().as_bytes(),
+    )
+    .unwrap();
+    lab.fails(2, &args);
+    let m = read();
+    assert_eq!(m[&series("last_success", "")], 0.0);
+    assert_eq!(m[&series("last_subjects_done", "")], 20.0);
+    assert!(!m.keys().any(|k| k.contains("last_certificates")), "{m:?}");
+
+    // A run that fails before it starts (a bad ID list) too; only the .prom file is left in
+    // the collector's folder (no temporary files).
+    std::fs::write(&ids, "bad id\n").unwrap();
+    lab.fails(2, &args);
+    let m = read();
+    assert_eq!(m[&series("last_success", "")], 0.0);
+    assert_eq!(m[&series("last_subjects_done", "")], 0.0);
+    let left: Vec<_> = std::fs::read_dir(&textfile).unwrap().collect();
+    assert_eq!(left.len(), 1);
+
+    // An unwritable metrics file is an error naming it, after a run that succeeded.
+    std::fs::write(&ids, "N-1\n").unwrap();
+    let missing = lab.path("no-such-dir/m.prom");
+    let mut args = batch_args(ids_s, out_s);
+    let missing_s = missing.to_str().unwrap().to_owned();
+    args.extend(["--metrics-file", &missing_s]);
+    let err = lab.run(&args);
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert_eq!(err.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("no-such-dir"), "{stderr}");
+    // The OS error once, not once per link of the error chain.
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+}

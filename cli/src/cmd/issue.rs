@@ -1,6 +1,7 @@
 //! `m2mpki issue`: one certificate, or a batch.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -105,6 +106,106 @@ pub(crate) fn one(ctx: &Ctx, subject: LeafSubject, a: IssueArgs) -> Result<()> {
 }
 
 pub(crate) fn batch(ctx: &Ctx, a: BatchArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let committed = Arc::new(AtomicU64::new(0));
+    let result = batch_run(ctx, &a, &committed);
+    let Some(path) = &a.metrics_file else {
+        return result.map(drop);
+    };
+    let text = batch_metrics(
+        &a,
+        result.as_ref().ok(),
+        committed.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+        time::OffsetDateTime::now_utc(),
+    );
+    let written = files::write_atomic(
+        path,
+        text.as_bytes(),
+        files::WriteOptions {
+            mode: Mode::Public,
+            overwrite: Overwrite::Replace,
+            sync: false,
+        },
+    );
+    match (result, written) {
+        (Ok(_), Ok(())) => Ok(()),
+        (Ok(_), Err(e)) => Err(e.into()),
+        (Err(run), Ok(())) => Err(run),
+        (Err(run), Err(e)) => {
+            eprintln!("m2mpki: warning: the metrics file was not written: {e}");
+            Err(run)
+        }
+    }
+}
+
+/// The outcome of an `issue batch` run in the Prometheus text format (version 0.0.4, which
+/// node_exporter's textfile collector reads): gauges describing the last run of this CA and
+/// profile. `report` is `None` when the run failed; `committed` counts the subjects whose
+/// chunk was durably recorded, also in a failed run.
+fn batch_metrics(
+    a: &BatchArgs,
+    report: Option<&batch::BatchReport>,
+    committed: u64,
+    seconds: f64,
+    now: time::OffsetDateTime,
+) -> String {
+    use std::fmt::Write as _;
+    fn escape(v: &str) -> String {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    }
+    let profile = match a.profile {
+        BatchProfile::Device => "device",
+        BatchProfile::Node => "node",
+    };
+    let labels = format!("ca=\"{}\",profile=\"{profile}\"", escape(&a.ca));
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, samples: &[(&str, f64)]| {
+        let _ = writeln!(out, "# HELP m2mpki_batch_{name} {help}");
+        let _ = writeln!(out, "# TYPE m2mpki_batch_{name} gauge");
+        for (extra, value) in samples {
+            let _ = writeln!(out, "m2mpki_batch_{name}{{{labels}{extra}}} {value}");
+        }
+    };
+    let ended = now.unix_timestamp_nanos() as f64 / 1e9;
+    gauge(
+        "last_end_timestamp_seconds",
+        "When the last issue batch run ended (Unix time).",
+        &[("", ended)],
+    );
+    gauge(
+        "last_success",
+        "1 if the last run ended without an error, 0 if it failed.",
+        &[("", f64::from(u8::from(report.is_some())))],
+    );
+    gauge(
+        "last_duration_seconds",
+        "How long the last run took.",
+        &[("", seconds)],
+    );
+    gauge(
+        "last_subjects_done",
+        "Subjects of the last run whose chunk was finished and durably recorded (also in a failed run).",
+        &[("", committed as f64)],
+    );
+    if let Some(r) = report {
+        gauge(
+            "last_certificates",
+            "Outcome per subject of the last successful run.",
+            &[
+                (",result=\"issued\"", r.issued as f64),
+                (",result=\"already_issued\"", r.already_issued as f64),
+                (",result=\"files_restored\"", r.files_restored as f64),
+                (",result=\"missing_key\"", r.missing_keys.len() as f64),
+            ],
+        );
+    }
+    out
+}
+
+fn batch_run(ctx: &Ctx, a: &BatchArgs, committed: &Arc<AtomicU64>) -> Result<batch::BatchReport> {
     if let Some(n) = a.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
@@ -160,7 +261,11 @@ pub(crate) fn batch(ctx: &Ctx, a: BatchArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let bar = Arc::new(bar);
     let tick = bar.clone();
-    let report = batch::run_batch(&*store, &authority, input, &opts, &move |n| tick.inc(n))?;
+    let committed = committed.clone();
+    let report = batch::run_batch(&*store, &authority, input, &opts, &move |n| {
+        committed.fetch_add(n, Ordering::Relaxed);
+        tick.inc(n);
+    })?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     if ctx.json {
@@ -216,5 +321,5 @@ pub(crate) fn batch(ctx: &Ctx, a: BatchArgs) -> Result<()> {
         }
         .into());
     }
-    Ok(())
+    Ok(report)
 }
