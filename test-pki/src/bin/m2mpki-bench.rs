@@ -899,6 +899,29 @@ fn make_fleet(layout: &m2mpki_test_pki::lab::LabLayout, prefix: &str) -> Result<
     })
 }
 
+/// What the bootstrap sections start from: a lab of their own in `dir` with software keys,
+/// its 256 field nodes (`PREFIX-0000`...), and the fleet's and the servers' runtimes.
+struct BenchLab {
+    layout: m2mpki_test_pki::lab::LabLayout,
+    fleet: Fleet,
+    keystore: Keystore,
+    rt: tokio::runtime::Runtime,
+    server_rt: tokio::runtime::Runtime,
+}
+
+fn bench_lab(dir: &Path, prefix: &str) -> Result<BenchLab> {
+    let layout = m2mpki_test_pki::lab::init(dir, m2mpki_test_pki::lab::LabHsm::None, 8443)?;
+    let fleet = make_fleet(&layout, prefix)?;
+    let (rt, server_rt) = runtimes()?;
+    Ok(BenchLab {
+        layout,
+        fleet,
+        keystore: Keystore::default(),
+        rt,
+        server_rt,
+    })
+}
+
 #[allow(clippy::too_many_lines)]
 fn bootstrap_bench(
     size: Size,
@@ -907,12 +930,15 @@ fn bootstrap_bench(
     m2mpki_bin: Option<&Path>,
 ) -> Result<()> {
     let dir = work.join("bootstrap");
-    let layout = m2mpki_test_pki::lab::init(&dir, m2mpki_test_pki::lab::LabHsm::None, 8443)?;
-    let fleet = make_fleet(&layout, "FLEET")?;
-    let keystore = Keystore::default();
     // Clients and servers share the two cores but not a runtime: the servers' threads are
     // named, so their CPU per operation can be told from the clients'.
-    let (rt, server_rt) = runtimes()?;
+    let BenchLab {
+        layout,
+        fleet,
+        keystore,
+        rt,
+        server_rt,
+    } = bench_lab(&dir, "FLEET")?;
     let mut config = m2mpki_test_pki::lab::config_on_free_ports(&layout)?;
     config.limits.max_connections = 4096;
     // Every bench client comes from 127.0.0.1: the per-address cap is not what is measured.
@@ -1180,10 +1206,13 @@ fn dtls_bench(
 ) -> Result<()> {
     use m2mpki_bootstrap::config::{DtlsSuite, Transport, DEFAULT_MTU};
     let dir = work.join("dtls");
-    let layout = m2mpki_test_pki::lab::init(&dir, m2mpki_test_pki::lab::LabHsm::None, 8443)?;
-    let fleet = make_fleet(&layout, "DTLS")?;
-    let keystore = Keystore::default();
-    let (rt, server_rt) = runtimes()?;
+    let BenchLab {
+        layout,
+        fleet,
+        keystore,
+        rt,
+        server_rt,
+    } = bench_lab(&dir, "DTLS")?;
     let mut config = m2mpki_test_pki::lab::config_on_free_ports(&layout)?;
     config.listen = None;
     let d = config.dtls.as_mut().context("the lab IN serves DTLS")?;
@@ -1953,10 +1982,13 @@ fn hostile_bench(size: Size, report: &mut Report, work: &Path) -> Result<()> {
         (2000, 128, 20, Duration::from_secs(2))
     };
     let dir = work.join("hostile");
-    let layout = m2mpki_test_pki::lab::init(&dir, m2mpki_test_pki::lab::LabHsm::None, 8443)?;
-    let fleet = make_fleet(&layout, "HOSTILE")?;
-    let keystore = Keystore::default();
-    let (rt, server_rt) = runtimes()?;
+    let BenchLab {
+        layout,
+        fleet,
+        keystore,
+        rt,
+        server_rt,
+    } = bench_lab(&dir, "HOSTILE")?;
     let mut config = m2mpki_test_pki::lab::config_on_free_ports(&layout)?;
     config.dtls = None;
     config.psk = None;
@@ -2203,13 +2235,16 @@ fn in_store_bench(
     admin: &str,
 ) -> Result<()> {
     let dir = work.join("in-store");
-    let layout = m2mpki_test_pki::lab::init(&dir, m2mpki_test_pki::lab::LabHsm::None, 8443)?;
-    let fleet = make_fleet(&layout, "PGFLEET")?;
+    let BenchLab {
+        layout,
+        fleet,
+        keystore,
+        rt,
+        server_rt,
+    } = bench_lab(&dir, "PGFLEET")?;
     // The PostgreSQL IN reads the lab's root sets from the same ledger, migrated.
     let db = format!("m2mpki_bench_in_{}", std::process::id());
     let (_, url) = migrated_database(bin, admin, &layout.home, &db)?;
-    let keystore = Keystore::default();
-    let (rt, server_rt) = runtimes()?;
     let home = m2mpki_ca::Home::open(&layout.home)?;
     let mut ins = Vec::new();
     for store in [None, Some(m2mpki_ca::StoreLocation::Postgres(url.clone()))] {
