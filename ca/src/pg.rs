@@ -82,23 +82,24 @@ fn describe(config: &postgres::Config) -> String {
 /// (the parser knows neither `verify-full` nor `sslrootcert`): `sslmode=verify-full` with
 /// `sslrootcert=FILE` (TLS 1.2/1.3; the database's certificate must chain to a root in FILE
 /// and name the host connected to), or `sslmode=disable` (the default: no TLS). Modes that
-/// encrypt without verifying (`require`, `prefer`, `allow`, `verify-ca`) are refused.
+/// encrypt without verifying (`require`, `prefer`, `allow`, `verify-ca`) are refused. With
+/// `verify-full`, `sslcert=FILE` and `sslkey=FILE` (together) give the client certificate
+/// chain and its key, for `cert` authentication.
 fn take_tls(url: &str) -> Result<(String, Option<tokio_postgres_rustls::MakeRustlsConnect>)> {
     let bad = |reason: String| Error::invalid("PostgreSQL URL", "(not shown)", reason);
     let mut mode = None;
     let mut root = None;
+    let mut client = (None, None);
     let mut take = |pair: &str| -> bool {
+        let value = |v: &str| Some(v.trim_matches('\'').to_owned());
         match pair.split_once('=') {
-            Some(("sslmode", v)) => {
-                mode = Some(v.trim_matches('\'').to_owned());
-                false
-            }
-            Some(("sslrootcert", v)) => {
-                root = Some(v.trim_matches('\'').to_owned());
-                false
-            }
-            _ => true,
+            Some(("sslmode", v)) => mode = value(v),
+            Some(("sslrootcert", v)) => root = value(v),
+            Some(("sslcert", v)) => client.0 = value(v),
+            Some(("sslkey", v)) => client.1 = value(v),
+            _ => return true,
         }
+        false
     };
     let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         match url.split_once('?') {
@@ -117,6 +118,9 @@ fn take_tls(url: &str) -> Result<(String, Option<tokio_postgres_rustls::MakeRust
         kept.join(" ")
     };
     match (mode.as_deref(), root) {
+        (None | Some("disable"), None) if client != (None, None) => Err(bad(
+            "sslcert and sslkey need sslmode=verify-full with sslrootcert=FILE".into(),
+        )),
         (None | Some("disable"), None) => Ok((rest, None)),
         (Some("verify-full"), Some(root)) => {
             let pem = std::fs::read(&root).map_err(|e| bad(format!("sslrootcert {root}: {e}")))?;
@@ -128,13 +132,27 @@ fn take_tls(url: &str) -> Result<(String, Option<tokio_postgres_rustls::MakeRust
                     .add(rustls::pki_types::CertificateDer::from(der))
                     .map_err(|e| bad(format!("sslrootcert {root}: unusable root ({e})")))?;
             }
-            let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
                 rustls::crypto::aws_lc_rs::default_provider(),
             ))
             .with_safe_default_protocol_versions()
             .map_err(Error::internal)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+            let config = match client {
+                (None, None) => builder.with_no_client_auth(),
+                (Some(cert), Some(key)) => {
+                    let (chain, private) = client_identity(&cert, &key).map_err(bad)?;
+                    builder
+                        .with_client_auth_cert(chain, private)
+                        .map_err(|e| match e {
+                            rustls::Error::InconsistentKeys(_) => bad(format!(
+                                "sslkey {key} is not the key of the certificate in sslcert {cert}"
+                            )),
+                            e => bad(format!("sslcert {cert} with sslkey {key}: {e}")),
+                        })?
+                }
+                _ => return Err(bad("sslcert and sslkey go together".into())),
+            };
             Ok((
                 rest,
                 Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)),
@@ -153,6 +171,44 @@ fn take_tls(url: &str) -> Result<(String, Option<tokio_postgres_rustls::MakeRust
              (TLS, the database's certificate and name verified) or sslmode=disable"
         ))),
     }
+}
+
+/// The client certificate chain in `cert` (PEM) and its private key in `key` (PEM: PKCS#8,
+/// SEC1 or PKCS#1). Like libpq, a key file that others may read is refused: it must be 0600 or
+/// less, or 0640 or less when root owns it.
+fn client_identity(
+    cert: &str,
+    key: &str,
+) -> std::result::Result<
+    (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
+    use rustls::pki_types::pem::PemObject;
+    use std::os::unix::fs::MetadataExt;
+    let pem = std::fs::read(cert).map_err(|e| format!("sslcert {cert}: {e}"))?;
+    let chain: Vec<_> = crate::input::der_objects(&pem, &["CERTIFICATE"])
+        .map_err(|e| format!("sslcert {cert}: {e}"))?
+        .into_iter()
+        .map(rustls::pki_types::CertificateDer::from)
+        .collect();
+    if chain.is_empty() {
+        return Err(format!("sslcert {cert}: no CERTIFICATE in it"));
+    }
+    let meta = std::fs::metadata(key).map_err(|e| format!("sslkey {key}: {e}"))?;
+    let allowed = if meta.uid() == 0 { 0o037 } else { 0o077 };
+    if meta.mode() & allowed != 0 {
+        return Err(format!(
+            "sslkey {key}: others may read it (mode {:o}); make it 0600",
+            meta.mode() & 0o777
+        ));
+    }
+    let private = rustls::pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        format!("sslkey {key}: no usable private key (PEM PKCS#8, SEC1 or PKCS#1): {e}")
+    })?;
+    Ok((chain, private))
 }
 
 /// An error and its causes, `outer: inner: ...` (a TLS failure says why the certificate was

@@ -1397,3 +1397,109 @@ fn the_store_verifies_postgresql_over_tls() {
         assert!(!err.contains("s3cret"), "{query}: {err}");
     }
 }
+
+/// `sslcert` and `sslkey` log in by client certificate (pg_hba `cert`): the role that may only
+/// log in that way gets its store; without the certificate, with a key of others or with
+/// one file of the pair, it does not, with the reason and no key material in the message.
+#[test]
+fn the_store_logs_in_to_postgresql_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create().unwrap();
+    let (role, cert, key) = m2mpki_test_pki::pg::client_certificate().unwrap();
+    db.give_to(role).unwrap();
+    let ca = m2mpki_test_pki::pg::server_ca().unwrap();
+    let as_role = db.url.replace("postgres@", &format!("{role}@"));
+    let verified = format!("{as_role}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let with_cert = format!(
+        "{verified}&sslcert={}&sslkey={}",
+        cert.display(),
+        key.display()
+    );
+
+    let store = m2mpki_ca::PgStore::open(&with_cert).unwrap();
+    assert!(
+        store.cas().unwrap().is_empty(),
+        "the schema was created as {role}"
+    );
+    drop(store);
+    // The tables were created by the role the certificate logged in as.
+    use m2mpki_ca::pg::postgres;
+    let mut admin = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    let owner: String = admin
+        .query_one(
+            "SELECT tableowner::text FROM pg_tables WHERE tablename = 'm2mpki_meta'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, role);
+
+    let m2mpki = |store: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+            .env_remove("M2MPKI_STORE")
+            .arg("--home")
+            .arg(dir.path().join("home"))
+            .args(["--store", store, "ca", "list"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = m2mpki(&with_cert);
+    assert_eq!(code, Some(0), "{err}");
+
+    // Without the certificate the server refuses the role (pg_hba `cert`).
+    let (code, err) = m2mpki(&verified);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("certificate"), "{err}");
+
+    // A key file others may read is refused before connecting, as libpq does.
+    let open_key = dir.path().join("open.key");
+    std::fs::copy(&key, &open_key).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let not_a_key = dir.path().join("cert-as.key");
+    std::fs::copy(&cert, &not_a_key).unwrap();
+    std::fs::set_permissions(&not_a_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key_pem = std::fs::read_to_string(&key).unwrap();
+    let key_body = key_pem.lines().nth(1).unwrap();
+    for (query, says) in [
+        (
+            format!("sslcert={}&sslkey={}", cert.display(), open_key.display()),
+            "others may read it",
+        ),
+        (format!("sslcert={}", cert.display()), "go together"),
+        (
+            format!("sslcert={}&sslkey={}", key.display(), key.display()),
+            "expected CERTIFICATE",
+        ),
+        (
+            // Another key (the test CA's): not the certificate's.
+            format!(
+                "sslcert={}&sslkey={}",
+                cert.display(),
+                ca.with_file_name("ca.key").display()
+            ),
+            "is not the key of",
+        ),
+        (
+            format!("sslcert={}&sslkey={}", cert.display(), not_a_key.display()),
+            "no usable private key",
+        ),
+    ] {
+        let (code, err) = m2mpki(&format!("{verified}&{query}"));
+        assert_eq!(code, Some(2), "{query}: {err}");
+        assert!(err.contains(says), "{query}: {err}");
+        assert!(!err.contains(key_body), "key material in: {err}");
+    }
+    // Without verify-full a client certificate is refused too.
+    let (code, err) = m2mpki(&format!(
+        "{as_role}?sslcert={}&sslkey={}",
+        cert.display(),
+        key.display()
+    ));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("need sslmode=verify-full"), "{err}");
+}

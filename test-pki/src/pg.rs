@@ -26,6 +26,20 @@ pub fn server_ca() -> Result<std::path::PathBuf> {
     }
 }
 
+/// The role that logs in to the test cluster by client certificate only (over TLS; rejected
+/// without), and its certificate and key files (`$M2MPKI_TEST_PG_CLIENT_CERT`, `_KEY`).
+pub fn client_certificate() -> Result<(&'static str, std::path::PathBuf, std::path::PathBuf)> {
+    let var = |name: &str| match std::env::var(name) {
+        Ok(p) if !p.is_empty() => Ok(std::path::PathBuf::from(p)),
+        _ => bail!("{name} is not set: start the cluster with scripts/pg-cluster"),
+    };
+    Ok((
+        "m2mpki_cert",
+        var("M2MPKI_TEST_PG_CLIENT_CERT")?,
+        var("M2MPKI_TEST_PG_CLIENT_KEY")?,
+    ))
+}
+
 /// A database of its own for one test, dropped (with its connections) at the end.
 #[derive(Debug)]
 pub struct TestDb {
@@ -56,6 +70,14 @@ impl TestDb {
 }
 
 impl TestDb {
+    /// Hands the database to `role` (it may then create the store's tables in it).
+    pub fn give_to(&self, role: &str) -> Result<()> {
+        let mut client = Client::connect(&self.admin, NoTls)
+            .with_context(|| format!("connecting to the test cluster ({ENV})"))?;
+        client.batch_execute(&format!("ALTER DATABASE {} OWNER TO {role}", self.name))?;
+        Ok(())
+    }
+
     /// Makes the database refuse new connections and ends the open ones, as when its server
     /// goes away (`false`), or accept them again (`true`).
     pub fn set_reachable(&self, reachable: bool) -> Result<()> {
