@@ -20,6 +20,7 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::admission::Ticket;
 use openssl::ex_data::Index;
 use openssl::ssl::{
     Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslSessionCacheMode, SslVersion,
@@ -197,15 +198,11 @@ impl Listener {
         let permits = Arc::new(Semaphore::new(self.limits.max_connections));
         let per_address =
             crate::admission::PerAddress::new(self.limits.max_connections_per_address);
+        let waiting = Arc::new(crate::admission::Waiting::default());
         tokio::pin!(stop);
         loop {
-            let permit = tokio::select! {
-                _ = &mut stop => break,
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
+            // Accept first, even when every slot is taken: the newcomer may take the place of
+            // a connection that only waits (crate::admission), as on the bootstrap listener.
             let (tcp, peer) = tokio::select! {
                 _ = &mut stop => break,
                 r = listener.accept() => match r {
@@ -221,11 +218,27 @@ impl Listener {
                 tracing::debug!(%peer, "PSK association closed: too many connections from this address");
                 continue;
             };
+            let permit = match permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    if waiting.evict() {
+                        tracing::debug!(%peer, "PSK association: all slots taken: evicted the longest-waiting connection");
+                    }
+                    tokio::select! {
+                        _ = &mut stop => break,
+                        p = permits.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => break,
+                        },
+                    }
+                }
+            };
+            let ticket = waiting.enter(peer.ip());
             let _ = tcp.set_nodelay(true);
             let this = self.clone();
             tokio::spawn(async move {
                 let limit = this.limits.handshake_timeout + this.limits.idle_timeout;
-                if tokio::time::timeout(limit, this.serve(tcp, peer))
+                if tokio::time::timeout(limit, this.serve(tcp, peer, ticket))
                     .await
                     .is_err()
                 {
@@ -236,10 +249,18 @@ impl Listener {
         }
     }
 
-    async fn serve(&self, tcp: TcpStream, peer: SocketAddr) {
-        if !crate::admission::first_record(&tcp, self.limits.hello_timeout).await {
-            tracing::info!(%peer, "no ClientHello within the hello timeout (PSK association); closed");
-            return;
+    async fn serve(&self, tcp: TcpStream, peer: SocketAddr, mut ticket: Ticket) {
+        let hello = crate::admission::first_record(&tcp, self.limits.hello_timeout);
+        match ticket.or_evicted(hello).await {
+            Some(true) => {}
+            Some(false) => {
+                tracing::info!(%peer, "no ClientHello within the hello timeout (PSK association); closed");
+                return;
+            }
+            None => {
+                tracing::info!(%peer, "PSK association evicted while waiting for its ClientHello");
+                return;
+            }
         }
         let ssl = match Ssl::new(&self.ctx) {
             Ok(s) => s,
@@ -251,15 +272,20 @@ impl Listener {
         let Ok(mut tls) = tokio_openssl::SslStream::new(ssl, tcp) else {
             return;
         };
-        match tokio::time::timeout(self.limits.handshake_timeout, Pin::new(&mut tls).accept()).await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+        let handshake =
+            tokio::time::timeout(self.limits.handshake_timeout, Pin::new(&mut tls).accept());
+        match ticket.or_evicted(handshake).await {
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => {
                 tracing::info!(%peer, error = %e, "PSK handshake failed");
                 return;
             }
-            Err(_) => {
+            Some(Err(_)) => {
                 tracing::info!(%peer, "PSK handshake timed out");
+                return;
+            }
+            None => {
+                tracing::info!(%peer, "PSK association evicted during the handshake");
                 return;
             }
         }
@@ -273,33 +299,38 @@ impl Listener {
             .map_or("?", openssl::ssl::SslCipherRef::name)
             .to_owned();
         tracing::info!(%peer, identity = %assoc.identity, credential = %assoc.credential_id, %suite, "PSK association established");
-        if let Err(e) = self.exchange(&mut tls, &assoc, peer).await {
+        if let Err(e) = self.exchange(&mut tls, &assoc, peer, ticket).await {
             tracing::info!(%peer, error = %e, "PSK association ended with an error");
         }
         let _ = tls.shutdown().await;
     }
 
-    /// One HTTP request on an established association: answered here or forwarded.
+    /// One HTTP request on an established association: answered here or forwarded. The
+    /// connection can be evicted until its request head is in, not after.
     async fn exchange(
         &self,
         tls: &mut tokio_openssl::SslStream<TcpStream>,
         assoc: &Association,
         peer: SocketAddr,
+        mut ticket: Ticket,
     ) -> std::io::Result<()> {
         let max_body = self.limits.max_body;
-        let buffered =
-            match tokio::time::timeout(self.limits.idle_timeout, http_head::read(tls, max_body))
-                .await
-            {
-                Ok(Ok(Head::Ok { buffered })) => buffered,
-                Ok(Ok(Head::Refuse(r))) => {
-                    let body = serde_json::json!({ "error": r.code, "message": r.message });
-                    let out = http_head::json_response(r.status, body.to_string().as_bytes());
-                    return tls.write_all(&out).await;
-                }
-                Ok(Ok(Head::Closed)) | Err(_) => return Ok(()),
-                Ok(Err(e)) => return Err(e),
-            };
+        let head = tokio::time::timeout(self.limits.idle_timeout, http_head::read(tls, max_body));
+        let Some(head) = ticket.or_evicted(head).await else {
+            tracing::info!(%peer, "PSK association evicted while waiting for its request");
+            return Ok(());
+        };
+        ticket.leave();
+        let buffered = match head {
+            Ok(Ok(Head::Ok { buffered })) => buffered,
+            Ok(Ok(Head::Refuse(r))) => {
+                let body = serde_json::json!({ "error": r.code, "message": r.message });
+                let out = http_head::json_response(r.status, body.to_string().as_bytes());
+                return tls.write_all(&out).await;
+            }
+            Ok(Ok(Head::Closed)) | Err(_) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+        };
         let request = match Request::parse(&buffered) {
             Ok(r) => r,
             Err(status_msg) => {

@@ -219,3 +219,46 @@ fn a_half_hello_that_closes_frees_its_place_at_once() {
         }
     });
 }
+
+/// The PSK association listener evicts too: with its 4 places held by connections that send
+/// nothing (and every timeout at 60 s), a node with its provisioned credential still gets its
+/// association, in place of the longest-waiting of them. (Until 2026-12-01 the listener took a
+/// place before accepting, and the node waited in the accept queue past its 10 s timeout.)
+#[test]
+fn a_psk_association_gets_through_when_silent_connections_hold_every_place() {
+    let run = Running::start(|c| {
+        c.dtls = None;
+        c.limits.max_connections = 4;
+        c.limits.hello_timeout = Duration::from_secs(60);
+        c.limits.handshake_timeout = Duration::from_secs(60);
+        c.limits.idle_timeout = Duration::from_secs(60);
+    });
+    let psk = run.psk.expect("the lab configures a PSK listener");
+    let enrolled = run
+        .rt
+        .block_on(client::enroll_prepared(&prepared(
+            &run,
+            "SN-0002",
+            Duration::from_secs(10),
+        )))
+        .unwrap();
+    let held = run.rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(silent(IpAddr::from(ATTACKER), psk, false).await.unwrap());
+        }
+        // Give the IN time to seat them.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        held
+    });
+    let associated = m2mpki_bootstrap::psk::associate(&m2mpki_bootstrap::psk::AssociateRequest {
+        credential_id: enrolled.credential_id.clone(),
+        credential: enrolled.credential.clone(),
+        in_fqdn: enrolled.in_fqdn.clone(),
+        connect: psk,
+        timeout: Duration::from_secs(10),
+    })
+    .unwrap();
+    assert_eq!(associated.association.identity, enrolled.identity.to_string());
+    drop(held);
+}
