@@ -259,6 +259,9 @@ fn a_psk_association_gets_through_when_silent_connections_hold_every_place() {
         timeout: Duration::from_secs(10),
     })
     .unwrap();
-    assert_eq!(associated.association.identity, enrolled.identity.to_string());
+    assert_eq!(
+        associated.association.identity,
+        enrolled.identity.to_string()
+    );
     drop(held);
 }

@@ -898,16 +898,7 @@ impl SharedLab {
     }
 
     fn m2mpki(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_m2mpki"))
-            .env_remove("M2MPKI_STORE")
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        m2mpki(args)
     }
 
     /// `m2mpki --home <lab home> --store <database> ARGS`, which must succeed.
@@ -1014,6 +1005,27 @@ impl SharedLab {
         }
         panic!("the IN on port {port} did not enrol SN-0001: {last}");
     }
+}
+
+/// `m2mpki ARGS` with no `$M2MPKI_STORE` from the environment: exit code, stdout and stderr.
+fn m2mpki(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_m2mpki"))
+        .env_remove("M2MPKI_STORE")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`m2mpki`] with `--home HOME` first.
+fn m2mpki_in(home: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["--home", home.to_str().unwrap()];
+    all.extend_from_slice(args);
+    m2mpki(&all)
 }
 
 fn free_port() -> u16 {
@@ -1246,20 +1258,7 @@ fn bootstrap_migrate_copies_the_in_store_into_postgres() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     let db = TestDb::create().unwrap();
-    let m2mpki = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_m2mpki"))
-            .env_remove("M2MPKI_STORE")
-            .arg("--home")
-            .arg(&home)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let m2mpki = |args: &[&str]| m2mpki_in(&home, args);
     for (who, what) in [
         ("node:acme.example:pump-1", "valve-7"),
         ("node:acme.example:pump-2", "meter"),
@@ -1328,18 +1327,10 @@ fn the_store_verifies_postgresql_over_tls() {
     assert!(version.unwrap_or_default().starts_with("TLSv1."));
     drop(store);
 
+    let home = dir.path().join("home");
     let m2mpki = |store: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_m2mpki"))
-            .env_remove("M2MPKI_STORE")
-            .arg("--home")
-            .arg(dir.path().join("home"))
-            .args(["--store", store, "ca", "list"])
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let (code, _, err) = m2mpki_in(&home, &["--store", store, "ca", "list"]);
+        (code, err)
     };
     let (code, err) = m2mpki(&tls_url);
     assert_eq!(code, Some(0), "{err}");
@@ -1434,18 +1425,10 @@ fn the_store_logs_in_to_postgresql_with_a_client_certificate() {
         .get(0);
     assert_eq!(owner, role);
 
+    let home = dir.path().join("home");
     let m2mpki = |store: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_m2mpki"))
-            .env_remove("M2MPKI_STORE")
-            .arg("--home")
-            .arg(dir.path().join("home"))
-            .args(["--store", store, "ca", "list"])
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let (code, _, err) = m2mpki_in(&home, &["--store", store, "ca", "list"]);
+        (code, err)
     };
     let (code, err) = m2mpki(&with_cert);
     assert_eq!(code, Some(0), "{err}");
