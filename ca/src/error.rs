@@ -95,6 +95,10 @@ pub enum Error {
     /// The store failed (storage).
     #[error("store: {0}")]
     Store(String),
+    /// A commit was sent and its answer never came: the store may or may not have recorded
+    /// the change (storage). The next read on a fresh connection tells which.
+    #[error("store: {0}: the store may or may not have recorded this")]
+    CommitUnknown(String),
     /// A file could not be read or written (storage).
     #[error("{}: {source}", path.display())]
     Io {
@@ -129,6 +133,7 @@ impl Error {
             Error::Key(_)
             | Error::StoreLocked(_)
             | Error::Store(_)
+            | Error::CommitUnknown(_)
             | Error::Io { .. }
             | Error::Internal(_) => ErrorKind::Internal,
         }

@@ -2,18 +2,32 @@
 //! IN's credentials): connect on first use and again after a break, read in one snapshot,
 //! write under an advisory lock with retries, and never block an async runtime's worker.
 //!
-//! The `postgres` client drives its own small runtime, which must not be entered from a
-//! thread of another runtime; every call here therefore leaves the caller's runtime first
+//! Every wait is bounded (docs/store.md, "Bounded waits"): each round trip must be answered
+//! within [`OP_TIMEOUT`] (a client-side deadline: a database that stops answering while its
+//! TCP connection stays up cannot hold a caller), the server ends a statement, a lock wait or
+//! an abandoned transaction on its side too (`statement_timeout`, `lock_timeout`,
+//! `idle_in_transaction_session_timeout`), and TCP keepalives and a TCP user timeout notice a
+//! dead peer. A connection that missed a deadline is dropped and opened again on next use.
+//!
+//! Every write transaction commits with `synchronous_commit = on`, whatever the server's
+//! setting: an acknowledged commit is on the database's disk. A commit whose answer never came
+//! is reported as [`Error::CommitUnknown`], never as "nothing recorded".
+//!
+//! The client drives its own small runtime, which must not be entered from a thread of
+//! another runtime; every call here therefore leaves the caller's runtime first
 //! ([`outside_runtime`]). When the database is unreachable, calls fail at once for
 //! [`DOWN_BACKOFF`] after a failed connect instead of each waiting for its own connect timeout,
 //! so an IN refuses enrolments quickly while its store is down.
 
+use std::cell::Cell;
+use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub use postgres;
-use postgres::error::SqlState;
-use postgres::{Client, NoTls, Transaction};
+pub use tokio_postgres as postgres;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, GenericClient, NoTls, Row, Statement, ToStatement};
 
 use crate::{Error, Result};
 
@@ -23,6 +37,14 @@ const TRIES: usize = 5;
 /// How long after a failed connect further calls fail without trying again.
 pub const DOWN_BACKOFF: Duration = Duration::from_secs(1);
 
+/// How long one round trip to the database may take before the connection is given up (the
+/// statement is then also ended by the server's `statement_timeout`, the same length).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The session settings every connection starts with: the server's side of the bounded waits.
+const SESSION_SETTINGS: &str = "SET statement_timeout = '5s'; SET lock_timeout = '5s'; \
+     SET idle_in_transaction_session_timeout = '15s'";
+
 /// Why a transaction ended: ours (an m2mpki error, returned as is) or the database's.
 #[derive(Debug)]
 pub enum Fail {
@@ -30,6 +52,8 @@ pub enum Fail {
     Ours(Error),
     /// A database error: retried when it is a serialization failure or deadlock.
     Db(postgres::Error),
+    /// No answer within the deadline: the connection is dropped.
+    TimedOut(Duration),
 }
 
 impl From<Error> for Fail {
@@ -242,12 +266,142 @@ pub fn outside_runtime<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     }
 }
 
+/// Statements on one connection (a transaction, or the connection itself for statements that
+/// commit by themselves), each bounded by the deadline: the sync face of the async client.
+/// Its methods are those of `postgres::Client`, returning [`TxResult`].
+pub struct Db<'a, C> {
+    c: &'a C,
+    rt: &'a tokio::runtime::Runtime,
+    deadline: Option<Instant>,
+    /// Set when a deadline was missed: the connection is then dropped.
+    lost: &'a Cell<bool>,
+}
+
+/// A write or read transaction.
+pub type Tx<'a> = Db<'a, tokio_postgres::Transaction<'a>>;
+/// The connection itself (each statement commits by itself).
+pub type Session<'a> = Db<'a, Client>;
+
+impl<C> Db<'_, C> {
+    /// Waits for `fut`, at most until the operation's deadline.
+    fn wait<T>(&self, fut: impl Future<Output = Result<T, postgres::Error>>) -> TxResult<T> {
+        bounded(self.rt, self.deadline, self.lost, fut)
+    }
+}
+
+/// Waits on `rt` for `fut`, for at most [`OP_TIMEOUT`] or until `deadline`, whichever is
+/// sooner; a missed deadline marks the connection `lost`.
+fn bounded<T>(
+    rt: &tokio::runtime::Runtime,
+    deadline: Option<Instant>,
+    lost: &Cell<bool>,
+    fut: impl Future<Output = Result<T, postgres::Error>>,
+) -> TxResult<T> {
+    let mut limit = OP_TIMEOUT;
+    if let Some(d) = deadline {
+        limit = limit.min(d.saturating_duration_since(Instant::now()));
+    }
+    if limit.is_zero() {
+        lost.set(true);
+        return Err(Fail::TimedOut(Duration::ZERO));
+    }
+    // The timer is made inside the runtime: it needs the runtime's time driver.
+    match rt.block_on(async { tokio::time::timeout(limit, fut).await }) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Fail::Db(e)),
+        Err(_) => {
+            lost.set(true);
+            Err(Fail::TimedOut(limit))
+        }
+    }
+}
+
+impl<C: GenericClient + Sync> Db<'_, C> {
+    /// Runs a statement; returns the number of rows it changed.
+    pub fn execute<T: ?Sized + ToStatement + Sync + Send>(
+        &mut self,
+        query: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> TxResult<u64> {
+        self.wait(self.c.execute(query, params))
+    }
+    /// Runs a query; returns its rows.
+    pub fn query<T: ?Sized + ToStatement + Sync + Send>(
+        &mut self,
+        query: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> TxResult<Vec<Row>> {
+        self.wait(self.c.query(query, params))
+    }
+    /// Runs a query that returns exactly one row.
+    pub fn query_one<T: ?Sized + ToStatement + Sync + Send>(
+        &mut self,
+        query: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> TxResult<Row> {
+        self.wait(self.c.query_one(query, params))
+    }
+    /// Runs a query that returns at most one row.
+    pub fn query_opt<T: ?Sized + ToStatement + Sync + Send>(
+        &mut self,
+        query: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> TxResult<Option<Row>> {
+        self.wait(self.c.query_opt(query, params))
+    }
+    /// Runs a query with typed parameters, without preparing it (one round trip).
+    pub fn query_typed(
+        &mut self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> TxResult<Vec<Row>> {
+        self.wait(self.c.query_typed(query, params))
+    }
+    /// [`query_typed`](Self::query_typed) for exactly one row.
+    pub fn query_typed_one(
+        &mut self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> TxResult<Row> {
+        self.wait(self.c.query_typed_one(query, params))
+    }
+    /// [`query_typed`](Self::query_typed) for at most one row.
+    pub fn query_typed_opt(
+        &mut self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> TxResult<Option<Row>> {
+        self.wait(self.c.query_typed_opt(query, params))
+    }
+    /// Runs statements separated by `;`, without parameters.
+    pub fn batch_execute(&mut self, query: &str) -> TxResult<()> {
+        self.wait(self.c.batch_execute(query))
+    }
+    /// Prepares a statement.
+    pub fn prepare(&mut self, query: &str) -> TxResult<Statement> {
+        self.wait(self.c.prepare(query))
+    }
+}
+
+/// The async client connected, and the runtime that drives its connection.
 struct Conn {
+    rt: Option<tokio::runtime::Runtime>,
     client: Option<Client>,
     /// Statements prepared on `client`, by their text (gone with the connection).
-    prepared: std::collections::HashMap<&'static str, postgres::Statement>,
+    prepared: std::collections::HashMap<&'static str, Statement>,
     /// When the last connect failed, and how.
     down: Option<(Instant, String)>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.client = None;
+        // Dropping a runtime blocks, which panics inside another runtime (an IN stopping):
+        // shut it down without waiting instead.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// A lazily opened connection to one database. `Debug` shows where, never who or the password.
@@ -269,7 +423,8 @@ impl std::fmt::Debug for PgConn {
 
 impl PgConn {
     /// Parses `url` (`postgres://user@host:port/db`, or key=value pairs); connects on first
-    /// use. A connect timeout of 5 s applies unless the URL sets one.
+    /// use. A connect timeout of 5 s applies unless the URL sets one; TCP keepalives probe an
+    /// idle connection after 15 s, and unacknowledged data gives up after [`OP_TIMEOUT`].
     pub fn new(url: &str) -> Result<Self> {
         let (url, tls) = take_tls(url)?;
         let mut config: postgres::Config = url.parse().map_err(|e| {
@@ -282,6 +437,12 @@ impl PgConn {
         if config.get_application_name().is_none() {
             config.application_name("m2mpki");
         }
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(15))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .tcp_user_timeout(OP_TIMEOUT);
         config.ssl_mode(if tls.is_some() {
             postgres::config::SslMode::Require
         } else {
@@ -292,6 +453,7 @@ impl PgConn {
             shown: describe(&config),
             config,
             conn: Mutex::new(Conn {
+                rt: None,
                 client: None,
                 prepared: std::collections::HashMap::new(),
                 down: None,
@@ -313,21 +475,112 @@ impl PgConn {
                 db.message(),
                 db.code().code()
             )),
-            None => Error::Store(format!("{}: {e}", self.shown)),
+            None => Error::Store(format!("{}: {}", self.shown, with_causes(e))),
         }
     }
 
-    /// Runs `f` with the connection, opening it first when there is none or it broke.
-    fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
-        self.with_conn(|client, _| f(client))
+    /// A failed transaction as an m2mpki error.
+    fn fail_err(&self, e: Fail) -> Error {
+        match e {
+            Fail::Ours(e) => e,
+            Fail::Db(e) => self.db_err(&e),
+            Fail::TimedOut(d) => Error::Store(format!(
+                "{}: no answer from the database within {} ms (the connection is dropped)",
+                self.shown,
+                d.as_millis()
+            )),
+        }
     }
 
-    /// Runs `f` with the connection and its prepared statements.
+    /// Connects `conn` when it has no open connection.
+    fn connect(&self, conn: &mut Conn) -> Result<()> {
+        if conn.client.as_ref().is_some_and(|c| !c.is_closed()) {
+            return Ok(());
+        }
+        conn.client = None;
+        conn.prepared.clear();
+        if let Some((at, why)) = &conn.down {
+            if at.elapsed() < DOWN_BACKOFF {
+                return Err(Error::Store(why.clone()));
+            }
+        }
+        if conn.rt.is_none() {
+            conn.rt = Some(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::internal(format!("a runtime for PostgreSQL: {e}")))?,
+            );
+        }
+        let rt = conn
+            .rt
+            .as_ref()
+            .ok_or_else(|| Error::internal("no PostgreSQL runtime"))?;
+        let limit = self
+            .config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(OP_TIMEOUT)
+            + OP_TIMEOUT;
+        let connected = rt.block_on(async {
+            tokio::time::timeout(limit, async {
+                let client = match &self.tls {
+                    None => {
+                        let (client, connection) = self.config.connect(NoTls).await?;
+                        tokio::spawn(async move { drop(connection.await) });
+                        client
+                    }
+                    Some(tls) => {
+                        let (client, connection) = self.config.connect(tls.clone()).await?;
+                        tokio::spawn(async move { drop(connection.await) });
+                        client
+                    }
+                };
+                client.batch_execute(SESSION_SETTINGS).await?;
+                Ok::<_, postgres::Error>(client)
+            })
+            .await
+        });
+        match connected {
+            Ok(Ok(client)) => {
+                conn.client = Some(client);
+                conn.down = None;
+                Ok(())
+            }
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => with_causes(&e),
+                    _ => format!("no answer within {} s", limit.as_secs()),
+                };
+                let why = format!("cannot connect to PostgreSQL at {}: {why}", self.shown);
+                conn.down = Some((Instant::now(), why.clone()));
+                Err(Error::Store(why))
+            }
+        }
+    }
+
+    /// Runs `f` with the connection (opened first when there is none or it broke), its
+    /// runtime, the flag that marks it lost, and its prepared statements.
     fn with_conn<T>(
         &self,
         f: impl FnOnce(
+            &Client,
+            &tokio::runtime::Runtime,
+            &Cell<bool>,
+            &mut std::collections::HashMap<&'static str, Statement>,
+        ) -> Result<T>,
+    ) -> Result<T> {
+        self.with_conn_mut(|client, rt, lost, prepared| f(client, rt, lost, prepared))
+    }
+
+    /// [`with_conn`](Self::with_conn) with the client borrowed mutably (for transactions).
+    fn with_conn_mut<T>(
+        &self,
+        f: impl FnOnce(
             &mut Client,
-            &mut std::collections::HashMap<&'static str, postgres::Statement>,
+            &tokio::runtime::Runtime,
+            &Cell<bool>,
+            &mut std::collections::HashMap<&'static str, Statement>,
         ) -> Result<T>,
     ) -> Result<T> {
         outside_runtime(|| {
@@ -335,42 +588,19 @@ impl PgConn {
                 .conn
                 .lock()
                 .map_err(|_| Error::internal("the PostgreSQL connection lock is poisoned"))?;
-            if guard.client.as_ref().is_none_or(Client::is_closed) {
-                guard.client = None;
-                guard.prepared.clear();
-                if let Some((at, why)) = &guard.down {
-                    if at.elapsed() < DOWN_BACKOFF {
-                        return Err(Error::Store(why.clone()));
-                    }
-                }
-                let connected = match &self.tls {
-                    None => self.config.connect(NoTls),
-                    Some(tls) => self.config.connect(tls.clone()),
-                };
-                match connected {
-                    Ok(client) => {
-                        guard.client = Some(client);
-                        guard.down = None;
-                    }
-                    Err(e) => {
-                        let why = format!(
-                            "cannot connect to PostgreSQL at {}: {}",
-                            self.shown,
-                            with_causes(&e)
-                        );
-                        guard.down = Some((Instant::now(), why.clone()));
-                        return Err(Error::Store(why));
-                    }
-                }
-            }
+            self.connect(&mut guard)?;
+            let lost = Cell::new(false);
             let Conn {
-                client, prepared, ..
+                rt,
+                client,
+                prepared,
+                ..
             } = &mut *guard;
-            let client = client
-                .as_mut()
-                .ok_or_else(|| Error::internal("no PostgreSQL connection"))?;
-            let out = f(client, prepared);
-            if client.is_closed() {
+            let (Some(rt), Some(client)) = (rt.as_ref(), client.as_mut()) else {
+                return Err(Error::internal("no PostgreSQL connection"));
+            };
+            let out = f(client, rt, &lost, prepared);
+            if lost.get() || client.is_closed() {
                 guard.client = None;
                 guard.prepared.clear();
             }
@@ -380,12 +610,15 @@ impl PgConn {
 
     /// Statements run on the connection as they are, each committing by itself: for a single
     /// read, one round trip (with `query_typed`) instead of a transaction's four.
-    pub fn single<T>(&self, f: impl FnOnce(&mut Client) -> TxResult<T>) -> Result<T> {
-        self.with_client(|client| {
-            f(client).map_err(|e| match e {
-                Fail::Ours(e) => e,
-                Fail::Db(e) => self.db_err(&e),
-            })
+    pub fn single<T>(&self, f: impl FnOnce(&mut Session<'_>) -> TxResult<T>) -> Result<T> {
+        self.with_conn(|client, rt, lost, _| {
+            let mut db = Db {
+                c: client,
+                rt,
+                deadline: None,
+                lost,
+            };
+            f(&mut db).map_err(|e| self.fail_err(e))
         })
     }
 
@@ -394,21 +627,24 @@ impl PgConn {
     pub fn single_prepared<T>(
         &self,
         sql: &'static str,
-        f: impl FnOnce(&mut Client, &postgres::Statement) -> TxResult<T>,
+        f: impl FnOnce(&mut Session<'_>, &Statement) -> TxResult<T>,
     ) -> Result<T> {
-        self.with_conn(|client, prepared| {
+        self.with_conn(|client, rt, lost, prepared| {
+            let mut db = Db {
+                c: client,
+                rt,
+                deadline: None,
+                lost,
+            };
             let statement = match prepared.get(sql) {
                 Some(s) => s.clone(),
                 None => {
-                    let s = client.prepare(sql).map_err(|e| self.db_err(&e))?;
+                    let s = db.prepare(sql).map_err(|e| self.fail_err(e))?;
                     prepared.insert(sql, s.clone());
                     s
                 }
             };
-            f(client, &statement).map_err(|e| match e {
-                Fail::Ours(e) => e,
-                Fail::Db(e) => self.db_err(&e),
-            })
+            f(&mut db, &statement).map_err(|e| self.fail_err(e))
         })
     }
 
@@ -437,7 +673,7 @@ impl PgConn {
                     )?;
                 }
                 Some(row) => {
-                    let v: String = row.get(0);
+                    let v: String = row.try_get(0)?;
                     if v.parse::<i32>().map_or(true, |v| v > version) {
                         return Err(Error::Store(format!(
                             "the database's {what} schema is version {v}; this build knows \
@@ -452,51 +688,104 @@ impl PgConn {
     }
 
     /// A read-only statement sequence in one snapshot (REPEATABLE READ, READ ONLY).
-    pub fn read<T>(&self, mut f: impl FnMut(&mut Transaction<'_>) -> TxResult<T>) -> Result<T> {
-        self.with_client(|client| {
-            let mut run = |client: &mut Client| -> TxResult<T> {
-                let mut tx = client
-                    .build_transaction()
-                    .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                    .read_only(true)
-                    .start()?;
-                let out = f(&mut tx)?;
-                tx.commit()?;
+    pub fn read<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> TxResult<T>) -> Result<T> {
+        self.with_conn_mut(|client, rt, lost, _| {
+            let mut run = || -> TxResult<T> {
+                let tx = bounded(
+                    rt,
+                    None,
+                    lost,
+                    client
+                        .build_transaction()
+                        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                        .read_only(true)
+                        .start(),
+                )?;
+                let out = {
+                    let mut db = Db {
+                        c: &tx,
+                        rt,
+                        deadline: None,
+                        lost,
+                    };
+                    f(&mut db)?
+                };
+                bounded(rt, None, lost, tx.commit())?;
                 Ok(out)
             };
-            run(client).map_err(|e| match e {
-                Fail::Ours(e) => e,
-                Fail::Db(e) => self.db_err(&e),
-            })
+            run().map_err(|e| self.fail_err(e))
         })
     }
 
-    /// A write transaction (READ COMMITTED) that first takes the advisory lock `lock` for its
-    /// length, retried from the start on serialization failures and deadlocks; a failed commit
-    /// is never retried blind.
-    pub fn write<T>(
+    /// A write transaction (READ COMMITTED, `synchronous_commit = on`) that first takes the
+    /// advisory lock `lock` for its length, retried from the start on serialization failures
+    /// and deadlocks; a failed commit is never retried blind. A commit that was sent and not
+    /// answered is [`Error::CommitUnknown`].
+    pub fn write<T>(&self, lock: i64, f: impl FnMut(&mut Tx<'_>) -> TxResult<T>) -> Result<T> {
+        self.write_until(lock, None, f)
+    }
+
+    /// [`write`](Self::write) that gives up at `deadline`: nothing is sent after it, so a
+    /// transaction that missed it either did not commit (an error that says so) or is
+    /// [`Error::CommitUnknown`] (its COMMIT was sent in time but not answered).
+    pub fn write_until<T>(
         &self,
         lock: i64,
-        mut f: impl FnMut(&mut Transaction<'_>) -> TxResult<T>,
+        deadline: Option<Instant>,
+        mut f: impl FnMut(&mut Tx<'_>) -> TxResult<T>,
     ) -> Result<T> {
-        self.with_client(|client| {
+        self.with_conn_mut(|client, rt, lost, _| {
             let mut tries = 0;
             loop {
                 tries += 1;
+                let mut committing = false;
                 let attempt = (|| -> TxResult<T> {
-                    let mut tx = client.transaction()?;
-                    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])?;
-                    let out = f(&mut tx)?;
-                    tx.commit()?;
+                    let tx = bounded(rt, deadline, lost, client.transaction())?;
+                    let out = {
+                        let mut db = Db {
+                            c: &tx,
+                            rt,
+                            deadline,
+                            lost,
+                        };
+                        db.batch_execute(&format!(
+                            "SET LOCAL synchronous_commit = on; SELECT pg_advisory_xact_lock({lock})"
+                        ))?;
+                        f(&mut db)?
+                    };
+                    committing = true;
+                    bounded(rt, deadline, lost, tx.commit())?;
                     Ok(out)
                 })();
                 match attempt {
                     Ok(v) => return Ok(v),
                     Err(Fail::Ours(e)) => return Err(e),
                     Err(Fail::Db(e)) if retryable(&e) && tries < TRIES => continue,
-                    Err(Fail::Db(e)) => return Err(self.db_err(&e)),
+                    // The server answered the COMMIT with an error: nothing was committed.
+                    Err(Fail::Db(e)) if committing && e.as_db_error().is_none() => {
+                        return Err(Error::CommitUnknown(format!(
+                            "{}: the connection broke while the commit was in flight ({})",
+                            self.shown,
+                            with_causes(&e)
+                        )))
+                    }
+                    Err(Fail::TimedOut(d)) if committing && !d.is_zero() => {
+                        return Err(Error::CommitUnknown(format!(
+                            "{}: the commit was not answered within {} ms",
+                            self.shown,
+                            d.as_millis()
+                        )))
+                    }
+                    Err(e) => return Err(self.fail_err(e)),
                 }
             }
         })
+    }
+
+    /// Waits until every write transaction that held `lock` before this call has ended
+    /// (committed or rolled back, on any connection), so that a read after it sees the final
+    /// outcome of a commit that was [`Error::CommitUnknown`]. Bounded by `lock_timeout`.
+    pub fn settle(&self, lock: i64) -> Result<()> {
+        self.write(lock, |_| Ok(()))
     }
 }

@@ -13,10 +13,8 @@
 
 use std::collections::HashMap;
 
-use postgres::Transaction;
-
 use crate::audit::{self, AuditEntry, AuditEvent};
-use crate::pg::{postgres, PgConn, TxResult};
+use crate::pg::{postgres, PgConn, Tx, TxResult};
 use crate::rootset::RootSet;
 use crate::serial::Serial;
 use crate::store::{
@@ -114,7 +112,7 @@ impl PgStore {
     }
 
     /// Appends audit entries inside a write transaction (which holds the writers' lock).
-    fn append_audit(tx: &mut Transaction<'_>, events: Vec<AuditEvent>) -> TxResult<()> {
+    fn append_audit(tx: &mut Tx<'_>, events: Vec<AuditEvent>) -> TxResult<()> {
         if events.is_empty() {
             return Ok(());
         }
@@ -383,10 +381,10 @@ impl Store for PgStore {
         let mut after = 0i64;
         loop {
             let rows = self.conn.read(|tx| {
-                Ok(tx.query(
+                tx.query(
                     "SELECT seq, entry FROM m2mpki_audit WHERE seq > $1 ORDER BY seq LIMIT $2",
                     &[&after, &PAGE],
-                )?)
+                )
             })?;
             for row in &rows {
                 after = row.get(0);
@@ -495,10 +493,10 @@ impl Store for PgStore {
 
     fn revoked(&self, ca: &str, visit: &mut dyn FnMut(RevokedEntry) -> Result<()>) -> Result<()> {
         let rows = self.conn.read(|tx| {
-            Ok(tx.query(
+            tx.query(
                 "SELECT entry FROM m2mpki_revoked WHERE ca = $1 ORDER BY serial",
                 &[&ca],
-            )?)
+            )
         })?;
         for row in &rows {
             visit(from_json("revocation", row.get::<_, &str>(0))?)?;

@@ -1311,7 +1311,7 @@ fn the_store_verifies_postgresql_over_tls() {
     let store = m2mpki_ca::PgStore::open(&tls_url).unwrap();
     assert!(store.cas().unwrap().is_empty());
     // The server's view of this connection.
-    use m2mpki_ca::pg::postgres;
+    use m2mpki_test_pki::pg::postgres;
     let mut admin =
         postgres::Client::connect(&m2mpki_test_pki::pg::server().unwrap(), postgres::NoTls)
             .unwrap();
@@ -1414,7 +1414,7 @@ fn the_store_logs_in_to_postgresql_with_a_client_certificate() {
     );
     drop(store);
     // The tables were created by the role the certificate logged in as.
-    use m2mpki_ca::pg::postgres;
+    use m2mpki_test_pki::pg::postgres;
     let mut admin = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
     let owner: String = admin
         .query_one(

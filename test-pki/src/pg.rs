@@ -2,6 +2,7 @@
 //! `scripts/test` starts (`scripts/pg-cluster`), named by `$M2MPKI_TEST_PG`.
 
 use anyhow::{bail, Context, Result};
+pub use postgres;
 use postgres::{Client, NoTls};
 
 /// The variable naming the test cluster's administrative URL.
