@@ -17,7 +17,7 @@ use crate::identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId};
 use crate::leaf_der::{subject_text, LeafFields, LeafSan, LeafTemplate, SubjectAttr};
 use crate::profile::{KeyUsage, LeafProfile, ProfileKind};
 use crate::serial::Serial;
-use crate::store::{CaRecord, CertRecord, CertStatus, NewCert, Store};
+use crate::store::{settle_outcome, CaRecord, CertRecord, CertStatus, NewCert, Store};
 use crate::validity::{format_time, Validity};
 use crate::{Error, Result};
 
@@ -55,6 +55,10 @@ pub struct CaInit {
     pub hw_type: Option<Oid>,
     /// Name constraints.
     pub name_constraints: NameConstraints,
+    /// With a generated key: replace a key file left at the CA's key path (by a crashed
+    /// `ca init`, say) when no CA of this store uses it. Without it, an existing file is
+    /// refused: a CA of another store of the home may use it.
+    pub replace_key_file: bool,
 }
 
 fn now() -> OffsetDateTime {
@@ -164,8 +168,8 @@ pub fn init_ca(
     }
 
     // The key: generated into the home folder, or an existing one. A generated key file is
-    // removed again unless the CA is recorded.
-    let (signer, key_ref, mut orphan) = ca_key(home, keystore, &req)?;
+    // removed again unless the CA is recorded (or may have been).
+    let (signer, key_ref, mut orphan) = ca_key(home, store, keystore, &req)?;
     let (cert_der, chain_der, serial) = sign_ca_certificate(
         &req,
         &dn,
@@ -192,18 +196,59 @@ pub fn init_ca(
         cert_der,
         chain_der,
     };
-    store.create_ca(&record, ca_init_event(&record))?;
-    orphan.keep();
-    Ok(record)
+    match store.create_ca(&record, ca_init_event(&record)) {
+        Ok(()) => {
+            orphan.keep();
+            Ok(record)
+        }
+        // The commit's answer never came: what the store holds decides.
+        Err(e @ Error::CommitUnknown { .. }) => {
+            let name = req.name.clone();
+            let settled = settle_outcome(
+                store,
+                e,
+                || format!("m2mpki ca show {name}"),
+                |s| {
+                    Ok(s.ca(&req.name)?
+                        .filter(|found| found.cert_der == record.cert_der))
+                },
+            );
+            match settled {
+                Ok(_) => {
+                    orphan.keep();
+                    Ok(record)
+                }
+                Err(Error::CommitUnknown { why, check }) => {
+                    // The CA may be recorded: its key must stay.
+                    let kept = orphan.keep();
+                    Err(Error::CommitUnknown {
+                        why: match kept {
+                            Some(path) => {
+                                format!("{why} (its new key is kept at {})", path.display())
+                            }
+                            None => why,
+                        },
+                        check,
+                    })
+                }
+                Err(e) => Err(e),
+            }
+        }
+        // A known refusal or failure: nothing was recorded, and the key file (ours alone:
+        // created exclusively) goes.
+        Err(e) => Err(e),
+    }
 }
 
 /// A key file `ca init` generated, deleted on drop unless [`keep`](Self::keep) was called: an
-/// error anywhere before the CA is recorded leaves no key behind.
+/// error before the CA is recorded leaves no key behind. The file is this process's alone
+/// (created exclusively), so deleting it never touches another CA's key.
 struct OrphanKey(Option<std::path::PathBuf>);
 
 impl OrphanKey {
-    fn keep(&mut self) {
-        self.0 = None;
+    /// Keeps the file; returns its path, if there is one.
+    fn keep(&mut self) -> Option<std::path::PathBuf> {
+        self.0.take()
     }
 }
 
@@ -216,18 +261,50 @@ impl Drop for OrphanKey {
 }
 
 /// The new CA's key: generated into the home folder, or an existing one opened.
+///
+/// A generated key is written to `keys/NAME.key.pem` only if no file is there: the key folder
+/// is shared by every store of the home, so a file there may be the key of a CA of another
+/// store (after `store migrate`, a forgotten `--store` names the other one), and of two
+/// racing `ca init`s of one name only the first to create the file goes on. A file that no
+/// CA of *this* store uses is replaced only with `replace_key_file`.
 fn ca_key(
     home: &Home,
+    store: &dyn Store,
     keystore: &Keystore,
     req: &CaInit,
 ) -> Result<(Arc<dyn Signer>, KeyRef, OrphanKey)> {
     match &req.key {
         CaKey::Generate(kt) => {
-            let path = home.root().join(Home::ca_key_path(&req.name));
+            let relative = Home::ca_key_path(&req.name);
+            let path = home.root().join(&relative);
+            let overwrite = if req.replace_key_file && path.exists() {
+                let stored = relative.display().to_string();
+                if let Some(user) = store.cas()?.into_iter().find(|ca| ca.key == stored) {
+                    return Err(Error::Policy(format!(
+                        "{} is the key of CA `{}` of this store; it is never replaced",
+                        path.display(),
+                        user.name
+                    )));
+                }
+                Overwrite::Replace
+            } else {
+                Overwrite::Refuse
+            };
             let mut key = SoftwareKey::generate(*kt)?;
-            // No CA record has this name (checked by the caller): a key file left by a crashed
-            // `ca init` is an orphan and may be replaced.
-            key.save(&path, keystore.passphrase(), Overwrite::Replace)?;
+            match key.save(&path, keystore.passphrase(), overwrite) {
+                Ok(()) => {}
+                Err(m2mpki_hsm::Error::FileExists(_)) => {
+                    return Err(Error::Policy(format!(
+                        "{} exists already: it may be the key of a CA `{}` in another store of \
+                         this home (check the store you meant with --store), or be left by a \
+                         `ca init` that failed; it is not replaced. If no store uses it, remove \
+                         it or give --force",
+                        path.display(),
+                        req.name
+                    )))
+                }
+                Err(e) => return Err(e.into()),
+            }
             Ok((
                 Arc::new(key),
                 KeyRef::File(path.clone()),
@@ -660,6 +737,7 @@ mod tests {
             path_len: None,
             hw_type: None,
             name_constraints: NameConstraints::default(),
+            replace_key_file: false,
         }
     }
 

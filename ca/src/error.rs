@@ -97,8 +97,13 @@ pub enum Error {
     Store(String),
     /// A commit was sent and its answer never came: the store may or may not have recorded
     /// the change (storage). The next read on a fresh connection tells which.
-    #[error("store: {0}: the store may or may not have recorded this")]
-    CommitUnknown(String),
+    #[error("store: {why}: the store may or may not have recorded it{}", check_hint(.check))]
+    CommitUnknown {
+        /// What happened.
+        why: String,
+        /// The command that shows whether it was recorded, when one is known.
+        check: Option<String>,
+    },
     /// A file could not be read or written (storage).
     #[error("{}: {source}", path.display())]
     Io {
@@ -110,6 +115,13 @@ pub enum Error {
     /// Certificate generation failed inside rcgen or a record is corrupt (bug).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn check_hint(check: &Option<String>) -> String {
+    check
+        .as_ref()
+        .map(|c| format!("; run `{c}` to see"))
+        .unwrap_or_default()
 }
 
 impl Error {
@@ -133,7 +145,7 @@ impl Error {
             Error::Key(_)
             | Error::StoreLocked(_)
             | Error::Store(_)
-            | Error::CommitUnknown(_)
+            | Error::CommitUnknown { .. }
             | Error::Io { .. }
             | Error::Internal(_) => ErrorKind::Internal,
         }
@@ -152,6 +164,14 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// A commit whose outcome is unknown, without a command to check it yet.
+    pub fn commit_unknown(why: impl Into<String>) -> Self {
+        Error::CommitUnknown {
+            why: why.into(),
+            check: None,
         }
     }
 

@@ -2,7 +2,7 @@
 
 use crate::authority::{Approved, Authority, LeafRequest};
 use crate::profile::LeafProfile;
-use crate::store::{NewCert, RecordOutcome, Store};
+use crate::store::{settle_outcome, NewCert, RecordOutcome, Store};
 use crate::{Error, Result};
 
 /// A request that passed the profile and the ledger, not yet signed. Issuing in two steps
@@ -51,13 +51,33 @@ impl Prepared<'_> {
     /// Signs and records the certificate (with its audit entry). Another process may have
     /// recorded a live certificate for the subject since [`prepare`]: that is still refused
     /// with [`Error::AlreadyIssued`], and nothing is recorded.
+    ///
+    /// A commit whose answer never came ([`Error::CommitUnknown`]) is settled by reading the
+    /// ledger again: the certificate recorded after all is success; one that is not there is
+    /// an error that says nothing was recorded; an unreadable ledger leaves it
+    /// `CommitUnknown`, naming the serial to look up. Only then may a caller treat the
+    /// certificate as never issued (and, say, delete its new key).
     pub fn commit(self, store: &dyn Store) -> Result<NewCert> {
         let ca = self.authority.record.name.clone();
         let cert = self.authority.sign(self.approved)?;
-        match store
-            .record_certs(std::slice::from_ref(&cert), self.reissue)?
-            .pop()
-        {
+        let recorded = match store.record_certs(std::slice::from_ref(&cert), self.reissue) {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                let serial = cert.record.serial.clone();
+                return settle_outcome(
+                    store,
+                    e,
+                    || format!("m2mpki certs show {serial}"),
+                    |s| {
+                        Ok(s.cert(&cert.record.serial)?
+                            .filter(|(_, der)| *der == cert.der)
+                            .map(drop))
+                    },
+                )
+                .map(|()| cert);
+            }
+        };
+        match recorded.into_iter().next() {
             Some(RecordOutcome::Recorded) => Ok(cert),
             Some(RecordOutcome::AlreadyLive(serial)) => Err(Error::AlreadyIssued {
                 ca,

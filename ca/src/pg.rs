@@ -484,6 +484,10 @@ impl PgConn {
         match e {
             Fail::Ours(e) => e,
             Fail::Db(e) => self.db_err(&e),
+            Fail::TimedOut(d) if d.is_zero() => Error::Store(format!(
+                "{}: the deadline passed before the database answered; nothing was committed",
+                self.shown
+            )),
             Fail::TimedOut(d) => Error::Store(format!(
                 "{}: no answer from the database within {} ms (the connection is dropped)",
                 self.shown,
@@ -650,7 +654,8 @@ impl PgConn {
 
     /// Creates the tables of `schema` (idempotent DDL) under `lock`, and records `version` as
     /// `schema_version` in `meta` (a table of `key` and `value` that `schema` creates); a
-    /// database that records a newer version of the `what` schema is refused.
+    /// database that records a newer version of the `what` schema is refused. A database
+    /// already at `version` is only read (one statement, no write transaction).
     pub fn ensure_schema(
         &self,
         lock: i64,
@@ -659,29 +664,42 @@ impl PgConn {
         version: i32,
         what: &str,
     ) -> Result<()> {
+        let check = |found: Option<String>| -> Result<bool> {
+            match found {
+                None => Ok(false),
+                Some(v) if v.parse::<i32>() == Ok(version) => Ok(true),
+                Some(v) if v.parse::<i32>().is_ok_and(|v| v < version) => Ok(false),
+                Some(v) => Err(Error::Store(format!(
+                    "the database's {what} schema is version {v}; this build knows version \
+                     {version} (upgrade m2mpki)"
+                ))),
+            }
+        };
+        let query = format!("SELECT value FROM {meta} WHERE key = 'schema_version'");
+        // A missing table is an error here: the write below creates it.
+        if let Ok(found) = self.single(|c| {
+            c.query_typed_opt(&query, &[])?
+                .map(|row| row.try_get::<_, String>(0))
+                .transpose()
+                .map_err(Fail::Db)
+        }) {
+            if check(found)? {
+                return Ok(());
+            }
+        }
         self.write(lock, |tx| {
             tx.batch_execute(schema)?;
-            let found = tx.query_opt(
-                &format!("SELECT value FROM {meta} WHERE key = 'schema_version'"),
-                &[],
-            )?;
-            match found {
-                None => {
-                    tx.execute(
-                        &format!("INSERT INTO {meta} (key, value) VALUES ('schema_version', $1)"),
-                        &[&version.to_string()],
-                    )?;
-                }
-                Some(row) => {
-                    let v: String = row.try_get(0)?;
-                    if v.parse::<i32>().map_or(true, |v| v > version) {
-                        return Err(Error::Store(format!(
-                            "the database's {what} schema is version {v}; this build knows \
-                             version {version} (upgrade m2mpki)"
-                        ))
-                        .into());
-                    }
-                }
+            let found = tx
+                .query_opt(&query, &[])?
+                .map(|row| row.try_get::<_, String>(0))
+                .transpose()?;
+            if found.is_none() {
+                tx.execute(
+                    &format!("INSERT INTO {meta} (key, value) VALUES ('schema_version', $1)"),
+                    &[&version.to_string()],
+                )?;
+            } else {
+                check(found)?;
             }
             Ok(())
         })
@@ -763,14 +781,14 @@ impl PgConn {
                     Err(Fail::Db(e)) if retryable(&e) && tries < TRIES => continue,
                     // The server answered the COMMIT with an error: nothing was committed.
                     Err(Fail::Db(e)) if committing && e.as_db_error().is_none() => {
-                        return Err(Error::CommitUnknown(format!(
+                        return Err(Error::commit_unknown(format!(
                             "{}: the connection broke while the commit was in flight ({})",
                             self.shown,
                             with_causes(&e)
                         )))
                     }
                     Err(Fail::TimedOut(d)) if committing && !d.is_zero() => {
-                        return Err(Error::CommitUnknown(format!(
+                        return Err(Error::commit_unknown(format!(
                             "{}: the commit was not answered within {} ms",
                             self.shown,
                             d.as_millis()

@@ -504,6 +504,10 @@ impl Store for PgStore {
         Ok(())
     }
 
+    fn settle(&self) -> Result<()> {
+        self.conn.settle(WRITE_LOCK)
+    }
+
     fn next_crl_number(&self, ca: &str, detail: serde_json::Value) -> Result<u64> {
         self.conn.write(WRITE_LOCK, |tx| {
             let row = tx.query_one(

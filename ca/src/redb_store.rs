@@ -98,6 +98,17 @@ impl RedbStore {
         Ok(store)
     }
 
+    /// Commits `tx`. A storage error here (an I/O error while the commit is written, a full
+    /// disk) leaves it open whether the file holds the commit: [`Error::CommitUnknown`].
+    fn commit(&self, tx: redb::WriteTransaction) -> Result<()> {
+        tx.commit().map_err(|e| match e {
+            redb::CommitError::Storage(e) => {
+                Error::commit_unknown(format!("{}: {e}", self.path.display()))
+            }
+            e => db_err(e),
+        })
+    }
+
     /// Appends audit entries inside a write transaction.
     fn append_audit(tx: &redb::WriteTransaction, events: Vec<AuditEvent>) -> Result<()> {
         let mut table = tx.open_table(AUDIT).map_err(db_err)?;
@@ -177,7 +188,7 @@ impl Store for RedbStore {
                 .map_err(db_err)?;
         }
         Self::append_audit(&tx, vec![event])?;
-        tx.commit().map_err(db_err)
+        self.commit(tx)
     }
 
     fn ca(&self, name: &str) -> Result<Option<CaRecord>> {
@@ -245,7 +256,7 @@ impl Store for RedbStore {
             }
         }
         Self::append_audit(&tx, events)?;
-        tx.commit().map_err(db_err)?;
+        self.commit(tx)?;
         Ok(outcomes)
     }
 
@@ -326,7 +337,7 @@ impl Store for RedbStore {
                 .map_err(db_err)?;
         }
         Self::append_audit(&tx, vec![event])?;
-        tx.commit().map_err(db_err)
+        self.commit(tx)
     }
 
     fn root_set(&self, name: &str) -> Result<Option<RootSet>> {
@@ -366,7 +377,7 @@ impl Store for RedbStore {
             Self::append_audit(&tx, vec![event])?;
             set
         };
-        tx.commit().map_err(db_err)?;
+        self.commit(tx)?;
         Ok(set)
     }
 
@@ -408,7 +419,7 @@ impl Store for RedbStore {
         };
         let (record, event) = record;
         Self::append_audit(&tx, vec![event])?;
-        tx.commit().map_err(db_err)?;
+        self.commit(tx)?;
         Ok(record)
     }
 
@@ -435,7 +446,7 @@ impl Store for RedbStore {
             n
         };
         Self::append_audit(&tx, vec![crate::store::crl_event(ca, detail, n)])?;
-        tx.commit().map_err(db_err)?;
+        self.commit(tx)?;
         Ok(n)
     }
 
@@ -595,7 +606,7 @@ impl Store for RedbStore {
             }
             n
         };
-        tx.commit().map_err(db_err)?;
+        self.commit(tx)?;
         Ok(n)
     }
 }

@@ -10,7 +10,8 @@ use time::OffsetDateTime;
 use x509_parser::prelude::FromDer;
 
 use crate::authority::{sign_failed, Authority};
-use crate::store::Store;
+use crate::serial::Serial;
+use crate::store::{settle_outcome, CertRecord, CertStatus, Store};
 use crate::validity::Validity;
 use crate::{Error, Result};
 
@@ -32,6 +33,32 @@ pub struct IssuedCrl {
     /// The CRL.
     #[serde(skip)]
     pub der: Vec<u8>,
+}
+
+/// Revokes certificate `serial` of CA `ca` at `at` (with its audit entry). A commit whose
+/// answer never came is settled by reading the certificate again: revoked at `at` with
+/// `reason` is success; still unrevoked says nothing was recorded.
+pub fn revoke(
+    store: &dyn Store,
+    ca: &str,
+    serial: &Serial,
+    reason: RevocationReason,
+    at: i64,
+) -> Result<CertRecord> {
+    store.revoke(ca, serial, reason, at).or_else(|e| {
+        settle_outcome(
+            store,
+            e,
+            || format!("m2mpki certs show {serial}"),
+            |s| {
+                Ok(s.cert(serial)?.map(|(r, _)| r).filter(|r| {
+                    r.status == CertStatus::Revoked
+                        && r.revoked_at == Some(at)
+                        && r.revocation_reason == Some(reason)
+                }))
+            },
+        )
+    })
 }
 
 /// Builds and signs the CRL of `authority`: every revoked, unexpired certificate, with the
@@ -82,10 +109,24 @@ pub fn issue_crl(
             _ => None,
         })
         .ok_or_else(|| Error::internal("CA certificate has no subject key identifier"))?;
-    let number = store.next_crl_number(
-        &ca.name,
-        serde_json::json!({ "entries": entries, "next_update": next.unix_timestamp() }),
-    )?;
+    let number = store
+        .next_crl_number(
+            &ca.name,
+            serde_json::json!({ "entries": entries, "next_update": next.unix_timestamp() }),
+        )
+        .map_err(|e| match e {
+            // A number may have been taken; which one cannot be told. Numbers only need to
+            // grow (RFC 5280 §5.2.3), so the next run simply takes a higher one.
+            Error::CommitUnknown { why, check } => Error::CommitUnknown {
+                why: format!(
+                    "{why} (a CRL number of CA `{}`: no CRL was signed or written; the next \
+                     `m2mpki crl` takes a higher number)",
+                    ca.name
+                ),
+                check,
+            },
+            e => e,
+        })?;
     let params = CertificateRevocationListParams {
         this_update,
         next_update: next,

@@ -338,6 +338,14 @@ pub trait Store: Send + Sync {
     /// Takes the next CRL number of `ca` (1, 2, ...), with an audit entry.
     fn next_crl_number(&self, ca: &str, detail: serde_json::Value) -> Result<u64>;
 
+    /// Waits until every write transaction that began before this call has ended, so that
+    /// the next read shows the outcome of a commit that was [`Error::CommitUnknown`] (on
+    /// PostgreSQL: takes and releases the writers' lock on a fresh connection). The embedded
+    /// store has nothing to wait for.
+    fn settle(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Visits everything the store holds: CAs, certificates, live certificates, revocations,
     /// CRL numbers, root sets, then the audit log in order.
     fn export(&self, visit: &mut dyn FnMut(Item) -> Result<()>) -> Result<()>;
@@ -345,6 +353,32 @@ pub trait Store: Send + Sync {
     /// returns how many were loaded. Audit entries are stored as given (not re-sealed), so
     /// the caller verifies the chain afterwards.
     fn import(&self, items: &mut dyn Iterator<Item = Result<Item>>) -> Result<u64>;
+}
+
+/// What became of a change whose commit failed with `err`: an error that is not
+/// [`Error::CommitUnknown`] is returned as it is (nothing was recorded). Otherwise the store is
+/// settled and `landed` reads whether the change is there: `Some` is the change recorded after
+/// all (returned as success), `None` an error saying that nothing was recorded, and a read
+/// that fails leaves the outcome unknown, with `check` as the command that will tell.
+pub fn settle_outcome<T>(
+    store: &dyn Store,
+    err: Error,
+    check: impl FnOnce() -> String,
+    landed: impl FnOnce(&dyn Store) -> Result<Option<T>>,
+) -> Result<T> {
+    let Error::CommitUnknown { why, .. } = err else {
+        return Err(err);
+    };
+    match store.settle().and_then(|()| landed(store)) {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) => Err(Error::Store(format!(
+            "{why}; a fresh read shows that nothing was recorded"
+        ))),
+        Err(_) => Err(Error::CommitUnknown {
+            why,
+            check: Some(check()),
+        }),
+    }
 }
 
 /// The `cert.issue` audit event of a recorded certificate (every backend writes the same).

@@ -227,6 +227,11 @@ pub struct CaInitArgs {
     /// Excluded URI host subtree (repeatable)
     #[arg(long, value_name = "DOMAIN")]
     pub exclude_uri_domain: Vec<String>,
+    /// Replace a key file left at keys/NAME.key.pem (by a `ca init` that crashed, say) that
+    /// no CA of this store uses. Without it such a file is refused: a CA of another store of
+    /// this home may use it. Never replaces the key of a CA of this store.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Default)]

@@ -1520,6 +1520,7 @@ fn the_in_refuses_an_expired_anchor_and_a_certificate_without_eku() {
                 path_len: root.path_len,
                 hw_type: None,
                 name_constraints: m2mpki_ca::NameConstraints::default(),
+                replace_key_file: false,
             },
         )
         .unwrap();

@@ -131,6 +131,7 @@ fn ca(
         path_len,
         hw_type: hw_type.map(str::parse).transpose()?,
         name_constraints: constraints,
+        replace_key_file: false,
     })
 }
 

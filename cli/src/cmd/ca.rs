@@ -73,6 +73,7 @@ pub(crate) fn init(ctx: &Ctx, a: Box<CaInitArgs>) -> Result<()> {
             &a.permit_uri_domain,
             &a.exclude_uri_domain,
         )?,
+        replace_key_file: a.force,
     };
     let record = m2mpki_ca::init_ca(&ctx.home, &*store, &ctx.keystore, req)?;
     // A defaulted lifetime is cut to the parent's: say so.

@@ -186,7 +186,8 @@ pub(crate) fn revoke(ctx: &Ctx, serial: &str, ca: &str, reason: &str) -> Result<
         .ok_or_else(|| m2mpki_ca::Error::UnknownCa(ca.to_owned()))?;
     let serial: m2mpki_ca::Serial = serial.parse()?;
     let reason: m2mpki_ca::revocation::RevocationReason = reason.parse()?;
-    let record = store.revoke(
+    let record = m2mpki_ca::revocation::revoke(
+        &*store,
         ca,
         &serial,
         reason,

@@ -69,8 +69,16 @@ pub(crate) fn one(ctx: &Ctx, subject: LeafSubject, a: IssueArgs) -> Result<()> {
     }
     let cert = match prepared.commit(&*store) {
         Ok(cert) => cert,
+        // The certificate may be in the ledger: its key must stay.
+        Err(m2mpki_ca::Error::CommitUnknown { why, check }) => {
+            let why = match &a.key_out {
+                Some(path) => format!("{why} (the new key is kept at {})", path.display()),
+                None => why,
+            };
+            return Err(m2mpki_ca::Error::CommitUnknown { why, check }.into());
+        }
         Err(e) => {
-            // The key certifies nothing: do not leave it behind.
+            // Nothing was recorded: the key certifies nothing, do not leave it behind.
             if let Some(path) = &a.key_out {
                 let _ = std::fs::remove_file(path);
             }
