@@ -67,7 +67,11 @@ pub struct CredentialStore {
 }
 
 enum Backend {
-    Redb { db: Database, path: PathBuf },
+    /// The database is reopened after an I/O error (redb refuses every later transaction).
+    Redb {
+        db: std::sync::RwLock<Option<std::sync::Arc<Database>>>,
+        path: PathBuf,
+    },
     Pg(Box<crate::credstore_pg::Pg>),
 }
 
@@ -84,6 +88,33 @@ impl std::fmt::Debug for CredentialStore {
                 .finish(),
         }
     }
+}
+
+/// Opens `bootstrap.redb` (refusing a zero-length file, turning redb's panics on a damaged one
+/// into an error) and creates its tables.
+fn open_redb(path: &Path) -> Result<Database> {
+    let ca = |e: m2mpki_ca::Error| match e {
+        m2mpki_ca::Error::Store(m) => Error::Store(m),
+        e => Error::Ca(e),
+    };
+    let db = m2mpki_ca::open_database(path).map_err(ca)?;
+    m2mpki_ca::guarded(path, || {
+        let tx = db
+            .begin_write()
+            .map_err(|e| m2mpki_ca::Error::Store(e.to_string()))?;
+        let made = (|| {
+            tx.open_table(CREDENTIALS)?;
+            tx.open_table(LIVE)?;
+            tx.open_table(GRANTS)?;
+            tx.open_table(META)?;
+            Ok::<_, redb::TableError>(())
+        })();
+        made.map_err(|e| m2mpki_ca::Error::Store(e.to_string()))?;
+        tx.commit()
+            .map_err(|e| m2mpki_ca::Error::Store(e.to_string()))
+    })
+    .map_err(ca)?;
+    Ok(db)
 }
 
 fn db_err(e: impl std::fmt::Display) -> Error {
@@ -143,19 +174,12 @@ impl CredentialStore {
     /// Opens (creating) the store `bootstrap.redb` in `home`.
     pub fn open(home: &Path) -> Result<Self> {
         let path = home.join("bootstrap.redb");
-        m2mpki_hsm::files::ensure_private_file(&path).map_err(|e| Error::Store(e.to_string()))?;
-        let db = redb::Builder::new()
-            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
-            .create(&path)
-            .map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
-        let tx = db.begin_write().map_err(db_err)?;
-        tx.open_table(CREDENTIALS).map_err(db_err)?;
-        tx.open_table(LIVE).map_err(db_err)?;
-        tx.open_table(GRANTS).map_err(db_err)?;
-        tx.open_table(META).map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
+        let db = open_redb(&path)?;
         Ok(CredentialStore {
-            backend: Backend::Redb { db, path },
+            backend: Backend::Redb {
+                db: std::sync::RwLock::new(Some(std::sync::Arc::new(db))),
+                path,
+            },
         })
     }
 
@@ -179,11 +203,47 @@ impl CredentialStore {
         }
     }
 
-    /// The redb database, or the answer of the PostgreSQL backend.
-    fn redb(&self) -> std::result::Result<&Database, &crate::credstore_pg::Pg> {
-        match &self.backend {
-            Backend::Redb { db, .. } => Ok(db),
-            Backend::Pg(conn) => Err(conn),
+    /// The redb database (opened again if an I/O error closed it), or the answer of the
+    /// PostgreSQL backend.
+    fn redb(
+        &self,
+    ) -> std::result::Result<Result<std::sync::Arc<Database>>, &crate::credstore_pg::Pg> {
+        let (slot, path) = match &self.backend {
+            Backend::Redb { db, path } => (db, path),
+            Backend::Pg(conn) => return Err(conn),
+        };
+        if let Some(db) = slot.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(Ok(db.clone()));
+        }
+        let mut slot = slot.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = slot.as_ref() {
+            return Ok(Ok(db.clone()));
+        }
+        Ok(match open_redb(path) {
+            Ok(db) => {
+                tracing::warn!(path = %path.display(), "reopened the credential store after an I/O error");
+                let db = std::sync::Arc::new(db);
+                *slot = Some(db.clone());
+                Ok(db)
+            }
+            // Still held by a transaction of before the error, or the disk still fails: the
+            // next call tries again.
+            Err(e) => Err(Error::Store(format!("reopening after an I/O error: {e}"))),
+        })
+    }
+
+    /// After redb failed on an I/O error (a full disk) it refuses every later transaction
+    /// until the file is opened again: closes `failed`, so that the next call reopens it.
+    fn close_after(&self, failed: &std::sync::Arc<Database>) {
+        if let Backend::Redb { db, path } = &self.backend {
+            let mut slot = db.write().unwrap_or_else(|p| p.into_inner());
+            if slot
+                .as_ref()
+                .is_some_and(|d| std::sync::Arc::ptr_eq(d, failed))
+            {
+                tracing::warn!(path = %path.display(), "closing the credential store after an I/O error; the next request reopens it");
+                *slot = None;
+            }
         }
     }
 
@@ -223,11 +283,29 @@ impl CredentialStore {
     /// Stores prepared credentials in one durable transaction, in order: each becomes its
     /// identity's live credential and supersedes the previous one (`supersedes` is filled in).
     pub fn commit(&self, records: &mut [CredentialRecord]) -> Result<()> {
+        self.commit_until(records, None)
+    }
+
+    /// [`commit`](Self::commit) that gives up at `deadline`: nothing is sent to PostgreSQL
+    /// after it (a redb commit is not started after it). [`Error::Store`] means nothing was
+    /// recorded; [`Error::CommitUnknown`] that the commit was sent and not confirmed.
+    pub fn commit_until(
+        &self,
+        records: &mut [CredentialRecord],
+        deadline: Option<Instant>,
+    ) -> Result<()> {
         let db = match self.redb() {
-            Ok(db) => db,
-            Err(pg) => return crate::credstore_pg::commit(pg, records),
+            Ok(db) => db?,
+            Err(pg) => return crate::credstore_pg::commit(pg, records, deadline),
         };
-        let tx = db.begin_write().map_err(db_err)?;
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Error::Store("the enrolment's deadline passed first".into()));
+        }
+        let failed = |e: &dyn std::fmt::Display| {
+            self.close_after(&db);
+            Error::Store(e.to_string())
+        };
+        let tx = db.begin_write().map_err(|e| failed(&e))?;
         {
             let mut creds = tx.open_table(CREDENTIALS).map_err(db_err)?;
             let mut live = tx.open_table(LIVE).map_err(db_err)?;
@@ -257,7 +335,24 @@ impl CredentialStore {
                     .map_err(db_err)?;
             }
         }
-        tx.commit().map_err(db_err)
+        tx.commit().map_err(|e| match e {
+            // The file may or may not hold the commit; the reopened file will tell.
+            redb::CommitError::Storage(e) => {
+                self.close_after(&db);
+                Error::CommitUnknown(e.to_string())
+            }
+            e => failed(&e),
+        })
+    }
+
+    /// After [`Error::CommitUnknown`]: whether the credential `id` was recorded, once every
+    /// writer's transaction has ended; an error when the store still does not answer by
+    /// `deadline`.
+    pub fn settle(&self, id: &str, deadline: Option<Instant>) -> Result<bool> {
+        match self.redb() {
+            Ok(_) => Ok(self.credential(id)?.is_some()),
+            Err(pg) => crate::credstore_pg::settle(pg, id, deadline),
+        }
     }
 
     /// Creates, seals and stores a fresh root credential for `new`, making it the identity's
@@ -278,7 +373,7 @@ impl CredentialStore {
     /// How many credential records exist (live and superseded).
     pub fn count(&self) -> Result<u64> {
         let db = match self.redb() {
-            Ok(db) => db,
+            Ok(db) => db?,
             Err(pg) => return crate::credstore_pg::count(pg),
         };
         let tx = db.begin_read().map_err(db_err)?;
@@ -289,7 +384,7 @@ impl CredentialStore {
     /// A credential record by ID.
     pub fn credential(&self, id: &str) -> Result<Option<CredentialRecord>> {
         let db = match self.redb() {
-            Ok(db) => db,
+            Ok(db) => db?,
             Err(pg) => return crate::credstore_pg::credential(pg, id),
         };
         let tx = db.begin_read().map_err(db_err)?;
@@ -301,7 +396,7 @@ impl CredentialStore {
     /// The live credential of an identity.
     pub fn live(&self, identity: &FieldNodeIdentity) -> Result<Option<CredentialRecord>> {
         let db = match self.redb() {
-            Ok(db) => db,
+            Ok(db) => db?,
             Err(pg) => return crate::credstore_pg::live(pg, identity),
         };
         let id = {
@@ -319,7 +414,7 @@ impl CredentialStore {
     /// All credential records of an identity (live and superseded).
     pub fn history(&self, identity: &FieldNodeIdentity) -> Result<Vec<CredentialRecord>> {
         let db = match self.redb() {
-            Ok(db) => db,
+            Ok(db) => db?,
             Err(pg) => return crate::credstore_pg::history(pg, identity),
         };
         let tx = db.begin_read().map_err(db_err)?;
@@ -361,7 +456,7 @@ impl CredentialStore {
         let stored = match self.redb() {
             Err(pg) => crate::credstore_pg::key_check(pg, &sealed)?,
             Ok(db) => {
-                let tx = db.begin_write().map_err(db_err)?;
+                let tx = db?.begin_write().map_err(db_err)?;
                 let stored = {
                     let mut t = tx.open_table(META).map_err(db_err)?;
                     let found = t
@@ -402,7 +497,7 @@ impl CredentialStore {
     /// of credentials and of identities with grants copied.
     pub fn copy_into(&self, to: &CredentialStore) -> Result<(u64, u64)> {
         let db = match self.redb() {
-            Ok(db) => db,
+            Ok(db) => db?,
             Err(_) => {
                 return Err(Error::Store(
                     "copying from a PostgreSQL credential store is not supported; copy from a \
@@ -467,7 +562,7 @@ impl CredentialStore {
     /// Records the policy the server runs with, so `bootstrap check` answers as the server does.
     pub fn set_policy(&self, policy: &Policy) -> Result<()> {
         let db = match self.redb() {
-            Ok(db) => db,
+            Ok(db) => db?,
             Err(pg) => return crate::credstore_pg::set_policy(pg, policy),
         };
         let tx = db.begin_write().map_err(db_err)?;
@@ -481,7 +576,7 @@ impl CredentialStore {
     /// The recorded policy (allow with no default grants when no server has run yet).
     pub fn policy(&self) -> Result<Policy> {
         let db = match self.redb() {
-            Ok(db) => db,
+            Ok(db) => db?,
             Err(pg) => return crate::credstore_pg::policy(pg),
         };
         let tx = db.begin_read().map_err(db_err)?;
@@ -516,7 +611,7 @@ impl CredentialStore {
         f: &dyn Fn(&mut BTreeSet<String>),
     ) -> Result<Vec<String>> {
         let db = match self.redb() {
-            Ok(db) => db,
+            Ok(db) => db?,
             Err(pg) => return crate::credstore_pg::change_grants(pg, identity, f),
         };
         let key = identity.to_string();
@@ -545,7 +640,7 @@ impl CredentialStore {
     /// Technician grants of one identity.
     pub fn grants_of(&self, identity: &FieldNodeIdentity) -> Result<Vec<String>> {
         let db = match self.redb() {
-            Ok(db) => db,
+            Ok(db) => db?,
             Err(pg) => return crate::credstore_pg::grants_of(pg, identity),
         };
         let tx = db.begin_read().map_err(db_err)?;
@@ -557,7 +652,7 @@ impl CredentialStore {
     /// Every identity's technician grants.
     pub fn all_grants(&self) -> Result<Vec<(String, Vec<String>)>> {
         let db = match self.redb() {
-            Ok(db) => db,
+            Ok(db) => db?,
             Err(pg) => return crate::credstore_pg::all_grants(pg),
         };
         let tx = db.begin_read().map_err(db_err)?;
@@ -599,7 +694,44 @@ impl CredentialStore {
 
 struct Job {
     record: CredentialRecord,
+    /// Past it the enrolment is answered without this credential: no commit may start after
+    /// it, and none may still be running.
+    deadline: Instant,
     reply: tokio::sync::oneshot::Sender<Result<CredentialRecord>>,
+}
+
+/// The error a job gets for a group's failure, of the same kind.
+fn same_kind(e: &Error) -> Error {
+    match e {
+        Error::CommitUnknown(m) => Error::CommitUnknown(m.clone()),
+        other => Error::Store(other.to_string()),
+    }
+}
+
+/// Stores one group within the earliest deadline of its jobs. A commit whose outcome is
+/// unknown is settled (the store is asked, after every writer's transaction ended, whether the
+/// group is there) while time is left: the group is then known stored or known absent.
+fn commit_group(
+    store: &CredentialStore,
+    records: &mut [CredentialRecord],
+    deadline: Instant,
+) -> Result<()> {
+    match store.commit_until(records, Some(deadline)) {
+        Err(Error::CommitUnknown(why)) => {
+            let first = records.first().map(|r| r.id.clone()).unwrap_or_default();
+            match store.settle(&first, Some(deadline)) {
+                Ok(true) => {
+                    tracing::warn!(error = %why, "a credential commit was not confirmed, but a fresh read shows it stored");
+                    Ok(())
+                }
+                Ok(false) => Err(Error::Store(format!(
+                    "{why}; a fresh read shows that nothing was recorded"
+                ))),
+                Err(_) => Err(Error::CommitUnknown(why)),
+            }
+        }
+        other => other,
+    }
 }
 
 /// Group commit: one writer thread stores every credential that arrives while the previous
@@ -656,16 +788,29 @@ impl GroupCommitter {
                         }
                     }
                     last_group = jobs.len();
+                    // A job whose deadline passed while it waited (the store was slow for the
+                    // group before) is answered without being stored.
+                    let now = Instant::now();
+                    let (jobs, late): (Vec<Job>, Vec<Job>) =
+                        jobs.into_iter().partition(|j| j.deadline > now);
+                    for job in late {
+                        let _ = job.reply.send(Err(Error::Store(
+                            "the credential store was too slow; the enrolment's deadline passed before its turn".into(),
+                        )));
+                    }
+                    let Some(deadline) = jobs.iter().map(|j| j.deadline).min() else {
+                        continue;
+                    };
                     let mut records: Vec<CredentialRecord> =
                         jobs.iter().map(|j| j.record.clone()).collect();
-                    let result = store.commit(&mut records);
+                    let result = commit_group(&store, &mut records, deadline);
                     if result.is_ok() {
                         counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     for (job, record) in jobs.into_iter().zip(records) {
                         let _ = job.reply.send(match &result {
                             Ok(()) => Ok(record),
-                            Err(e) => Err(Error::Store(e.to_string())),
+                            Err(e) => Err(same_kind(e)),
                         });
                     }
                 }
@@ -679,11 +824,21 @@ impl GroupCommitter {
         self.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Stores a prepared credential; resolves once it is durable.
-    pub async fn commit(&self, record: CredentialRecord) -> Result<CredentialRecord> {
+    /// Stores a prepared credential; resolves once it is durable, or with an error by about
+    /// `deadline`: [`Error::Store`] when it is known not stored, [`Error::CommitUnknown`] when
+    /// the store did not confirm it. No commit of it starts or runs past `deadline`.
+    pub async fn commit(
+        &self,
+        record: CredentialRecord,
+        deadline: Instant,
+    ) -> Result<CredentialRecord> {
         let (reply, done) = tokio::sync::oneshot::channel();
         self.jobs
-            .send(Job { record, reply })
+            .send(Job {
+                record,
+                deadline,
+                reply,
+            })
             .map_err(|_| Error::Store("the credential writer stopped".into()))?;
         done.await
             .map_err(|_| Error::Store("the credential writer stopped".into()))?

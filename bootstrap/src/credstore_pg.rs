@@ -96,11 +96,16 @@ pub(super) fn open(url: &str) -> Result<Pg> {
 fn store(e: CaError) -> Error {
     match e {
         CaError::Store(m) => Error::Store(m),
+        e @ CaError::CommitUnknown { .. } => Error::CommitUnknown(e.to_string()),
         other => Error::Ca(other),
     }
 }
 
-pub(super) fn commit(pg: &Pg, records: &mut [CredentialRecord]) -> Result<()> {
+pub(super) fn commit(
+    pg: &Pg,
+    records: &mut [CredentialRecord],
+    deadline: Option<std::time::Instant>,
+) -> Result<()> {
     // Within the group, each record supersedes the one before it of the same identity (in
     // order), and the first of an identity supersedes its live credential in the database.
     let identities: Vec<String> = records.iter().map(|r| r.identity.to_string()).collect();
@@ -108,7 +113,7 @@ pub(super) fn commit(pg: &Pg, records: &mut [CredentialRecord]) -> Result<()> {
     distinct.sort_unstable();
     distinct.dedup();
     pg.writes
-        .write(LOCK, |tx| {
+        .write_until(LOCK, deadline, |tx| {
             let rows = tx.query_typed(
                 "SELECT l.identity, c.id, c.record FROM m2mpki_in_live l \
                  JOIN m2mpki_in_credentials c ON c.id = l.id WHERE l.identity = ANY($1)",
@@ -197,6 +202,21 @@ pub(super) fn commit(pg: &Pg, records: &mut [CredentialRecord]) -> Result<()> {
                 r.supersedes = n.supersedes;
             }
         })
+}
+
+/// After an unknown commit: waits for any transaction of the IN's writers to end (the lock),
+/// then says whether `id` is recorded; an error when the database still does not answer.
+pub(super) fn settle(pg: &Pg, id: &str, deadline: Option<std::time::Instant>) -> Result<bool> {
+    pg.writes
+        .write_until(LOCK, deadline, |tx| {
+            Ok(tx
+                .query_typed_opt(
+                    "SELECT 1 FROM m2mpki_in_credentials WHERE id = $1",
+                    &[(&id, Type::TEXT)],
+                )?
+                .is_some())
+        })
+        .map_err(store)
 }
 
 pub(super) fn count(pg: &Pg) -> Result<u64> {

@@ -23,6 +23,11 @@ use crate::{Error, Result};
 /// The Retry-After (Max-Age) of a 503 while the credential store is unreachable, in seconds.
 const STORE_RETRY_AFTER: u32 = 2;
 
+/// How long an enrolment may wait for the credential store, from the request: well inside a
+/// node's usual timeout (the client's default is 30 s), so that the node gets the 503 rather
+/// than a broken connection, and nothing is stored after that answer.
+pub const STORE_DEADLINE: Duration = Duration::from_secs(10);
+
 /// How an enrolment ended, independent of the transport; each binding maps it to its status
 /// codes (HTTP, CoAP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +52,9 @@ pub enum Outcome {
     Internal,
     /// The credential store cannot be reached; nothing was recorded, try again (503, 5.03).
     Unavailable,
+    /// The credential store did not confirm the commit: the credential may be live; bootstrap
+    /// again (503, 5.03).
+    OutcomeUnknown,
 }
 
 impl Outcome {
@@ -63,6 +71,7 @@ impl Outcome {
             Outcome::TooManyRequests => "rate_limited",
             Outcome::Internal => "internal",
             Outcome::Unavailable => "store_unavailable",
+            Outcome::OutcomeUnknown => "store_outcome_unknown",
         }
     }
 
@@ -78,7 +87,7 @@ impl Outcome {
             Outcome::UnsupportedMediaType => 415,
             Outcome::TooManyRequests => 429,
             Outcome::Internal => 500,
-            Outcome::Unavailable => 503,
+            Outcome::Unavailable | Outcome::OutcomeUnknown => 503,
         }
     }
 
@@ -94,7 +103,7 @@ impl Outcome {
             Outcome::UnsupportedMediaType => (4, 15),
             Outcome::TooManyRequests => (4, 29),
             Outcome::Internal => (5, 0),
-            Outcome::Unavailable => (5, 3),
+            Outcome::Unavailable | Outcome::OutcomeUnknown => (5, 3),
         }
     }
 }
@@ -275,8 +284,20 @@ impl Core {
             }
             _ => None,
         };
-        match self.issue(node, ts0003).await {
+        let deadline = Instant::now() + STORE_DEADLINE;
+        match self.issue(node, ts0003, deadline).await {
             Ok(a) => a,
+            Err(e @ Error::CommitUnknown(_)) => {
+                tracing::error!(peer = %node.peer, error = %e, "bootstrap answered 503: the credential store did not confirm the commit");
+                Answer {
+                    retry_after: Some(STORE_RETRY_AFTER),
+                    ..Answer::refusal(
+                        Outcome::OutcomeUnknown,
+                        "store_outcome_unknown",
+                        "the IN's credential store did not confirm the new credential, which may be live without having reached you; bootstrap again (the new credential replaces it)",
+                    )
+                }
+            }
             Err(e @ Error::Store(_)) => {
                 tracing::error!(peer = %node.peer, error = %e, "bootstrap refused: the credential store is unavailable");
                 Answer {
@@ -301,7 +322,12 @@ impl Core {
 
     /// Records and answers an enrolment: version 1 makes a fresh credential and wraps it;
     /// version 2 (`ts0003`) records Ke, which both ends derived, under its KeID.
-    async fn issue(&self, node: &Admitted, ts0003: Option<&Ts0003Keys>) -> Result<Answer> {
+    async fn issue(
+        &self,
+        node: &Admitted,
+        ts0003: Option<&Ts0003Keys>,
+        deadline: Instant,
+    ) -> Result<Answer> {
         let identity = node
             .verified
             .identity
@@ -347,7 +373,7 @@ impl Core {
             }
         };
         let committing = Instant::now();
-        let record = self.writer.commit(record).await?;
+        let record = self.writer.commit(record, deadline).await?;
         self.metrics.commit(committing.elapsed());
         tracing::info!(%identity, set = %admitted_by.set, credential_id = %record.id, version, transport = %node.transport, peer = %node.peer, "issued a root credential");
         let doc = BootstrapResponse {

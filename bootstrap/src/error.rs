@@ -62,9 +62,13 @@ pub enum Error {
     /// Key error.
     #[error(transparent)]
     Key(#[from] m2mpki_hsm::Error),
-    /// Credential store failure (storage).
+    /// Credential store failure (storage): nothing was recorded.
     #[error("credential store: {0}")]
     Store(String),
+    /// The credential store was sent a commit and did not confirm it (storage): the records
+    /// may or may not be live.
+    #[error("credential store: {0}: the store may or may not have recorded it")]
+    CommitUnknown(String),
     /// A file could not be read or written (storage).
     #[error("{}: {source}", path.display())]
     Io {
@@ -92,6 +96,7 @@ impl Error {
             | Error::Network { .. }
             | Error::Timeout(_)
             | Error::Store(_)
+            | Error::CommitUnknown(_)
             | Error::Io { .. }
             | Error::Internal(_) => K::Internal,
         }

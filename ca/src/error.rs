@@ -86,6 +86,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The ledger and the audit log disagree (verification refusal): a record was changed
+    /// after it was logged, or a copy was taken across a commit.
+    #[error("the ledger and the audit log differ in {differences} place(s): {}", findings.join("; "))]
+    LedgerDiffers {
+        /// How many differences.
+        differences: u64,
+        /// The first ones, one sentence each.
+        findings: Vec<String>,
+    },
     /// Key loading, generation or signing failed (HSM / key failure or bad key input).
     #[error(transparent)]
     Key(#[from] m2mpki_hsm::Error),
@@ -132,7 +141,8 @@ impl Error {
             | Error::AlreadyIssued { .. }
             | Error::NoIdentity(_)
             | Error::NotTrusted(_)
-            | Error::AuditBroken { .. } => ErrorKind::Refused,
+            | Error::AuditBroken { .. }
+            | Error::LedgerDiffers { .. } => ErrorKind::Refused,
             Error::InvalidValue { .. }
             | Error::BadFile { .. }
             | Error::BadCsr { .. }

@@ -10,6 +10,7 @@
 pub mod audit;
 mod authority;
 pub mod batch;
+pub mod consistency;
 mod constraints;
 mod crl_status;
 pub mod der;
@@ -43,7 +44,7 @@ pub use home::Home;
 pub use identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId};
 pub use issue::{chain_pem, issue, prepare, Prepared};
 pub use pg_store::PgStore;
-pub use redb_store::RedbStore;
+pub use redb_store::{guarded, open_database, quiet_guarded_panics, RedbStore};
 pub use serial::Serial;
 pub use store::{
     CaRecord, CertFilter, CertRecord, CertStatus, Item, NewCert, RecordOutcome, Store,

@@ -523,18 +523,33 @@ impl Store for PgStore {
     }
 
     fn export(&self, visit: &mut dyn FnMut(Item) -> Result<()>) -> Result<()> {
-        // One snapshot for everything but the audit log, which is paged (its entries are
-        // only ever appended, and the chain check at the destination covers it).
+        // One snapshot for everything, the audit log included: a copy taken while others
+        // write must not log certificates it lacks, nor lag its CRL counters behind its log.
+        // Large tables are read in pages, each query within the round-trip bound, all in the
+        // same REPEATABLE READ transaction.
+        const PAGE: i64 = 10_000;
         let items = self.conn.read(|tx| {
             let mut items = Vec::new();
             for r in tx.query("SELECT record FROM m2mpki_cas ORDER BY name", &[])? {
                 items.push(Item::Ca(from_json("CA", r.get::<_, &str>(0))?));
             }
-            for r in tx.query("SELECT record, der FROM m2mpki_certs ORDER BY serial", &[])? {
-                items.push(Item::Cert(NewCert {
-                    record: cert_from_row(&r)?,
-                    der: r.get(1),
-                }));
+            let mut after: Vec<u8> = Vec::new();
+            loop {
+                let rows = tx.query(
+                    "SELECT record, der, serial FROM m2mpki_certs WHERE serial > $1 \
+                     ORDER BY serial LIMIT $2",
+                    &[&after, &PAGE],
+                )?;
+                for r in &rows {
+                    items.push(Item::Cert(NewCert {
+                        record: cert_from_row(r)?,
+                        der: r.get(1),
+                    }));
+                    after = r.get(2);
+                }
+                if (rows.len() as i64) < PAGE {
+                    break;
+                }
             }
             for r in tx.query(
                 "SELECT ca, subject_key, serial FROM m2mpki_live ORDER BY ca, subject_key",
@@ -565,12 +580,26 @@ impl Store for PgStore {
             for r in tx.query("SELECT record FROM m2mpki_root_sets ORDER BY name", &[])? {
                 items.push(Item::RootSet(from_json("root set", r.get::<_, &str>(0))?));
             }
+            let mut after = 0i64;
+            loop {
+                let rows = tx.query(
+                    "SELECT seq, entry FROM m2mpki_audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&after, &PAGE],
+                )?;
+                for r in &rows {
+                    after = r.get(0);
+                    items.push(Item::Audit(from_json("audit", r.get::<_, &str>(1))?));
+                }
+                if (rows.len() as i64) < PAGE {
+                    break;
+                }
+            }
             Ok(items)
         })?;
         for item in items {
             visit(item)?;
         }
-        self.audit_log(&mut |entry| visit(Item::Audit(entry)))
+        Ok(())
     }
 
     fn import(&self, items: &mut dyn Iterator<Item = Result<Item>>) -> Result<u64> {

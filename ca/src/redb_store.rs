@@ -27,6 +27,83 @@ const ROOT_SETS: TableDefinition<&str, &[u8]> = TableDefinition::new("root_sets"
 const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked");
 const CRL_NUMBERS: TableDefinition<&str, u64> = TableDefinition::new("crl_numbers");
 
+std::thread_local! {
+    /// Set while [`guarded`] runs on this thread: the panic hook stays quiet.
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs a panic hook that keeps quiet about the panics [`guarded`] turns into errors (redb
+/// panics on some damaged files) and reports every other panic as before. Call once, early.
+pub fn quiet_guarded_panics() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !GUARDED.with(std::cell::Cell::get) {
+            previous(info);
+        }
+    }));
+}
+
+/// Runs `f` on the redb file `path`; a panic inside (redb meeting a damaged file) becomes a
+/// storage error naming the file instead of ending the process.
+pub fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let was = GUARDED.with(|g| g.replace(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(was));
+    out.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(damaged(path, &what))
+    })
+}
+
+fn damaged(path: &Path, what: &str) -> Error {
+    Error::Store(format!(
+        "{}: the store file is damaged ({what}); restore it from a backup",
+        path.display()
+    ))
+}
+
+/// Opens the redb file `path` (multi-writer), creating it when it does not exist. An existing
+/// file of zero bytes is refused: it is what a lost or truncated store looks like, and taking
+/// it for a new, empty one would forget every record (remove it to start an empty store).
+/// A panic of redb on a damaged file becomes an error naming the file.
+pub fn open_database(path: &Path) -> Result<Database> {
+    if path.exists() {
+        refuse_empty(path)?;
+    }
+    m2mpki_hsm::files::ensure_private_file(path)?;
+    guarded(path, || {
+        redb::Builder::new()
+            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => Error::StoreLocked(path.to_owned()),
+                e => Error::Store(format!("{}: {e}", path.display())),
+            })
+    })
+}
+
+/// Refuses an existing file of zero bytes. A process creating the file right now makes it
+/// non-empty within milliseconds; a few short waits tell that apart from a damaged store.
+fn refuse_empty(path: &Path) -> Result<()> {
+    for wait in [0u64, 20, 50, 100] {
+        std::thread::sleep(std::time::Duration::from_millis(wait));
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() > 0 => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(Error::Store(format!("{}: {e}", path.display()))),
+        }
+    }
+    Err(Error::Store(format!(
+        "{}: the store file is empty (0 bytes): a lost or truncated store; restore it from a \
+         backup, or remove it to start an empty store",
+        path.display()
+    )))
+}
+
 /// The redb-backed [`Store`].
 pub struct RedbStore {
     db: Database,
@@ -71,19 +148,18 @@ fn now() -> i64 {
 impl RedbStore {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        m2mpki_hsm::files::ensure_private_file(path)?;
-        let db = redb::Builder::new()
-            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
-            .create(path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => Error::StoreLocked(path.to_owned()),
-                e => Error::Store(format!("{}: {e}", path.display())),
-            })?;
+        let db = open_database(path)?;
         let store = RedbStore {
             db,
             path: path.to_owned(),
         };
         // Create the tables so readers never meet a missing one.
+        guarded(path, || store.create_tables())?;
+        Ok(store)
+    }
+
+    fn create_tables(&self) -> Result<()> {
+        let store = self;
         let tx = store.db.begin_write().map_err(db_err)?;
         tx.open_table(CAS).map_err(db_err)?;
         tx.open_table(CERTS).map_err(db_err)?;
@@ -94,8 +170,7 @@ impl RedbStore {
         tx.open_table(ROOT_SETS).map_err(db_err)?;
         tx.open_table(REVOKED).map_err(db_err)?;
         tx.open_table(CRL_NUMBERS).map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
-        Ok(store)
+        tx.commit().map_err(db_err)
     }
 
     /// Commits `tx`. A storage error here (an I/O error while the commit is written, a full

@@ -618,6 +618,112 @@ fn write_ids(path: &Path, ids: impl IntoIterator<Item = String>) {
     std::fs::write(path, text).unwrap();
 }
 
+/// `store migrate` from PostgreSQL while an `issue batch` and `crl`s write it: every copy is
+/// one snapshot, so its ledger and its audit log agree (`audit verify` cross-checks them) and
+/// its CRL counter is not behind its log: `crl` on the copy takes a number no CRL in the copy's
+/// log has.
+#[test]
+fn a_migration_from_a_database_being_written_is_one_snapshot() {
+    let pg = PgLab::new();
+    let ids = pg.lab.path("ids.txt");
+    write_ids(&ids, (0..6000).map(|i| format!("SNAP-{i:05}")));
+    let mut batch = pg
+        .cmd()
+        .args(["issue", "batch", "--ca", names::MFR_CA])
+        .args(["--profile", "device", "--chunk", "100", "--ids"])
+        .arg(&ids)
+        .arg("--out-dir")
+        .arg(pg.lab.path("out"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let copies = std::thread::scope(|scope| {
+        let crls = scope.spawn(|| {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let crl = pg.lab.path(&format!("w-{n}.crl"));
+                pg.json(&["crl", "--ca", names::MFR_CA, "--out", crl.to_str().unwrap()]);
+                n += 1;
+            }
+            n
+        });
+        let mut copies = Vec::new();
+        for i in 0..4 {
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            let to = pg.lab.path(&format!("copy-{i}.redb"));
+            let report = pg.lab.json(&[
+                "store",
+                "migrate",
+                "--from",
+                &pg.db.url,
+                "--to",
+                &format!("redb:{}", to.display()),
+            ]);
+            assert_eq!(report["audit_verified"], true);
+            copies.push(to);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(crls.join().unwrap() > 0);
+        copies
+    });
+    let out = batch.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut sizes = Vec::new();
+    for copy in &copies {
+        let on_copy = |args: &[&str]| {
+            let out = pg
+                .lab
+                .cmd()
+                .env("M2MPKI_STORE", format!("redb:{}", copy.display()))
+                .arg("--json")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?} on {}: {}",
+                copy.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        };
+        let verified = on_copy(&["audit", "verify"]);
+        let certs = verified["certificates"].as_u64().unwrap();
+        sizes.push(certs);
+        // The highest CRL number the copy's log shows, then a CRL on the copy.
+        let store = m2mpki_ca::RedbStore::open(copy).unwrap();
+        let mut top = 0;
+        store
+            .audit_log(&mut |e| {
+                if e.event.action == AuditAction::CrlIssue {
+                    top = top.max(e.event.detail["crl_number"].as_u64().unwrap());
+                }
+                Ok(())
+            })
+            .unwrap();
+        drop(store);
+        let crl = pg.lab.path("copy.crl");
+        let issued = on_copy(&[
+            "crl",
+            "--ca",
+            names::MFR_CA,
+            "--out",
+            crl.to_str().unwrap(),
+            "--force",
+        ]);
+        assert!(
+            issued["number"].as_u64().unwrap() > top,
+            "the copy's CRL {} reuses a number its log shows ({top})",
+            issued["number"]
+        );
+    }
+    eprintln!("copies taken with {sizes:?} certificates");
+    // The copies were taken while the batch ran (not all before or all after it).
+    assert!(sizes.windows(2).any(|w| w[0] != w[1]), "{sizes:?}");
+}
+
 /// Two `issue batch` processes on one CA and one database at once, with overlapping ID lists:
 /// all serials distinct, one live certificate per ID, every ID issued exactly once between
 /// them, and `audit verify` passes.
@@ -924,6 +1030,18 @@ impl SharedLab {
         key: &str,
         stderr: std::process::Stdio,
     ) -> std::process::Child {
+        self.start_in_at(n, port, key, stderr, &self.db.url)
+    }
+
+    /// [`start_in`](Self::start_in) on the database at `url` (a proxy in front of it).
+    fn start_in_at(
+        &self,
+        n: usize,
+        port: u16,
+        key: &str,
+        stderr: std::process::Stdio,
+        url: &str,
+    ) -> std::process::Child {
         let home = self.dir.path().join(format!("in-home-{n}"));
         if !home.exists() {
             let ok = std::process::Command::new("cp")
@@ -938,7 +1056,7 @@ impl SharedLab {
             .base
             .replace(
                 "listen = \"127.0.0.1:8443\"",
-                &format!("listen = \"127.0.0.1:{port}\"\nstore = \"{}\"", self.db.url),
+                &format!("listen = \"127.0.0.1:{port}\"\nstore = \"{url}\""),
             )
             .replace(
                 "[credentials]\n",
@@ -1247,6 +1365,115 @@ fn an_in_whose_store_is_unreachable_answers_503_and_recovers() {
             .unwrap();
     // Only the enrolment after the store came back is recorded.
     assert_eq!(history.as_array().unwrap().len(), 1, "{history}");
+}
+
+/// The IN's commit meets a connection cut after the COMMIT was forwarded, then a database that
+/// stops answering: a cut whose outcome a fresh read settles is answered with the credential
+/// the database holds; one it cannot settle is 503 `store_outcome_unknown` (not "nothing was
+/// recorded": the credential is live), and the node's retry makes it whole; a stalled database
+/// is a 503 well within the node's timeout, and nothing is committed after that answer.
+#[test]
+fn an_in_whose_commits_are_cut_or_stalled_says_what_it_knows_within_its_deadline() {
+    use m2mpki_test_pki::pg::{Fault, FaultProxy};
+    let lab = SharedLab::new();
+    let proxy = FaultProxy::start(&lab.db.url).unwrap();
+    let port = free_port();
+    let _ins = Children(vec![(
+        lab.start_in_at(
+            0,
+            port,
+            "store.key",
+            std::process::Stdio::null(),
+            &proxy.url(&lab.db.url),
+        ),
+        port,
+    )]);
+    lab.wait_ready(port);
+    let (cert, key) = lab.device("SN-0002");
+    let history = |identity: &str| -> Vec<serde_json::Value> {
+        let out = lab.on_pg(&["--json", "bootstrap", "credentials", identity]);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let live = |h: &[serde_json::Value]| -> Vec<String> {
+        h.iter()
+            .filter(|r| r["status"] == "live")
+            .map(|r| r["credential_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // One cut COMMIT: settled on a fresh connection, answered with what was recorded.
+    proxy.set(Fault::CutNextCommit);
+    let (code, text) = lab.enrol(port, &cert, &key, "cut-once");
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(proxy.cuts(), 1, "the commit was not cut");
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let identity = doc["result"]["identity"].as_str().unwrap().to_owned();
+    let first = doc["result"]["credential_id"].as_str().unwrap().to_owned();
+    let h = history(&identity);
+    assert_eq!(live(&h), vec![first.clone()], "{h:?}");
+
+    // Every COMMIT cut, the settling one too: the outcome stays unknown and the answer says so.
+    proxy.set(Fault::CutEveryCommit);
+    let (code, err) = lab.enrol(port, &cert, &key, "cut-always");
+    proxy.set(Fault::Relay);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("503") && err.contains("store_outcome_unknown"),
+        "{err}"
+    );
+    let h = history(&identity);
+    assert_eq!(h.len(), 2, "the cut credential was committed: {h:?}");
+    let undelivered = live(&h);
+    assert_eq!(undelivered.len(), 1);
+    assert_ne!(undelivered[0], first, "{h:?}");
+    // The node's retry makes it whole: its new credential supersedes the undelivered one.
+    let mut again = None;
+    for n in 0..50 {
+        let (code, text) = lab.enrol(port, &cert, &key, &format!("retry-{n}"));
+        if code == Some(0) {
+            again = Some(text);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let again: serde_json::Value =
+        serde_json::from_str(&again.expect("no retry succeeded")).unwrap();
+    let h = history(&identity);
+    assert_eq!(
+        live(&h),
+        vec![again["result"]["credential_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()]
+    );
+    let before = h.len();
+
+    // A database that stops answering (TCP up): a 503 well within the node's 10 s timeout.
+    proxy.set(Fault::Stall);
+    let started = std::time::Instant::now();
+    let (code, err) = lab.enrol(port, &cert, &key, "stalled");
+    let took = started.elapsed();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("503"), "after {took:?}: {err}");
+    eprintln!("a stalled database was answered 503 after {took:?}");
+    // Nothing is committed after the answer, however long the IN still holds the request.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    proxy.set(Fault::Relay);
+    std::thread::sleep(super_deadline());
+    assert_eq!(
+        history(&identity).len(),
+        before,
+        "a credential was committed after the 503"
+    );
+}
+
+/// Longer than the IN's store deadline for one enrolment.
+fn super_deadline() -> std::time::Duration {
+    m2mpki_bootstrap::enrol::STORE_DEADLINE + std::time::Duration::from_secs(1)
 }
 
 /// `m2mpki bootstrap migrate --to postgres://...` copies a home's IN store into the database

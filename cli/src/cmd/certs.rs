@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use m2mpki_ca::profile::ProfileKind;
 use m2mpki_ca::validity::Validity;
-use m2mpki_ca::{audit::ChainVerifier, Authority, CertFilter, CertRecord};
+use m2mpki_ca::{Authority, CertFilter, CertRecord};
 use m2mpki_hsm::files::{self, Mode};
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -169,13 +169,25 @@ pub(crate) fn show(ctx: &Ctx, serial: Option<String>, id: Option<String>, pem: b
 
 pub(crate) fn audit_verify(ctx: &Ctx) -> Result<()> {
     let store = ctx.store()?;
-    let mut verifier = ChainVerifier::default();
-    store.audit_log(&mut |entry| verifier.check(&entry))?;
-    let n = verifier.count();
+    let report = m2mpki_ca::consistency::check(&*store)?;
+    if !report.agrees() {
+        return Err(m2mpki_ca::Error::LedgerDiffers {
+            differences: report.differences,
+            findings: report.findings,
+        }
+        .into());
+    }
     if ctx.json {
-        emit_json(&serde_json::json!({ "ok": true, "entries": n }))
+        emit_json(&serde_json::json!({
+            "ok": true,
+            "entries": report.entries,
+            "certificates": report.certificates,
+        }))
     } else {
-        emit(&format!("audit log intact: {n} entries"))
+        emit(&format!(
+            "audit log intact: {} entries; the ledger's {} certificates match them",
+            report.entries, report.certificates
+        ))
     }
 }
 

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use m2mpki_ca::audit::ChainVerifier;
+use m2mpki_ca::consistency::StoreCheck;
 use m2mpki_ca::{Error, Item, StoreLocation};
 
 use crate::output::{emit, emit_json, UsageError};
@@ -19,7 +20,8 @@ pub(crate) fn migrate(json: bool, from: &StoreLocation, to: &StoreLocation) -> R
     let source = from.open()?;
     let destination = to.open()?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<m2mpki_ca::Result<Item>>(QUEUE);
-    let mut source_chain = ChainVerifier::default();
+    let mut source_check = StoreCheck::default();
+    let mut finished = None;
     let (exported, imported) = std::thread::scope(|scope| {
         let reader = scope.spawn(|| {
             let mut n = 0u64;
@@ -35,15 +37,30 @@ pub(crate) fn migrate(json: bool, from: &StoreLocation, to: &StoreLocation) -> R
             drop(tx);
             n
         });
-        let mut items = rx.into_iter().map(|item| {
-            let item = item?;
-            if let Item::Audit(entry) = &item {
-                source_chain.check(entry)?;
+        // Every item is checked on the way; a source whose ledger and log disagree (a broken
+        // chain, a record changed after it was logged) ends the stream with an error, so the
+        // import rolls back and nothing lands.
+        let mut received = rx.into_iter();
+        let mut items = std::iter::from_fn(|| match received.next() {
+            Some(item) => Some(item.and_then(|item| {
+                source_check.item(&item)?;
+                Ok(item)
+            })),
+            None if finished.is_none() => {
+                let report = std::mem::take(&mut source_check).finish();
+                let agrees = report.agrees();
+                let err = (!agrees).then(|| Error::LedgerDiffers {
+                    differences: report.differences,
+                    findings: report.findings.clone(),
+                });
+                finished = Some(report);
+                err.map(Err)
             }
-            Ok(item)
+            None => None,
         });
         let imported = destination.import(&mut items);
-        drop(items);
+        // The reader stops sending once the receiver is gone (an import that ended early).
+        drop(received);
         let exported = reader
             .join()
             .map_err(|_| Error::Internal("the export thread panicked".into()));
@@ -51,6 +68,8 @@ pub(crate) fn migrate(json: bool, from: &StoreLocation, to: &StoreLocation) -> R
     });
     let imported = imported?;
     let exported = exported?;
+    let source_report =
+        finished.ok_or_else(|| Error::Internal("the import ended before the source did".into()))?;
     if exported != imported {
         return Err(Error::Store(format!(
             "read {exported} items from {} but wrote {imported} to {}",
@@ -61,12 +80,12 @@ pub(crate) fn migrate(json: bool, from: &StoreLocation, to: &StoreLocation) -> R
     }
     let mut copied_chain = ChainVerifier::default();
     destination.audit_log(&mut |entry| copied_chain.check(&entry))?;
-    if copied_chain.count() != source_chain.count() {
+    if copied_chain.count() != source_report.entries {
         return Err(Error::Store(format!(
             "the audit log at {} has {} entries, the source {}",
             destination.backend(),
             copied_chain.count(),
-            source_chain.count()
+            source_report.entries
         ))
         .into());
     }
