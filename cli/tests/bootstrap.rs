@@ -863,6 +863,98 @@ fn rebootstrap_rotates_and_racing_rebootstraps_leave_one_live_credential() {
     assert_eq!(winner.credential, live_secret);
 }
 
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test fills a disk, and needs to mount a tmpfs for it (root, or CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// An IN whose home is on a disk that fills up: enrolments are refused with 503 while it is
+/// full (nothing recorded) and succeed again once space is freed, without a restart (redb
+/// refuses every transaction after an I/O error until the file is opened again).
+#[test]
+fn an_in_on_a_full_disk_serves_again_once_space_is_freed() {
+    let mut fx = Fixture::new(Backend::Software);
+    let disk = Tmpfs::mount(fx.dir.path().join("disk"), "16m");
+    let home = disk.0.join("home");
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&fx.home)
+        .arg(&home)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    fx.home = home;
+    let run = Running::start(&fx, fx.config("allow", ""));
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    let node = fx.nodes["d1"].clone();
+    run.enroll(&profile, &node, BOTH[0]).unwrap();
+
+    // Fill the disk.
+    let filler = disk.0.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0x5Au8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut refused = 0;
+    for _ in 0..20 {
+        match run.enroll(&profile, &node, BOTH[0]) {
+            Err(m2mpki_bootstrap::Error::Refused { status, code, .. }) => {
+                assert_eq!((status, code.as_str()), (503, "store_unavailable"));
+                refused += 1;
+            }
+            Err(e) => panic!("a full disk: {e}"),
+            Ok(_) => {} // redb had room left in its file
+        }
+    }
+    assert!(refused > 0, "the full disk never refused an enrolment");
+    let before = run
+        .server
+        .credentials()
+        .history(&node.identity.parse().unwrap())
+        .unwrap()
+        .len();
+
+    // Space comes back: the same process serves again.
+    std::fs::remove_file(&filler).unwrap();
+    let again = run.enroll(&profile, &node, BOTH[0]).unwrap();
+    assert_eq!(run.stored(&node.identity).unwrap().0, again.credential_id);
+    let after = run
+        .server
+        .credentials()
+        .history(&node.identity.parse().unwrap())
+        .unwrap()
+        .len();
+    assert_eq!(after, before + 1);
+    drop(run);
+}
+
 #[test]
 fn policy_deny_grants_while_running_and_check() {
     let fx = Fixture::new(Backend::Software);

@@ -428,3 +428,187 @@ fn a_database_that_stops_answering_ends_a_batch_with_exit_3() {
     assert_eq!(status.code(), Some(3), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A cluster of this test's own, from scripts/pg-cluster (fsync and synchronous_commit off, as
+/// the shared test cluster and many tuned servers run), stopped when dropped.
+struct OwnCluster {
+    dir: String,
+    url: String,
+}
+
+impl OwnCluster {
+    fn script() -> std::process::Command {
+        std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/pg-cluster"
+        ))
+    }
+
+    fn start() -> OwnCluster {
+        let out = Self::script().arg("start").output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8(out.stdout).unwrap();
+        let var = |name: &str| -> String {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("{name} in {line}"))
+                .to_owned()
+        };
+        OwnCluster {
+            dir: var("M2MPKI_TEST_PG_DIR"),
+            url: var("M2MPKI_TEST_PG"),
+        }
+    }
+
+    fn run(&self, what: &str) {
+        let out = Self::script().args([what, &self.dir]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "pg-cluster {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = Self::script().args(["stop", &self.dir]).output();
+    }
+}
+
+/// Serial of every certificate the bundles in `dir` hold, by ID.
+fn bundled(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries {
+        let path = e.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.starts_with("bundle-") && name.ends_with(".jsonl")) {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            out.push((
+                v["id"].as_str().unwrap().to_owned(),
+                v["serial"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    out
+}
+
+/// A server that runs with `synchronous_commit = off`, stopped immediately in the middle of a
+/// bundled batch, three times: every certificate written to a bundle has its ledger record after
+/// the restart (each write transaction asks for a synchronous commit), and the rerun gives no ID
+/// a second certificate.
+#[test]
+fn an_immediate_stop_mid_batch_loses_no_acknowledged_chunk() {
+    let cluster = OwnCluster::start();
+    let lab = Lab::new();
+    let from = format!("redb:{}", lab.home.join("store.redb").display());
+    lab.json(&["store", "migrate", "--from", &from, "--to", &cluster.url]);
+    std::fs::rename(lab.home.join("store.redb"), lab.path("old-store.redb")).unwrap();
+    let m2mpki = |args: &[&str]| {
+        lab.cmd()
+            .env("M2MPKI_STORE", &cluster.url)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let batch = |ids: &Path, out: &Path| {
+        lab.cmd()
+            .env("M2MPKI_STORE", &cluster.url)
+            .args([
+                "issue",
+                "batch",
+                "--ca",
+                names::MFR_CA,
+                "--profile",
+                "device",
+            ])
+            .args(["--bundle", "--chunk", "256", "--ids"])
+            .arg(ids)
+            .arg("--out-dir")
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    for round in 0..3 {
+        let ids = lab.path(&format!("ids-{round}.txt"));
+        let text: String = (0..20_000).map(|i| format!("R{round}-{i:05}\n")).collect();
+        std::fs::write(&ids, text).unwrap();
+        let out = lab.path(&format!("out-{round}"));
+        let mut child = batch(&ids, &out);
+        let started = Instant::now();
+        while bundled(&out).len() < 1024 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no bundles after 60 s"
+            );
+            assert!(child.try_wait().unwrap().is_none(), "the batch ended early");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cluster.run("crash");
+        let status = child.wait().unwrap();
+        assert_ne!(status.code(), Some(0), "the batch survived the stop");
+        cluster.run("revive");
+
+        let listed = m2mpki(&["--json", "certs", "list", "--ca", names::MFR_CA]);
+        assert!(
+            listed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&listed.stderr)
+        );
+        let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+        let ledger: std::collections::HashSet<String> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["serial"].as_str().unwrap().to_owned())
+            .collect();
+        let first = bundled(&out);
+        let lost: Vec<_> = first.iter().filter(|(_, s)| !ledger.contains(s)).collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: {} of {} bundled certificates have no ledger record (e.g. {:?})",
+            lost.len(),
+            first.len(),
+            lost.first()
+        );
+
+        // The rerun issues the rest, and nothing twice.
+        let rest = lab.path(&format!("rest-{round}"));
+        let out2 = batch(&ids, &rest).wait_with_output().unwrap();
+        assert!(
+            out2.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out2.stderr)
+        );
+        let mut per_id: std::collections::HashMap<String, std::collections::HashSet<String>> =
+            Default::default();
+        for (id, serial) in first.iter().chain(bundled(&rest).iter()) {
+            per_id.entry(id.clone()).or_default().insert(serial.clone());
+        }
+        assert_eq!(per_id.len(), 20_000, "round {round}");
+        let twice: Vec<_> = per_id.iter().filter(|(_, s)| s.len() > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "round {round}: IDs issued twice: {:?}",
+            twice.first()
+        );
+    }
+    let verified = m2mpki(&["audit", "verify"]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+}

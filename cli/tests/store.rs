@@ -627,7 +627,7 @@ fn a_migration_from_a_database_being_written_is_one_snapshot() {
     let pg = PgLab::new();
     let ids = pg.lab.path("ids.txt");
     write_ids(&ids, (0..6000).map(|i| format!("SNAP-{i:05}")));
-    let mut batch = pg
+    let batch = pg
         .cmd()
         .args(["issue", "batch", "--ca", names::MFR_CA])
         .args(["--profile", "device", "--chunk", "100", "--ids"])
@@ -669,7 +669,11 @@ fn a_migration_from_a_database_being_written_is_one_snapshot() {
         copies
     });
     let out = batch.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut sizes = Vec::new();
     for copy in &copies {
         let on_copy = |args: &[&str]| {
