@@ -51,11 +51,59 @@ pub struct CredentialRecord {
     pub expires: i64,
     /// Live or superseded.
     pub status: CredentialStatus,
-    /// The credential, AES-256-KW-wrapped under the store key (hex).
+    /// The credential sealed under the store key (hex): AES-256-GCM bound to the record
+    /// ([`Seal::Bound`]), or, for records of earlier versions, AES-256-KW (file key) or GCM
+    /// without associated data (token key).
     pub sealed: String,
+    /// How `sealed` was made; records of earlier versions have none ([`Seal::Unbound`]).
+    #[serde(default, skip_serializing_if = "Seal::is_unbound")]
+    pub seal: Seal,
     /// Credential ID it replaced, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supersedes: Option<String>,
+}
+
+/// How a record's credential is sealed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Seal {
+    /// Sealed alone (before this version): it would open under any record, so it is never
+    /// served; `m2mpki bootstrap reseal` binds it.
+    #[default]
+    #[serde(rename = "unbound")]
+    Unbound,
+    /// AES-256-GCM with the record's [`binding`] as associated data: it opens only in the
+    /// record it was sealed for.
+    #[serde(rename = "bound-v1")]
+    Bound,
+}
+
+impl Seal {
+    fn is_unbound(&self) -> bool {
+        *self == Seal::Unbound
+    }
+}
+
+/// The associated data a credential is sealed with: what identifies the record (credential ID,
+/// which is the KeID for TS-0003 credentials, identity, the admitting set, the client
+/// certificate's hash, creation and expiry). A sealed value copied into another record, or a
+/// record whose identity or expiry was changed, does not open.
+pub fn binding(r: &CredentialRecord) -> Vec<u8> {
+    let mut out = b"m2mpki credential binding v1".to_vec();
+    let identity = r.identity.to_string();
+    let created = r.created.to_string();
+    let expires = r.expires.to_string();
+    for part in [
+        r.id.as_str(),
+        identity.as_str(),
+        r.admitted_by.set.as_str(),
+        r.client_cert_sha256.as_str(),
+        created.as_str(),
+        expires.as_str(),
+    ] {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part.as_bytes());
+    }
+    out
 }
 
 /// What the key check value seals (32 bytes, not secret).
@@ -146,12 +194,19 @@ impl StoreKey {
         self.0.is_token()
     }
 
-    fn seal(&self, credential: &RootCredential) -> Result<Vec<u8>> {
-        Ok(self.0.seal(credential.expose())?)
+    /// Seals `credential` for `record` (bound to it) and sets its `sealed` and `seal`.
+    fn seal_into(&self, record: &mut CredentialRecord, credential: &RootCredential) -> Result<()> {
+        let sealed = self.0.seal_bound(credential.expose(), &binding(record))?;
+        record.sealed = hex::encode(sealed);
+        record.seal = Seal::Bound;
+        Ok(())
     }
 
-    fn unseal(&self, blob: &[u8]) -> Result<RootCredential> {
-        let plain = self.0.unseal(blob)?;
+    fn unseal(&self, record: &CredentialRecord, blob: &[u8]) -> Result<RootCredential> {
+        let plain = match record.seal {
+            Seal::Bound => self.0.unseal_bound(blob, &binding(record))?,
+            Seal::Unbound => self.0.unseal(blob)?,
+        };
         RootCredential::from_slice(&plain)
             .ok_or_else(|| Error::Store("sealed credential of the wrong size".into()))
     }
@@ -267,7 +322,7 @@ impl CredentialStore {
         id: String,
         credential: &RootCredential,
     ) -> Result<CredentialRecord> {
-        Ok(CredentialRecord {
+        let mut record = CredentialRecord {
             id,
             identity: new.identity.clone(),
             admitted_by: new.admitted_by.clone(),
@@ -275,9 +330,12 @@ impl CredentialStore {
             created: time::OffsetDateTime::now_utc().unix_timestamp(),
             expires: new.expires,
             status: CredentialStatus::Live,
-            sealed: hex::encode(store_key.seal(credential)?),
+            sealed: String::new(),
+            seal: Seal::Unbound,
             supersedes: None,
-        })
+        };
+        store_key.seal_into(&mut record, credential)?;
+        Ok(record)
     }
 
     /// Stores prepared credentials in one durable transaction, in order: each becomes its
@@ -431,20 +489,104 @@ impl CredentialStore {
         Ok(out)
     }
 
-    /// Unseals a stored credential (for the IN's own use, and tests).
+    /// Unseals a stored credential (for the IN's own use, and tests). Only a credential
+    /// sealed for this very record opens: one moved from another record, a record whose
+    /// identity, ID or expiry was changed, and a record sealed the old, unbound way (until
+    /// `m2mpki bootstrap reseal`) are refused, and logged.
     pub fn unseal(
         &self,
         store_key: &StoreKey,
         record: &CredentialRecord,
     ) -> Result<RootCredential> {
+        if record.seal == Seal::Unbound {
+            tracing::error!(credential_id = %record.id, identity = %record.identity, "refused a credential sealed without its record binding; run `m2mpki bootstrap reseal`");
+            return Err(Error::Store(format!(
+                "credential {} is sealed without its record binding (an earlier version's \
+                 format): run `m2mpki bootstrap reseal` before it is served",
+                record.id
+            )));
+        }
         let blob = hex::decode(&record.sealed)
             .map_err(|_| Error::Store("corrupt sealed credential".into()))?;
-        store_key.unseal(&blob).map_err(|_| {
+        store_key.unseal(record, &blob).map_err(|_| {
+            tracing::error!(credential_id = %record.id, identity = %record.identity, "refused a credential whose seal does not match its record (moved from another record, altered, or another store key)");
             Error::Store(format!(
-                "credential {} does not unseal with this store key",
+                "credential {} does not unseal for its record with this store key (moved from \
+                 another record, altered, or another store key)",
                 record.id
             ))
         })
+    }
+
+    /// Binds every credential sealed the old way to its record: unseals it (AES-KW, or GCM
+    /// without associated data) and seals it again bound to the record, all in one
+    /// transaction. Returns how many were resealed and how many were bound already. Run it on
+    /// a store nobody else could write since: an unbound record cannot show that it was not
+    /// moved.
+    pub fn reseal(&self, store_key: &StoreKey) -> Result<(u64, u64)> {
+        let all = self.all_records()?;
+        let mut changed = Vec::new();
+        let mut bound = 0u64;
+        for mut r in all {
+            if r.seal == Seal::Bound {
+                bound += 1;
+                continue;
+            }
+            let blob = hex::decode(&r.sealed)
+                .map_err(|_| Error::Store(format!("credential {}: corrupt sealed value", r.id)))?;
+            let credential = store_key.unseal(&r, &blob).map_err(|_| {
+                Error::Store(format!(
+                    "credential {} does not unseal with this store key",
+                    r.id
+                ))
+            })?;
+            store_key.seal_into(&mut r, &credential)?;
+            changed.push(r);
+        }
+        let n = changed.len() as u64;
+        self.rewrite(&changed)?;
+        Ok((n, bound))
+    }
+
+    /// Every credential record.
+    fn all_records(&self) -> Result<Vec<CredentialRecord>> {
+        let db = match self.redb() {
+            Ok(db) => db?,
+            Err(pg) => return crate::credstore_pg::all_records(pg),
+        };
+        let tx = db.begin_read().map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in tx
+            .open_table(CREDENTIALS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (_, v) = row.map_err(db_err)?;
+            out.push(parse::<CredentialRecord>(v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Replaces existing records by ID, in one transaction (which is live does not change).
+    pub(crate) fn rewrite(&self, records: &[CredentialRecord]) -> Result<()> {
+        let db = match self.redb() {
+            Ok(db) => db?,
+            Err(pg) => return crate::credstore_pg::rewrite(pg, records),
+        };
+        let tx = db.begin_write().map_err(db_err)?;
+        {
+            let mut creds = tx.open_table(CREDENTIALS).map_err(db_err)?;
+            for r in records {
+                if creds.get(r.id.as_str()).map_err(db_err)?.is_none() {
+                    return Err(Error::Store(format!("credential {} is not stored", r.id)));
+                }
+                creds
+                    .insert(r.id.as_str(), json(r)?.as_slice())
+                    .map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
     }
 
     /// Checks that `key` is the store key the credentials here are sealed under: the first
@@ -975,6 +1117,71 @@ mod tests {
         let c = identity("device:1.3.6.1.4.1.99999.1:SN-404");
         assert!(store.live(&c).unwrap().is_none());
         assert!(store.history(&c).unwrap().is_empty());
+    }
+
+    /// Two records with their sealed values swapped (as anyone who can write the store, but
+    /// does not hold the store key, could do), and a record moved to another identity: none
+    /// opens, on either backend; put back, each opens again.
+    #[test]
+    fn sealed_values_open_only_in_their_own_record() {
+        for Fx { store, key, .. } in backends() {
+            let adm = admission();
+            let a = identity("device:1.3.6.1.4.1.99999.1:SN-A");
+            let b = identity("device:1.3.6.1.4.1.99999.1:SN-B");
+            let (ra, ca) = store.issue(&key, new(&a, &adm)).unwrap();
+            let (rb, cb) = store.issue(&key, new(&b, &adm)).unwrap();
+            let (mut xa, mut xb) = (ra.clone(), rb.clone());
+            std::mem::swap(&mut xa.sealed, &mut xb.sealed);
+            store.rewrite(&[xa, xb]).unwrap();
+            for id in [&ra.id, &rb.id] {
+                let r = store.credential(id).unwrap().unwrap();
+                let err = store.unseal(&key, &r).unwrap_err();
+                assert!(
+                    err.to_string().contains("moved from another record"),
+                    "{err}"
+                );
+            }
+            // The same value under another identity, or with a later expiry, does not open.
+            let mut moved = ra.clone();
+            moved.identity = b.clone();
+            assert!(store.unseal(&key, &moved).is_err());
+            let mut longer = ra.clone();
+            longer.expires += 86_400 * 365;
+            assert!(store.unseal(&key, &longer).is_err());
+            store.rewrite(&[ra.clone(), rb.clone()]).unwrap();
+            assert_eq!(store.unseal(&key, &ra).unwrap(), ca);
+            assert_eq!(store.unseal(&key, &rb).unwrap(), cb);
+        }
+    }
+
+    /// A record sealed the way earlier versions did (unbound) is never served; `reseal` binds
+    /// it to its record, after which it opens to the same credential.
+    #[test]
+    fn unbound_records_are_refused_until_resealed() {
+        for Fx { store, key, .. } in backends() {
+            let adm = admission();
+            let a = identity("device:1.3.6.1.4.1.99999.1:SN-OLD");
+            let (mut old, credential) = CredentialStore::prepare(&key, new(&a, &adm)).unwrap();
+            old.sealed = hex::encode(key.0.seal(credential.expose()).unwrap());
+            old.seal = Seal::Unbound;
+            // Stored as an earlier version wrote it: no `seal` field at all.
+            let text = serde_json::to_string(&old).unwrap();
+            assert!(!text.contains("\"seal\""), "{text}");
+            store.commit(&mut [old.clone()]).unwrap();
+            let (bound, _) = store
+                .issue(&key, new(&identity("node:acme.example:n-1"), &adm))
+                .unwrap();
+            let stored = store.credential(&old.id).unwrap().unwrap();
+            assert_eq!(stored.seal, Seal::Unbound);
+            let err = store.unseal(&key, &stored).unwrap_err();
+            assert!(err.to_string().contains("bootstrap reseal"), "{err}");
+            assert_eq!(store.reseal(&key).unwrap(), (1, 1));
+            let stored = store.credential(&old.id).unwrap().unwrap();
+            assert_eq!(stored.seal, Seal::Bound);
+            assert_eq!(store.unseal(&key, &stored).unwrap(), credential);
+            assert!(store.unseal(&key, &bound).is_ok());
+            assert_eq!(store.reseal(&key).unwrap(), (0, 2));
+        }
     }
 
     #[test]

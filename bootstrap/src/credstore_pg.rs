@@ -219,6 +219,39 @@ pub(super) fn settle(pg: &Pg, id: &str, deadline: Option<std::time::Instant>) ->
         .map_err(store)
 }
 
+pub(super) fn all_records(pg: &Pg) -> Result<Vec<CredentialRecord>> {
+    pg.reads()
+        .single(|c| {
+            c.query_typed("SELECT record FROM m2mpki_in_credentials ORDER BY id", &[])?
+                .iter()
+                .map(|r| value::<CredentialRecord>(r.get(0)).map_err(Into::into))
+                .collect::<TxResult<Vec<_>>>()
+        })
+        .map_err(store)
+}
+
+pub(super) fn rewrite(pg: &Pg, records: &[CredentialRecord]) -> Result<()> {
+    let texts = records
+        .iter()
+        .map(|r| Ok((r.id.as_str(), text(r)?)))
+        .collect::<m2mpki_ca::Result<Vec<_>>>()
+        .map_err(store)?;
+    pg.writes
+        .write(LOCK, |tx| {
+            for (id, record) in &texts {
+                let n = tx.execute(
+                    "UPDATE m2mpki_in_credentials SET record = $2 WHERE id = $1",
+                    &[id, record],
+                )?;
+                if n != 1 {
+                    return Err(CaError::Store(format!("credential {id} is not stored")).into());
+                }
+            }
+            Ok(())
+        })
+        .map_err(store)
+}
+
 pub(super) fn count(pg: &Pg) -> Result<u64> {
     pg.reads()
         .single(|c| {

@@ -21,7 +21,7 @@ pub struct Cli {
     #[arg(long, global = true, env = "M2MPKI_HOME", value_name = "DIR")]
     pub home: Option<PathBuf>,
 
-    /// Where the ledger, audit log and root sets live: redb:PATH (one process at a time) or a
+    /// Where the ledger, audit log and root sets live: redb:PATH (processes of one host) or a
     /// postgres:// URL shared by several processes and hosts (docs/store.md)
     /// [default: $M2MPKI_STORE, else redb:<home>/store.redb]
     #[arg(
@@ -715,6 +715,14 @@ pub enum BootstrapCommand {
         identity: String,
         /// Resource
         resource: String,
+    },
+    /// Bind every credential sealed by an earlier version to its record (AES-256-GCM with the
+    /// record as associated data); the IN refuses to serve unbound ones. Run once after an
+    /// upgrade, with the INs stopped (docs/store.md)
+    Reseal {
+        /// The store key: a key file or a pkcs11: URI [default: <home>/keys/credential-store.key]
+        #[arg(long, value_name = "KEY")]
+        store_key: Option<String>,
     },
     /// Show the IN's credential records of an identity (never the credential itself)
     Credentials {

@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use aws_lc_rs::aead;
 use aws_lc_rs::key_wrap::{AesBlockCipher, KeyEncryptionKey, KeyWrap, AES_256};
 use zeroize::Zeroizing;
 
@@ -18,6 +19,12 @@ pub trait Sealer: Send + Sync + fmt::Debug {
     fn seal(&self, plain: &[u8]) -> Result<Vec<u8>>;
     /// Opens what [`seal`](Self::seal) made; any alteration (or another key) is an error.
     fn unseal(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>>;
+    /// Seals `plain` bound to the associated data `aad` with AES-256-GCM (`nonce || ciphertext
+    /// || tag`): it opens only with the same `aad`, so a sealed value moved to a record whose
+    /// `aad` differs does not open.
+    fn seal_bound(&self, plain: &[u8], aad: &[u8]) -> Result<Vec<u8>>;
+    /// Opens what [`seal_bound`](Self::seal_bound) made with the same `aad`.
+    fn unseal_bound(&self, blob: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>>;
     /// Whether the key stays on a token.
     fn is_token(&self) -> bool;
 }
@@ -115,8 +122,53 @@ impl Sealer for FileSealingKey {
         Ok(out)
     }
 
+    fn seal_bound(&self, plain: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce)
+            .map_err(|_| Error::Crypto("random source failed".into()))?;
+        let mut out = plain.to_vec();
+        self.gcm()?
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(aad),
+                &mut out,
+            )
+            .map_err(|_| Error::Crypto("sealing failed".into()))?;
+        Ok([&nonce[..], &out].concat())
+    }
+
+    fn unseal_bound(&self, blob: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        let bad = || {
+            Error::Crypto(
+                "sealed blob does not open with this key and record (altered, moved, or another key)"
+                    .into(),
+            )
+        };
+        if blob.len() < aead::NONCE_LEN + aead::AES_256_GCM.tag_len() {
+            return Err(bad());
+        }
+        let (nonce, sealed) = blob.split_at(aead::NONCE_LEN);
+        let nonce = aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| bad())?;
+        let mut buf = Zeroizing::new(sealed.to_vec());
+        let n = self
+            .gcm()?
+            .open_in_place(nonce, aead::Aad::from(aad), &mut buf)
+            .map_err(|_| bad())?
+            .len();
+        buf.truncate(n);
+        Ok(buf)
+    }
+
     fn is_token(&self) -> bool {
         false
+    }
+}
+
+impl FileSealingKey {
+    fn gcm(&self) -> Result<aead::LessSafeKey> {
+        aead::UnboundKey::new(&aead::AES_256_GCM, &*self.key)
+            .map(aead::LessSafeKey::new)
+            .map_err(|_| Error::Crypto("unusable store key".into()))
     }
 }
 
@@ -127,6 +179,14 @@ impl Sealer for Pkcs11SecretKey {
 
     fn unseal(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         Pkcs11SecretKey::unseal(self, blob)
+    }
+
+    fn seal_bound(&self, plain: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+        Pkcs11SecretKey::seal_bound(self, plain, aad)
+    }
+
+    fn unseal_bound(&self, blob: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        Pkcs11SecretKey::unseal_bound(self, blob, aad)
     }
 
     fn is_token(&self) -> bool {
@@ -189,6 +249,29 @@ mod tests {
                 0x1a, 0x99, 0xf4, 0x3b, 0xfb, 0x98, 0x8b, 0x9b, 0x7a, 0x02, 0xdd, 0x21
             ]
         );
+    }
+
+    #[test]
+    fn a_bound_seal_opens_only_with_its_associated_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = FileSealingKey::load_or_create(&dir.path().join("k")).unwrap();
+        let secret = [0x42u8; 32];
+        let sealed = key.seal_bound(&secret, b"record A").unwrap();
+        assert_eq!(sealed.len(), 12 + 32 + 16);
+        assert_ne!(
+            sealed,
+            key.seal_bound(&secret, b"record A").unwrap(),
+            "fresh nonce"
+        );
+        assert_eq!(&*key.unseal_bound(&sealed, b"record A").unwrap(), &secret);
+        assert!(key.unseal_bound(&sealed, b"record B").is_err());
+        assert!(key.unseal_bound(&sealed, b"").is_err());
+        let mut altered = sealed.clone();
+        altered[20] ^= 1;
+        assert!(key.unseal_bound(&altered, b"record A").is_err());
+        assert!(key.unseal_bound(&sealed[..27], b"record A").is_err());
+        // The unbound form does not open it either.
+        assert!(key.unseal(&sealed).is_err());
     }
 
     #[test]

@@ -476,6 +476,41 @@ pub fn run(
                 ))
             }
         }
+        BootstrapCommand::Reseal { store_key } => {
+            let home = Home::open(home)?;
+            let key_ref = match store_key {
+                Some(k) => k.parse()?,
+                None => {
+                    m2mpki_hsm::KeyRef::File(home.root().join("keys").join("credential-store.key"))
+                }
+            };
+            if let m2mpki_hsm::KeyRef::File(path) = &key_ref {
+                // Loading a missing key file would make a new key.
+                if !path.exists() {
+                    return Err(UsageError(format!(
+                        "no store key at {}: give the IN's with --store-key",
+                        path.display()
+                    ))
+                    .into());
+                }
+            }
+            let key = m2mpki_bootstrap::credstore::StoreKey::load(&key_ref, keystore)?;
+            let creds = CredentialStore::open_at(store, home.root())?;
+            creds.check_key(&key)?;
+            let (resealed, bound) = creds.reseal(&key)?;
+            if json {
+                emit_json(&serde_json::json!({
+                    "store": creds.backend(),
+                    "resealed": resealed,
+                    "already_bound": bound,
+                }))
+            } else {
+                emit(&format!(
+                    "{}: bound {resealed} credentials to their records ({bound} were already)",
+                    creds.backend()
+                ))
+            }
+        }
         BootstrapCommand::Credentials { identity } => {
             let id: FieldNodeIdentity = identity.parse()?;
             let history =

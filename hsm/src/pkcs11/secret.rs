@@ -68,12 +68,22 @@ impl Pkcs11SecretKey {
         })
     }
 
-    /// `IV || AES-256-GCM(plain) || tag`.
+    /// `IV || AES-256-GCM(plain) || tag`, without associated data.
     pub fn seal(&self, plain: &[u8]) -> Result<Vec<u8>> {
+        self.seal_bound(plain, &[])
+    }
+
+    /// Opens what [`seal`](Self::seal) made; fails on any alteration.
+    pub fn unseal(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        self.unseal_bound(blob, &[])
+    }
+
+    /// `IV || AES-256-GCM(plain, associated data aad) || tag`: opens only with the same `aad`.
+    pub fn seal_bound(&self, plain: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
         let mut iv = [0u8; IV_LEN];
         aws_lc_rs::rand::fill(&mut iv).map_err(|_| Error::Crypto("random source failed".into()))?;
         let mut iv_param = iv;
-        let params = GcmParams::new(&mut iv_param, &[], TAG_BITS.into())
+        let params = GcmParams::new(&mut iv_param, aad, TAG_BITS.into())
             .map_err(|e| Error::Crypto(e.to_string()))?;
         let ct = self.token.with_session(|s| {
             s.encrypt(&Mechanism::AesGcm(params), self.handle, plain)
@@ -82,14 +92,15 @@ impl Pkcs11SecretKey {
         Ok([&iv[..], &ct].concat())
     }
 
-    /// Opens what [`seal`](Self::seal) made; fails on any alteration.
-    pub fn unseal(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+    /// Opens what [`seal_bound`](Self::seal_bound) made with the same `aad`; fails on any
+    /// alteration of either.
+    pub fn unseal_bound(&self, blob: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         if blob.len() < IV_LEN + 16 {
             return Err(Error::Crypto("sealed blob too short".into()));
         }
         let mut iv = [0u8; IV_LEN];
         iv.copy_from_slice(&blob[..IV_LEN]);
-        let params = GcmParams::new(&mut iv, &[], TAG_BITS.into())
+        let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())
             .map_err(|e| Error::Crypto(e.to_string()))?;
         let plain = self.token.with_session(|s| {
             s.decrypt(&Mechanism::AesGcm(params), self.handle, &blob[IV_LEN..])
