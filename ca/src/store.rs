@@ -446,7 +446,7 @@ pub(crate) fn crl_event(ca: &str, mut detail: serde_json::Value, n: u64) -> Audi
     }
 }
 
-/// Where a store lives: `redb:PATH` (the embedded store, one process at a time) or a
+/// Where a store lives: `redb:PATH` (the embedded store, shared by the processes of one host) or a
 /// PostgreSQL URL (`postgres://` or `postgresql://`), shared by several processes and hosts.
 #[derive(Clone, PartialEq, Eq)]
 pub enum StoreLocation {

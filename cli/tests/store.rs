@@ -993,15 +993,25 @@ impl SharedLab {
             base: String::new(),
             dir,
         };
-        let (code, _, err) = lab.m2mpki(&["lab", "init", lab.lab_dir.to_str().unwrap()]);
+        // `lab init --store`: the lab's CA store goes into the database (its home keeps only
+        // the keys) and serve.toml names the database.
+        let (code, out, err) = lab.m2mpki(&[
+            "--json",
+            "--store",
+            &lab.db.url,
+            "lab",
+            "init",
+            lab.lab_dir.to_str().unwrap(),
+        ]);
         assert_eq!(code, Some(0), "{err}");
-        let from = format!("redb:{}", lab.home.join("store.redb").display());
-        let (code, _, err) =
-            lab.m2mpki(&["store", "migrate", "--from", &from, "--to", &lab.db.url]);
-        assert_eq!(code, Some(0), "{err}");
-        // The CA store moves aside: everything comes from the database now.
-        std::fs::rename(lab.home.join("store.redb"), lab.dir.path().join("old.redb")).unwrap();
+        let layout: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(layout["store"].as_str().unwrap().starts_with("postgres://"));
+        assert!(!lab.home.join("store.redb").exists());
         let base = std::fs::read_to_string(lab.lab_dir.join("serve.toml")).unwrap();
+        assert!(
+            base.contains(&format!("store = \"{}\"", lab.db.url)),
+            "{base}"
+        );
         let cut = base.find("\n[dtls]").or(base.find("\n[psk]")).unwrap();
         lab.base = base[..cut].to_owned();
         lab
@@ -1060,7 +1070,11 @@ impl SharedLab {
             .base
             .replace(
                 "listen = \"127.0.0.1:8443\"",
-                &format!("listen = \"127.0.0.1:{port}\"\nstore = \"{url}\""),
+                &format!("listen = \"127.0.0.1:{port}\""),
+            )
+            .replace(
+                &format!("store = \"{}\"", self.db.url),
+                &format!("store = \"{url}\""),
             )
             .replace(
                 "[credentials]\n",
@@ -1326,6 +1340,42 @@ impl Drop for Children {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// An IN on PostgreSQL stops cleanly on SIGTERM (exit 0, every time: its database clients shut
+/// down without blocking inside the runtime), and one started on a port that is taken exits 3
+/// naming the address, without a panic.
+#[test]
+fn an_in_on_postgres_stops_cleanly_and_names_a_busy_port() {
+    let lab = SharedLab::new();
+    for round in 0..4 {
+        let port = free_port();
+        let mut ins = Children(vec![(
+            lab.start_in(round, port, "store.key", std::process::Stdio::piped()),
+            port,
+        )]);
+        lab.wait_ready(port);
+        if round == 0 {
+            // A second IN on the same port.
+            let mut busy = lab.start_in(9, port, "store.key", std::process::Stdio::piped());
+            let status = busy.wait().unwrap();
+            let mut err = String::new();
+            std::io::Read::read_to_string(busy.stderr.as_mut().unwrap(), &mut err).unwrap();
+            assert_eq!(status.code(), Some(3), "{err}");
+            assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+            assert!(!err.contains("panicked"), "{err}");
+        }
+        let (mut child, _) = ins.0.pop().unwrap();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = child.wait().unwrap();
+        let mut log = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+        assert_eq!(status.code(), Some(0), "round {round}: {log}");
     }
 }
 

@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 use anyhow::Result;
+use m2mpki_ca::StoreLocation;
 use m2mpki_test_pki::lab::{self, LabHsm, LabLayout};
 
 use crate::args::{HsmArg, LabCommand};
@@ -88,21 +89,79 @@ fn describe(l: &LabLayout) -> String {
     s
 }
 
-pub fn run(json: bool, cmd: LabCommand) -> Result<()> {
+/// Moves a new lab's CA store into the PostgreSQL store `url`: the lab is built in its home's
+/// redb file, copied (checked as `store migrate` checks), and the file removed; the IN's
+/// config names the database, so the IN keeps its credentials there too.
+fn move_into(layout: &LabLayout, location: &StoreLocation) -> Result<String> {
+    let redb = layout.home.join("store.redb");
+    let from = StoreLocation::Redb(redb.clone());
+    let shown = super::store::copy(&from, location)?.to;
+    std::fs::remove_file(&redb)?;
+    let StoreLocation::Postgres(url) = location else {
+        return Ok(shown);
+    };
+    let config = std::fs::read_to_string(&layout.serve_config)?;
+    let listen = format!("listen = \"127.0.0.1:{}\"\n", layout.port);
+    if !config.contains(&listen) {
+        return Err(anyhow::anyhow!(
+            "{}: no `{}` line to put the store beside",
+            layout.serve_config.display(),
+            listen.trim()
+        ));
+    }
+    let store_line = format!("store = {}\n", toml::Value::String(url.clone()));
+    let config = config.replacen(&listen, &format!("{listen}{store_line}"), 1);
+    m2mpki_hsm::files::write_atomic(
+        &layout.serve_config,
+        config.as_bytes(),
+        m2mpki_hsm::files::WriteOptions {
+            // It may hold the database password.
+            mode: m2mpki_hsm::files::Mode::Secret,
+            overwrite: m2mpki_hsm::files::Overwrite::Replace,
+            sync: true,
+        },
+    )?;
+    Ok(shown)
+}
+
+pub fn run(json: bool, store: Option<&StoreLocation>, cmd: LabCommand) -> Result<()> {
     match cmd {
         LabCommand::Init { dir, hsm: h, port } => {
             let layout =
                 lab::init(&dir, hsm(h)?, port).map_err(|e| UsageError(format!("{e:#}")))?;
+            let postgres = match store {
+                Some(location @ StoreLocation::Postgres(_)) => Some(move_into(&layout, location)?),
+                Some(StoreLocation::Redb(_)) => {
+                    return Err(UsageError(
+                        "lab init keeps its redb store in the lab's home; --store takes a \
+                         postgres:// URL here"
+                            .into(),
+                    )
+                    .into())
+                }
+                None => None,
+            };
             if json {
-                return emit_json(&layout);
+                let mut doc = serde_json::to_value(&layout)?;
+                if let (Some(obj), Some(location)) = (doc.as_object_mut(), postgres) {
+                    obj.insert("store".into(), location.clone().into());
+                }
+                return emit_json(&doc);
             }
-            emit(&format!(
-                "{}\nnext, by hand:\n{}",
-                describe(&layout),
-                next_steps(&layout)
-            ))
+            let mut text = describe(&layout);
+            let mut steps = next_steps(&layout);
+            if let Some(location) = postgres {
+                text.push_str(&format!("  store     {location}\n"));
+                steps = format!("  export M2MPKI_STORE='<the --store URL>'\n{steps}");
+            }
+            emit(&format!("{text}\nnext, by hand:\n{steps}"))
         }
         LabCommand::Demo { dir, hsm: h, keep } => {
+            if store.is_some() {
+                eprintln!(
+                    "m2mpki: warning: lab demo builds a store of its own in its lab folder; --store (or $M2MPKI_STORE) is not used"
+                );
+            }
             let h = hsm(h)?;
             let temp = match &dir {
                 Some(_) => None,

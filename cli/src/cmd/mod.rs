@@ -82,7 +82,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bootstrap(cmd) => {
             return bootstrap::run(&home, store.as_ref(), &keystore, cli.json, cmd)
         }
-        Command::Lab(cmd) => return lab::run(cli.json, cmd),
+        Command::Lab(cmd) => return lab::run(cli.json, store.as_ref(), cmd),
         other => other,
     };
     let ctx = Ctx {

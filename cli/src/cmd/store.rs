@@ -17,6 +17,34 @@ pub(crate) fn migrate(json: bool, from: &StoreLocation, to: &StoreLocation) -> R
     if from == to {
         return Err(UsageError("--from and --to name the same store".into()).into());
     }
+    let copied = copy(from, to)?;
+    let (from_name, to_name) = (&copied.from, &copied.to);
+    if json {
+        emit_json(&serde_json::json!({
+            "from": from_name,
+            "to": to_name,
+            "items": copied.items,
+            "audit_entries": copied.audit_entries,
+            "audit_verified": true,
+        }))
+    } else {
+        emit(&format!(
+            "copied {} items from {from_name} to {to_name}; the audit log's {} entries verify at the destination",
+            copied.items, copied.audit_entries
+        ))
+    }
+}
+
+/// What [`copy`] did.
+pub(crate) struct Copied {
+    pub(crate) from: String,
+    pub(crate) to: String,
+    pub(crate) items: u64,
+    pub(crate) audit_entries: u64,
+}
+
+/// Copies `from` into the empty store `to` (see [`migrate`]).
+pub(crate) fn copy(from: &StoreLocation, to: &StoreLocation) -> Result<Copied> {
     let source = from.open()?;
     let destination = to.open()?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<m2mpki_ca::Result<Item>>(QUEUE);
@@ -89,19 +117,10 @@ pub(crate) fn migrate(json: bool, from: &StoreLocation, to: &StoreLocation) -> R
         ))
         .into());
     }
-    let (from_name, to_name) = (source.backend(), destination.backend());
-    if json {
-        emit_json(&serde_json::json!({
-            "from": from_name,
-            "to": to_name,
-            "items": imported,
-            "audit_entries": copied_chain.count(),
-            "audit_verified": true,
-        }))
-    } else {
-        emit(&format!(
-            "copied {imported} items from {from_name} to {to_name}; the audit log's {} entries verify at the destination",
-            copied_chain.count()
-        ))
-    }
+    Ok(Copied {
+        from: source.backend(),
+        to: destination.backend(),
+        items: imported,
+        audit_entries: copied_chain.count(),
+    })
 }
