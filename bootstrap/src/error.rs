@@ -23,6 +23,14 @@ pub enum Error {
         /// Why it failed.
         reason: String,
     },
+    /// A listening socket could not be opened (a port in use, an address not ours).
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
     /// The TLS handshake failed (the peer, or we, refused the other's certificate).
     #[error("TLS handshake with {peer} failed: {reason}")]
     Handshake {
@@ -93,6 +101,7 @@ impl Error {
             Error::Key(e) if e.is_bad_input() => K::BadInput,
             Error::Key(_)
             | Error::Connect { .. }
+            | Error::Listen { .. }
             | Error::Network { .. }
             | Error::Timeout(_)
             | Error::Store(_)

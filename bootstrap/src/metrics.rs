@@ -177,16 +177,32 @@ impl Metrics {
     }
 }
 
+/// Scrapes served at once; a connection beyond them is closed when accepted. A scraper needs
+/// one; the cap keeps idle connections to this listener from taking the descriptors the
+/// enrolment listeners need.
+pub const MAX_SCRAPES: usize = 16;
+
+/// How long a scrape connection may take to send its request head, and in all.
+const SCRAPE_HEAD: Duration = Duration::from_secs(5);
+const SCRAPE_TOTAL: Duration = Duration::from_secs(15);
+
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub(crate) async fn serve(listener: TcpListener, core: Arc<Core>, metrics: Arc<Metrics>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics listener full; connection closed");
+            drop(tcp);
+            continue;
+        };
         let core = core.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let reply = if req.uri().path() != "/metrics" {
                     plain(StatusCode::NOT_FOUND, "only /metrics is here\n".into())
@@ -207,9 +223,9 @@ pub(crate) async fn serve(listener: TcpListener, core: Arc<Core>, metrics: Arc<M
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(false)
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(SCRAPE_HEAD)
                 .serve_connection(TokioIo::new(tcp), service);
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(30), conn).await {
+            if let Err(e) = tokio::time::timeout(SCRAPE_TOTAL, conn).await {
                 tracing::debug!(%peer, error = %e, "metrics scrape timed out");
             }
         });

@@ -75,7 +75,10 @@ fn lookup(
     identity: &str,
     now: i64,
 ) -> std::result::Result<(Association, crate::protocol::RootCredential), &'static str> {
-    let record = match store.credential(identity) {
+    // Credential IDs and KeIDs are stored in lower case (hex, and the IN's FQDN as a DNS
+    // name); nodes scripted from `openssl s_client -keymatexport` print the hex in upper case.
+    let identity = identity.to_ascii_lowercase();
+    let record = match store.credential(&identity) {
         Ok(Some(r)) => r,
         Ok(None) => return Err("unknown_credential"),
         Err(_) => return Err("store_unavailable"),
@@ -185,6 +188,8 @@ fn configure(b: &mut SslContextBuilder, version: SslVersion) -> Result<()> {
 pub(crate) struct Listener {
     pub(crate) ctx: SslContext,
     pub(crate) upstream: Option<SocketAddr>,
+    /// How long the upstream may take to start its answer (504 after), and to finish it.
+    pub(crate) upstream_timeout: Duration,
     pub(crate) limits: crate::config::Limits,
 }
 
@@ -396,11 +401,47 @@ impl Listener {
                     .await;
             }
         };
-        up.write_all(&request.forwarded_head(assoc, peer)).await?;
+        up.write_all(&request.forwarded_head(assoc, peer, upstream))
+            .await?;
         up.write_all(&body).await?;
         up.flush().await?;
-        // The upstream's answer, whole, then the association closes (one request each).
-        tokio::io::copy(&mut up, tls).await?;
+        // The upstream's answer, then the association closes (one request each). An upstream
+        // that closes without a byte is 502; one silent past the upstream timeout is 504.
+        let gateway = |status: hyper::StatusCode, code: &str, message: &str| {
+            let body = serde_json::json!({ "error": code, "message": message });
+            http_head::json_response(status, body.to_string().as_bytes())
+        };
+        let mut first = vec![0u8; 16 * 1024];
+        match tokio::time::timeout(self.upstream_timeout, up.read(&mut first)).await {
+            Err(_) => {
+                tracing::warn!(%upstream, "upstream did not answer within the upstream timeout");
+                return tls
+                    .write_all(&gateway(
+                        hyper::StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        "the service behind the IN did not answer in time",
+                    ))
+                    .await;
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                tracing::warn!(%upstream, "upstream closed without answering");
+                return tls
+                    .write_all(&gateway(
+                        hyper::StatusCode::BAD_GATEWAY,
+                        "upstream_closed",
+                        "the service behind the IN closed the connection without answering",
+                    ))
+                    .await;
+            }
+            Ok(Ok(n)) => tls.write_all(&first[..n]).await?,
+        }
+        let rest = tokio::io::copy(&mut up, tls);
+        if tokio::time::timeout(self.upstream_timeout, rest)
+            .await
+            .is_err()
+        {
+            tracing::warn!(%upstream, "upstream answer cut off after the upstream timeout");
+        }
         Ok(())
     }
 }
@@ -409,29 +450,50 @@ impl Listener {
 struct Request {
     method: String,
     path: String,
+    /// The node's Host header (the first).
+    host: Option<Vec<u8>>,
     /// `Name: value` lines to pass on.
     headers: Vec<(String, Vec<u8>)>,
     head_len: usize,
     content_length: Option<usize>,
 }
 
-/// Headers that concern one hop only, or that only the IN may set.
-fn dropped(name: &str) -> bool {
+/// A header name as CGI/WSGI-style upstreams see it: case folded and `_` taken for `-`
+/// (`X_M2mpki_Identity` becomes `HTTP_X_M2MPKI_IDENTITY` there, as `X-M2mpki-Identity` does).
+fn folded(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'_' => '-',
+            b => char::from(b.to_ascii_lowercase()),
+        })
+        .collect()
+}
+
+/// Headers that concern one hop only, say where the request came from, or that only the IN
+/// may set, compared as [`folded`]: the IN sets its own (identity, credential, the node's
+/// address in `X-Forwarded-For`, `X-Real-IP` and `Forwarded`) and `connection: close`.
+fn dropped(folded_name: &str) -> bool {
     [
         "connection",
         "keep-alive",
         "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
         "te",
         "trailer",
         "transfer-encoding",
         "upgrade",
         "content-length",
         "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+        "forwarded",
+        "host",
     ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
-        || name.eq_ignore_ascii_case(IDENTITY_HEADER)
-        || name.eq_ignore_ascii_case(CREDENTIAL_HEADER)
+    .contains(&folded_name)
+        || folded_name == folded(IDENTITY_HEADER)
+        || folded_name == folded(CREDENTIAL_HEADER)
 }
 
 impl Request {
@@ -442,32 +504,74 @@ impl Request {
             Ok(httparse::Status::Complete(n)) => n,
             _ => return Err("malformed request head".into()),
         };
+        let method = req.method.unwrap_or("").to_owned();
+        let path = req.path.unwrap_or("").to_owned();
+        // Origin-form only: the IN is the origin to the node, not a forward proxy.
+        if method == "CONNECT" || !path.starts_with('/') {
+            return Err(format!(
+                "only origin-form targets (/path) are forwarded, not `{method} {path}`"
+            ));
+        }
         let mut content_length = None;
+        let mut host = None;
+        // Headers named in Connection concern this hop only (RFC 9110 §7.6.1).
+        let hop: Vec<String> = req
+            .headers
+            .iter()
+            .filter(|h| folded(h.name) == "connection")
+            .flat_map(|h| {
+                String::from_utf8_lossy(h.value)
+                    .split(',')
+                    .map(|t| folded(t.trim()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let mut kept = Vec::new();
         for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let name = folded(h.name);
+            if name == "transfer-encoding" {
                 return Err("chunked request bodies are not forwarded; send Content-Length".into());
             }
-            if h.name.eq_ignore_ascii_case("content-length") {
+            if name == "content-length" {
                 content_length = std::str::from_utf8(h.value)
                     .ok()
                     .and_then(|v| v.parse().ok());
             }
-            if !dropped(h.name) {
+            if name == "host" && host.is_none() {
+                host = Some(h.value.to_vec());
+            }
+            if !dropped(&name) && !hop.contains(&name) {
                 kept.push((h.name.to_owned(), h.value.to_vec()));
             }
         }
         Ok(Request {
-            method: req.method.unwrap_or("").to_owned(),
-            path: req.path.unwrap_or("").to_owned(),
+            method,
+            path,
+            host,
             headers: kept,
             head_len,
             content_length,
         })
     }
 
-    fn forwarded_head(&self, assoc: &Association, peer: SocketAddr) -> Vec<u8> {
-        let mut out = format!("{} {} HTTP/1.1\r\n", self.method, self.path).into_bytes();
+    fn forwarded_head(
+        &self,
+        assoc: &Association,
+        peer: SocketAddr,
+        upstream: SocketAddr,
+    ) -> Vec<u8> {
+        let mut out = format!("{} {} HTTP/1.1\r\nHost: ", self.method, self.path).into_bytes();
+        // HTTP/1.1 needs a Host: the node's (one), or the upstream's address for an HTTP/1.0
+        // request that had none.
+        match &self.host {
+            Some(h) => out.extend_from_slice(h),
+            None => out.extend_from_slice(upstream.to_string().as_bytes()),
+        }
+        out.extend_from_slice(b"\r\n");
+        let for_value = match peer.ip() {
+            std::net::IpAddr::V4(ip) => ip.to_string(),
+            std::net::IpAddr::V6(ip) => format!("\"[{ip}]\""),
+        };
         for (name, value) in &self.headers {
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
@@ -476,11 +580,11 @@ impl Request {
         }
         out.extend_from_slice(
             format!(
-                "{IDENTITY_HEADER}: {}\r\n{CREDENTIAL_HEADER}: {}\r\nX-Forwarded-For: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                "{IDENTITY_HEADER}: {}\r\n{CREDENTIAL_HEADER}: {}\r\nX-Forwarded-For: {ip}\r\nX-Real-IP: {ip}\r\nForwarded: for={for_value}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                 assoc.identity,
                 assoc.credential_id,
-                peer.ip(),
-                self.content_length.unwrap_or(0)
+                self.content_length.unwrap_or(0),
+                ip = peer.ip(),
             )
             .as_bytes(),
         );

@@ -166,10 +166,87 @@ fn prepared(sets: Vec<RootSet>) -> Vec<RootSet> {
     sets
 }
 
+/// Descriptors kept for what is not a connection: the listeners, the stores' files and
+/// database connections (six per PostgreSQL store), the token's, logging.
+const DESCRIPTOR_RESERVE: u64 = 64;
+
+/// The most descriptors the IN can hold at once under its configured caps: each TLS
+/// connection waiting for its hello or handshake holds two (measured by the hostile review),
+/// each PSK association two (the node's and the upstream's), each metrics scrape one; DTLS
+/// peers share the endpoint's one socket.
+pub fn descriptors_needed(c: &ServerConfig) -> u64 {
+    let per = 2 * c.limits.max_connections as u64;
+    let mut need = DESCRIPTOR_RESERVE;
+    if c.listen.is_some() {
+        need += per;
+    }
+    if c.psk.is_some() {
+        need += per;
+    }
+    if c.metrics_listen.is_some() {
+        need += crate::metrics::MAX_SCRAPES as u64;
+    }
+    need
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (the usual soft 1 024 is less than the
+/// default caps need, and `accept` failing with EMFILE defeats the admission rules), and
+/// refuses a configuration whose caps cannot fit under the hard limit (exit 2, with the
+/// arithmetic). Returns the limit now in force.
+pub fn ensure_descriptors(c: &ServerConfig) -> Result<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let need = descriptors_needed(c);
+    let now = getrlimit(Resource::Nofile);
+    let hard = now.maximum.unwrap_or(u64::MAX);
+    if need > hard {
+        let listeners = [c.listen.map(|_| "TLS"), c.psk.as_ref().map(|_| "PSK")]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>();
+        let fixed = if c.metrics_listen.is_some() {
+            crate::metrics::MAX_SCRAPES as u64
+        } else {
+            0
+        };
+        return Err(Error::BadConfig {
+            path: "[limits]".into(),
+            reason: format!(
+                "the caps need up to {need} file descriptors (2 x max_connections {} for each of {} listener(s) {}, {} for metrics, {DESCRIPTOR_RESERVE} reserved), but the hard RLIMIT_NOFILE is {hard}: lower limits.max_connections to at most {}, or raise the limit (systemd: LimitNOFILE=)",
+                c.limits.max_connections,
+                listeners.len(),
+                listeners.join(" and "),
+                fixed,
+                hard.saturating_sub(DESCRIPTOR_RESERVE + fixed) / (2 * listeners.len().max(1) as u64),
+            ),
+        });
+    }
+    let soft = now.current.unwrap_or(u64::MAX);
+    if soft < hard {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: now.maximum,
+                maximum: now.maximum,
+            },
+        )
+        .map_err(|e| {
+            Error::internal(format!("raising RLIMIT_NOFILE from {soft} to {hard}: {e}"))
+        })?;
+        tracing::info!(
+            from = soft,
+            to = hard,
+            need,
+            "raised the soft descriptor limit"
+        );
+    }
+    Ok(hard)
+}
+
 impl Server {
     /// Prepares the endpoint: loads the trusted sets, the TLS chain and key (file or token),
     /// the credential store and its key, and records the policy.
     pub fn new(config: ServerConfig, home: &Home, keystore: &Keystore) -> Result<Self> {
+        ensure_descriptors(&config)?;
         let ca_store: Arc<dyn Store> = match &config.store {
             Some(location) => Arc::from(location.open()?),
             None => Arc::new(home.store()?),
@@ -299,6 +376,7 @@ impl Server {
             Some(p) => Some(Arc::new(crate::psk::Listener {
                 ctx: crate::psk::server_context(shared.creds.clone(), shared.store_key.clone())?,
                 upstream: p.upstream,
+                upstream_timeout: p.upstream_timeout,
                 limits: shared.config.limits.clone(),
             })),
         };
@@ -362,9 +440,9 @@ impl Server {
     /// Binds the configured addresses: TCP with the longest accept queue the kernel allows
     /// (see [`listen`]), UDP for DTLS.
     pub async fn bind(&self) -> Result<Listeners> {
-        let cant = |addr: SocketAddr, e: std::io::Error| Error::Connect {
+        let cant = |addr: SocketAddr, e: std::io::Error| Error::Listen {
             addr: addr.to_string(),
-            reason: format!("cannot listen: {e}"),
+            reason: e.to_string(),
         };
         let tls = match self.shared.config.listen {
             None => None,

@@ -1266,6 +1266,144 @@ fn the_cli_enrols_writes_a_private_credential_and_serve_stops_on_sigterm() {
     assert!(log.contains(&node.identity), "{log}");
 }
 
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The IN fits its caps into the descriptor limit: under `prlimit --nofile=1024:1024` the
+/// default caps (1 024 connections on TLS and on PSK) cannot fit and `serve` refuses to start
+/// with the arithmetic (exit 2); under 1024:4096 it raises its soft limit to the hard one;
+/// with caps that fit, 600 silent connections (ten source addresses, past max_connections)
+/// leave enrolments working and `accept` never fails with EMFILE.
+#[test]
+fn the_in_fits_its_caps_into_the_descriptor_limit() {
+    let fx = Fixture::new(Backend::Software);
+    let port = free_tcp_port();
+    let psk_port = free_tcp_port();
+    let write_config = |extra: &str| {
+        let config = fx.dir.path().join("fd-serve.toml");
+        let text = server_config_toml(
+            &format!("127.0.0.1:{port}"),
+            &fx.in_chain,
+            &fx.in_key,
+            "allow",
+        )
+        .replace("max_connections = 1024\n", &format!("{extra}\n"))
+            + &format!("\n[psk]\nlisten = \"127.0.0.1:{psk_port}\"\n");
+        assert!(text.contains(extra), "no [limits] section to extend");
+        std::fs::write(&config, text).unwrap();
+        config
+    };
+    let serve = |nofile: &str, config: &Path| {
+        tool("prlimit")
+            .arg(format!("--nofile={nofile}"))
+            .arg(env!("CARGO_BIN_EXE_m2mpki"))
+            .arg("--home")
+            .arg(&fx.home)
+            .args(["bootstrap", "serve", "--config"])
+            .arg(config)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The default caps: 2 x 1024 x 2 + 64 = 4160 descriptors.
+    let config = write_config("max_connections = 1024");
+    let out = serve("1024:1024", &config).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("4160 file descriptors") && err.contains("RLIMIT_NOFILE is 1024"),
+        "{err}"
+    );
+    assert!(err.contains("max_connections to at most 240"), "{err}");
+
+    // Caps that fit 4096; the soft limit is raised to it.
+    let config = write_config("max_connections = 300\nmax_connections_per_address = 64");
+    let mut child = serve("1024:4096", &config);
+    let node = &fx.nodes["d1"];
+    let run_enrol = || {
+        let profile = fx.profile(IN_FQDN, sets::INFRA);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(client::enroll(Enrolment {
+            profile,
+            chain: m2mpki_bootstrap::tls::load_chain(&node.chain).unwrap(),
+            key: node.key.clone(),
+            connect: Some(format!("127.0.0.1:{port}")),
+            versions: BOTH[0].to_vec(),
+            timeout: Duration::from_secs(10),
+        }))
+    };
+    let mut last = None;
+    for _ in 0..100 {
+        match run_enrol() {
+            Ok(_) => {
+                last = None;
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the IN exited ({status}): {err}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(last.is_none(), "the IN did not serve: {last:?}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        line.split_whitespace().skip(3).take(2).collect::<Vec<_>>(),
+        ["4096", "4096"],
+        "{line}"
+    );
+    // 600 silent connections from ten loopback addresses (60 each, under the per-address cap;
+    // 600 is past max_connections, so the IN evicts), then enrolments still work.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let silent: Vec<tokio::net::TcpStream> = rt.block_on(async {
+        let mut held = Vec::new();
+        for i in 0..600u32 {
+            let from = std::net::Ipv4Addr::new(127, 0, 0, 10 + (i % 10) as u8);
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::from((from, 0))).unwrap();
+            held.push(
+                socket
+                    .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+                    .await
+                    .unwrap(),
+            );
+        }
+        held
+    });
+    for n in 0..5 {
+        run_enrol().unwrap_or_else(|e| panic!("enrolment {n} under 600 silent connections: {e}"));
+    }
+    drop(silent);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(!log.contains("Too many open files"), "{log}");
+    assert!(log.contains("raised the soft descriptor limit"), "{log}");
+}
+
 fn request(headers: &str, body: &str) -> Vec<u8> {
     format!(
         "POST /bootstrap HTTP/1.1\r\nHost: {IN_FQDN}\r\nContent-Type: application/json\r\n{headers}\r\n{body}"
@@ -2388,6 +2526,144 @@ fn echo_upstream() -> (SocketAddr, std::thread::JoinHandle<()>) {
         }
     });
     (addr, h)
+}
+
+/// A WSGI application (Python's wsgiref, as many IN-CSE prototypes are served) that answers
+/// one request with its environ's HTTP_* variables: CGI and WSGI fold `-` and `_` in header
+/// names, so it sees what such an upstream would take for the IN's headers.
+fn wsgi_upstream() -> (SocketAddr, std::process::Child) {
+    let script = r#"
+import json, sys
+from wsgiref.simple_server import make_server, WSGIRequestHandler
+class Quiet(WSGIRequestHandler):
+    def log_message(self, *a): pass
+def app(environ, start):
+    seen = {k: v for k, v in environ.items() if k.startswith("HTTP_")}
+    seen["REQUEST_METHOD"] = environ["REQUEST_METHOD"]
+    body = json.dumps(seen).encode()
+    start("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+srv = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+print(srv.server_port, flush=True)
+srv.handle_request()
+"#;
+    let mut child = tool("python3")
+        .args(["-c", script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    (SocketAddr::from(([127, 0, 0, 1], port)), child)
+}
+
+/// An upstream that accepts connections and then closes them at once, or (`hold`) keeps them
+/// without a word.
+fn bad_upstream(hold: bool) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in l.incoming() {
+            let Ok(c) = conn else { return };
+            if hold {
+                held.push(c);
+            }
+        }
+    });
+    addr
+}
+
+/// The PSK forwarder as a reverse proxy should be: no header the node sends reaches a WSGI
+/// upstream as one of the IN's (underscore and case variants included), `Forwarded` and
+/// `X-Real-IP` are the IN's, headers named in `Connection` stay on this hop; a non-origin
+/// target is 400; an upstream that closes is 502 and a silent one 504; and a KeID or credential
+/// ID in upper case (as `openssl s_client -keymatexport` prints it) associates.
+#[test]
+fn the_psk_forwarder_passes_nothing_an_upstream_could_take_for_the_ins_headers() {
+    let fx = Fixture::new(Backend::Software);
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    let d1 = &fx.nodes["d1"];
+    let (upstream, mut wsgi) = wsgi_upstream();
+    let extra = format!("\n[psk]\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n");
+    let run = Running::start(&fx, fx.config("allow", &extra));
+    let psk = run.psk.unwrap();
+    let node = run.enroll(&profile, d1, BOTH[0]).unwrap();
+    let id = node.credential_id.clone();
+    let key = *node.credential.expose();
+    let cipher = "ECDHE-PSK-AES128-CBC-SHA256";
+    let forged = "device:1.3.6.1.4.1.99999.1:VICTIM";
+    let request = format!(
+        "GET /~/in-cse HTTP/1.1\r\nhost: {IN_FQDN}\r\n\
+         X_M2mpki_Identity: {forged}\r\nX-M2mpki_Identity: {forged}\r\nx-m2mpki-identity: {forged}\r\n\
+         X_M2mpki_Credential_Id: 00000000000000000000000000000000\r\n\
+         Forwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX_Forwarded_For: 6.6.6.6\r\n\
+         Connection: close, X-Hop\r\nX-Hop: only-this-hop\r\nX-Kept: yes\r\n\r\n"
+    );
+    let (out, err) = psk_client(psk, &id, &key, cipher, &request);
+    wsgi.wait().unwrap();
+    assert!(out.contains(" 200 OK"), "{out}\n{err}");
+    let seen: serde_json::Value =
+        serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(
+        seen["HTTP_X_M2MPKI_IDENTITY"],
+        d1.identity.as_str(),
+        "{seen}"
+    );
+    assert_eq!(seen["HTTP_X_M2MPKI_CREDENTIAL_ID"], id.as_str(), "{seen}");
+    assert_eq!(seen["HTTP_X_FORWARDED_FOR"], "127.0.0.1", "{seen}");
+    assert_eq!(seen["HTTP_X_REAL_IP"], "127.0.0.1", "{seen}");
+    assert_eq!(seen["HTTP_FORWARDED"], "for=127.0.0.1", "{seen}");
+    assert_eq!(seen["HTTP_X_KEPT"], "yes", "{seen}");
+    assert!(seen.get("HTTP_X_HOP").is_none(), "{seen}");
+    assert!(!seen.to_string().contains("VICTIM"), "{seen}");
+    assert!(!seen.to_string().contains("6.6.6.6"), "{seen}");
+
+    // Targets other than origin-form are refused.
+    for line in [
+        format!("CONNECT {IN_FQDN}:443 HTTP/1.1"),
+        format!("GET http://{IN_FQDN}/~/in-cse HTTP/1.1"),
+        "OPTIONS * HTTP/1.1".to_owned(),
+    ] {
+        let req = format!("{line}\r\nhost: {IN_FQDN}\r\n\r\n");
+        let (out, err) = psk_client(psk, &id, &key, cipher, &req);
+        assert!(out.contains("HTTP/1.1 400"), "{line}: {out}\n{err}");
+    }
+    // Upper case: the hex of the ID (and for a KeID, the FQDN too) as s_client prints it.
+    let ask = format!(
+        "GET {} HTTP/1.1\r\nhost: {IN_FQDN}\r\n\r\n",
+        m2mpki_bootstrap::psk::ASSOCIATION_PATH
+    );
+    let (out, err) = psk_client(psk, &id.to_uppercase(), &key, cipher, &ask);
+    assert!(out.contains("HTTP/1.1 200"), "{out}\n{err}");
+    assert!(
+        out.contains(&id),
+        "the IN names the ID in lower case: {out}"
+    );
+    drop(run);
+
+    // An upstream that closes at once (502), and one that never answers (504 after 1 s).
+    for (hold, status, code) in [
+        (false, "502", "upstream_closed"),
+        (true, "504", "upstream_timeout"),
+    ] {
+        let upstream = bad_upstream(hold);
+        let extra = format!(
+            "\n[psk]\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nupstream_timeout = \"1s\"\n"
+        );
+        let run = Running::start(&fx, fx.config("allow", &extra));
+        let req = format!("GET /~/in-cse HTTP/1.1\r\nhost: {IN_FQDN}\r\n\r\n");
+        let (out, err) = psk_client(run.psk.unwrap(), &id, &key, cipher, &req);
+        assert!(
+            out.contains(&format!("HTTP/1.1 {status}")) && out.contains(code),
+            "{out}\n{err}"
+        );
+    }
 }
 
 /// TS-0003's pre-shared-key association with the credential the bootstrap provisioned, as a
