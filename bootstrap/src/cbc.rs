@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use openssl::ssl::{
     Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslSessionCacheMode,
@@ -36,6 +35,8 @@ pub struct TlsHello {
     pub ems: bool,
     /// Carries SNI.
     pub sni: bool,
+    /// The host name of its SNI, when it carries one that reads as text.
+    pub server_name: Option<String>,
 }
 
 fn be(d: &[u8], at: usize, n: usize) -> Option<usize> {
@@ -74,21 +75,30 @@ pub fn parse_hello(d: &[u8]) -> Option<TlsHello> {
         Some(_) => vector(hello, after_comp, 2)?,
     };
     let (mut ems, mut sni) = (false, false);
+    let mut server_name = None;
     while !ext.is_empty() {
         let kind = u16::try_from(be(ext, 0, 2)?).ok()?;
-        let (_, next) = vector(ext, 2, 2)?;
+        let (body, next) = vector(ext, 2, 2)?;
         ems |= kind == EXT_EMS;
-        sni |= kind == EXT_SERVER_NAME;
+        if kind == EXT_SERVER_NAME {
+            sni = true;
+            // server_name_list<2> { name_type(1) = host_name(0), HostName<2> } (RFC 6066 §3)
+            if let Some((list, _)) = vector(body, 0, 2) {
+                if list.first() == Some(&0) {
+                    if let Some((host, _)) = vector(list, 1, 2) {
+                        server_name = std::str::from_utf8(host).ok().map(str::to_owned);
+                    }
+                }
+            }
+        }
         ext = ext.get(next..)?;
     }
-    Some(TlsHello { suites, ems, sni })
-}
-
-/// Peeks at the connection's first record, within `limit`.
-pub async fn peek_hello(tcp: &TcpStream, limit: Duration) -> Option<TlsHello> {
-    let mut buf = vec![0u8; crate::admission::MAX_RECORD];
-    let n = crate::admission::peek_first_record(tcp, &mut buf, limit).await?;
-    parse_hello(&buf[..n])
+    Some(TlsHello {
+        suites,
+        ems,
+        sni,
+        server_name,
+    })
 }
 
 /// The CBC path of an IN: its OpenSSL context, and the suites rustls serves (a hello offering
@@ -126,7 +136,7 @@ pub fn context(
     chain: &[Vec<u8>],
     pkcs8: &[u8],
     verifier: Arc<FieldNodeVerifier>,
-    require_sni: bool,
+    sni: crate::tls::SniRule,
 ) -> Result<SslContext> {
     let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(openssl_error)?;
     b.set_min_proto_version(Some(SslVersion::TLS1_2))
@@ -144,9 +154,7 @@ pub fn context(
     install_verifier(&mut b, move |chain| {
         verifier.verify(chain, time::OffsetDateTime::now_utc())
     });
-    if require_sni {
-        crate::dtls::require_sni(&mut b);
-    }
+    crate::dtls::check_sni(&mut b, sni, "tls-cbc");
     Ok(b.build())
 }
 
@@ -270,7 +278,8 @@ mod tests {
             Some(TlsHello {
                 suites: vec![CBC_SUITE, 0xC02B],
                 ems: true,
-                sni: true
+                sni: true,
+                server_name: None, // the test hello's extension is empty
             })
         );
         let bare = parse_hello(&hello(&[CBC_SUITE], &[])).unwrap();

@@ -317,6 +317,8 @@ struct TlsFile {
     versions: Vec<String>,
     require_sni: Option<bool>,
     #[serde(default)]
+    server_names: Vec<String>,
+    #[serde(default)]
     ts0003_cbc: bool,
 }
 
@@ -421,6 +423,9 @@ pub struct ServerConfig {
     pub versions: Vec<TlsVersion>,
     /// Refuse hellos without SNI, over TLS and DTLS (default: yes, as TS-0003 requires).
     pub require_sni: bool,
+    /// The server names (SNI) answered: the FQDN first, then `tls.server_names`; a hello
+    /// naming another is refused (`unrecognized_name`) on every path.
+    pub server_names: Vec<DnsName>,
     /// Serve TS-0003's `TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256` through OpenSSL to hellos that
     /// offer nothing rustls serves (default: no).
     pub ts0003_cbc: bool,
@@ -482,6 +487,12 @@ impl ServerConfig {
             .fqdn
             .parse()
             .map_err(|e: m2mpki_ca::Error| bad(e.to_string()))?;
+        let server_names = std::iter::once(Ok(fqdn.clone()))
+            .chain(f.tls.server_names.iter().map(|n| {
+                n.parse::<DnsName>()
+                    .map_err(|e: m2mpki_ca::Error| bad(format!("tls.server_names: {e}")))
+            }))
+            .collect::<Result<Vec<_>>>()?;
         let addr = |what: &str, s: &str| -> Result<SocketAddr> {
             s.parse()
                 .map_err(|_| bad(format!("{what}: `{s}` is not IP:port")))
@@ -664,6 +675,7 @@ impl ServerConfig {
             key,
             versions,
             require_sni: f.tls.require_sni.unwrap_or(true),
+            server_names,
             ts0003_cbc: f.tls.ts0003_cbc,
             algorithms: if f.trust.algorithms.is_empty() {
                 vec![Algorithm::P256Sha256]

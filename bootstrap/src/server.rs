@@ -42,6 +42,8 @@ pub struct Server {
     tls: Arc<rustls::ServerConfig>,
     dtls: Option<Arc<crate::dtls::server::Endpoint>>,
     cbc: Option<Arc<crate::cbc::Cbc>>,
+    /// The server names answered (TLS hellos are checked before any stack).
+    sni: crate::tls::SniRule,
     psk: Option<Arc<crate::psk::Listener>>,
     psk_dtls: Option<Arc<crate::dtls::server::Endpoint>>,
     ca_store: Arc<dyn Store>,
@@ -290,6 +292,7 @@ impl Server {
                 ),
             });
         }
+        let sni = tls::SniRule::new(&config.server_names, config.require_sni);
         let dtls_ctx = match &config.dtls {
             None => None,
             Some(d) => {
@@ -302,9 +305,7 @@ impl Server {
                 })?;
                 let ders: Vec<Vec<u8>> = chain.iter().map(|c| c.as_ref().to_vec()).collect();
                 let mut b = crate::dtls::context(true, &d.suites, &ders, &pkcs8)?;
-                if config.require_sni {
-                    crate::dtls::require_sni(&mut b);
-                }
+                crate::dtls::check_sni(&mut b, sni.clone(), "dtls");
                 let v = verifier.clone();
                 crate::dtls::install_verifier(&mut b, move |chain| {
                     v.verify(chain, time::OffsetDateTime::now_utc())
@@ -322,7 +323,7 @@ impl Server {
             })?;
             let ders: Vec<Vec<u8>> = chain.iter().map(|c| c.as_ref().to_vec()).collect();
             Some(Arc::new(crate::cbc::Cbc::new(
-                crate::cbc::context(&ders, &pkcs8, verifier.clone(), config.require_sni)?,
+                crate::cbc::context(&ders, &pkcs8, verifier.clone(), sni.clone())?,
                 &config.versions,
             )))
         } else {
@@ -332,13 +333,8 @@ impl Server {
             chain,
             Arc::new(TlsKey::new(key)),
         ));
-        let tls_config = tls::server_config(
-            &config.versions,
-            verifier.clone(),
-            config.fqdn.clone(),
-            certified,
-            config.require_sni,
-        )?;
+        let tls_config =
+            tls::server_config_for(&config.versions, verifier.clone(), sni.clone(), certified)?;
         let creds = Arc::new(CredentialStore::open_at(
             config.store.as_ref(),
             home.root(),
@@ -407,6 +403,7 @@ impl Server {
             tls: Arc::new(tls_config),
             dtls,
             cbc,
+            sni,
             psk,
             psk_dtls,
             ca_store,
@@ -646,20 +643,55 @@ impl Server {
             let shared = self.shared.clone();
             let acceptor = acceptor.clone();
             let cbc = self.cbc.clone();
+            let sni = self.sni.clone();
             tokio::spawn(async move {
                 let mut ticket = ticket;
-                if let Some(cbc) = cbc {
-                    let limit = shared.config.limits.hello_timeout;
-                    let hello = ticket
-                        .or_evicted(crate::cbc::peek_hello(&tcp, limit))
-                        .await
-                        .flatten();
-                    if let Some(hello) = hello {
-                        if cbc.chooses(&hello) {
-                            crate::cbc::serve(shared, &cbc.ctx, tcp, peer, &hello, ticket).await;
-                            drop((permit, address_slot, open));
-                            return;
-                        }
+                // The hello is read before any stack: SNI is decided here, the same way for
+                // rustls and the CBC path, and the CBC path is chosen from it.
+                let limit = shared.config.limits.hello_timeout;
+                let mut buf = vec![0u8; admission::MAX_RECORD];
+                let hello = match ticket
+                    .or_evicted(admission::peek_first_record(&tcp, &mut buf, limit))
+                    .await
+                {
+                    Some(Some(n)) => crate::cbc::parse_hello(&buf[..n]),
+                    Some(None) => {
+                        tracing::info!(%peer, "no ClientHello within the hello timeout; closed");
+                        shared.metrics.refusals.count("hello_timeout");
+                        drop((permit, address_slot, open));
+                        return;
+                    }
+                    None => {
+                        tracing::info!(%peer, "evicted while waiting for its ClientHello");
+                        drop((permit, address_slot, open));
+                        return;
+                    }
+                };
+                drop(buf);
+                if let Some(hello) = &hello {
+                    let name = hello.server_name.as_deref();
+                    if let Err(code) = sni.check(if hello.sni && name.is_none() {
+                        Some("")
+                    } else {
+                        name
+                    }) {
+                        tracing::info!(%peer, sni = ?name, code, "TLS hello refused: SNI");
+                        shared.metrics.refusals.count(code);
+                        let mut tcp = tcp;
+                        let _ = tokio::io::AsyncWriteExt::write_all(
+                            &mut tcp,
+                            &tls::UNRECOGNIZED_NAME_ALERT,
+                        )
+                        .await;
+                        drop((permit, address_slot, open));
+                        return;
+                    }
+                }
+                if let (Some(cbc), Some(hello)) = (cbc, &hello) {
+                    if cbc.chooses(hello) {
+                        crate::cbc::serve(shared, &cbc.ctx, tcp, peer, hello, ticket).await;
+                        drop((permit, address_slot, open));
+                        return;
                     }
                 }
                 serve_connection(shared, acceptor, tcp, peer, ticket).await;

@@ -48,15 +48,21 @@ pub fn server_config(
     cert: Arc<rustls::sign::CertifiedKey>,
     require_sni: bool,
 ) -> Result<rustls::ServerConfig> {
+    server_config_for(versions, verifier, SniRule::new(&[fqdn], require_sni), cert)
+}
+
+/// [`server_config`] answering the server names of `sni`.
+pub fn server_config_for(
+    versions: &[TlsVersion],
+    verifier: Arc<dyn ClientCertVerifier>,
+    sni: SniRule,
+    cert: Arc<rustls::sign::CertifiedKey>,
+) -> Result<rustls::ServerConfig> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&self::versions(versions))
         .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(InCert {
-            fqdn,
-            key: cert,
-            require_sni,
-        }));
+        .with_cert_resolver(Arc::new(InCert { sni, key: cert }));
     config.require_ems = true;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
@@ -480,12 +486,10 @@ impl rustls::client::ResolvesClientCert for OneClientCert {
 /// fails.
 #[derive(Debug)]
 pub struct InCert {
-    /// The IN's FQDN.
-    pub fqdn: DnsName,
+    /// The names it answers, and whether a hello must carry one.
+    pub sni: SniRule,
     /// Its certificate and key.
     pub key: Arc<rustls::sign::CertifiedKey>,
-    /// Refuse a ClientHello without `server_name`.
-    pub require_sni: bool,
 }
 
 impl rustls::server::ResolvesServerCert for InCert {
@@ -493,19 +497,58 @@ impl rustls::server::ResolvesServerCert for InCert {
         &self,
         hello: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        match hello.server_name() {
-            Some(name) if !name.eq_ignore_ascii_case(self.fqdn.as_str()) => {
-                tracing::warn!(sni = name, fqdn = %self.fqdn, "a client asked for another server name");
-                Some(self.key.clone())
-            }
-            None if self.require_sni => {
-                tracing::info!("a ClientHello without SNI refused");
+        match self.sni.check(hello.server_name()) {
+            Ok(()) => Some(self.key.clone()),
+            Err(code) => {
+                tracing::info!(sni = ?hello.server_name(), code, "TLS hello refused: SNI");
                 None
             }
-            _ => Some(self.key.clone()),
         }
     }
 }
+
+/// Which server names (SNI) the IN answers: its FQDN and any configured others
+/// (`tls.server_names`), compared as DNS names (case, a trailing dot); a hello naming another is
+/// refused with `unrecognized_name` on every path (TLS before rustls, the CBC path, DTLS), as
+/// is a hello without SNI when it is required.
+#[derive(Debug, Clone)]
+pub struct SniRule {
+    names: Vec<String>,
+    require: bool,
+}
+
+impl SniRule {
+    /// The rule for `names` (the FQDN first).
+    pub fn new(names: &[DnsName], require: bool) -> Self {
+        SniRule {
+            names: names
+                .iter()
+                .map(|n| n.as_str().to_ascii_lowercase())
+                .collect(),
+            require,
+        }
+    }
+
+    /// `Ok` when a hello with `sni` is answered; else the refusal code (`no_sni`,
+    /// `unknown_server_name`) for logs and `refusals_total`.
+    pub fn check(&self, sni: Option<&str>) -> std::result::Result<(), &'static str> {
+        match sni {
+            None if self.require => Err("no_sni"),
+            None => Ok(()),
+            Some(name) => {
+                let name = name.strip_suffix('.').unwrap_or(name);
+                if self.names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                    Ok(())
+                } else {
+                    Err("unknown_server_name")
+                }
+            }
+        }
+    }
+}
+
+/// A fatal `unrecognized_name` alert as a TLS record, for a hello refused before any stack.
+pub const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 112];
 
 /// Loads a PEM chain (leaf first) for a TLS endpoint.
 pub fn load_chain(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>> {

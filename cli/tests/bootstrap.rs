@@ -777,7 +777,12 @@ fn the_in_refuses_untrusted_expired_revoked_and_server_certificates() {
 #[test]
 fn the_field_node_refuses_a_foreign_or_misnamed_in() {
     let fx = Fixture::new(Backend::Software);
-    let run = Running::start(&fx, fx.config("allow", ""));
+    // The IN answers the other name too, so that the node's own name check is what refuses.
+    let mut config = fx.config("allow", "");
+    config
+        .server_names
+        .push("other.m2m.localhost".parse().unwrap());
+    let run = Running::start(&fx, config);
     // IN roots from the wrong set: the enterprise root is no IN root.
     let home = m2mpki_ca::Home::open(&fx.home).unwrap();
     {
@@ -2187,15 +2192,39 @@ fn openssl_s_client_computes_the_ts0003_ke_id_and_ke_of_the_in() {
 /// `openssl s_client -noservername` (TLS, or DTLS) as `node`, sending a version 1 request:
 /// stdout and stderr together.
 fn s_client_without_sni(run: &Running, fx: &Fixture, node: &Node, dtls: bool) -> String {
+    s_client_named(run, fx, node, if dtls { "dtls" } else { "tls" }, None)
+}
+
+/// `openssl s_client` as `node` over `path` (`tls`, `cbc`: TLS 1.2 offering only TS-0003's CBC
+/// suite, `dtls`), sending `sni` (none: `-noservername`) and a version 1 request: stdout and
+/// stderr together.
+fn s_client_named(
+    run: &Running,
+    fx: &Fixture,
+    node: &Node,
+    path: &str,
+    sni: Option<&str>,
+) -> String {
+    let dtls = path == "dtls";
     let (leaf, rest) = leaf_and_chain_files(fx, node, "nosni");
     let mut cmd = tool("openssl");
     cmd.arg("s_client");
-    if dtls {
-        cmd.args(["-dtls1_2", "-connect", &run.dtls.unwrap().to_string()]);
-    } else {
-        cmd.args(["-connect", &run.addr.to_string()]);
-    }
-    cmd.args(["-noservername", "-cert"])
+    match path {
+        "dtls" => cmd.args(["-dtls1_2", "-connect", &run.dtls.unwrap().to_string()]),
+        "cbc" => cmd.args([
+            "-tls1_2",
+            "-cipher",
+            "ECDHE-ECDSA-AES128-SHA256",
+            "-connect",
+            &run.addr.to_string(),
+        ]),
+        _ => cmd.args(["-connect", &run.addr.to_string()]),
+    };
+    match sni {
+        Some(name) => cmd.args(["-servername", name]),
+        None => cmd.arg("-noservername"),
+    };
+    cmd.arg("-cert")
         .arg(&leaf)
         .arg("-key")
         .arg(&node.key_ref)
@@ -2247,6 +2276,35 @@ fn a_hello_without_sni_is_refused_unless_allowed() {
     for dtls in [false, true] {
         let out = s_client_without_sni(&run, &fx, node, dtls);
         assert!(out.contains("wrapped_credential"), "dtls {dtls}: {out}");
+    }
+}
+
+/// SNI must name the IN: `other.example` is refused with `unrecognized_name` over TLS
+/// (rustls), the CBC path and DTLS, and nothing is issued; a name listed in
+/// `tls.server_names` (here `localhost`, which Debian's libcoap 4.3.1 `coap-client` always
+/// sends) is answered, as is the FQDN in any letter case.
+#[test]
+fn sni_must_name_the_in_on_every_path() {
+    let fx = Fixture::new(Backend::Software);
+    let node = &fx.nodes["d1"];
+    let mut config = fx.config("allow", DTLS);
+    config.ts0003_cbc = true;
+    config.server_names.push("localhost".parse().unwrap());
+    let run = Running::start(&fx, config);
+    for path in ["tls", "cbc", "dtls"] {
+        let out = s_client_named(&run, &fx, node, path, Some("other.example"));
+        assert!(!out.contains("wrapped_credential"), "{path}: {out}");
+        assert!(out.contains("unrecognized name"), "{path}: {out}");
+    }
+    assert_eq!(run.server.credentials().count().unwrap(), 0);
+    for (path, name) in [
+        ("tls", "localhost"),
+        ("cbc", "localhost"),
+        ("dtls", "localhost"),
+        ("tls", &IN_FQDN.to_uppercase()[..]),
+    ] {
+        let out = s_client_named(&run, &fx, node, path, Some(name));
+        assert!(out.contains("wrapped_credential"), "{path} {name}: {out}");
     }
 }
 

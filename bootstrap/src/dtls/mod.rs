@@ -254,16 +254,19 @@ pub(crate) fn set_identity(
     Ok(())
 }
 
-/// Refuses a ClientHello without SNI (`server_name`) with a fatal `unrecognized_name` alert, as
-/// over TLS.
-pub(crate) fn require_sni(b: &mut SslContextBuilder) {
-    b.set_servername_callback(|ssl, alert| {
-        if ssl.servername(openssl::ssl::NameType::HOST_NAME).is_some() {
-            Ok(())
-        } else {
-            tracing::info!("a DTLS ClientHello without SNI refused");
-            *alert = openssl::ssl::SslAlert::UNRECOGNIZED_NAME;
-            Err(openssl::ssl::SniError::ALERT_FATAL)
+/// Refuses a ClientHello whose SNI (`server_name`) `rule` does not answer, or without one when
+/// it is required, with a fatal `unrecognized_name` alert, as over TLS; the refusal is logged
+/// with its code.
+pub(crate) fn check_sni(b: &mut SslContextBuilder, rule: crate::tls::SniRule, path: &'static str) {
+    b.set_servername_callback(move |ssl, alert| {
+        let name = ssl.servername(openssl::ssl::NameType::HOST_NAME);
+        match rule.check(name) {
+            Ok(()) => Ok(()),
+            Err(code) => {
+                tracing::info!(sni = ?name, code, path, "hello refused: SNI");
+                *alert = openssl::ssl::SslAlert::UNRECOGNIZED_NAME;
+                Err(openssl::ssl::SniError::ALERT_FATAL)
+            }
         }
     });
 }
