@@ -528,6 +528,20 @@ fn coap_codes_retransmissions_and_refusals() {
             (4, 0),
             "bad_request",
         ),
+        (
+            post(
+                11,
+                "bootstrap",
+                vec![
+                    (option::URI_HOST, b"in.m2m.localhost".to_vec()),
+                    (option::URI_HOST, b"victim.example".to_vec()),
+                    json(),
+                ],
+                body,
+            ),
+            (4, 2),
+            "bad_option",
+        ),
     ];
     for (req, (c, d), code) in cases {
         let (_, m) = exchange(&run, &mut s, &req);
@@ -564,6 +578,45 @@ fn coap_codes_retransmissions_and_refusals() {
         (raw.clone(), Message::decode(&raw).unwrap())
     });
     assert_eq!((m.kind, m.message_id), (Type::Rst, 0x66));
+    // A Block2 in the first request sets the block size (RFC 7959 §2.4): 64-byte blocks,
+    // although the whole answer would fit the path MTU.
+    let want = Block {
+        num: 0,
+        more: false,
+        szx: 2,
+    };
+    let (_, m) = exchange(
+        &run,
+        &mut s,
+        &post(
+            0x90,
+            "bootstrap",
+            vec![json(), (option::BLOCK2, want.encode())],
+            body,
+        ),
+    );
+    assert_eq!(m.code, coap::code(2, 4));
+    let b = Block::decode(m.option_values(option::BLOCK2).next().expect("Block2")).unwrap();
+    assert_eq!((b.num, b.szx, b.more), (0, 2, true));
+    assert_eq!(m.payload.len(), 64);
+    // Messages of versions 0, 2 and 3 are silently ignored (RFC 7252 §3), then the session
+    // still answers.
+    run.rt.block_on(async {
+        for version in [0u8, 2, 3] {
+            let mut bad = post(0x70 + u16::from(version), "bootstrap", vec![json()], body).encode();
+            bad[0] = (bad[0] & 0x3f) | (version << 6);
+            s.send_record(&bad).await.unwrap();
+            assert!(
+                s.recv_record(Duration::from_millis(500))
+                    .await
+                    .unwrap()
+                    .is_none(),
+                "version {version} got an answer"
+            );
+        }
+    });
+    let (_, m) = exchange(&run, &mut s, &ping);
+    assert_eq!(m.kind, Type::Rst);
     run.rt.block_on(s.close());
 }
 

@@ -396,6 +396,10 @@ struct CoapSession {
     retry_after: Option<u32>,
 }
 
+/// The critical options of [`UNDERSTOOD`] that may occur once (Uri-Host, Uri-Port, Accept,
+/// Block2).
+const NOT_REPEATABLE: [u16; 4] = [option::URI_HOST, 7, option::ACCEPT, option::BLOCK2];
+
 /// The options this binding understands; any other critical (odd-numbered) option in a
 /// request gets 4.02 Bad Option (RFC 7252 §5.4.1).
 const UNDERSTOOD: [u16; 7] = [
@@ -414,7 +418,11 @@ impl CoapSession {
             Ok(m) => m,
             Err(e) => {
                 tracing::info!(peer = %node.peer(), error = %e, "malformed CoAP message");
-                // A confirmable message we cannot read is rejected with a Reset (§4.2).
+                // A message of another version is silently ignored (RFC 7252 §3); a
+                // confirmable one we cannot read is rejected with a Reset (§4.2).
+                if bytes.first().is_some_and(|b| b >> 6 != 1) {
+                    return None;
+                }
                 return (bytes.len() >= 4 && bytes[0] >> 4 & 3 == 0).then(|| {
                     Message {
                         kind: Type::Rst,
@@ -453,7 +461,9 @@ impl CoapSession {
             }
         }
         let payload = match block {
-            Some(want) if body.len() > room || want.num > 0 => {
+            // A Block2 asked for in the first request sets the size (RFC 7959 §2.4), never
+            // above what the path MTU allows.
+            Some(want) if body.len() > room || want.num > 0 || body.len() > want.size() => {
                 let szx = want.szx.min(Block::szx_for(room));
                 let size = 1usize << (szx + 4);
                 let start = (want.num as usize).saturating_mul(size).min(body.len());
@@ -529,6 +539,19 @@ impl CoapSession {
                 Outcome::BadRequest,
                 "bad_option",
                 format!("critical option {n} is not understood"),
+            );
+            return (coap::code(4, 2), a.body, None);
+        }
+        // A critical option that is not repeatable, repeated, is treated as one not
+        // understood (RFC 7252 §5.4.5).
+        if let Some(n) = NOT_REPEATABLE
+            .iter()
+            .find(|n| m.option_values(**n).nth(1).is_some())
+        {
+            let a = Answer::refusal(
+                Outcome::BadRequest,
+                "bad_option",
+                format!("critical option {n} may occur once"),
             );
             return (coap::code(4, 2), a.body, None);
         }
