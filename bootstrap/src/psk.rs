@@ -103,10 +103,15 @@ fn lookup(
 }
 
 /// The IN's PSK context over TLS: TLS 1.2, PSK suites only, the key looked up by identity in
-/// `store`.
-pub(crate) fn server_context(store: Arc<CredentialStore>, key: StoreKey) -> Result<SslContext> {
+/// `store`, an SNI other than the IN's names refused (`sni`).
+pub(crate) fn server_context(
+    store: Arc<CredentialStore>,
+    key: StoreKey,
+    sni: crate::tls::SniRule,
+) -> Result<SslContext> {
     let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(openssl_error)?;
     configure(&mut b, SslVersion::TLS1_2)?;
+    crate::dtls::check_sni(&mut b, sni, "psk");
     b.set_options(SslOptions::CIPHER_SERVER_PREFERENCE | SslOptions::NO_TICKET);
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
     install_lookup(&mut b, store, key)?;
@@ -118,6 +123,7 @@ pub(crate) fn server_context(store: Arc<CredentialStore>, key: StoreKey) -> Resu
 pub(crate) fn dtls_server_context(
     store: Arc<CredentialStore>,
     key: StoreKey,
+    sni: crate::tls::SniRule,
 ) -> Result<SslContext> {
     let mut list = DTLS_SUITES.to_owned();
     // OpenSSL 3.2 and later count CCM_8's 64-bit tag below security level 1.
@@ -125,6 +131,7 @@ pub(crate) fn dtls_server_context(
         list.push_str(":@SECLEVEL=0");
     }
     let mut b = crate::dtls::base_context(true, &list)?;
+    crate::dtls::check_sni(&mut b, sni, "psk-dtls");
     install_lookup(&mut b, store, key)?;
     Ok(b.build())
 }

@@ -367,10 +367,17 @@ impl Server {
                 association: false,
             })),
         };
+        // A PSK node names the IN in its KeID; SNI, when it sends one, must name it too, but
+        // is not required (TS-0003's association does not ask for it).
+        let psk_sni = tls::SniRule::new(&shared.config.server_names, false);
         let psk = match &shared.config.psk {
             None => None,
             Some(p) => Some(Arc::new(crate::psk::Listener {
-                ctx: crate::psk::server_context(shared.creds.clone(), shared.store_key.clone())?,
+                ctx: crate::psk::server_context(
+                    shared.creds.clone(),
+                    shared.store_key.clone(),
+                    psk_sni.clone(),
+                )?,
                 upstream: p.upstream,
                 upstream_timeout: p.upstream_timeout,
                 limits: shared.config.limits.clone(),
@@ -383,6 +390,7 @@ impl Server {
                 ctx: crate::psk::dtls_server_context(
                     shared.creds.clone(),
                     shared.store_key.clone(),
+                    psk_sni.clone(),
                 )?,
                 config: DtlsConfig {
                     listen,
@@ -447,21 +455,7 @@ impl Server {
         };
         let dtls = match &self.shared.config.dtls {
             None => None,
-            Some(d) => {
-                let socket = tokio::net::UdpSocket::bind(d.listen)
-                    .await
-                    .map_err(|e| cant(d.listen, e))?;
-                // Nodes come back in bursts, each with a ~1 KiB certificate flight: with the
-                // default 208 KiB the kernel dropped datagrams at 256 peers (RcvbufErrors), and
-                // each drop cost the peer a 1 s retransmission. The kernel caps the request at
-                // net.core.rmem_max.
-                if let Err(e) =
-                    rustix::net::sockopt::set_socket_recv_buffer_size(&socket, DTLS_RECV_BUFFER)
-                {
-                    tracing::warn!(error = %e, "could not enlarge the DTLS socket's receive buffer");
-                }
-                Some(socket)
-            }
+            Some(d) => Some(bind_dtls(d.listen).await.map_err(|e| cant(d.listen, e))?),
         };
         let psk = match &self.shared.config.psk {
             None => None,
@@ -469,11 +463,7 @@ impl Server {
         };
         let psk_dtls = match self.shared.config.psk.as_ref().and_then(|p| p.dtls_listen) {
             None => None,
-            Some(addr) => Some(
-                tokio::net::UdpSocket::bind(addr)
-                    .await
-                    .map_err(|e| cant(addr, e))?,
-            ),
+            Some(addr) => Some(bind_dtls(addr).await.map_err(|e| cant(addr, e))?),
         };
         let metrics = match self.shared.config.metrics_listen {
             None => None,
@@ -710,6 +700,19 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// A UDP socket for a DTLS endpoint (bootstrap or PSK association), with the enlarged receive
+/// buffer. Nodes come back in bursts, each with a ~1 KiB certificate flight: with the default
+/// 208 KiB the kernel dropped datagrams at 256 peers (RcvbufErrors), and each drop cost the
+/// peer a 1 s retransmission; under a hello flood the same drops would fall on real nodes. The
+/// kernel caps the request at net.core.rmem_max.
+async fn bind_dtls(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let socket = tokio::net::UdpSocket::bind(addr).await?;
+    if let Err(e) = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, DTLS_RECV_BUFFER) {
+        tracing::warn!(%addr, error = %e, "could not enlarge the DTLS socket's receive buffer");
+    }
+    Ok(socket)
 }
 
 async fn serve_connection(

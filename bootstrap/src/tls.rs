@@ -141,6 +141,14 @@ fn tls_error(r: &Refusal) -> rustls::Error {
     rustls::Error::InvalidCertificate(e)
 }
 
+/// The alert rustls sends for a refusal of the peer's chain.
+pub(crate) fn alert_for(r: &Refusal) -> rustls::AlertDescription {
+    match tls_error(r) {
+        rustls::Error::InvalidCertificate(e) => e.into(),
+        _ => rustls::AlertDescription::CertificateUnknown,
+    }
+}
+
 fn chain(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Vec<Vec<u8>> {
     std::iter::once(end_entity)
         .chain(intermediates)

@@ -98,6 +98,8 @@ fn device_and_node_enrol_with_one_suite_each_and_the_rogue_gets_nothing() {
         .live(&rogue.identity)
         .unwrap()
         .is_none());
+    // Counted under its code, as over TLS (hostile review D10).
+    assert_eq!(refusals(&run, "unknown_root"), 1);
 }
 
 /// A tiny deterministic generator, so a failure can be replayed.
@@ -326,33 +328,14 @@ fn spoofed_hellos_leave_no_state_and_silent_peers_do_not_stop_a_real_one() {
     eprintln!("RSS growth after 10 000 spoofed hellos: {grown} KiB");
     assert!(grown < 8 * 1024, "memory grew by {grown} KiB");
 
-    // 1 000 silent peers: each returns its cookie, then says nothing.
+    // 1 000 silent peers from 20 addresses (50 each, within the per-address cap): each
+    // returns its cookie, then says nothing.
     let mut silent = Vec::new();
-    for _ in 0..1000 {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..1000 {
+        let sock = UdpSocket::bind(SocketAddr::from(([127, 0, 1, 1 + (i % 20) as u8], 0))).unwrap();
         sock.connect(dtls).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut b =
-            openssl::ssl::SslContext::builder(openssl::ssl::SslMethod::dtls_client()).unwrap();
-        b.set_cipher_list("ECDHE-ECDSA-AES128-CCM8").unwrap();
-        let mut ssl = openssl::ssl::Ssl::new(&b.build()).unwrap();
-        ssl.set_hostname(IN_FQDN).unwrap(); // the IN requires SNI
-        let mut mid = match ssl.connect(Pipe::default()) {
-            Err(openssl::ssl::HandshakeError::WouldBlock(m)) => m,
-            _ => panic!("no hello"),
-        };
-        for d in mid.get_mut().outbox.drain(..) {
-            sock.send(&d).unwrap();
-        }
-        let n = sock.recv(&mut buf).unwrap();
-        mid.get_mut().inbox.push_back(buf[..n].to_vec());
-        let mut mid = match mid.handshake() {
-            Err(openssl::ssl::HandshakeError::WouldBlock(m)) => m,
-            _ => panic!("no second hello"),
-        };
-        for d in mid.get_mut().outbox.drain(..) {
-            sock.send(&d).unwrap();
-        }
+        let mid = half_handshake(&sock);
         silent.push((sock, mid));
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -813,4 +796,124 @@ fn a_node_that_restarts_its_handshake_from_the_same_address_is_answered() {
     let _new = half_handshake(&sock);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(run.server.dtls_sessions(), 1);
+}
+
+/// Cookie-proven, silent peers from `ip`: `n` half-done handshakes, each from its own port.
+fn silent_peers(
+    ip: [u8; 4],
+    n: usize,
+    dtls: SocketAddr,
+) -> Vec<(UdpSocket, openssl::ssl::MidHandshakeSslStream<Pipe>)> {
+    (0..n)
+        .map(|_| {
+            let sock = UdpSocket::bind(SocketAddr::from((ip, 0))).unwrap();
+            sock.connect(dtls).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mid = half_handshake(&sock);
+            (sock, mid)
+        })
+        .collect()
+}
+
+/// The counter `m2mpki_refusals_total{reason="<reason>"}` on the metrics listener.
+fn refusals(run: &Running, reason: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(run.metrics.expect("a metrics listener")).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let want = format!("m2mpki_refusals_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Hostile review D1: one address holds at most `max_connections_per_address` places (as on
+/// TLS), and when every place is taken a newcomer takes that of the longest-waiting peer of
+/// the address holding the most; a real node enrols through both, and the metrics count both.
+#[test]
+fn one_address_holds_its_share_of_places_and_a_newcomer_evicts_a_silent_peer() {
+    let (run, dtls) = start(|c| {
+        c.dtls.as_mut().unwrap().max_peers = 100;
+        c.limits.max_connections_per_address = 64;
+        c.limits.handshake_timeout = Duration::from_secs(60);
+    });
+    let _flood = silent_peers([127, 0, 0, 6], 150, dtls);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(run.server.dtls_sessions(), 64);
+    assert_eq!(refusals(&run, "per_address_cap"), 150 - 64);
+    // A second address fills the rest and takes 20 places from the first.
+    let _second = silent_peers([127, 0, 0, 7], 56, dtls);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(run.server.dtls_sessions(), 100);
+    assert_eq!(refusals(&run, "evicted"), 20);
+    let got = run
+        .rt
+        .block_on(client::enroll(enrolment(
+            &run,
+            "SN-0003",
+            &[DtlsSuite::Aes128Gcm],
+            dtls,
+        )))
+        .unwrap();
+    assert_eq!(got.identity, run.node("SN-0003").identity);
+    assert_eq!(refusals(&run, "evicted"), 21);
+}
+
+/// A pass-through UDP proxy whose side towards the server a test can also send from: what
+/// the server sees as the node's address and port.
+fn spoofing_proxy(server: SocketAddr) -> (SocketAddr, Arc<UdpSocket>) {
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+    let addr = front.local_addr().unwrap();
+    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+    back.connect(server).unwrap();
+    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    {
+        let (back, front, client) = (back.clone(), front.clone(), client.clone());
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; 65_536];
+            while let Ok(n) = back.recv(&mut b) {
+                if let Some(c) = *client.lock().unwrap() {
+                    let _ = front.send_to(&b[..n], c);
+                }
+            }
+        });
+    }
+    {
+        let back = back.clone();
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; 65_536];
+            while let Ok((n, from)) = front.recv_from(&mut b) {
+                *client.lock().unwrap() = Some(from);
+                let _ = back.send(&b[..n]);
+            }
+        });
+    }
+    (addr, back)
+}
+
+/// Hostile review D2: a protected record shorter than the suite's nonce and tag, spoofed from
+/// the node's address and port, no longer ends its session (OpenSSL 3.0 failed the session
+/// with internal_error); the node's next request is answered.
+#[test]
+fn a_short_protected_record_from_the_nodes_port_does_not_end_its_session() {
+    let (run, dtls) = start(|_| {});
+    let (proxy, back) = spoofing_proxy(dtls);
+    let mut s = session(&run, "SN-0001", proxy);
+    let body = br#"{"version":1}"#;
+    let (_, m) = exchange(&run, &mut s, &post(1, "bootstrap", vec![json()], body));
+    assert_eq!(m.code, coap::code(2, 4));
+    for spoofed in [
+        "15fefd00010000000001f400020228",
+        "17fefd000100000000000a0003010203",
+        "17fefd0001000000000010000f000102030405060708090a0b0c0d0e",
+    ] {
+        back.send(&hex::decode(spoofed).unwrap()).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (_, m) = exchange(&run, &mut s, &post(2, "bootstrap", vec![json()], body));
+    assert_eq!(m.code, coap::code(2, 4));
+    assert_eq!(run.server.credentials().count().unwrap(), 2);
+    run.rt.block_on(s.close());
 }

@@ -1767,13 +1767,20 @@ fn the_in_refuses_an_expired_anchor_and_a_certificate_without_eku() {
     };
     drop(store);
     {
-        let run = Running::start(&fx, fx.config("allow", ""));
+        let run = Running::start(&fx, fx.config("allow", DTLS));
         let profile = fx.profile(IN_FQDN, sets::INFRA);
         for versions in BOTH {
             assert_handshake_refused(
                 run.enroll(&profile, &no_eku, versions),
                 "UnsupportedCertificate",
             );
+        }
+        // Over DTLS the same alert (it was handshake_failure; hostile review D10).
+        match run.enroll_dtls(&profile, &no_eku, DtlsSuite::Aes128Ccm8) {
+            Err(BError::Handshake { reason, .. }) => {
+                assert!(reason.contains("unsupported certificate"), "{reason}")
+            }
+            other => panic!("expected a handshake refusal, got {other:?}"),
         }
         assert!(run.stored(&no_eku.identity).is_none());
         // The same chain under the current anchor bootstraps ...
@@ -1796,6 +1803,87 @@ fn the_in_refuses_an_expired_anchor_and_a_certificate_without_eku() {
 /// The server config's DTLS section on a free loopback port.
 const DTLS: &str = "\n[dtls]\nlisten = \"127.0.0.1:0\"\n";
 
+/// A DER length.
+fn der_len(n: usize) -> Vec<u8> {
+    match n {
+        0..=0x7f => vec![n as u8],
+        0x80..=0xff => vec![0x81, n as u8],
+        _ => vec![0x82, (n >> 8) as u8, n as u8],
+    }
+}
+
+/// `cert` (a leaf of `issuer_key`'s CA) with every byte of its authority key identifier's
+/// keyIdentifier inverted, signed again by `issuer_key`: a valid certificate whose AKI no
+/// longer names its issuer's SKI (as one from a CA that derives key IDs by another method).
+fn with_foreign_aki(cert: &[u8], issuer_key: &dyn Signer) -> Vec<u8> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).unwrap();
+    let mut tbs = parsed.tbs_certificate.as_ref().to_vec();
+    let at = tbs
+        .windows(5)
+        .position(|w| w == [0x06, 0x03, 0x55, 0x1d, 0x23])
+        .expect("an AKI extension")
+        + 5;
+    // OCTET STRING { SEQUENCE { [0] keyIdentifier } }
+    assert_eq!((tbs[at], tbs[at + 2], tbs[at + 4]), (0x04, 0x30, 0x80));
+    let len = usize::from(tbs[at + 5]);
+    for b in &mut tbs[at + 6..at + 6 + len] {
+        *b ^= 0xff;
+    }
+    let signature = rcgen::SigningKey::sign(issuer_key, &tbs).unwrap();
+    // ecdsa-with-SHA256
+    let algorithm = [
+        0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
+    ];
+    let mut bits = vec![0x03];
+    bits.extend(der_len(signature.len() + 1));
+    bits.push(0);
+    bits.extend(signature);
+    let body: Vec<u8> = [tbs, algorithm.to_vec(), bits].concat();
+    let mut out = vec![0x30];
+    out.extend(der_len(body.len()));
+    out.extend(body);
+    out
+}
+
+/// Hostile review D11: a device certificate whose AKI is not its issuer's SKI (RFC 5280 makes
+/// the AKI a hint for path building, not a requirement) is admitted over DTLS as over TLS 1.3
+/// and 1.2: the IN judges the chain the node sent, not the one OpenSSL built going by the AKI.
+#[test]
+fn a_leaf_whose_aki_is_not_its_issuers_ski_is_judged_alike_over_tls_and_dtls() {
+    let fx = Fixture::new(Backend::Software);
+    let d1 = &fx.nodes["d1"];
+    let mut chain: Vec<Vec<u8>> = m2mpki_bootstrap::tls::load_chain(&d1.chain)
+        .unwrap()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect();
+    let ca_key = fx
+        .keystore
+        .open(&KeyRef::File(
+            fx.home.join(m2mpki_ca::Home::ca_key_path(names::MFR_CA)),
+        ))
+        .unwrap();
+    chain[0] = with_foreign_aki(&chain[0], ca_key.as_ref());
+    let path = fx.dir.path().join("foreign-aki.pem");
+    write_chain(&path, &chain).unwrap();
+    let node = Node {
+        chain: path,
+        key: d1.key.clone(),
+        key_ref: d1.key_ref.clone(),
+        identity: d1.identity.clone(),
+    };
+    let run = Running::start(&fx, fx.config("allow", DTLS));
+    let profile = fx.profile(IN_FQDN, sets::INFRA);
+    for versions in BOTH {
+        run.enroll(&profile, &node, versions)
+            .unwrap_or_else(|e| panic!("TLS {versions:?}: {e}"));
+    }
+    let got = run
+        .enroll_dtls(&profile, &node, DtlsSuite::Aes128Ccm8)
+        .unwrap_or_else(|e| panic!("DTLS: {e}"));
+    assert_eq!(got.identity.to_string(), d1.identity);
+}
+
 #[test]
 fn over_dtls_device_and_node_enrol_with_ccm8_only_and_every_refusal_gets_nothing() {
     let fx = Fixture::new(Backend::Software);
@@ -1815,11 +1903,11 @@ fn over_dtls_device_and_node_enrol_with_ccm8_only_and_every_refusal_gets_nothing
         assert_eq!((id, stored), (got.credential_id, got.credential));
     }
     let before = run.server.credentials().count().unwrap();
-    // The alerts OpenSSL sends for our refusals (docs/protocol.md §8.1).
+    // The alerts TLS sends for the same refusals (docs/protocol.md §8.1).
     for (name, alert) in [
         ("rogue", "unknown ca"),
         ("expired", "certificate expired"),
-        ("revoked", "handshake failure"),
+        ("revoked", "certificate revoked"),
     ] {
         match run.enroll_dtls(&profile, &fx.nodes[name], DtlsSuite::Aes128Ccm8) {
             Err(BError::Handshake { reason, .. }) => {
@@ -1833,7 +1921,10 @@ fn over_dtls_device_and_node_enrol_with_ccm8_only_and_every_refusal_gets_nothing
     let (out, err) = s_client_dtls(&run, &fx, &fx.nodes["server-as-client"], None);
     let out = String::from_utf8_lossy(&out).into_owned();
     assert!(!out.contains("wrapped_credential"), "{out}");
-    assert!((out.clone() + &err).contains("alert"), "{out}{err}");
+    assert!(
+        (out.clone() + &err).contains("unsupported certificate"),
+        "{out}{err}"
+    );
     assert_eq!(run.server.credentials().count().unwrap(), before);
 }
 
@@ -2523,13 +2614,25 @@ fn psk_client(
     cipher: &str,
     request: &str,
 ) -> (String, String) {
+    psk_client_named(addr, IN_FQDN, identity, key, cipher, request)
+}
+
+/// [`psk_client`] sending `sni` as the server name.
+fn psk_client_named(
+    addr: SocketAddr,
+    sni: &str,
+    identity: &str,
+    key: &[u8],
+    cipher: &str,
+    request: &str,
+) -> (String, String) {
     let mut child = tool("openssl")
         .args([
             "s_client",
             "-connect",
             &addr.to_string(),
             "-servername",
-            IN_FQDN,
+            sni,
             "-tls1_2",
             "-quiet",
             "-psk_identity",
@@ -3067,6 +3170,18 @@ fn psk_client_dtls(
     cipher: &str,
     request: &[u8],
 ) -> (Vec<u8>, String) {
+    psk_client_dtls_named(addr, IN_FQDN, identity, key, cipher, request)
+}
+
+/// [`psk_client_dtls`] sending `sni` as the server name.
+fn psk_client_dtls_named(
+    addr: SocketAddr,
+    sni: &str,
+    identity: &str,
+    key: &[u8],
+    cipher: &str,
+    request: &[u8],
+) -> (Vec<u8>, String) {
     let child = tool("openssl")
         .args([
             "s_client",
@@ -3074,7 +3189,7 @@ fn psk_client_dtls(
             "-connect",
             &addr.to_string(),
             "-servername",
-            IN_FQDN,
+            sni,
             "-psk_identity",
             identity,
             "-psk",
@@ -3099,7 +3214,8 @@ fn psk_client_dtls(
 /// The association over DTLS 1.2 with TS-0003's `TLS_PSK_WITH_AES_128_CCM_8`, for constrained
 /// nodes: a confirmable CoAP `GET /.well-known/m2mpki/association` is answered with an ACK
 /// 2.05 carrying the identity the IN authenticated by the credential; a wrong key gets no
-/// session.
+/// session but a `bad_record_mac` alert once its Finished has failed twice (not silence until
+/// the handshake deadline), and a server name other than the IN's gets `unrecognized_name`.
 #[test]
 fn the_association_runs_over_dtls_with_psk_ccm8() {
     use m2mpki_bootstrap::coap::{self, option, Message, Type};
@@ -3149,7 +3265,29 @@ fn the_association_runs_over_dtls_with_psk_ccm8() {
     let (out, err) = psk_client_dtls(addr, &got.credential_id, &wrong, "PSK-AES128-CCM8", &get);
     let text = String::from_utf8_lossy(&out);
     assert!(!text.contains("{\"identity\""), "{text}");
-    assert!(!text.contains("Cipher is PSK"), "{text}\n{err}");
+    // (s_client prints the negotiated suite when a handshake ends in an alert, too.)
+    assert!(err.contains("bad record mac"), "{text}\n{err}");
+    // SNI, when sent, must name the IN (as on the certificate paths).
+    let (out, err) = psk_client_dtls_named(
+        addr,
+        "other.example",
+        &got.credential_id,
+        got.credential.expose(),
+        "PSK-AES128-CCM8",
+        &get,
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert!(!text.contains("{\"identity\""), "{text}");
+    assert!(err.contains("unrecognized name"), "{text}\n{err}");
+    let (out, err) = psk_client_named(
+        run.psk.unwrap(),
+        "other.example",
+        &got.credential_id,
+        got.credential.expose(),
+        "ECDHE-PSK-AES128-CBC-SHA256",
+        "GET / HTTP/1.1\r\n\r\n",
+    );
+    assert!(err.contains("unrecognized name"), "{out}\n{err}");
 }
 
 /// `[limits] enrolments_per_identity`: the second enrolment of one identity within the hour is

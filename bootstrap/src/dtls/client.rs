@@ -105,10 +105,10 @@ pub async fn connect(
         reason: e.to_string(),
     })?;
     let peer = format!("{fqdn} ({addr}, DTLS)");
-    let (mut ssl, verdict) = new_ssl(ctx, mtu, target.is_ipv6())?;
+    let (mut ssl, verdict, pipe) = new_ssl(ctx, mtu, target.is_ipv6())?;
     ssl.set_hostname(fqdn.as_str()).map_err(openssl_error)?;
     let mut ems: Option<bool> = None;
-    let mut mid = match ssl.connect(Pipe::default()) {
+    let mut mid = match ssl.connect(pipe) {
         Ok(_) => {
             return Err(Error::internal(
                 "DTLS handshake finished without the server",
@@ -136,6 +136,8 @@ pub async fn connect(
                     }
                     mid.get_mut().inbox.push_back(buf[..n].to_vec());
                 }
+                let min = super::min_sealed(mid.ssl());
+                mid.get_mut().min_sealed = min;
             }
             _ = tokio::time::sleep(TICK.min(wait)) => {}
         }
@@ -177,6 +179,9 @@ pub async fn connect(
             "the IN did not negotiate the extended master secret (RFC 7627), without which the exporter is unsafe".into(),
         ));
     }
+    let mut stream = stream;
+    let min = super::min_sealed(stream.ssl());
+    stream.get_mut().min_sealed = min;
     let wrap_key = super::export_wrap_key(stream.ssl())?;
     let ts0003 = super::export_ts0003(stream.ssl())?;
     let protocol = format!("DTLSv1_2 {}", super::suite_name(stream.ssl()));

@@ -27,7 +27,7 @@ use openssl::ssl::{
     Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslSessionCacheMode,
     SslVerifyMode, SslVersion,
 };
-use openssl::x509::{X509StoreContext, X509StoreContextRef, X509VerifyResult, X509};
+use openssl::x509::{X509StoreContext, X509StoreContextRef, X509};
 
 use crate::config::DtlsSuite;
 use crate::protocol::{
@@ -43,26 +43,63 @@ pub struct Pipe {
     pub inbox: VecDeque<Vec<u8>>,
     /// Written by OpenSSL, not yet sent.
     pub outbox: Vec<Vec<u8>>,
+    /// The peer's Certificate message as it passes by (for the verify callback).
+    sent: Sent,
+    /// Protected records shorter than this are dropped before OpenSSL sees them
+    /// ([`record::without_short_sealed`]); 0 until a suite is known.
+    pub min_sealed: usize,
+    /// Our chain check's verdict: a refusal sets the description of the fatal alert OpenSSL
+    /// then writes ([`record::set_fatal_alerts`]).
+    verdict: Option<Verdict>,
+}
+
+/// The certificates the peer sent, shared by a [`Pipe`] and its SSL object.
+type Sent = Arc<Mutex<record::SentCertificates>>;
+
+/// The shortest protected record the suite `ssl` negotiated can carry (for
+/// [`Pipe::min_sealed`]); 0 before it has one.
+pub(crate) fn min_sealed(ssl: &openssl::ssl::SslRef) -> usize {
+    ssl.current_cipher()
+        .map_or(0, |c| record::min_sealed(c.name()))
 }
 
 impl Read for Pipe {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self.inbox.pop_front() {
-            Some(d) => {
-                // A datagram larger than OpenSSL's buffer is cut, as a UDP socket would cut
-                // it; the record layer then discards it.
-                let n = d.len().min(buf.len());
-                buf[..n].copy_from_slice(&d[..n]);
-                Ok(n)
+        while let Some(d) = self.inbox.pop_front() {
+            if let Ok(mut sent) = self.sent.lock() {
+                sent.observe(&d);
             }
-            None => Err(std::io::ErrorKind::WouldBlock.into()),
+            let Some(d) = record::without_short_sealed(&d, self.min_sealed) else {
+                continue;
+            };
+            // A datagram larger than OpenSSL's buffer is cut, as a UDP socket would cut
+            // it; the record layer then discards it.
+            let n = d.len().min(buf.len());
+            buf[..n].copy_from_slice(&d[..n]);
+            return Ok(n);
+        }
+        Err(std::io::ErrorKind::WouldBlock.into())
+    }
+}
+
+impl Pipe {
+    /// The alert rustls sends for our chain check's refusal, once it has refused.
+    fn refusal_alert(&self) -> Option<u8> {
+        let verdict = self.verdict.as_ref()?.lock().ok()?;
+        match verdict.as_ref()? {
+            Err(r) => Some(u8::from(crate::tls::alert_for(r))),
+            Ok(_) => None,
         }
     }
 }
 
 impl Write for Pipe {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.outbox.push(buf.to_vec());
+        let mut d = buf.to_vec();
+        if let Some(desc) = self.refusal_alert() {
+            record::set_fatal_alerts(&mut d, desc);
+        }
+        self.outbox.push(d);
         Ok(buf.len())
     }
 
@@ -92,45 +129,48 @@ pub(crate) fn attach_verdict(ssl: &mut Ssl) -> Result<Verdict> {
     Ok(verdict)
 }
 
-/// A new SSL object for one handshake, with an empty verdict attached.
-pub(crate) fn new_ssl(ctx: &SslContext, mtu: u16, ipv6: bool) -> Result<(Ssl, Verdict)> {
+fn sent_index() -> Result<Index<Ssl, Sent>> {
+    static INDEX: OnceLock<Index<Ssl, Sent>> = OnceLock::new();
+    if let Some(i) = INDEX.get() {
+        return Ok(*i);
+    }
+    let i = Ssl::new_ex_index::<Sent>().map_err(openssl_error)?;
+    Ok(*INDEX.get_or_init(|| i))
+}
+
+/// A new SSL object for one handshake, with an empty verdict attached, and the pipe it is to
+/// run over (which shows the verify callback the certificates the peer sent).
+pub(crate) fn new_ssl(ctx: &SslContext, mtu: u16, ipv6: bool) -> Result<(Ssl, Verdict, Pipe)> {
     let mut ssl = Ssl::new(ctx).map_err(openssl_error)?;
     let verdict = attach_verdict(&mut ssl)?;
+    let pipe = Pipe {
+        verdict: Some(verdict.clone()),
+        ..Pipe::default()
+    };
+    ssl.set_ex_data(sent_index()?, pipe.sent.clone());
     // OpenSSL's MTU is the datagram payload: the path MTU less the IP and UDP headers.
     let overhead = if ipv6 { 48 } else { 28 };
     ssl.set_mtu(u32::from(mtu).saturating_sub(overhead))
         .map_err(openssl_error)?;
-    Ok((ssl, verdict))
+    Ok((ssl, verdict, pipe))
 }
 
 pub(crate) fn openssl_error(e: openssl::error::ErrorStack) -> Error {
     Error::internal(format!("OpenSSL: {e}"))
 }
 
-/// The OpenSSL verify result codes that already carry the alert a refusal deserves.
-fn openssl_agrees(r: &Refusal, code: i32) -> bool {
-    match r {
-        // unable to get issuer (2, 20), self-signed (18, 19), leaf signature (21)
-        Refusal::UnknownRoot => matches!(code, 2 | 18 | 19 | 20 | 21),
-        Refusal::Expired(_) | Refusal::IntermediateExpired(_) => code == 10,
-        Refusal::NotYetValid(_) | Refusal::IntermediateNotYetValid(_) => code == 9,
-        Refusal::WrongPurpose(_) => code == 26,
-        _ => false,
-    }
-}
-
 /// Installs our chain check as OpenSSL's verify callback. OpenSSL is given no trust anchors:
-/// it only assembles the chain the peer sent and reports its own findings; `check` decides.
-/// The callback refuses at the first OpenSSL finding whose alert fits our refusal
-/// (`unknown_ca`, `certificate_expired`, `unsupported_certificate`), otherwise at the last
-/// call (depth 0), with `handshake_failure`.
+/// it only reports its own findings, which are ignored; `check` decides, once, on the chain the
+/// peer sent (when the pipe saw its Certificate message and its leaf is the one OpenSSL
+/// parsed), else on the chain OpenSSL assembled. A refusal ends the handshake with the alert
+/// rustls sends for it (the pipe sets it, [`Pipe::refusal_alert`]).
 pub(crate) fn install_verifier<F>(b: &mut SslContextBuilder, check: F)
 where
     F: Fn(&[Vec<u8>]) -> std::result::Result<Verified, Refusal> + Send + Sync + 'static,
 {
     b.set_verify_callback(
         SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
-        move |preverify, ctx: &mut X509StoreContextRef| {
+        move |_preverify, ctx: &mut X509StoreContextRef| {
             let Some(verdict) = verdict_of(ctx) else {
                 return false;
             };
@@ -138,25 +178,16 @@ where
                 return false;
             };
             if slot.is_none() {
-                let chain: Vec<Vec<u8>> = ctx
+                let built: Vec<Vec<u8>> = ctx
                     .chain()
                     .map(|c| c.iter().filter_map(|x| x.to_der().ok()).collect())
                     .unwrap_or_default();
-                *slot = Some(check(&chain));
+                let sent = sent_of(ctx).filter(|s| s.first() == built.first());
+                *slot = Some(check(sent.as_deref().unwrap_or(&built)));
             }
             match slot.as_ref() {
                 Some(Ok(_)) => true,
-                Some(Err(r)) => {
-                    if !preverify && openssl_agrees(r, ctx.error().as_raw()) {
-                        return false;
-                    }
-                    if preverify && ctx.error_depth() == 0 {
-                        ctx.set_error(X509VerifyResult::APPLICATION_VERIFICATION);
-                        return false;
-                    }
-                    true
-                }
-                None => false,
+                Some(Err(_)) | None => false,
             }
         },
     );
@@ -165,6 +196,14 @@ where
 fn verdict_of(ctx: &X509StoreContextRef) -> Option<Verdict> {
     let ssl = ctx.ex_data(X509StoreContext::ssl_idx().ok()?)?;
     ssl.ex_data(verdict_index().ok()?).cloned()
+}
+
+/// The certificates the peer sent, if its pipe saw all of its Certificate message.
+fn sent_of(ctx: &X509StoreContextRef) -> Option<Vec<Vec<u8>>> {
+    let ssl = ctx.ex_data(X509StoreContext::ssl_idx().ok()?)?;
+    let sent = ssl.ex_data(sent_index().ok()?)?;
+    let sent = sent.lock().ok()?;
+    sent.chain().map(<[Vec<u8>]>::to_vec)
 }
 
 /// What both ends set on their DTLS context: DTLS 1.2 only, the suites, our certificate chain

@@ -1,7 +1,8 @@
 //! The IN's DTLS + CoAP endpoint: one UDP socket, many peers.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,7 +64,76 @@ impl Session {
 struct PeerHandle {
     tx: mpsc::Sender<Vec<u8>>,
     random: Vec<u8>,
+    /// Rises with each new peer: the lowest of an address is its longest-waiting.
     id: u64,
+    /// Set while a request of the peer is being answered: such a peer is not evicted.
+    busy: Arc<AtomicBool>,
+}
+
+/// The peers with a handshake or session under way, by address, and how many each source
+/// address (IP) holds: the DTLS side of [`crate::admission`]'s rules.
+#[derive(Default)]
+struct Peers {
+    by_addr: HashMap<SocketAddr, PeerHandle>,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+impl Peers {
+    fn len(&self) -> usize {
+        self.by_addr.len()
+    }
+
+    fn of_ip(&self, ip: IpAddr) -> usize {
+        self.per_ip.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// Adds a peer; one at the same address and port is replaced (and so ends).
+    fn insert(&mut self, addr: SocketAddr, peer: PeerHandle) {
+        if self.by_addr.insert(addr, peer).is_none() {
+            *self.per_ip.entry(addr.ip()).or_insert(0) += 1;
+        }
+    }
+
+    /// Removes the peer at `addr` if it is `id` (or any, for `None`); dropping its sender ends
+    /// its task at its next wait on the peer.
+    fn remove(&mut self, addr: SocketAddr, id: Option<u64>) -> bool {
+        let matches = self
+            .by_addr
+            .get(&addr)
+            .is_some_and(|p| id.is_none_or(|id| p.id == id));
+        if !matches {
+            return false;
+        }
+        self.by_addr.remove(&addr);
+        if let Some(n) = self.per_ip.get_mut(&addr.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&addr.ip());
+            }
+        }
+        true
+    }
+
+    /// The longest-waiting peer of the address with the most peers that wait (every peer but
+    /// one whose request is being answered), as on the TLS listener: an attacker holding many
+    /// places only ever gives up its own. Linear in the peers, and only run when all places are
+    /// taken.
+    fn evictable(&self) -> Option<SocketAddr> {
+        let waiting = || {
+            self.by_addr
+                .iter()
+                .filter(|(_, p)| !p.busy.load(Ordering::Relaxed))
+        };
+        let mut counts: HashMap<IpAddr, usize> = HashMap::new();
+        for (a, _) in waiting() {
+            *counts.entry(a.ip()).or_insert(0) += 1;
+        }
+        let most = counts.values().copied().max()?;
+        waiting()
+            .filter(|(a, _)| counts.get(&a.ip()) == Some(&most))
+            .min_by_key(|(_, p)| p.id)
+            .map(|(a, _)| *a)
+    }
 }
 
 fn now_secs() -> u64 {
@@ -72,16 +142,29 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A fatal `handshake_failure` alert in epoch 0 (for a cookie-proven hello we refuse before
-/// any state exists: no extended master secret).
-fn handshake_failure_alert(record_seq: u64) -> Vec<u8> {
+/// A fatal alert in epoch 0, for a peer we refuse outside OpenSSL's state machine: 40
+/// (`handshake_failure`) for a cookie-proven hello without the extended master secret, 20
+/// (`bad_record_mac`) for a Finished that does not decrypt.
+fn epoch0_alert(description: u8, record_seq: u64) -> Vec<u8> {
     let mut v = vec![21, 254, 253, 0, 0];
     v.extend_from_slice(&record_seq.to_be_bytes()[2..]);
-    v.extend_from_slice(&[0, 2, 2, 40]);
+    v.extend_from_slice(&[0, 2, 2, description]);
     v
 }
 
+/// Protected handshake records (the peer's Finished, first sent and retransmitted) that did
+/// not complete the handshake although OpenSSL had read the peer's ChangeCipherSpec and so
+/// waited for exactly that record, after which the peer's key is taken to be wrong: OpenSSL
+/// silently drops a record that does not decrypt (RFC 6347 §4.1.2.7), so a node with a wrong
+/// PSK would otherwise wait for its timeout. Two, so that one spoofed record cannot end a
+/// real handshake whose Finished is still to come.
+const UNREADABLE_FINISHED: usize = 2;
+
 impl Endpoint {
+    fn refused(&self, code: &str) {
+        self.core.metrics.refusals.count(code);
+    }
+
     /// Serves until `stop` resolves; then lets running peers end within the limits.
     pub(crate) async fn run(
         self: Arc<Self>,
@@ -89,20 +172,19 @@ impl Endpoint {
         stop: impl std::future::Future<Output = ()>,
     ) {
         let socket = Arc::new(socket);
-        let mut peers: HashMap<SocketAddr, PeerHandle> = HashMap::new();
+        let mut peers = Peers::default();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
         let mut next_id = 0u64;
         let mut buf = vec![0u8; 65_536];
         let mut tasks = tokio::task::JoinSet::new();
+        let per_address = self.core.config.limits.max_connections_per_address;
         tokio::pin!(stop);
         loop {
             let (n, from) = tokio::select! {
                 _ = &mut stop => break,
                 Some((addr, id)) = done_rx.recv() => {
-                    if peers.get(&addr).is_some_and(|p| p.id == id) {
-                        peers.remove(&addr);
-                    }
-                    self.live.store(peers.len(), std::sync::atomic::Ordering::Relaxed);
+                    peers.remove(addr, Some(id));
+                    self.live.store(peers.len(), Ordering::Relaxed);
                     continue;
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
@@ -121,7 +203,7 @@ impl Endpoint {
             }
             let d = &buf[..n];
             let hello = record::client_hello(d);
-            if let Some(p) = peers.get(&from) {
+            if let Some(p) = peers.by_addr.get(&from) {
                 // A hello with another client_random is a new handshake from the same address
                 // (a node that rebooted): it goes through the cookie exchange and, once proven,
                 // replaces the old session. Anything else belongs to the session.
@@ -147,28 +229,46 @@ impl Endpoint {
             if !hello.offers_ems {
                 tracing::info!(peer = %from, "DTLS hello without the extended master secret refused");
                 let _ = socket
-                    .send_to(&handshake_failure_alert(hello.record_seq), from)
+                    .send_to(&epoch0_alert(40, hello.record_seq), from)
                     .await;
                 continue;
             }
-            if peers.len() >= self.config.max_peers && !peers.contains_key(&from) {
-                tracing::debug!(peer = %from, "DTLS peer limit reached; hello dropped");
-                continue;
+            // The address has proved it receives: from here on the TLS listener's rules.
+            if !peers.by_addr.contains_key(&from) {
+                if peers.of_ip(from.ip()) >= per_address {
+                    tracing::debug!(peer = %from, "DTLS hello dropped: too many peers from this address");
+                    self.refused("per_address_cap");
+                    continue;
+                }
+                if peers.len() >= self.config.max_peers {
+                    match peers.evictable() {
+                        Some(victim) => {
+                            peers.remove(victim, None);
+                            tracing::debug!(peer = %from, evicted = %victim, "all DTLS places taken: evicted the longest-waiting peer of the busiest address");
+                            self.refused("evicted");
+                        }
+                        None => {
+                            tracing::debug!(peer = %from, "DTLS hello dropped: every place is answering a request");
+                            self.refused("peer_limit");
+                            continue;
+                        }
+                    }
+                }
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
             next_id += 1;
             let id = next_id;
-            // Replaces (and so ends) an older session from the same address.
+            let busy = Arc::new(AtomicBool::new(false));
             peers.insert(
                 from,
                 PeerHandle {
                     tx,
                     random: hello.random.to_vec(),
                     id,
+                    busy: busy.clone(),
                 },
             );
-            self.live
-                .store(peers.len(), std::sync::atomic::Ordering::Relaxed);
+            self.live.store(peers.len(), Ordering::Relaxed);
             let this = self.clone();
             let socket = socket.clone();
             let first = hello.without_cookie();
@@ -177,9 +277,12 @@ impl Endpoint {
             tasks.spawn(async move {
                 let limits = &this.core.config.limits;
                 let deadline = limits.handshake_timeout + limits.idle_timeout;
-                if tokio::time::timeout(deadline, this.serve_peer(&socket, from, first, real, rx))
-                    .await
-                    .is_err()
+                if tokio::time::timeout(
+                    deadline,
+                    this.serve_peer(&socket, from, first, real, rx, &busy),
+                )
+                .await
+                .is_err()
                 {
                     tracing::info!(peer = %from, "DTLS session took too long; dropped");
                 }
@@ -204,6 +307,7 @@ impl Endpoint {
         first: Vec<u8>,
         real: Vec<u8>,
         mut rx: mpsc::Receiver<Vec<u8>>,
+        busy: &AtomicBool,
     ) {
         let mut stream = match self.handshake(socket, peer, first, real, &mut rx).await {
             Ok(Some(s)) => s,
@@ -213,6 +317,8 @@ impl Endpoint {
                 return;
             }
         };
+        let min = super::min_sealed(stream.ssl());
+        stream.get_mut().min_sealed = min;
         let node = if self.association {
             let Some(a) = crate::psk::association_of(stream.ssl()) else {
                 tracing::warn!(%peer, "DTLS PSK handshake completed without a looked-up credential; closed");
@@ -231,7 +337,8 @@ impl Endpoint {
         loop {
             let d = match tokio::time::timeout(idle, rx.recv()).await {
                 Ok(Some(d)) => d,
-                Ok(None) => return, // replaced by a new session from the same address
+                // Replaced by a new session from the same address, or evicted.
+                Ok(None) => return,
                 Err(_) => {
                     tracing::debug!(%peer, "DTLS session idle; closed");
                     let _ = stream.shutdown();
@@ -239,6 +346,7 @@ impl Endpoint {
                     return;
                 }
             };
+            busy.store(true, Ordering::Relaxed);
             stream.get_mut().inbox.push_back(d);
             while let Ok(more) = rx.try_recv() {
                 stream.get_mut().inbox.push_back(more);
@@ -267,11 +375,16 @@ impl Endpoint {
                 }
             }
             flush(socket, peer, stream.get_mut()).await;
+            busy.store(false, Ordering::Relaxed);
         }
     }
 
     /// Runs the handshake: a fresh SSL object is given the hello as it was before the cookie,
-    /// then the cookie-bearing one (see [`record::ClientHello::without_cookie`]).
+    /// then the cookie-bearing one (see [`record::ClientHello::without_cookie`]). The peer
+    /// must finish within `handshake_timeout` of its cookie-bearing hello (its ClientHello,
+    /// which is what `hello_timeout` bounds on TCP: a constrained node may need seconds of
+    /// ECC before its next flight, so a silent peer is not cut sooner; the per-address cap
+    /// and eviction keep silent peers from holding every place).
     async fn handshake(
         &self,
         socket: &UdpSocket,
@@ -280,8 +393,7 @@ impl Endpoint {
         real: Vec<u8>,
         rx: &mut mpsc::Receiver<Vec<u8>>,
     ) -> Result<Option<SslStream<Pipe>>> {
-        let (ssl, _) = new_ssl(&self.ctx, self.config.mtu, peer.is_ipv6())?;
-        let mut pipe = Pipe::default();
+        let (ssl, verdict, mut pipe) = new_ssl(&self.ctx, self.config.mtu, peer.is_ipv6())?;
         pipe.inbox.push_back(first);
         let mut mid: MidHandshakeSslStream<Pipe> = match ssl.accept(pipe) {
             Err(HandshakeError::WouldBlock(m)) => m,
@@ -295,7 +407,12 @@ impl Endpoint {
         // HelloVerifyRequest already: not sent again.
         mid.get_mut().outbox.clear();
         mid.get_mut().inbox.push_back(real);
-        let deadline = Instant::now() + self.core.config.limits.handshake_timeout;
+        let limits = &self.core.config.limits;
+        let deadline = Instant::now() + limits.handshake_timeout;
+        // Protected handshake records fed to OpenSSL since it last ran, and those it dropped
+        // while waiting for the peer's Finished (its key is then wrong).
+        let mut fed_sealed = 0usize;
+        let mut unreadable = 0usize;
         loop {
             match mid.handshake() {
                 Ok(mut s) => {
@@ -310,26 +427,51 @@ impl Endpoint {
                     let mut m = m;
                     let reason = m.error().to_string();
                     flush(socket, peer, m.get_mut()).await;
-                    tracing::info!(%peer, error = %reason, "DTLS handshake failed");
+                    match verdict.lock().ok().and_then(|v| v.clone()) {
+                        Some(Err(r)) => {
+                            tracing::info!(%peer, code = r.code(), reason = %r, "DTLS handshake refused: the chain check");
+                        }
+                        _ => tracing::info!(%peer, error = %reason, "DTLS handshake failed"),
+                    }
                     return Ok(None);
                 }
                 Err(HandshakeError::SetupFailure(e)) => {
                     return Err(super::openssl_error(e));
                 }
             };
+            if mid
+                .ssl()
+                .state_string_long()
+                .contains("read change cipher spec")
+            {
+                unreadable += fed_sealed;
+            }
+            fed_sealed = 0;
+            if unreadable >= UNREADABLE_FINISHED {
+                tracing::info!(%peer, "DTLS handshake refused: the peer's Finished does not decrypt (wrong key?)");
+                self.refused("bad_finished");
+                let _ = socket.send_to(&epoch0_alert(20, 1 << 40), peer).await;
+                return Ok(None);
+            }
+            let min = super::min_sealed(mid.ssl());
+            mid.get_mut().min_sealed = min;
             let wait = deadline.saturating_duration_since(Instant::now());
             if wait.is_zero() {
-                tracing::info!(%peer, "DTLS handshake timed out");
+                tracing::info!(%peer, code = "handshake_timeout", "DTLS handshake timed out");
+                self.refused("handshake_timeout");
                 return Ok(None);
             }
             tokio::select! {
                 d = rx.recv() => match d {
                     Some(d) => {
+                        fed_sealed += record::sealed_handshake_records(&d);
                         mid.get_mut().inbox.push_back(d);
                         while let Ok(more) = rx.try_recv() {
+                            fed_sealed += record::sealed_handshake_records(&more);
                             mid.get_mut().inbox.push_back(more);
                         }
                     }
+                    // Replaced by a new handshake from the same address, or evicted.
                     None => return Ok(None),
                 },
                 _ = tokio::time::sleep(TICK.min(wait)) => {}
