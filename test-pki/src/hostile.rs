@@ -1,6 +1,7 @@
 //! A connect flood as an attacker would run it against an IN: `n` connections from one source
 //! address that send nothing or half a ClientHello, each reopened as soon as the IN closes it.
-//! Used by `bootstrap/tests/hostile.rs` and by bench section 8.
+//! Used by `bootstrap/tests/hostile.rs` and by bench section 8; [`DtlsFlood`] is the same over
+//! DTLS, with cookie-proven silent peers.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -105,4 +106,80 @@ pub fn listen_overflows() -> Option<u64> {
         .zip(values.split_whitespace())
         .find(|(n, _)| *n == "ListenOverflows")
         .and_then(|(_, v)| v.parse().ok())
+}
+
+/// The DTLS form of the attack (hostile review D1): from `from`, one new UDP port after
+/// another returns its cookie to the IN at `to` and then says nothing, so that each holds a
+/// place at the IN until its handshake deadline. Runs on its own thread until stopped.
+pub struct DtlsFlood {
+    stop: Arc<AtomicBool>,
+    proven: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DtlsFlood {
+    /// Starts the flood; `sni` is the IN's name (the IN refuses hellos without it).
+    pub fn start(from: IpAddr, to: SocketAddr, sni: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let proven = Arc::new(AtomicUsize::new(0));
+        let (s, p, sni) = (stop.clone(), proven.clone(), sni.to_owned());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if cookie_proven(from, to, &sni).is_ok() {
+                    p.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        DtlsFlood {
+            stop,
+            proven,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the flood; returns how many peers returned their cookie.
+    pub fn stop(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.proven.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for DtlsFlood {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One cookie-proven, then silent, DTLS peer from a fresh port of `from`.
+fn cookie_proven(from: IpAddr, to: SocketAddr, sni: &str) -> anyhow::Result<()> {
+    use m2mpki_bootstrap::dtls::Pipe;
+    use openssl::ssl::{HandshakeError, Ssl, SslContext, SslMethod};
+    let sock = std::net::UdpSocket::bind(SocketAddr::new(from, 0))?;
+    sock.connect(to)?;
+    sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut b = SslContext::builder(SslMethod::dtls_client())?;
+    b.set_cipher_list("ECDHE-ECDSA-AES128-CCM8")?;
+    let mut ssl = Ssl::new(&b.build())?;
+    ssl.set_hostname(sni)?;
+    let mut mid = match ssl.connect(Pipe::default()) {
+        Err(HandshakeError::WouldBlock(m)) => m,
+        _ => anyhow::bail!("no ClientHello"),
+    };
+    for d in mid.get_mut().outbox.drain(..) {
+        sock.send(&d)?;
+    }
+    let mut buf = [0u8; 2048];
+    let n = sock.recv(&mut buf)?;
+    mid.get_mut().inbox.push_back(buf[..n].to_vec());
+    let mut mid = match mid.handshake() {
+        Err(HandshakeError::WouldBlock(m)) => m,
+        _ => anyhow::bail!("no cookie-bearing ClientHello"),
+    };
+    for d in mid.get_mut().outbox.drain(..) {
+        sock.send(&d)?;
+    }
+    Ok(())
 }

@@ -1962,6 +1962,112 @@ fn migrated_database(bin: &Path, admin: &str, home: &Path, db: &str) -> Result<(
     Ok((redb, url))
 }
 
+/// Section 8, DTLS: hostile review D1 timed. An IN serving DTLS alone with its defaults
+/// (`max_peers = 1024`, 64 per address, a 10 s handshake deadline); from 127.0.0.6 an attacker
+/// that makes one cookie-proven silent peer after another, as fast as one thread can (each
+/// holds its place until the deadline or eviction); a legitimate node on 127.0.0.1 enrolling
+/// over DTLS 20 times in a row. The baseline is the same node's enrolments on the same IN
+/// right before the attack.
+fn dtls_hostile_bench(size: Size, report: &mut Report, work: &Path) -> Result<()> {
+    use m2mpki_test_pki::hostile::DtlsFlood;
+    use std::net::IpAddr;
+    const ATTACKER: [u8; 4] = [127, 0, 0, 6];
+    let (legit_n, fill) = if size.smoke {
+        (5, Duration::from_millis(500))
+    } else {
+        (20, Duration::from_secs(2))
+    };
+    let dir = work.join("hostile-dtls");
+    let BenchLab {
+        layout,
+        fleet,
+        keystore,
+        rt,
+        server_rt,
+    } = bench_lab(&dir, "HOSTILE-DTLS")?;
+    let mut config = m2mpki_test_pki::lab::config_on_free_ports(&layout)?;
+    config.listen = None;
+    config.psk = None;
+    config.metrics_listen = None;
+    let mut profile = fleet.profile.clone();
+    profile.transport = m2mpki_bootstrap::config::Transport::Dtls;
+    let (chain, key) = fleet.nodes.first().context("an empty fleet")?.clone();
+    let (mut baseline, mut under) = (Vec::new(), Vec::new());
+    let (mut base_failed, mut failed, mut proven, mut secs) = (0usize, 0usize, 0usize, 0f64);
+    for _ in 0..size.runs {
+        let home = m2mpki_ca::Home::open(&layout.home)?;
+        let server = Arc::new(Server::new(config.clone(), &home, &keystore)?);
+        let serving = serve(&server_rt, &server)?;
+        let addr = serving.dtls.context("the IN serves no DTLS")?;
+        let enrolment = || Enrolment {
+            profile: profile.clone(),
+            chain: chain.clone(),
+            key: key.clone(),
+            connect: Some(addr.to_string()),
+            versions: vec![],
+            timeout: Duration::from_secs(30),
+        };
+        let timed = |out: &mut Vec<f64>| -> usize {
+            let mut fails = 0;
+            for _ in 0..legit_n {
+                let start = Instant::now();
+                if rt.block_on(client::enroll(enrolment())).is_err() {
+                    fails += 1;
+                }
+                out.push(start.elapsed().as_secs_f64() * 1000.0);
+            }
+            fails
+        };
+        base_failed += timed(&mut baseline);
+        let started = Instant::now();
+        let flood = DtlsFlood::start(IpAddr::from(ATTACKER), addr, &profile.in_fqdn.to_string());
+        std::thread::sleep(fill);
+        failed += timed(&mut under);
+        proven += flood.stop();
+        secs += started.elapsed().as_secs_f64();
+        serving.stop(&server_rt)?;
+    }
+    let base = stat(baseline);
+    let bm = base.median;
+    report.add(
+        "8 hostile dtls",
+        &format!("legitimate DTLS enrolment, no attack, {legit_n} in a row"),
+        "ms",
+        base,
+    );
+    report.add(
+        "8 hostile dtls",
+        "legitimate DTLS enrolments that failed, no attack",
+        "count",
+        stat(vec![base_failed as f64]),
+    );
+    let lat = stat(under);
+    let worst = lat.max;
+    let row = report.add(
+        "8 hostile dtls",
+        &format!(
+            "legitimate DTLS enrolment under a cookie-proven silent-peer flood from one address, {legit_n} in a row"
+        ),
+        "ms",
+        lat,
+    );
+    row.against("no attack (median)", bm, None);
+    row.absolute("max <= 1000 ms", worst <= 1000.0 && failed == 0);
+    report.add(
+        "8 hostile dtls",
+        "attacker peers cookie-proven per second",
+        "peers/s",
+        stat(vec![proven as f64 / secs.max(1e-9)]),
+    );
+    report.add(
+        "8 hostile dtls",
+        "legitimate DTLS enrolments that failed, under attack",
+        "count",
+        stat(vec![failed as f64]),
+    );
+    Ok(())
+}
+
 /// Section 8: availability under hostile load, the attack of `bootstrap/tests/hostile.rs`
 /// timed. An IN with `max_connections = 128` and every timeout at 30 s; 128 authenticated
 /// clients (64 from each of 127.0.0.3 and .4) that then ask nothing; 2 000 connections from
@@ -2449,6 +2555,7 @@ fn main() -> Result<()> {
     if run("8") {
         eprintln!("8. availability under hostile load");
         hostile_bench(size, &mut report, work)?;
+        dtls_hostile_bench(size, &mut report, work)?;
     }
 
     // The table.
