@@ -174,7 +174,7 @@ fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
-    serde_json::from_slice(b).map_err(|e| Error::Store(format!("corrupt record: {e}")))
+    serde_json::from_slice(b).map_err(|e| Error::internal(format!("corrupt record: {e}")))
 }
 
 /// The key credentials are sealed under at the IN: a 0600 key file (AES-256 key wrap) or an
@@ -208,7 +208,7 @@ impl StoreKey {
             Seal::Unbound => self.0.unseal(blob)?,
         };
         RootCredential::from_slice(&plain)
-            .ok_or_else(|| Error::Store("sealed credential of the wrong size".into()))
+            .ok_or_else(|| Error::internal("sealed credential of the wrong size"))
     }
 }
 
@@ -507,7 +507,7 @@ impl CredentialStore {
             )));
         }
         let blob = hex::decode(&record.sealed)
-            .map_err(|_| Error::Store("corrupt sealed credential".into()))?;
+            .map_err(|_| Error::internal("corrupt sealed credential"))?;
         store_key.unseal(record, &blob).map_err(|_| {
             tracing::error!(credential_id = %record.id, identity = %record.identity, "refused a credential whose seal does not match its record (moved from another record, altered, or another store key)");
             Error::Store(format!(
@@ -532,8 +532,9 @@ impl CredentialStore {
                 bound += 1;
                 continue;
             }
-            let blob = hex::decode(&r.sealed)
-                .map_err(|_| Error::Store(format!("credential {}: corrupt sealed value", r.id)))?;
+            let blob = hex::decode(&r.sealed).map_err(|_| {
+                Error::internal(format!("credential {}: corrupt sealed value", r.id))
+            })?;
             let credential = store_key.unseal(&r, &blob).map_err(|_| {
                 Error::Store(format!(
                     "credential {} does not unseal with this store key",
@@ -693,7 +694,7 @@ impl CredentialStore {
         {
             let (k, v) = row.map_err(db_err)?;
             let text = String::from_utf8(v.value().to_vec())
-                .map_err(|_| Error::Store(format!("corrupt meta record {}", k.value())))?;
+                .map_err(|_| Error::internal(format!("corrupt meta record {}", k.value())))?;
             meta.push((k.value().to_owned(), text));
         }
         let copied = (records.len() as u64, grants.len() as u64);
@@ -842,11 +843,15 @@ struct Job {
     reply: tokio::sync::oneshot::Sender<Result<CredentialRecord>>,
 }
 
-/// The error a job gets for a group's failure, of the same kind.
+/// The error a job gets for a group's failure, of the same kind: a store that failed (503, try
+/// again), a commit not confirmed, or anything else, such as a corrupt row, which trying
+/// again will not mend (500).
 fn same_kind(e: &Error) -> Error {
     match e {
         Error::CommitUnknown(m) => Error::CommitUnknown(m.clone()),
-        other => Error::Store(other.to_string()),
+        Error::Store(m) => Error::Store(m.clone()),
+        Error::Internal(m) | Error::Ca(m2mpki_ca::Error::Internal(m)) => Error::internal(m),
+        other => Error::internal(other.to_string()),
     }
 }
 

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 
 use m2mpki_ca::pg::postgres::types::Type;
-use m2mpki_ca::pg::{PgConn, TxResult};
+use m2mpki_ca::pg::{col, PgConn, TxResult};
 use m2mpki_ca::FieldNodeIdentity;
 
 use crate::config::Policy;
@@ -47,7 +47,7 @@ fn text<T: serde::Serialize>(v: &T) -> m2mpki_ca::Result<String> {
 
 /// A value read back from its JSON text.
 fn value<T: serde::de::DeserializeOwned>(t: &str) -> m2mpki_ca::Result<T> {
-    serde_json::from_str(t).map_err(|e| CaError::Store(format!("corrupt record: {e}")))
+    serde_json::from_str(t).map_err(|e| CaError::Internal(format!("corrupt record: {e}")))
 }
 
 /// Connections for the reads of the enrolments (grants, PSK lookups), taken in turn: a read
@@ -123,8 +123,8 @@ pub(super) fn commit(
             // database, None once it is one of this group's)
             let mut live: HashMap<String, (String, Option<CredentialRecord>)> = HashMap::new();
             for row in &rows {
-                let record = value::<CredentialRecord>(row.get(2))?;
-                live.insert(row.get(0), (row.get(1), Some(record)));
+                let record = value::<CredentialRecord>(col(row, 2)?)?;
+                live.insert(col(row, 0)?, (col(row, 1)?, Some(record)));
             }
             // A retried transaction starts again from the records as they came.
             let mut new: Vec<CredentialRecord> = records
@@ -224,7 +224,7 @@ pub(super) fn all_records(pg: &Pg) -> Result<Vec<CredentialRecord>> {
         .single(|c| {
             c.query_typed("SELECT record FROM m2mpki_in_credentials ORDER BY id", &[])?
                 .iter()
-                .map(|r| value::<CredentialRecord>(r.get(0)).map_err(Into::into))
+                .map(|r| value::<CredentialRecord>(col(r, 0)?).map_err(Into::into))
                 .collect::<TxResult<Vec<_>>>()
         })
         .map_err(store)
@@ -256,8 +256,8 @@ pub(super) fn count(pg: &Pg) -> Result<u64> {
     pg.reads()
         .single(|c| {
             let n: i64 = c
-                .query_typed_one("SELECT count(*) FROM m2mpki_in_credentials", &[])?
-                .get(0);
+                .query_typed_one("SELECT count(*) FROM m2mpki_in_credentials", &[])
+                .and_then(|row| Ok(col(&row, 0)?))?;
             Ok(u64::try_from(n).unwrap_or(0))
         })
         .map_err(store)
@@ -271,7 +271,7 @@ pub(super) fn credential(pg: &Pg, id: &str) -> Result<Option<CredentialRecord>> 
                 &[(&id, Type::TEXT)],
             )?;
             Ok(row
-                .map(|r| value::<CredentialRecord>(r.get(0)))
+                .map(|r| value::<CredentialRecord>(col(&r, 0)?))
                 .transpose()?)
         })
         .map_err(store)
@@ -287,7 +287,7 @@ pub(super) fn live(pg: &Pg, identity: &FieldNodeIdentity) -> Result<Option<Crede
                 &[(&identity, Type::TEXT)],
             )?;
             Ok(row
-                .map(|r| value::<CredentialRecord>(r.get(0)))
+                .map(|r| value::<CredentialRecord>(col(&r, 0)?))
                 .transpose()?)
         })
         .map_err(store)
@@ -303,7 +303,7 @@ pub(super) fn history(pg: &Pg, identity: &FieldNodeIdentity) -> Result<Vec<Crede
                 &[&identity],
             )?;
             rows.iter()
-                .map(|r| Ok(value::<CredentialRecord>(r.get(0))?))
+                .map(|r| Ok(value::<CredentialRecord>(col(r, 0)?)?))
                 .collect::<TxResult<Vec<_>>>()
         })
         .map_err(store)
@@ -328,7 +328,7 @@ pub(super) fn policy(pg: &Pg) -> Result<Policy> {
         .read(|tx| {
             let row = tx.query_opt("SELECT value FROM m2mpki_in_meta WHERE key = 'policy'", &[])?;
             Ok(row
-                .map(|r| value::<Policy>(r.get(0)))
+                .map(|r| value::<Policy>(col(&r, 0)?))
                 .transpose()?
                 .unwrap_or_default())
         })
@@ -348,7 +348,7 @@ pub(super) fn change_grants(
                 &[&key],
             )?;
             let mut set: std::collections::BTreeSet<String> = row
-                .map(|r| value(r.get(0)))
+                .map(|r| value(col(&r, 0)?))
                 .transpose()?
                 .unwrap_or_default();
             f(&mut set);
@@ -374,7 +374,7 @@ pub(super) fn grants_of(pg: &Pg, identity: &FieldNodeIdentity) -> Result<Vec<Str
             |c, statement| {
                 let row = c.query_opt(statement, &[&key])?;
                 Ok(row
-                    .map(|r| value(r.get(0)))
+                    .map(|r| value(col(&r, 0)?))
                     .transpose()?
                     .unwrap_or_default())
             },
@@ -391,8 +391,8 @@ pub(super) fn all_grants(pg: &Pg) -> Result<Vec<(String, Vec<String>)>> {
             )?;
             rows.iter()
                 .map(|r| {
-                    let grants: Vec<String> = value(r.get(1))?;
-                    Ok((r.get::<_, String>(0), grants))
+                    let grants: Vec<String> = value(col(r, 1)?)?;
+                    Ok((col::<String>(r, 0)?, grants))
                 })
                 .collect::<TxResult<Vec<_>>>()
         })
@@ -412,7 +412,7 @@ pub(super) fn key_check(pg: &Pg, sealed: &str) -> Result<String> {
                 "SELECT value FROM m2mpki_in_meta WHERE key = 'store_key_check'",
                 &[],
             )?;
-            Ok(row.get::<_, String>(0))
+            Ok(col::<String>(&row, 0)?)
         })
         .map_err(store)
 }
@@ -434,8 +434,8 @@ pub(super) fn import(
                  + (SELECT count(*) FROM m2mpki_in_grants) \
                  + (SELECT count(*) FROM m2mpki_in_meta WHERE key <> 'schema_version')",
                     &[],
-                )?
-                .get(0);
+                )
+                .and_then(|row| Ok(col(&row, 0)?))?;
             if used > 0 {
                 return Err(CaError::Store(format!(
                 "the IN tables of {} are not empty ({used} records): refusing to copy into them",

@@ -71,6 +71,17 @@ impl From<postgres::Error> for Fail {
 /// The result of the body of a transaction.
 pub type TxResult<T> = std::result::Result<T, Fail>;
 
+/// Column `idx` of `row` as a `T`. A value of another type than the code expects (a table
+/// altered by hand, or by another version) is a corrupt row: an internal error naming the
+/// column, answered 500 and never retried, where `Row::get` would panic (on the IN's
+/// credential writer thread that stopped every later enrolment until a restart).
+pub fn col<'a, T: postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T> {
+    row.try_get(idx).map_err(|e| {
+        let name = row.columns().get(idx).map_or("?", |c| c.name());
+        Error::Internal(format!("corrupt row: column `{name}`: {e}"))
+    })
+}
+
 /// Whether a failed transaction may simply run again.
 fn retryable(e: &postgres::Error) -> bool {
     matches!(
@@ -766,10 +777,23 @@ impl PgConn {
                             deadline,
                             lost,
                         };
-                        db.batch_execute(&format!(
-                            "SET LOCAL synchronous_commit = on; SELECT pg_advisory_xact_lock({lock})"
-                        ))?;
-                        f(&mut db)?
+                        let body = db
+                            .batch_execute(&format!(
+                                "SET LOCAL synchronous_commit = on; SELECT pg_advisory_xact_lock({lock})"
+                            ))
+                            .and_then(|()| f(&mut db));
+                        match body {
+                            Ok(v) => v,
+                            // Rolled back now, not when the connection is next used: a dropped
+                            // transaction only queues its ROLLBACK, and until it is sent the
+                            // transaction keeps its locks (an ALTER TABLE waited behind them
+                            // until idle_in_transaction_session_timeout closed the connection).
+                            Err(e @ (Fail::Ours(_) | Fail::Db(_))) => {
+                                let _ = bounded(rt, None, lost, tx.rollback());
+                                return Err(e);
+                            }
+                            Err(e) => return Err(e),
+                        }
                     };
                     committing = true;
                     bounded(rt, deadline, lost, tx.commit())?;

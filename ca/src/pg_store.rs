@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use crate::audit::{self, AuditEntry, AuditEvent};
-use crate::pg::{postgres, PgConn, Tx, TxResult};
+use crate::pg::{col, postgres, PgConn, Tx, TxResult};
 use crate::rootset::RootSet;
 use crate::serial::Serial;
 use crate::store::{
@@ -90,7 +90,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
-    serde_json::from_str(text).map_err(|e| Error::Store(format!("corrupt {what} record: {e}")))
+    serde_json::from_str(text).map_err(|e| Error::Internal(format!("corrupt {what} record: {e}")))
 }
 
 fn i64_of(n: u64, what: &str) -> Result<i64> {
@@ -122,7 +122,7 @@ impl PgStore {
         )?;
         let (mut seq, mut prev) = match last {
             Some(row) => {
-                let entry: AuditEntry = from_json("audit", row.get::<_, &str>(1))?;
+                let entry: AuditEntry = from_json("audit", col::<&str>(&row, 1)?)?;
                 (entry.seq, entry.hash)
             }
             None => (0, audit::GENESIS.to_owned()),
@@ -155,7 +155,7 @@ impl PgStore {
                     &[&i64_of(seq, "audit sequence")?],
                 )?
                 .ok_or_else(|| Error::Store(format!("no audit entry {seq}")))?;
-            let mut entry: AuditEntry = from_json("audit", row.get::<_, &str>(0))?;
+            let mut entry: AuditEntry = from_json("audit", col::<&str>(&row, 0)?)?;
             if let Some(f) = f.take() {
                 f(&mut entry);
             }
@@ -169,7 +169,7 @@ impl PgStore {
 }
 
 fn cert_from_row(row: &postgres::Row) -> Result<CertRecord> {
-    from_json("certificate", row.get::<_, &str>(0))
+    from_json("certificate", col::<&str>(row, 0)?)
 }
 
 impl Store for PgStore {
@@ -195,7 +195,7 @@ impl Store for PgStore {
         self.conn.read(|tx| {
             let row = tx.query_opt("SELECT record FROM m2mpki_cas WHERE name = $1", &[&name])?;
             Ok(row
-                .map(|r| from_json("CA", r.get::<_, &str>(0)))
+                .map(|r| from_json("CA", col::<&str>(&r, 0)?))
                 .transpose()?)
         })
     }
@@ -205,7 +205,7 @@ impl Store for PgStore {
             let rows = tx.query("SELECT record FROM m2mpki_cas ORDER BY name", &[])?;
             Ok(rows
                 .iter()
-                .map(|r| from_json("CA", r.get::<_, &str>(0)))
+                .map(|r| from_json("CA", col::<&str>(r, 0)?))
                 .collect::<Result<_>>()?)
         })
     }
@@ -234,12 +234,12 @@ impl Store for PgStore {
                 let found: HashMap<(&str, &str), Serial> = rows
                     .iter()
                     .map(|row| {
-                        (
-                            (row.get::<_, &str>(0), row.get::<_, &str>(1)),
-                            Serial::from_bytes(row.get::<_, &[u8]>(2)),
-                        )
+                        Ok((
+                            (col::<&str>(row, 0)?, col::<&str>(row, 1)?),
+                            Serial::from_bytes(col::<&[u8]>(row, 2)?),
+                        ))
                     })
-                    .collect();
+                    .collect::<Result<_>>()?;
                 // Keyed by the certificates' own names, which outlive the rows.
                 for c in certs {
                     let key = (c.record.ca.as_str(), c.record.subject_key.as_str());
@@ -301,10 +301,10 @@ impl Store for PgStore {
                     "SELECT serial FROM m2mpki_certs WHERE serial = ANY($1) LIMIT 1",
                     &[&serials],
                 )?;
-                let which = taken
-                    .first()
-                    .map(|r| Serial::from_bytes(r.get::<_, &[u8]>(0)).to_string())
-                    .unwrap_or_default();
+                let which = match taken.first() {
+                    Some(r) => Serial::from_bytes(col::<&[u8]>(r, 0)?).to_string(),
+                    None => String::new(),
+                };
                 return Err(Error::Internal(format!(
                     "serial {which} exists already; nothing was recorded"
                 ))
@@ -345,7 +345,10 @@ impl Store for PgStore {
                 "SELECT serial FROM m2mpki_live WHERE ca = $1 AND subject_key = $2",
                 &[&ca, &subject_key],
             )?;
-            Ok(row.map(|r| Serial::from_bytes(r.get::<_, &[u8]>(0))))
+            Ok(match row {
+                Some(r) => Some(Serial::from_bytes(col::<&[u8]>(&r, 0)?)),
+                None => None,
+            })
         })
     }
 
@@ -356,7 +359,7 @@ impl Store for PgStore {
                 &[&serial.as_bytes()],
             )?;
             Ok(match row {
-                Some(r) => Some((cert_from_row(&r)?, r.get::<_, Vec<u8>>(1))),
+                Some(r) => Some((cert_from_row(&r)?, col::<Vec<u8>>(&r, 1)?)),
                 None => None,
             })
         })
@@ -387,8 +390,8 @@ impl Store for PgStore {
                 )
             })?;
             for row in &rows {
-                after = row.get(0);
-                visit(from_json("audit", row.get::<_, &str>(1))?)?;
+                after = col(row, 0)?;
+                visit(from_json("audit", col::<&str>(row, 1)?)?)?;
             }
             if (rows.len() as i64) < PAGE {
                 return Ok(());
@@ -418,7 +421,7 @@ impl Store for PgStore {
                 &[&name],
             )?;
             Ok(row
-                .map(|r| from_json("root set", r.get::<_, &str>(0)))
+                .map(|r| from_json("root set", col::<&str>(&r, 0)?))
                 .transpose()?)
         })
     }
@@ -428,7 +431,7 @@ impl Store for PgStore {
             let rows = tx.query("SELECT record FROM m2mpki_root_sets ORDER BY name", &[])?;
             Ok(rows
                 .iter()
-                .map(|r| from_json("root set", r.get::<_, &str>(0)))
+                .map(|r| from_json("root set", col::<&str>(r, 0)?))
                 .collect::<Result<_>>()?)
         })
     }
@@ -444,7 +447,7 @@ impl Store for PgStore {
                 &[&name],
             )?;
             let mut set: RootSet = match row {
-                Some(r) => from_json("root set", r.get::<_, &str>(0))?,
+                Some(r) => from_json("root set", col::<&str>(&r, 0)?)?,
                 None => return Err(Error::UnknownRootSet(name.to_owned()).into()),
             };
             let event = change(&mut set)?;
@@ -499,7 +502,7 @@ impl Store for PgStore {
             )
         })?;
         for row in &rows {
-            visit(from_json("revocation", row.get::<_, &str>(0))?)?;
+            visit(from_json("revocation", col::<&str>(row, 0)?)?)?;
         }
         Ok(())
     }
@@ -515,7 +518,7 @@ impl Store for PgStore {
                  ON CONFLICT (ca) DO UPDATE SET n = m2mpki_crl_numbers.n + 1 RETURNING n",
                 &[&ca],
             )?;
-            let n = u64::try_from(row.get::<_, i64>(0))
+            let n = u64::try_from(col::<i64>(&row, 0)?)
                 .map_err(|_| Error::Store("negative CRL number in the database".into()))?;
             Self::append_audit(tx, vec![crate::store::crl_event(ca, detail.clone(), n)])?;
             Ok(n)
@@ -531,7 +534,7 @@ impl Store for PgStore {
         let items = self.conn.read(|tx| {
             let mut items = Vec::new();
             for r in tx.query("SELECT record FROM m2mpki_cas ORDER BY name", &[])? {
-                items.push(Item::Ca(from_json("CA", r.get::<_, &str>(0))?));
+                items.push(Item::Ca(from_json("CA", col::<&str>(&r, 0)?)?));
             }
             let mut after: Vec<u8> = Vec::new();
             loop {
@@ -543,9 +546,9 @@ impl Store for PgStore {
                 for r in &rows {
                     items.push(Item::Cert(NewCert {
                         record: cert_from_row(r)?,
-                        der: r.get(1),
+                        der: col(r, 1)?,
                     }));
-                    after = r.get(2);
+                    after = col(r, 2)?;
                 }
                 if (rows.len() as i64) < PAGE {
                     break;
@@ -556,9 +559,9 @@ impl Store for PgStore {
                 &[],
             )? {
                 items.push(Item::Live {
-                    ca: r.get(0),
-                    subject_key: r.get(1),
-                    serial: Serial::from_bytes(r.get::<_, &[u8]>(2)),
+                    ca: col(&r, 0)?,
+                    subject_key: col(&r, 1)?,
+                    serial: Serial::from_bytes(col::<&[u8]>(&r, 2)?),
                 });
             }
             for r in tx.query(
@@ -566,19 +569,19 @@ impl Store for PgStore {
                 &[],
             )? {
                 items.push(Item::Revoked {
-                    ca: r.get(0),
-                    entry: from_json("revocation", r.get::<_, &str>(1))?,
+                    ca: col(&r, 0)?,
+                    entry: from_json("revocation", col::<&str>(&r, 1)?)?,
                 });
             }
             for r in tx.query("SELECT ca, n FROM m2mpki_crl_numbers ORDER BY ca", &[])? {
-                let n: i64 = r.get(1);
+                let n: i64 = col(&r, 1)?;
                 items.push(Item::CrlNumber {
-                    ca: r.get(0),
+                    ca: col(&r, 0)?,
                     last: u64::try_from(n).unwrap_or(0),
                 });
             }
             for r in tx.query("SELECT record FROM m2mpki_root_sets ORDER BY name", &[])? {
-                items.push(Item::RootSet(from_json("root set", r.get::<_, &str>(0))?));
+                items.push(Item::RootSet(from_json("root set", col::<&str>(&r, 0)?)?));
             }
             let mut after = 0i64;
             loop {
@@ -587,8 +590,8 @@ impl Store for PgStore {
                     &[&after, &PAGE],
                 )?;
                 for r in &rows {
-                    after = r.get(0);
-                    items.push(Item::Audit(from_json("audit", r.get::<_, &str>(1))?));
+                    after = col(r, 0)?;
+                    items.push(Item::Audit(from_json("audit", col::<&str>(r, 1)?)?));
                 }
                 if (rows.len() as i64) < PAGE {
                     break;
@@ -608,7 +611,7 @@ impl Store for PgStore {
         self.conn.write(WRITE_LOCK, |tx| {
             for table in DATA_TABLES {
                 let row = tx.query_one(&format!("SELECT EXISTS (SELECT 1 FROM {table})"), &[])?;
-                if row.get::<_, bool>(0) {
+                if col::<bool>(&row, 0)? {
                     return Err(Error::Policy(
                         "the destination store is not empty (table {table}); a migration only \
                          runs into an empty one"

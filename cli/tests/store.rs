@@ -1421,6 +1421,47 @@ fn an_in_whose_store_is_unreachable_answers_503_and_recovers() {
     assert_eq!(history.as_array().unwrap().len(), 1, "{history}");
 }
 
+/// A column of another type than the IN expects (a table altered by hand) is a corrupt row:
+/// the enrolment that reads it is answered 500 `internal`, not "try again", and the IN's
+/// credential writer lives on: once the column is put back, the next enrolment is served
+/// without a restart. (`Row::get` panicked on the writer thread, and every later enrolment
+/// was 503 until a restart; architecture review, panic surface.)
+#[test]
+fn a_corrupt_column_is_a_500_and_the_in_serves_again_once_it_is_repaired() {
+    let lab = SharedLab::new();
+    let port = free_port();
+    let _ins = Children(vec![(
+        lab.start_in(
+            0,
+            port,
+            "store.key",
+            std::process::Stdio::from(std::fs::File::create("/tmp/in-corrupt.log").unwrap()),
+        ),
+        port,
+    )]);
+    lab.wait_ready(port);
+    let (cert, key) = lab.device("SN-0003");
+    let (code, err) = lab.enrol(port, &cert, &key, "first");
+    assert_eq!(code, Some(0), "{err}");
+    use m2mpki_test_pki::pg::postgres;
+    let mut sql = postgres::Client::connect(&lab.db.url, postgres::NoTls).unwrap();
+    sql.batch_execute(
+        "ALTER TABLE m2mpki_in_credentials ALTER COLUMN record TYPE jsonb USING record::jsonb",
+    )
+    .unwrap();
+    for n in 0..2 {
+        let (code, err) = lab.enrol(port, &cert, &key, &format!("corrupt-{n}"));
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("500") && err.contains("internal"), "{err}");
+    }
+    sql.batch_execute(
+        "ALTER TABLE m2mpki_in_credentials ALTER COLUMN record TYPE text USING record::text",
+    )
+    .unwrap();
+    let (code, err) = lab.enrol(port, &cert, &key, "repaired");
+    assert_eq!(code, Some(0), "{err}");
+}
+
 /// The IN's commit meets a connection cut after the COMMIT was forwarded, then a database that
 /// stops answering: a cut whose outcome a fresh read settles is answered with the credential
 /// the database holds; one it cannot settle is 503 `store_outcome_unknown` (not "nothing was
@@ -1603,7 +1644,8 @@ fn the_store_verifies_postgresql_over_tls() {
             &[&db.url.rsplit('/').next().unwrap()],
         )
         .unwrap();
-    let (ssl, version): (Option<bool>, Option<String>) = (row.get(0), row.get(1));
+    let (ssl, version): (Option<bool>, Option<String>) =
+        (row.try_get(0).unwrap(), row.try_get(1).unwrap());
     assert_eq!(ssl, Some(true), "{version:?}");
     assert!(version.unwrap_or_default().starts_with("TLSv1."));
     drop(store);

@@ -1937,7 +1937,7 @@ fn pg_commits(admin: &str, db: &str) -> Result<i64> {
         "SELECT xact_commit FROM pg_stat_database WHERE datname = $1",
         &[&db],
     )?;
-    Ok(row.get(0))
+    Ok(row.try_get(0)?)
 }
 
 /// Creates database `db` on the cluster `admin` names and migrates the redb store of `home`
