@@ -167,12 +167,47 @@ impl Drop for Ticket {
     }
 }
 
+/// Why a connection's first TLS record never came: each is counted under its own
+/// `refusals_total` reason (a peer that closed or spoke another protocol did not time out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NoHello {
+    /// Not complete within `hello_timeout`.
+    TimedOut,
+    /// The peer closed or reset the connection first.
+    Closed,
+    /// The first bytes cannot start a TLS handshake record that fits a record.
+    NotTls,
+    /// The connection could not be watched (out of file descriptors).
+    Unwatchable,
+}
+
+impl NoHello {
+    /// The `refusals_total` reason.
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            NoHello::TimedOut => "hello_timeout",
+            NoHello::Closed => "closed_before_hello",
+            NoHello::NotTls => "not_tls",
+            NoHello::Unwatchable => "descriptors",
+        }
+    }
+
+    /// What the log says.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            NoHello::TimedOut => "no ClientHello within the hello timeout",
+            NoHello::Closed => "closed before its ClientHello was complete",
+            NoHello::NotTls => "its first bytes are not a TLS handshake record",
+            NoHello::Unwatchable => "cannot be watched (out of file descriptors?)",
+        }
+    }
+}
+
 /// Waits until the first TLS record is complete in the socket's receive buffer (without
-/// reading it), within `limit`: `false` on timeout, on a closed connection, or when the first
-/// bytes cannot start a TLS handshake record.
-pub(crate) async fn first_record(tcp: &TcpStream, limit: Duration) -> bool {
+/// reading it), within `limit`.
+pub(crate) async fn first_record(tcp: &TcpStream, limit: Duration) -> Result<(), NoHello> {
     let mut buf = vec![0u8; MAX_RECORD];
-    peek_first_record(tcp, &mut buf, limit).await.is_some()
+    peek_first_record(tcp, &mut buf, limit).await.map(|_| ())
 }
 
 /// The longest TLS record on the wire (RFC 8446 §5.2) with its header.
@@ -191,9 +226,9 @@ fn watch_readable(fd: std::os::fd::OwnedFd) -> std::io::Result<AsyncFd<std::os::
 }
 
 /// Peeks until the connection's first TLS record is complete in `buf`, within `limit`, and
-/// returns how many bytes were peeked (that record and perhaps more). `None` on timeout, when
-/// the peer closes or resets first, or when the bytes cannot start a handshake record that
-/// fits in `buf`.
+/// returns how many bytes were peeked (that record and perhaps more); else why not: on
+/// timeout, when the peer closes or resets first, or when the bytes cannot start a handshake
+/// record that fits in `buf`.
 ///
 /// It sleeps until the socket reports something new instead of polling. A peek returns at
 /// once while bytes are buffered and never shows the peer's FIN behind them: a loop that
@@ -207,49 +242,51 @@ pub(crate) async fn peek_first_record(
     tcp: &TcpStream,
     buf: &mut [u8],
     limit: Duration,
-) -> Option<usize> {
+) -> Result<usize, NoHello> {
     use rustix::net::RecvFlags;
     use std::os::fd::AsFd;
     let watch = match tcp.as_fd().try_clone_to_owned().and_then(watch_readable) {
         Ok(w) => w,
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch a new connection (out of file descriptors?); closed");
-            return None;
+            return Err(NoHello::Unwatchable);
         }
     };
     let wait = async {
         loop {
-            let mut event = watch.readable().await.ok()?;
+            let mut event = watch.readable().await.map_err(|_| NoHello::Closed)?;
             let n = match rustix::net::recv(tcp, &mut *buf, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
-                Ok((_, 0)) => return None, // closed before sending anything
+                Ok((_, 0)) => return Err(NoHello::Closed), // before sending anything
                 Ok((_, n)) => n,
                 Err(rustix::io::Errno::AGAIN) => {
                     event.clear_ready();
                     continue;
                 }
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(_) => return None,
+                Err(_) => return Err(NoHello::Closed),
             };
             if buf[0] != 22 {
-                return None; // not a handshake record
+                return Err(NoHello::NotTls);
             }
             if n >= 5 {
                 let len = 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
                 if len <= n {
-                    return Some(n);
+                    return Ok(n);
                 }
                 if len > buf.len() {
-                    return None;
+                    return Err(NoHello::NotTls);
                 }
             }
             if event.ready().is_read_closed() {
-                return None; // the peer closed after these bytes
+                return Err(NoHello::Closed); // the peer closed after these bytes
             }
             // Events after the one this guard holds keep the watch ready.
             event.clear_ready();
         }
     };
-    tokio::time::timeout(limit, wait).await.ok().flatten()
+    tokio::time::timeout(limit, wait)
+        .await
+        .unwrap_or(Err(NoHello::TimedOut))
 }
 
 #[cfg(test)]

@@ -408,8 +408,9 @@ pub struct ServerConfig {
     /// The IN's FQDN (its certificate must name it; clients send it as SNI).
     pub fqdn: DnsName,
     /// Where the trusted root sets and their CRLs are read from (`store = "postgres://..."`
-    /// shares them between IN instances); `None`: the home's redb store. The IN's own
-    /// credentials, grants and policy stay in its home.
+    /// shares them between IN instances); `None`: the home's redb store. The IN's credential
+    /// store (credentials, grants, policy) is opened at the same place: in the home, or in the
+    /// PostgreSQL database that several INs share (docs/store.md).
     pub store: Option<m2mpki_ca::StoreLocation>,
     /// Where to listen for TLS (TCP); `None` switches TLS off.
     pub listen: Option<SocketAddr>,

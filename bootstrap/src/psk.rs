@@ -191,6 +191,12 @@ fn configure(b: &mut SslContextBuilder, version: SslVersion) -> Result<()> {
     b.set_cipher_list(TLS_SUITES).map_err(openssl_error)
 }
 
+/// The error document of docs/protocol.md §5, `{"error": {"code", "message"}}`: the same
+/// shape as the bootstrap's refusals over TLS and DTLS (it was `{"error", "message"}` here).
+fn error_document(code: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({ "error": { "code": code, "message": message } })
+}
+
 /// The association listener of a running IN.
 pub(crate) struct Listener {
     pub(crate) ctx: SslContext,
@@ -198,6 +204,8 @@ pub(crate) struct Listener {
     /// How long the upstream may take to start its answer (504 after), and to finish it.
     pub(crate) upstream_timeout: Duration,
     pub(crate) limits: crate::config::Limits,
+    /// The IN's `refusals_total`, for connections refused before their handshake.
+    pub(crate) refusals: crate::metrics::Refusals,
 }
 
 impl Listener {
@@ -228,6 +236,7 @@ impl Listener {
             };
             let Some(address_slot) = per_address.enter(peer.ip()) else {
                 tracing::debug!(%peer, "PSK association closed: too many connections from this address");
+                self.refusals.count("per_address_cap");
                 continue;
             };
             let permit = match permits.clone().try_acquire_owned() {
@@ -235,6 +244,7 @@ impl Listener {
                 Err(_) => {
                     if waiting.evict() {
                         tracing::debug!(%peer, "PSK association: all slots taken: evicted the longest-waiting connection");
+                        self.refusals.count("evicted");
                     }
                     tokio::select! {
                         _ = &mut stop => break,
@@ -264,9 +274,10 @@ impl Listener {
     async fn serve(&self, tcp: TcpStream, peer: SocketAddr, mut ticket: Ticket) {
         let hello = crate::admission::first_record(&tcp, self.limits.hello_timeout);
         match ticket.or_evicted(hello).await {
-            Some(true) => {}
-            Some(false) => {
-                tracing::info!(%peer, "no ClientHello within the hello timeout (PSK association); closed");
+            Some(Ok(())) => {}
+            Some(Err(why)) => {
+                tracing::info!(%peer, code = why.code(), "PSK association: {}; closed", why.reason());
+                self.refusals.count(why.code());
                 return;
             }
             None => {
@@ -294,6 +305,7 @@ impl Listener {
             }
             Some(Err(_)) => {
                 tracing::info!(%peer, "PSK handshake timed out");
+                self.refusals.count("handshake_timeout");
                 return;
             }
             None => {
@@ -336,7 +348,7 @@ impl Listener {
         let buffered = match head {
             Ok(Ok(Head::Ok { buffered })) => buffered,
             Ok(Ok(Head::Refuse(r))) => {
-                let body = serde_json::json!({ "error": r.code, "message": r.message });
+                let body = error_document(r.code, &r.message);
                 let out = http_head::json_response(r.status, body.to_string().as_bytes());
                 return tls.write_all(&out).await;
             }
@@ -346,7 +358,7 @@ impl Listener {
         let request = match Request::parse(&buffered) {
             Ok(r) => r,
             Err(status_msg) => {
-                let body = serde_json::json!({ "error": "bad_request", "message": status_msg });
+                let body = error_document("bad_request", &status_msg);
                 let out = http_head::json_response(
                     hyper::StatusCode::BAD_REQUEST,
                     body.to_string().as_bytes(),
@@ -363,7 +375,7 @@ impl Listener {
             let body = if status == hyper::StatusCode::OK {
                 serde_json::to_vec(assoc).map_err(std::io::Error::other)?
             } else {
-                serde_json::json!({ "error": "method_not_allowed", "message": "GET only" })
+                error_document("method_not_allowed", "GET only")
                     .to_string()
                     .into_bytes()
             };
@@ -372,10 +384,10 @@ impl Listener {
                 .await;
         }
         let Some(upstream) = self.upstream else {
-            let body = serde_json::json!({
-                "error": "not_found",
-                "message": format!("no upstream is configured; this IN answers {ASSOCIATION_PATH} only"),
-            });
+            let body = error_document(
+                "not_found",
+                &format!("no upstream is configured; this IN answers {ASSOCIATION_PATH} only"),
+            );
             return tls
                 .write_all(&http_head::json_response(
                     hyper::StatusCode::NOT_FOUND,
@@ -399,7 +411,10 @@ impl Listener {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(%upstream, error = %e, "upstream unreachable");
-                let body = serde_json::json!({ "error": "upstream_unavailable", "message": "the service behind the IN is unreachable" });
+                let body = error_document(
+                    "upstream_unavailable",
+                    "the service behind the IN is unreachable",
+                );
                 return tls
                     .write_all(&http_head::json_response(
                         hyper::StatusCode::BAD_GATEWAY,
@@ -415,7 +430,7 @@ impl Listener {
         // The upstream's answer, then the association closes (one request each). An upstream
         // that closes without a byte is 502; one silent past the upstream timeout is 504.
         let gateway = |status: hyper::StatusCode, code: &str, message: &str| {
-            let body = serde_json::json!({ "error": code, "message": message });
+            let body = error_document(code, message);
             http_head::json_response(status, body.to_string().as_bytes())
         };
         let mut first = vec![0u8; 16 * 1024];

@@ -381,6 +381,7 @@ impl Server {
                 upstream: p.upstream,
                 upstream_timeout: p.upstream_timeout,
                 limits: shared.config.limits.clone(),
+                refusals: shared.metrics.refusals.clone(),
             })),
         };
         let psk_dtls = match shared.config.psk.as_ref().and_then(|p| p.dtls_listen) {
@@ -644,10 +645,10 @@ impl Server {
                     .or_evicted(admission::peek_first_record(&tcp, &mut buf, limit))
                     .await
                 {
-                    Some(Some(n)) => crate::cbc::parse_hello(&buf[..n]),
-                    Some(None) => {
-                        tracing::info!(%peer, "no ClientHello within the hello timeout; closed");
-                        shared.metrics.refusals.count("hello_timeout");
+                    Some(Ok(n)) => crate::cbc::parse_hello(&buf[..n]),
+                    Some(Err(why)) => {
+                        tracing::info!(%peer, code = why.code(), "{}; closed", why.reason());
+                        shared.metrics.refusals.count(why.code());
                         drop((permit, address_slot, open));
                         return;
                     }
@@ -722,22 +723,9 @@ async fn serve_connection(
     peer: SocketAddr,
     mut ticket: Ticket,
 ) {
+    // The ClientHello is complete in the socket's buffer already (read at accept, for SNI):
+    // the handshake deadline starts now, and the hello deadline is not applied again.
     let limits = &shared.config.limits;
-    match ticket
-        .or_evicted(admission::first_record(&tcp, limits.hello_timeout))
-        .await
-    {
-        Some(true) => {}
-        Some(false) => {
-            tracing::info!(%peer, "no ClientHello within the hello timeout; closed");
-            shared.metrics.refusals.count("hello_timeout");
-            return;
-        }
-        None => {
-            tracing::info!(%peer, "evicted while waiting for its ClientHello");
-            return;
-        }
-    }
     let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
     let tls = match ticket.or_evicted(handshake).await {
         Some(Ok(Ok(tls))) => tls,

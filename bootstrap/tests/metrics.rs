@@ -181,3 +181,42 @@ fn the_metrics_endpoint_shows_enrolments_refusals_latency_store_size_and_crl_age
     let (status, _) = get(metrics, "/other");
     assert!(status.contains("404"), "{status}");
 }
+
+/// Architecture review §8.5: a connection that closes before its ClientHello, and one that
+/// speaks another protocol, are counted under their own reasons, not as hello timeouts; on
+/// the bootstrap listener and on the PSK association listener alike.
+#[test]
+fn connections_without_a_hello_are_counted_by_why() {
+    let run = Running::start(|c| c.dtls = None);
+    let psk = run.psk.expect("the lab configures a PSK listener");
+    for to in [run.tls.unwrap(), psk] {
+        drop(std::net::TcpStream::connect(to).unwrap());
+        let mut http = std::net::TcpStream::connect(to).unwrap();
+        http.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut rest = Vec::new();
+        let _ = http.read_to_end(&mut rest); // the IN closes it
+    }
+    let metrics = run.metrics.unwrap();
+    let at = |key: &str| {
+        for _ in 0..50 {
+            let (_, body) = get(metrics, "/metrics");
+            if let Some(v) = parse(&body).get(key) {
+                if *v >= 2.0 {
+                    return *v;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        0.0
+    };
+    assert_eq!(
+        at(r#"m2mpki_refusals_total{reason="closed_before_hello"}"#),
+        2.0
+    );
+    assert_eq!(at(r#"m2mpki_refusals_total{reason="not_tls"}"#), 2.0);
+    let (_, body) = get(metrics, "/metrics");
+    assert!(
+        !parse(&body).contains_key(r#"m2mpki_refusals_total{reason="hello_timeout"}"#),
+        "{body}"
+    );
+}

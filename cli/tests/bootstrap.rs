@@ -2824,6 +2824,11 @@ fn the_psk_forwarder_passes_nothing_an_upstream_could_take_for_the_ins_headers()
             out.contains(&format!("HTTP/1.1 {status}")) && out.contains(code),
             "{out}\n{err}"
         );
+        // The error document of docs/protocol.md §5, as over TLS and DTLS.
+        let doc: serde_json::Value =
+            serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap();
+        assert_eq!(doc["error"]["code"], code, "{doc}");
+        assert!(doc["error"]["message"].is_string(), "{doc}");
     }
 }
 
