@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use m2mpki_ca::StoreLocation;
-use m2mpki_test_pki::lab::{self, LabHsm, LabLayout};
+use m2mpki_lab::lab::{self, LabHsm, LabLayout};
 
 use crate::args::{HsmArg, LabCommand};
 use crate::output::{emit, emit_json, table, UsageError};
@@ -19,8 +19,7 @@ fn hsm(arg: Option<HsmArg>) -> Result<LabHsm> {
     Ok(match arg {
         None => LabHsm::None,
         Some(HsmArg::Softhsm) => {
-            m2mpki_test_pki::softhsm::module()
-                .map_err(|e| UsageError(format!("--hsm softhsm: {e}")))?;
+            m2mpki_lab::softhsm::module().map_err(|e| UsageError(format!("--hsm softhsm: {e}")))?;
             LabHsm::SoftHsm
         }
     })
