@@ -221,6 +221,26 @@ impl Core {
     /// of this protocol version; then the policy decides, and a fresh credential is recorded
     /// (sealed, group-committed) before it is wrapped and returned.
     pub async fn answer(&self, node: &Admitted, body: &[u8]) -> Answer {
+        if let Some(refusal) = self.rate_limited(node) {
+            return refusal;
+        }
+        self.answer_within_limits(node, body).await
+    }
+
+    /// The rate limits' refusal of a request of `node`, if they refuse it (counted as an
+    /// answered enrolment). A binding that reads a body calls this first, so that a refused
+    /// node's body is never read (docs/protocol.md, the server configuration), then
+    /// [`answer_within_limits`](Self::answer_within_limits).
+    pub(crate) fn rate_limited(&self, node: &Admitted) -> Option<Answer> {
+        let refusal = self.limiter.check(node)?;
+        self.metrics
+            .enrolment(refusal.outcome, &node.transport, Duration::ZERO);
+        Some(refusal)
+    }
+
+    /// [`answer`](Self::answer) for a request that [`rate_limited`](Self::rate_limited) let
+    /// through.
+    pub(crate) async fn answer_within_limits(&self, node: &Admitted, body: &[u8]) -> Answer {
         let start = Instant::now();
         let answer = self.answer_uncounted(node, body).await;
         self.metrics
@@ -229,9 +249,6 @@ impl Core {
     }
 
     async fn answer_uncounted(&self, node: &Admitted, body: &[u8]) -> Answer {
-        if let Some(refusal) = self.limiter.check(node) {
-            return refusal;
-        }
         if body.len() > self.config.limits.max_body {
             return Answer::refusal(
                 Outcome::TooLarge,

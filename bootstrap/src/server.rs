@@ -946,6 +946,10 @@ impl Session {
                 "the body must be application/json",
             );
         }
+        // Before the body is read: a rate-limited node is not given the time to send one.
+        if let Some(refusal) = self.core.rate_limited(&self.node) {
+            return http_answer(refusal);
+        }
         let max = self.core.config.limits.max_body;
         let body = match Limited::new(req.into_body(), max).collect().await {
             Ok(b) => b.to_bytes(),
@@ -964,6 +968,6 @@ impl Session {
                 )
             }
         };
-        http_answer(self.core.answer(&self.node, &body).await)
+        http_answer(self.core.answer_within_limits(&self.node, &body).await)
     }
 }

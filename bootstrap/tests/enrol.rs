@@ -224,4 +224,24 @@ fn an_address_that_enrols_too_often_is_refused_with_429() {
         other => panic!("expected a 429 refusal, got {other:?}"),
     }
     assert!(run.server.credentials().live(&device).unwrap().is_none());
+    // The refusal comes before the body is read (architecture review §8.2): a request whose
+    // body never arrives is answered 429 at once, not after the IN's idle timeout.
+    let answer = run.rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = client::connect_prepared(&prepared).await.unwrap();
+        c.tls
+            .write_all(
+                b"POST /bootstrap HTTP/1.1\r\nhost: in\r\ncontent-type: application/json\r\n\
+                  content-length: 100\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.tls.read(&mut buf))
+            .await
+            .expect("an answer before the body")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
 }
