@@ -61,11 +61,7 @@ pub struct Association {
 
 fn association_index() -> Result<Index<Ssl, Association>> {
     static INDEX: OnceLock<Index<Ssl, Association>> = OnceLock::new();
-    if let Some(i) = INDEX.get() {
-        return Ok(*i);
-    }
-    let i = Ssl::new_ex_index::<Association>().map_err(openssl_error)?;
-    Ok(*INDEX.get_or_init(|| i))
+    crate::dtls::ex_index(&INDEX)
 }
 
 /// Why a PSK identity gets no key.
@@ -191,10 +187,10 @@ fn configure(b: &mut SslContextBuilder, version: SslVersion) -> Result<()> {
     b.set_cipher_list(TLS_SUITES).map_err(openssl_error)
 }
 
-/// The error document of docs/protocol.md §5, `{"error": {"code", "message"}}`: the same
-/// shape as the bootstrap's refusals over TLS and DTLS (it was `{"error", "message"}` here).
-fn error_document(code: &str, message: &str) -> serde_json::Value {
-    serde_json::json!({ "error": { "code": code, "message": message } })
+/// The error document of docs/protocol.md §5, `{"error": {"code", "message"}}`, made as the
+/// bootstrap's refusals over TLS and DTLS make it (it was `{"error", "message"}` here).
+fn error_document(code: &str, message: &str) -> Vec<u8> {
+    crate::enrol::Answer::refusal(crate::enrol::Outcome::BadRequest, code, message).body
 }
 
 /// The association listener of a running IN.
@@ -349,7 +345,7 @@ impl Listener {
             Ok(Ok(Head::Ok { buffered })) => buffered,
             Ok(Ok(Head::Refuse(r))) => {
                 let body = error_document(r.code, &r.message);
-                let out = http_head::json_response(r.status, body.to_string().as_bytes());
+                let out = http_head::json_response(r.status, &body);
                 return tls.write_all(&out).await;
             }
             Ok(Ok(Head::Closed)) | Err(_) => return Ok(()),
@@ -359,10 +355,7 @@ impl Listener {
             Ok(r) => r,
             Err(status_msg) => {
                 let body = error_document("bad_request", &status_msg);
-                let out = http_head::json_response(
-                    hyper::StatusCode::BAD_REQUEST,
-                    body.to_string().as_bytes(),
-                );
+                let out = http_head::json_response(hyper::StatusCode::BAD_REQUEST, &body);
                 return tls.write_all(&out).await;
             }
         };
@@ -376,8 +369,6 @@ impl Listener {
                 serde_json::to_vec(assoc).map_err(std::io::Error::other)?
             } else {
                 error_document("method_not_allowed", "GET only")
-                    .to_string()
-                    .into_bytes()
             };
             return tls
                 .write_all(&http_head::json_response(status, &body))
@@ -391,7 +382,7 @@ impl Listener {
             return tls
                 .write_all(&http_head::json_response(
                     hyper::StatusCode::NOT_FOUND,
-                    body.to_string().as_bytes(),
+                    &body,
                 ))
                 .await;
         };
@@ -418,7 +409,7 @@ impl Listener {
                 return tls
                     .write_all(&http_head::json_response(
                         hyper::StatusCode::BAD_GATEWAY,
-                        body.to_string().as_bytes(),
+                        &body,
                     ))
                     .await;
             }
@@ -431,7 +422,7 @@ impl Listener {
         // that closes without a byte is 502; one silent past the upstream timeout is 504.
         let gateway = |status: hyper::StatusCode, code: &str, message: &str| {
             let body = error_document(code, message);
-            http_head::json_response(status, body.to_string().as_bytes())
+            http_head::json_response(status, &body)
         };
         let mut first = vec![0u8; 16 * 1024];
         match tokio::time::timeout(self.upstream_timeout, up.read(&mut first)).await {

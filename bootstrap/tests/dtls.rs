@@ -603,44 +603,47 @@ fn coap_codes_retransmissions_and_refusals() {
     run.rt.block_on(s.close());
 }
 
-/// A pass-through UDP proxy that records the largest datagram the server sent.
-fn recording_proxy(server: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
-    let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+/// A pass-through UDP proxy that records the largest datagram the server sent; its socket
+/// towards the server is returned too, for a test to send from what the server sees as the
+/// node's address and port.
+fn recording_proxy(server: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>, Arc<UdpSocket>) {
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
     let addr = front.local_addr().unwrap();
+    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+    back.connect(server).unwrap();
     let largest = Arc::new(AtomicUsize::new(0));
-    let l = largest.clone();
-    std::thread::spawn(move || {
-        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
-        back.connect(server).unwrap();
-        let back = Arc::new(back);
-        let front = Arc::new(front);
-        let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
-        {
-            let (back, front, client) = (back.clone(), front.clone(), client.clone());
-            std::thread::spawn(move || {
-                let mut b = vec![0u8; 65_536];
-                while let Ok(n) = back.recv(&mut b) {
-                    l.fetch_max(n, Ordering::Relaxed);
-                    if let Some(c) = *client.lock().unwrap() {
-                        let _ = front.send_to(&b[..n], c);
-                    }
+    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    {
+        let (back, front, client, l) =
+            (back.clone(), front.clone(), client.clone(), largest.clone());
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; 65_536];
+            while let Ok(n) = back.recv(&mut b) {
+                l.fetch_max(n, Ordering::Relaxed);
+                if let Some(c) = *client.lock().unwrap() {
+                    let _ = front.send_to(&b[..n], c);
                 }
-            });
-        }
-        let mut b = vec![0u8; 65_536];
-        while let Ok((n, from)) = front.recv_from(&mut b) {
-            *client.lock().unwrap() = Some(from);
-            let _ = back.send(&b[..n]);
-        }
-    });
-    (addr, largest)
+            }
+        });
+    }
+    {
+        let back = back.clone();
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; 65_536];
+            while let Ok((n, from)) = front.recv_from(&mut b) {
+                *client.lock().unwrap() = Some(from);
+                let _ = back.send(&b[..n]);
+            }
+        });
+    }
+    (addr, largest, back)
 }
 
 #[test]
 fn a_small_path_mtu_fragments_the_handshake_and_blocks_the_response() {
     const MTU: u16 = 300;
     let (run, dtls) = start(|c| c.dtls.as_mut().unwrap().mtu = MTU);
-    let (proxy, largest) = recording_proxy(dtls);
+    let (proxy, largest, _) = recording_proxy(dtls);
     // Our client follows Block2 on its own ...
     let got = run
         .rt
@@ -861,45 +864,13 @@ fn one_address_holds_its_share_of_places_and_a_newcomer_evicts_a_silent_peer() {
     assert_eq!(refusals(&run, "evicted"), 21);
 }
 
-/// A pass-through UDP proxy whose side towards the server a test can also send from: what
-/// the server sees as the node's address and port.
-fn spoofing_proxy(server: SocketAddr) -> (SocketAddr, Arc<UdpSocket>) {
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
-    let addr = front.local_addr().unwrap();
-    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
-    back.connect(server).unwrap();
-    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
-    {
-        let (back, front, client) = (back.clone(), front.clone(), client.clone());
-        std::thread::spawn(move || {
-            let mut b = vec![0u8; 65_536];
-            while let Ok(n) = back.recv(&mut b) {
-                if let Some(c) = *client.lock().unwrap() {
-                    let _ = front.send_to(&b[..n], c);
-                }
-            }
-        });
-    }
-    {
-        let back = back.clone();
-        std::thread::spawn(move || {
-            let mut b = vec![0u8; 65_536];
-            while let Ok((n, from)) = front.recv_from(&mut b) {
-                *client.lock().unwrap() = Some(from);
-                let _ = back.send(&b[..n]);
-            }
-        });
-    }
-    (addr, back)
-}
-
 /// Hostile review D2: a protected record shorter than the suite's nonce and tag, spoofed from
 /// the node's address and port, no longer ends its session (OpenSSL 3.0 failed the session
 /// with internal_error); the node's next request is answered.
 #[test]
 fn a_short_protected_record_from_the_nodes_port_does_not_end_its_session() {
     let (run, dtls) = start(|_| {});
-    let (proxy, back) = spoofing_proxy(dtls);
+    let (proxy, _, back) = recording_proxy(dtls);
     let mut s = session(&run, "SN-0001", proxy);
     let body = br#"{"version":1}"#;
     let (_, m) = exchange(&run, &mut s, &post(1, "bootstrap", vec![json()], body));

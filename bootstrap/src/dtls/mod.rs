@@ -113,13 +113,21 @@ impl Write for Pipe {
 /// itself concluded.
 pub type Verdict = Arc<Mutex<Option<std::result::Result<Verified, Refusal>>>>;
 
-fn verdict_index() -> Result<Index<Ssl, Verdict>> {
-    static INDEX: OnceLock<Index<Ssl, Verdict>> = OnceLock::new();
-    if let Some(i) = INDEX.get() {
+/// The SSL ex-data index kept in `cell`, made on first use (OpenSSL hands out a new index at
+/// each call, so each kind of ex-data gets one per process).
+pub(crate) fn ex_index<T: Send + Sync + 'static>(
+    cell: &'static OnceLock<Index<Ssl, T>>,
+) -> Result<Index<Ssl, T>> {
+    if let Some(i) = cell.get() {
         return Ok(*i);
     }
-    let i = Ssl::new_ex_index::<Verdict>().map_err(openssl_error)?;
-    Ok(*INDEX.get_or_init(|| i))
+    let i = Ssl::new_ex_index::<T>().map_err(openssl_error)?;
+    Ok(*cell.get_or_init(|| i))
+}
+
+fn verdict_index() -> Result<Index<Ssl, Verdict>> {
+    static INDEX: OnceLock<Index<Ssl, Verdict>> = OnceLock::new();
+    ex_index(&INDEX)
 }
 
 /// Attaches an empty verdict to a new SSL object (our verify callback fills it).
@@ -131,11 +139,7 @@ pub(crate) fn attach_verdict(ssl: &mut Ssl) -> Result<Verdict> {
 
 fn sent_index() -> Result<Index<Ssl, Sent>> {
     static INDEX: OnceLock<Index<Ssl, Sent>> = OnceLock::new();
-    if let Some(i) = INDEX.get() {
-        return Ok(*i);
-    }
-    let i = Ssl::new_ex_index::<Sent>().map_err(openssl_error)?;
-    Ok(*INDEX.get_or_init(|| i))
+    ex_index(&INDEX)
 }
 
 /// A new SSL object for one handshake, with an empty verdict attached, and the pipe it is to
