@@ -187,6 +187,53 @@ fn pkits_through_m2mpki_own_path_validation() {
     run(Validator::Own);
 }
 
+/// A valid PKITS chain that m2mpki refuses, pinned: its refusal code under each validation
+/// (`None`: that validation accepts it) and why (docs/pkits.md says more). A change that
+/// refuses another valid chain, refuses one of these for another reason, or accepts one of
+/// them fails [`run`] until this table says so.
+struct Known {
+    case: &'static str,
+    auto: Option<&'static str>,
+    own: Option<&'static str>,
+    why: &'static str,
+}
+
+#[rustfmt::skip]
+const REFUSED_VALID: &[Known] = &[
+    Known { case: "ValidDSAParameterInheritanceTest5EE", auto: Some("unusable_chain"), own: Some("unusable_chain"), why: "4.1: DSA is not supported; oneM2M uses ECDSA" },
+    Known { case: "ValidDSASignaturesTest4EE", auto: Some("unusable_chain"), own: Some("unusable_chain"), why: "4.1: DSA is not supported; oneM2M uses ECDSA" },
+    Known { case: "Validpre2000UTCnotBeforeDateTest3EE", auto: Some("unusable_chain"), own: None, why: "4.2: rustls-webpki refuses UTCTime years before 2000 (BadDerTime); the own validation accepts it" },
+    Known { case: "ValidNameChainingCapitalizationTest5EE", auto: Some("unknown_root"), own: Some("unknown_root"), why: "4.3: names chain byte for byte (no RFC 5280 §7.1 comparison); unique identifiers are refused by the strict DER reader" },
+    Known { case: "ValidNameChainingWhitespaceTest3EE", auto: Some("unknown_root"), own: Some("unknown_root"), why: "4.3: names chain byte for byte (no RFC 5280 §7.1 comparison); unique identifiers are refused by the strict DER reader" },
+    Known { case: "ValidNameChainingWhitespaceTest4EE", auto: Some("unknown_root"), own: Some("unknown_root"), why: "4.3: names chain byte for byte (no RFC 5280 §7.1 comparison); unique identifiers are refused by the strict DER reader" },
+    Known { case: "ValidNameUIDsTest6EE", auto: Some("unusable_chain"), own: Some("unusable_chain"), why: "4.3: names chain byte for byte (no RFC 5280 §7.1 comparison); unique identifiers are refused by the strict DER reader" },
+    Known { case: "ValidRolloverfromPrintableStringtoUTF8StringTest10EE", auto: Some("unknown_root"), own: Some("unknown_root"), why: "4.3: names chain byte for byte (no RFC 5280 §7.1 comparison); unique identifiers are refused by the strict DER reader" },
+    Known { case: "ValidUTF8StringCaseInsensitiveMatchTest11EE", auto: Some("unknown_root"), own: Some("unknown_root"), why: "4.3: names chain byte for byte (no RFC 5280 §7.1 comparison); unique identifiers are refused by the strict DER reader" },
+    Known { case: "ValidSeparateCertificateandCRLKeysTest19EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.4: a CRL counts only when the path's issuer key signed it" },
+    Known { case: "ValidBasicSelfIssuedCRLSigningKeyTest6EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.5: a CRL signed by the CA's other (old or new) key does not count" },
+    Known { case: "ValidBasicSelfIssuedNewWithOldTest4EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.5: a CRL signed by the CA's other (old or new) key does not count" },
+    Known { case: "ValidBasicSelfIssuedOldWithNewTest1EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.5: a CRL signed by the CA's other (old or new) key does not count" },
+    Known { case: "ValidSelfIssuedpathLenConstraintTest15EE", auto: Some("bad_signature"), own: Some("revocation_unknown"), why: "4.6: a CA certificate as the end entity is refused; self-issued certificates and pathLenConstraint (see docs/pkits.md)" },
+    Known { case: "ValidSelfIssuedpathLenConstraintTest17EE", auto: Some("bad_signature"), own: Some("revocation_unknown"), why: "4.6: a CA certificate as the end entity is refused; self-issued certificates and pathLenConstraint (see docs/pkits.md)" },
+    Known { case: "ValidpathLenConstraintTest14EE", auto: Some("ca_as_leaf"), own: Some("ca_as_leaf"), why: "4.6: a CA certificate as the end entity is refused; self-issued certificates and pathLenConstraint (see docs/pkits.md)" },
+    Known { case: "ValidpathLenConstraintTest8EE", auto: Some("ca_as_leaf"), own: Some("ca_as_leaf"), why: "4.6: a CA certificate as the end entity is refused; self-issued certificates and pathLenConstraint (see docs/pkits.md)" },
+    Known { case: "ValidDNnameConstraintsTest19EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.13: its CRL is signed by the self-issued certificate's key, as in 4.5" },
+    Known { case: "ValidIDPwithindirectCRLTest22EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.14: indirect and reason-partitioned CRLs are refused when attached (no status), or a CA certificate as end entity" },
+    Known { case: "ValidIDPwithindirectCRLTest24EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.14: indirect and reason-partitioned CRLs are refused when attached (no status), or a CA certificate as end entity" },
+    Known { case: "ValidIDPwithindirectCRLTest25EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.14: indirect and reason-partitioned CRLs are refused when attached (no status), or a CA certificate as end entity" },
+    Known { case: "ValidcRLIssuerTest28EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.14: indirect and reason-partitioned CRLs are refused when attached (no status), or a CA certificate as end entity" },
+    Known { case: "ValidcRLIssuerTest29EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.14: indirect and reason-partitioned CRLs are refused when attached (no status), or a CA certificate as end entity" },
+    Known { case: "ValidcRLIssuerTest30EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.14: indirect and reason-partitioned CRLs are refused when attached (no status), or a CA certificate as end entity" },
+    Known { case: "ValidcRLIssuerTest33EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.14: indirect and reason-partitioned CRLs are refused when attached (no status), or a CA certificate as end entity" },
+    Known { case: "ValidonlyContainsCACertsTest13EE", auto: Some("ca_as_leaf"), own: Some("ca_as_leaf"), why: "4.14: indirect and reason-partitioned CRLs are refused when attached (no status), or a CA certificate as end entity" },
+    Known { case: "ValidonlySomeReasonsTest18EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.14: indirect and reason-partitioned CRLs are refused when attached (no status), or a CA certificate as end entity" },
+    Known { case: "ValidonlySomeReasonsTest19EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.14: indirect and reason-partitioned CRLs are refused when attached (no status), or a CA certificate as end entity" },
+    Known { case: "ValiddeltaCRLTest2EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.15: delta CRLs, and complete CRLs that announce them, are refused when attached" },
+    Known { case: "ValiddeltaCRLTest5EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.15: delta CRLs, and complete CRLs that announce them, are refused when attached" },
+    Known { case: "ValiddeltaCRLTest7EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.15: delta CRLs, and complete CRLs that announce them, are refused when attached" },
+    Known { case: "ValiddeltaCRLTest8EE", auto: Some("revocation_unknown"), own: Some("revocation_unknown"), why: "4.15: delta CRLs, and complete CRLs that announce them, are refused when attached" },
+];
+
 fn run(validator: Validator) {
     println!("path validation: {validator:?}");
     let dir = pkits_dir();
@@ -200,6 +247,8 @@ fn run(validator: Validator) {
     // section → (valid agreed, valid refused, invalid refused, invalid ACCEPTED)
     let mut table: BTreeMap<&str, [usize; 4]> = BTreeMap::new();
     let mut refused_valid: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    // case -> the code it was refused with, for every valid chain refused.
+    let mut refused_codes: BTreeMap<String, &'static str> = BTreeMap::new();
     let mut accepted_invalid = Vec::new();
     for (name, ee) in &ees {
         let Some(sec) = section(name) else { continue };
@@ -243,6 +292,7 @@ fn run(validator: Validator) {
             (true, Ok(_)) => row[0] += 1,
             (true, Err(r)) => {
                 row[1] += 1;
+                refused_codes.insert(name.clone(), r.code());
                 refused_valid.entry(sec).or_default().push(format!(
                     "{name}: {} ({r}){}",
                     r.code(),
@@ -274,5 +324,41 @@ fn run(validator: Validator) {
     assert!(
         accepted_invalid.is_empty(),
         "{validator:?}: chains PKITS marks invalid were accepted: {accepted_invalid:?}"
+    );
+    let pinned: BTreeMap<String, &str> = REFUSED_VALID
+        .iter()
+        .filter_map(|k| {
+            let code = match validator {
+                Validator::Auto => k.auto,
+                Validator::Own => k.own,
+            };
+            code.map(|c| (k.case.to_owned(), c))
+        })
+        .collect();
+    let mut differences = Vec::new();
+    for (case, code) in &refused_codes {
+        match pinned.get(case) {
+            None => differences.push(format!(
+                "{case}: newly refused ({code}); not in REFUSED_VALID"
+            )),
+            Some(p) if p != code => {
+                differences.push(format!("{case}: refused with {code}, pinned {p}"))
+            }
+            Some(_) => {}
+        }
+    }
+    for case in pinned.keys() {
+        if !refused_codes.contains_key(case) {
+            let why = REFUSED_VALID
+                .iter()
+                .find(|k| k.case == case.as_str())
+                .map_or("", |k| k.why);
+            differences.push(format!("{case}: accepted now, pinned as refused ({why})"));
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "{validator:?}: the valid chains refused differ from REFUSED_VALID:\n{}",
+        differences.join("\n")
     );
 }
