@@ -289,6 +289,22 @@ pub(crate) async fn peek_first_record(
         .unwrap_or(Err(NoHello::TimedOut))
 }
 
+/// A TCP connection counted in the `open_connections` gauge while it lives.
+pub(crate) struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenConnection {
+    pub(crate) fn new(metrics: &crate::metrics::Metrics) -> Self {
+        metrics.open_connections.inc();
+        OpenConnection(metrics.open_connections.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -205,7 +205,7 @@ pub async fn serve(
     let Some(node) = admit(&stream, &verdict, peer) else {
         return;
     };
-    crate::server::serve_http(core, node, stream, ticket).await;
+    crate::http::serve_http(core, node, stream, ticket).await;
 }
 
 fn admit(

@@ -59,28 +59,7 @@ fn ranged_duration(
     }
 }
 
-/// A duration as written in configs: `500ms`, `10s`, `5m`, `1h`.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .ok_or_else(|| format!("`{s}` needs a unit (ms, s, m, h)"))?;
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
-    };
-    if d.is_zero() {
-        return Err(format!("`{s}` must be more than zero"));
-    }
-    Ok(d)
-}
+pub use crate::ratelimit::parse_duration;
 
 /// TLS protocol versions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,7 +15,7 @@ use m2mpki_ca::pg::{col, PgConn, TxResult};
 use m2mpki_ca::FieldNodeIdentity;
 
 use crate::config::Policy;
-use crate::credstore::{CredentialRecord, CredentialStatus};
+use crate::credential::{CredentialRecord, CredentialStatus};
 use crate::{Error, Result};
 
 type CaError = m2mpki_ca::Error;

@@ -12,6 +12,7 @@ use m2mpki_ca::verify::Verified;
 
 use crate::config::ServerConfig;
 use crate::credstore::{CredentialStore, GroupCommitter, NewCredential, StoreKey};
+pub use crate::outcome::Outcome;
 use crate::protocol::{
     self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, ErrorDetail, Ts0003Keys,
     WrapKey, VERSION, VERSION_TS0003, WRAP_ALGORITHM,
@@ -27,86 +28,6 @@ const STORE_RETRY_AFTER: u32 = 2;
 /// node's usual timeout (the client's default is 30 s), so that the node gets the 503 rather
 /// than a broken connection, and nothing is stored after that answer.
 pub const STORE_DEADLINE: Duration = Duration::from_secs(10);
-
-/// How an enrolment ended, independent of the transport; each binding maps it to its status
-/// codes (HTTP, CoAP).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// A credential was issued (HTTP 200, CoAP 2.04).
-    Issued,
-    /// The request was malformed (400, 4.00).
-    BadRequest,
-    /// The policy refused the node (403, 4.03).
-    Forbidden,
-    /// No such resource (404, 4.04).
-    NotFound,
-    /// Wrong method (405, 4.05).
-    MethodNotAllowed,
-    /// The body is too large (413, 4.13).
-    TooLarge,
-    /// The body is not JSON (415, 4.15).
-    UnsupportedMediaType,
-    /// A rate limit of the IN was reached (429, 4.29); the answer says when to retry.
-    TooManyRequests,
-    /// The server failed (500, 5.00).
-    Internal,
-    /// The credential store cannot be reached; nothing was recorded, try again (503, 5.03).
-    Unavailable,
-    /// The credential store did not confirm the commit: the credential may be live; bootstrap
-    /// again (503, 5.03).
-    OutcomeUnknown,
-}
-
-impl Outcome {
-    /// A short name, for metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Outcome::Issued => "issued",
-            Outcome::BadRequest => "bad_request",
-            Outcome::Forbidden => "forbidden",
-            Outcome::NotFound => "not_found",
-            Outcome::MethodNotAllowed => "method_not_allowed",
-            Outcome::TooLarge => "too_large",
-            Outcome::UnsupportedMediaType => "unsupported_media_type",
-            Outcome::TooManyRequests => "rate_limited",
-            Outcome::Internal => "internal",
-            Outcome::Unavailable => "store_unavailable",
-            Outcome::OutcomeUnknown => "store_outcome_unknown",
-        }
-    }
-
-    /// The HTTP status.
-    pub fn http(self) -> u16 {
-        match self {
-            Outcome::Issued => 200,
-            Outcome::BadRequest => 400,
-            Outcome::Forbidden => 403,
-            Outcome::NotFound => 404,
-            Outcome::MethodNotAllowed => 405,
-            Outcome::TooLarge => 413,
-            Outcome::UnsupportedMediaType => 415,
-            Outcome::TooManyRequests => 429,
-            Outcome::Internal => 500,
-            Outcome::Unavailable | Outcome::OutcomeUnknown => 503,
-        }
-    }
-
-    /// The CoAP response code (RFC 7252 §12.1.2), as class and detail.
-    pub fn coap(self) -> (u8, u8) {
-        match self {
-            Outcome::Issued => (2, 4),
-            Outcome::BadRequest => (4, 0),
-            Outcome::Forbidden => (4, 3),
-            Outcome::NotFound => (4, 4),
-            Outcome::MethodNotAllowed => (4, 5),
-            Outcome::TooLarge => (4, 13),
-            Outcome::UnsupportedMediaType => (4, 15),
-            Outcome::TooManyRequests => (4, 29),
-            Outcome::Internal => (5, 0),
-            Outcome::Unavailable | Outcome::OutcomeUnknown => (5, 3),
-        }
-    }
-}
 
 /// An answer: the outcome and the JSON document (the response, or the error document of
 /// docs/protocol.md §5).
@@ -411,5 +332,15 @@ impl Core {
             body: serde_json::to_vec(&doc).map_err(Error::internal)?,
             retry_after: None,
         })
+    }
+}
+
+impl crate::metrics::Gauges for Core {
+    fn credentials(&self) -> Option<u64> {
+        self.creds.count().ok()
+    }
+
+    fn trusted_sets(&self) -> Arc<Vec<m2mpki_ca::verify::TrustedSet>> {
+        self.verifier.sets()
     }
 }

@@ -22,7 +22,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::enrol::{Core, Outcome};
+use crate::outcome::Outcome;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -149,12 +149,12 @@ impl Metrics {
     }
 
     /// The text a scrape gets, after reading the gauges that are computed on demand.
-    pub(crate) fn render(&self, core: &Core) -> String {
-        if let Ok(n) = core.creds.count() {
+    pub(crate) fn render(&self, gauges: &dyn Gauges) -> String {
+        if let Some(n) = gauges.credentials() {
             self.credentials.set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        for set in core.verifier.sets().iter() {
+        for set in gauges.trusted_sets().iter().map(|t| t.set()) {
             let mut newest: std::collections::BTreeMap<&str, i64> = Default::default();
             for crl in &set.crls {
                 let e = newest.entry(crl.issuer.as_str()).or_insert(crl.this_update);
@@ -177,6 +177,14 @@ impl Metrics {
     }
 }
 
+/// What a scrape reads at the moment it is served (the enrolment core provides it).
+pub(crate) trait Gauges: Send + Sync {
+    /// How many credentials the store holds, when it answers.
+    fn credentials(&self) -> Option<u64>;
+    /// The root sets the verifier trusts now.
+    fn trusted_sets(&self) -> Arc<Vec<m2mpki_ca::verify::TrustedSet>>;
+}
+
 /// Scrapes served at once; a connection beyond them is closed when accepted. A scraper needs
 /// one; the cap keeps idle connections to this listener from taking the descriptors the
 /// enrolment listeners need.
@@ -187,7 +195,7 @@ const SCRAPE_HEAD: Duration = Duration::from_secs(5);
 const SCRAPE_TOTAL: Duration = Duration::from_secs(15);
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
-pub(crate) async fn serve(listener: TcpListener, core: Arc<Core>, metrics: Arc<Metrics>) {
+pub(crate) async fn serve(listener: TcpListener, gauges: Arc<dyn Gauges>, metrics: Arc<Metrics>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
@@ -199,7 +207,7 @@ pub(crate) async fn serve(listener: TcpListener, core: Arc<Core>, metrics: Arc<M
             drop(tcp);
             continue;
         };
-        let core = core.clone();
+        let gauges = gauges.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -209,7 +217,7 @@ pub(crate) async fn serve(listener: TcpListener, core: Arc<Core>, metrics: Arc<M
                 } else if req.method() != Method::GET {
                     plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into())
                 } else {
-                    let mut r = plain(StatusCode::OK, metrics.render(&core));
+                    let mut r = plain(StatusCode::OK, metrics.render(&*gauges));
                     r.headers_mut().insert(
                         hyper::header::CONTENT_TYPE,
                         hyper::header::HeaderValue::from_static(

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use m2mpki_ca::rootset::RootSet;
-use m2mpki_ca::verify::{self, Purpose, Refusal, Verified};
+use m2mpki_ca::verify::{
+    self, Chain, EkuPolicy, Purpose, Refusal, TrustedSet, Validator, Verified,
+};
 use m2mpki_ca::DnsName;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -160,7 +162,7 @@ fn chain(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) 
 /// sets (their CRLs included), remembering which set admitted each certificate.
 #[derive(Debug)]
 pub struct FieldNodeVerifier {
-    sets: RwLock<Arc<Vec<RootSet>>>,
+    sets: RwLock<Arc<Vec<TrustedSet>>>,
     admitted: Mutex<HashMap<Vec<u8>, Verified>>,
     provider: Arc<CryptoProvider>,
     algorithms: Vec<Algorithm>,
@@ -177,10 +179,8 @@ const OID_ECDSA_SHA384: &str = "1.2.840.10045.4.3.3";
 /// The algorithms a certificate uses: the one its key belongs to and the one its issuer
 /// signed it with.
 fn algorithms_of(
-    der: &[u8],
-) -> std::result::Result<(Option<Algorithm>, Option<Algorithm>), String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| format!("malformed certificate ({e})"))?;
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> (Option<Algorithm>, Option<Algorithm>) {
     let spki = &cert.tbs_certificate.subject_pki.algorithm;
     let key = match spki.algorithm.to_id_string().as_str() {
         OID_EC_PUBLIC_KEY => {
@@ -204,12 +204,12 @@ fn algorithms_of(
         OID_ED25519 => Some(Algorithm::Ed25519),
         _ => None,
     };
-    Ok((key, sig))
+    (key, sig)
 }
 
 impl FieldNodeVerifier {
-    /// A verifier over `sets`.
-    pub fn new(sets: Vec<RootSet>, provider: Arc<CryptoProvider>) -> Self {
+    /// A verifier over `sets` (prepared with [`TrustedSet::new`] off the handshake path).
+    pub fn new(sets: Vec<TrustedSet>, provider: Arc<CryptoProvider>) -> Self {
         FieldNodeVerifier {
             sets: RwLock::new(Arc::new(sets)),
             admitted: Mutex::new(HashMap::new()),
@@ -233,18 +233,18 @@ impl FieldNodeVerifier {
     }
 
     /// Refuses a chain with a certificate whose key or signature algorithm is not allowed.
-    fn check_algorithms(&self, chain: &[Vec<u8>]) -> std::result::Result<(), Refusal> {
+    fn check_algorithms(&self, chain: &Chain<'_>) -> std::result::Result<(), Refusal> {
         if self.algorithms.len() == Algorithm::ALL.len() {
             return Ok(());
         }
         let allowed: Vec<&str> = self.algorithms.iter().map(|a| a.name()).collect();
-        for (i, der) in chain.iter().enumerate() {
+        for (i, cert) in chain.certificates().iter().enumerate() {
             let what = if i == 0 {
                 "the certificate"
             } else {
                 "a CA certificate of the chain"
             };
-            let (key, sig) = algorithms_of(der).map_err(Refusal::Unusable)?;
+            let (key, sig) = algorithms_of(cert);
             for (part, alg) in [("key", key), ("signature", sig)] {
                 if !alg.is_some_and(|a| self.algorithms.contains(&a)) {
                     return Err(Refusal::Algorithm(format!(
@@ -259,13 +259,13 @@ impl FieldNodeVerifier {
     }
 
     /// Replaces the sets (new anchors or CRLs take effect for the next handshake).
-    pub fn replace_sets(&self, sets: Vec<RootSet>) {
+    pub fn replace_sets(&self, sets: Vec<TrustedSet>) {
         if let Ok(mut s) = self.sets.write() {
             *s = Arc::new(sets);
         }
     }
 
-    pub(crate) fn sets(&self) -> Arc<Vec<RootSet>> {
+    pub(crate) fn sets(&self) -> Arc<Vec<TrustedSet>> {
         self.sets
             .read()
             .map(|s| s.clone())
@@ -291,11 +291,20 @@ impl FieldNodeVerifier {
         chain: &[Vec<u8>],
         at: OffsetDateTime,
     ) -> std::result::Result<Verified, Refusal> {
+        // Parsed and checked once for every set.
+        let chain = Chain::check(chain)?;
         let mut refusal = Refusal::UnknownRoot;
         for set in self.sets().iter() {
-            match verify::verify(set, chain, Purpose::Client, None, at) {
+            match set.verify(
+                &chain,
+                Purpose::Client,
+                None,
+                at,
+                EkuPolicy::Required,
+                Validator::Auto,
+            ) {
                 Ok(v) => {
-                    self.check_algorithms(chain)?;
+                    self.check_algorithms(&chain)?;
                     return Ok(v);
                 }
                 Err(Refusal::UnknownRoot) => {}

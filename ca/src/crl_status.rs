@@ -24,8 +24,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::rootset::{CrlRecord, RevocationMode, RevocationPolicy};
-use crate::verify::Refusal;
+use crate::input::sha256;
+use crate::refusal::Refusal;
+use crate::rootset::{CrlRecord, RevocationMode, RevocationPolicy, RootSet};
+use crate::{Error, Result as CaResult};
 
 /// What part of its issuer's certificates a CRL speaks for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -308,23 +310,18 @@ pub(crate) fn may_sign_crls(issuer: &X509Certificate<'_>) -> bool {
 pub(crate) fn check_path(
     crls: &[Arc<PreparedCrl>],
     policy: &RevocationPolicy,
-    path: &[Vec<u8>],
+    path: &[&X509Certificate<'_>],
     at: i64,
 ) -> Result<(), Refusal> {
-    fn parse(der: &[u8]) -> Result<X509Certificate<'_>, Refusal> {
-        X509Certificate::from_der(der)
-            .map(|(_, c)| c)
-            .map_err(|e| Refusal::Unusable(format!("malformed certificate in the path ({e})")))
-    }
     for pair in path.windows(2) {
-        let (cert, issuer) = (parse(&pair[0])?, parse(&pair[1])?);
-        let applicable: Vec<&PreparedCrl> = if may_sign_crls(&issuer) {
+        let (cert, issuer) = (pair[0], pair[1]);
+        let applicable: Vec<&PreparedCrl> = if may_sign_crls(issuer) {
             crls.iter()
                 .map(|c| &**c)
                 .filter(|c| {
                     c.unsupported.is_none()
                         && c.issuer == cert.issuer().as_raw()
-                        && c.scope.covers(&cert)
+                        && c.scope.covers(cert)
                         && c.signed_by(issuer.public_key().raw)
                 })
                 .collect()
@@ -360,6 +357,145 @@ pub(crate) fn check_path(
         });
     }
     Ok(())
+}
+
+/// Attaching CRLs to a set: their signer must be a CA the set trusts (this file judges CRLs, so
+/// the set's data types need not know how).
+impl RootSet {
+    /// Attaches a CRL after checking that a CA this set trusts signed it: an anchor of the
+    /// set, or a CA certificate among `issuers` that chains (by signatures, through
+    /// `issuers`) to an anchor, with cRLSign when its keyUsage is present. CRLs this crate
+    /// cannot apply (delta, indirect, reason-partitioned, without nextUpdate, ...) are refused
+    /// with the reason, so whatever is attached is applied by verification.
+    ///
+    /// A CRL replaces the one of the same issuer, signing key and scope when its number is
+    /// higher; a lower or equal number (with other content) is refused, so CRLs never go back.
+    /// Numbers count per key: a CRL of another key (a forgery could claim any number) never
+    /// blocks the genuine one. Returns whether the set changed.
+    pub fn attach_crl(&mut self, mut crl: CrlRecord, issuers: &[Vec<u8>]) -> CaResult<bool> {
+        let refused =
+            |reason: String| Error::Policy(format!("CRL of `{}` refused: {reason}", crl.issuer));
+        let prepared = prepare_crl(&crl).ok_or_else(|| refused("it does not parse".into()))?;
+        if let Some(why) = prepared.unsupported() {
+            return Err(refused(why.to_owned()));
+        }
+        crl.signer = Some(self.crl_signer(&prepared, issuers).map_err(refused)?);
+        let number = |c: &CrlRecord| {
+            c.number
+                .as_deref()
+                .and_then(|n| u128::from_str_radix(n, 16).ok())
+        };
+        let same_series = |x: &CrlRecord| {
+            x.issuer == crl.issuer
+                && x.scope == crl.scope
+                // CRLs attached before signatures were checked give way to a checked one.
+                && x.signer.as_ref().is_none_or(|s| Some(s) == crl.signer.as_ref())
+        };
+        if let Some(i) = self.crls.iter().position(same_series) {
+            let old = &self.crls[i];
+            if old.sha256 == crl.sha256 {
+                return Ok(false);
+            }
+            let (o, n) = (number(old), number(&crl));
+            if old.signer.is_some() && o.is_some() && n.is_some() && n <= o {
+                return Err(Error::Policy(format!(
+                    "the set already has a CRL of `{}` with number {} from the same key (this one has {}); CRLs never go back",
+                    crl.issuer,
+                    old.number.clone().unwrap_or_default(),
+                    crl.number.clone().unwrap_or_default()
+                )));
+            }
+            self.crls[i] = crl;
+        } else {
+            self.crls.push(crl);
+        }
+        Ok(true)
+    }
+
+    /// The SHA-256 (hex) of the SubjectPublicKeyInfo that signed `crl`: an anchor's, or a
+    /// CA certificate's from `issuers` that chains to an anchor. Err: why none qualifies.
+    fn crl_signer(
+        &self,
+        crl: &PreparedCrl,
+        issuers: &[Vec<u8>],
+    ) -> std::result::Result<String, String> {
+        fn parse(der: &[u8]) -> Option<X509Certificate<'_>> {
+            X509Certificate::from_der(der).ok().map(|(_, c)| c)
+        }
+        let anchors: Vec<X509Certificate<'_>> =
+            self.anchors.iter().filter_map(|a| parse(&a.der)).collect();
+        let others: Vec<X509Certificate<'_>> = issuers.iter().filter_map(|d| parse(d)).collect();
+        let mut named = false;
+        for (cert, is_anchor) in anchors
+            .iter()
+            .map(|c| (c, true))
+            .chain(others.iter().map(|c| (c, false)))
+        {
+            if cert.subject().as_raw() != crl.issuer.as_slice() {
+                continue;
+            }
+            named = true;
+            if !crl.signed_by(cert.public_key().raw) {
+                continue;
+            }
+            if !may_sign_crls(cert) {
+                return Err(format!(
+                    "its issuer `{}` lacks the cRLSign key usage",
+                    cert.subject()
+                ));
+            }
+            if !is_anchor && !chains_to(cert, &anchors, &others, 8) {
+                continue;
+            }
+            return Ok(hex::encode(sha256(cert.public_key().raw)));
+        }
+        Err(if named {
+            format!(
+                "its signature does not verify with the key of any CA named `{}` that set `{}` trusts",
+                name_text(&crl.issuer),
+                self.name
+            )
+        } else {
+            format!(
+                "set `{}` trusts no CA named `{}`: neither an anchor nor an issuing CA certificate that chains to one (give it with --issuer-cert) signed it",
+                self.name,
+                name_text(&crl.issuer)
+            )
+        })
+    }
+}
+
+/// The DN text of a raw DER Name (its hex when it does not parse).
+fn name_text(raw: &[u8]) -> String {
+    x509_parser::x509::X509Name::from_der(raw)
+        .map(|(_, n)| n.to_string())
+        .unwrap_or_else(|_| hex::encode(raw))
+}
+
+/// Whether `cert` is a CA certificate that chains, by signatures through `others`, to one of
+/// `anchors` within `depth` steps.
+fn chains_to(
+    cert: &X509Certificate<'_>,
+    anchors: &[X509Certificate<'_>],
+    others: &[X509Certificate<'_>],
+    depth: usize,
+) -> bool {
+    let is_ca = cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca);
+    if !is_ca || depth == 0 {
+        return false;
+    }
+    let signed_by = |parent: &X509Certificate<'_>| {
+        parent.subject().as_raw() == cert.issuer().as_raw()
+            && cert.verify_signature(Some(parent.public_key())).is_ok()
+    };
+    anchors.iter().any(signed_by)
+        || others
+            .iter()
+            .any(|p| signed_by(p) && chains_to(p, anchors, others, depth - 1))
 }
 
 #[cfg(test)]
@@ -532,7 +668,9 @@ mod tests {
             policy: RevocationPolicy,
         ) -> Result<(), Refusal> {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            check_path(crls, &policy, &[leaf.to_vec(), self.ca_der.clone()], now)
+            let leaf = X509Certificate::from_der(leaf).unwrap().1;
+            let ca = X509Certificate::from_der(&self.ca_der).unwrap().1;
+            check_path(crls, &policy, &[&leaf, &ca], now)
         }
     }
 

@@ -71,7 +71,7 @@ pub enum Error {
     NoIdentity(String),
     /// A certificate chain was refused by verification (verification refusal).
     #[error("not trusted: {0}")]
-    NotTrusted(crate::verify::Refusal),
+    NotTrusted(crate::refusal::Refusal),
     /// No root set with that name (bad input).
     #[error("no root set named `{0}` (see `m2mpki roots list`)")]
     UnknownRootSet(String),

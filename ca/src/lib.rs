@@ -22,11 +22,13 @@ pub mod identity;
 pub mod input;
 mod issue;
 mod leaf_der;
+mod location;
 mod path;
 pub mod pg;
 mod pg_store;
 pub mod profile;
 mod redb_store;
+mod refusal;
 pub mod revocation;
 pub mod roots;
 pub mod rootset;
@@ -43,10 +45,10 @@ pub use error::{Error, ErrorKind, Result};
 pub use home::Home;
 pub use identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId};
 pub use issue::{chain_pem, issue, prepare, Prepared};
+pub use location::StoreLocation;
 pub use pg_store::PgStore;
 pub use redb_store::{guarded, open_database, quiet_guarded_panics, RedbStore};
 pub use serial::Serial;
 pub use store::{
     CaRecord, CertFilter, CertRecord, CertStatus, Item, NewCert, RecordOutcome, Store,
-    StoreLocation,
 };

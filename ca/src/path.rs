@@ -21,7 +21,7 @@
 use x509_parser::extensions::{GeneralName, GeneralSubtree, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate, X509Name};
 
-use crate::verify::{unsupported_algorithm, Purpose, Refusal};
+use crate::refusal::{unsupported_algorithm, Purpose, Refusal};
 
 /// Most intermediates on one path (webpki allows six sub-CAs).
 const MAX_INTERMEDIATES: usize = 6;
@@ -579,17 +579,15 @@ fn dir_within(name: &X509Name<'_>, base: &X509Name<'_>) -> bool {
 
 /// Whether a CA certificate carries name constraints of a form rustls-webpki does not process
 /// (URI, directoryName, rfc822Name, or anything but dNSName and iPAddress).
-pub(crate) fn has_constraints_webpki_refuses(der: &[u8]) -> bool {
-    X509Certificate::from_der(der).is_ok_and(|(_, c)| {
-        c.extensions().iter().any(|e| match e.parsed_extension() {
-            ParsedExtension::NameConstraints(nc) => nc
-                .permitted_subtrees
-                .iter()
-                .flatten()
-                .chain(nc.excluded_subtrees.iter().flatten())
-                .any(|s| !matches!(s.base, GeneralName::DNSName(_) | GeneralName::IPAddress(_))),
-            _ => false,
-        })
+pub(crate) fn constraints_webpki_refuses(c: &X509Certificate<'_>) -> bool {
+    c.extensions().iter().any(|e| match e.parsed_extension() {
+        ParsedExtension::NameConstraints(nc) => nc
+            .permitted_subtrees
+            .iter()
+            .flatten()
+            .chain(nc.excluded_subtrees.iter().flatten())
+            .any(|s| !matches!(s.base, GeneralName::DNSName(_) | GeneralName::IPAddress(_))),
+        _ => false,
     })
 }
 

@@ -13,18 +13,10 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::crl_status::{self, prepare_crl, PreparedCrl};
 use crate::identity::{DnsName, FieldNodeIdentity};
 use crate::input::sha256;
+use crate::refusal::unsupported_algorithm;
+pub use crate::refusal::{Purpose, Refusal};
 use crate::rootset::{RootSet, RootSetKind};
 use crate::{Error, Result};
-
-/// What the certificate must be good for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Purpose {
-    /// TLS client authentication (field nodes).
-    Client,
-    /// TLS server authentication (Infrastructure Nodes).
-    Server,
-}
 
 /// How the leaf's extendedKeyUsage is judged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,104 +27,6 @@ pub enum EkuPolicy {
     /// RFC 5280's rule: an EKU that is present must allow the purpose; none at all is fine.
     /// For conformance suites such as NIST PKITS, whose end-entity certificates carry none.
     IfPresent,
-}
-
-/// Why a chain was refused. Each reason has a stable code for scripts and protocol errors.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum Refusal {
-    /// The chain does not lead to an anchor of the set.
-    #[error("the chain does not lead to a root of this set")]
-    UnknownRoot,
-    /// The leaf has expired.
-    #[error("the certificate expired at {0}")]
-    Expired(String),
-    /// The leaf is not valid yet.
-    #[error("the certificate is not valid before {0}")]
-    NotYetValid(String),
-    /// An intermediate CA has expired.
-    #[error("an intermediate CA certificate of the chain expired at {0}")]
-    IntermediateExpired(String),
-    /// An intermediate CA is not valid yet.
-    #[error("an intermediate CA certificate of the chain is not valid before {0}")]
-    IntermediateNotYetValid(String),
-    /// The leaf's extended key usage does not allow the purpose.
-    #[error("the certificate's extended key usage does not allow {0:?} authentication")]
-    WrongPurpose(Purpose),
-    /// A certificate of the chain is revoked by a CRL of the set.
-    #[error("a certificate of the chain is revoked (CRL of the set)")]
-    Revoked,
-    /// A name in the chain breaks a CA's name constraints.
-    #[error("a name in the certificate violates the name constraints of a CA in the chain{0}")]
-    NameConstraints(String),
-    /// A CA certificate was presented as the end entity.
-    #[error("a CA certificate was presented as the end-entity certificate")]
-    CaAsLeaf,
-    /// The chain is longer than a CA's pathLenConstraint allows.
-    #[error("the chain is longer than a CA's path length constraint allows")]
-    PathTooLong,
-    /// A server certificate does not name the expected host.
-    #[error("the certificate is not valid for `{0}`")]
-    NameMismatch(String),
-    /// A signature in the chain does not verify.
-    #[error("a signature in the chain does not verify")]
-    BadSignature,
-    /// The certificate carries no readable field-node identity.
-    #[error("{0}")]
-    NoIdentity(String),
-    /// The identity does not belong to what the set admits.
-    #[error("{0}")]
-    IdentityOutsideSet(String),
-    /// The trust anchor the path ends at is expired (or not valid yet) at the verification
-    /// time.
-    #[error("the root the chain leads to is not valid at this time: {0}")]
-    AnchorExpired(String),
-    /// A CA of the path lacks keyCertSign in its keyUsage, so it may not issue certificates.
-    #[error("{0}")]
-    CaKeyUsage(String),
-    /// The set requires a revocation status and no CRL of the set covers a certificate of the
-    /// chain.
-    #[error("revocation status unknown: {0}")]
-    RevocationUnknown(String),
-    /// The set requires a revocation status and the only CRL that covers a certificate of the
-    /// chain is past its nextUpdate.
-    #[error("revocation status unknown: {0}")]
-    CrlExpired(String),
-    /// A certificate of the chain uses a key or signature algorithm the verifier's policy does
-    /// not allow (an IN admits P-256 with SHA-256 by default, as TS-0003 asks).
-    #[error("{0}")]
-    Algorithm(String),
-    /// The chain is malformed or uses something unsupported.
-    #[error("the chain cannot be verified: {0}")]
-    Unusable(String),
-}
-
-impl Refusal {
-    /// A stable machine-readable code.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Refusal::UnknownRoot => "unknown_root",
-            Refusal::Expired(_) => "expired",
-            Refusal::NotYetValid(_) => "not_yet_valid",
-            Refusal::IntermediateExpired(_) => "intermediate_expired",
-            Refusal::IntermediateNotYetValid(_) => "intermediate_not_yet_valid",
-            Refusal::WrongPurpose(_) => "wrong_purpose",
-            Refusal::Revoked => "revoked",
-            Refusal::NameConstraints(_) => "name_constraints",
-            Refusal::CaAsLeaf => "ca_as_leaf",
-            Refusal::PathTooLong => "path_too_long",
-            Refusal::NameMismatch(_) => "name_mismatch",
-            Refusal::BadSignature => "bad_signature",
-            Refusal::NoIdentity(_) => "no_identity",
-            Refusal::IdentityOutsideSet(_) => "identity_outside_set",
-            Refusal::AnchorExpired(_) => "anchor_expired",
-            Refusal::CaKeyUsage(_) => "ca_key_usage",
-            Refusal::RevocationUnknown(_) => "revocation_unknown",
-            Refusal::CrlExpired(_) => "crl_expired",
-            Refusal::Algorithm(_) => "algorithm_not_allowed",
-            Refusal::Unusable(_) => "unusable_chain",
-        }
-    }
 }
 
 /// A chain that verified.
@@ -165,38 +59,6 @@ fn when(t: UnixTime) -> String {
         .ok()
         .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
         .map_or_else(|| t.as_secs().to_string(), crate::validity::format_time)
-}
-
-/// A readable refusal for a signature algorithm rustls-webpki does not verify; `id` is the DER
-/// inside its AlgorithmIdentifier (the OID's TLV, then any parameters).
-pub(crate) fn unsupported_algorithm(id: &[u8]) -> String {
-    let oid = match id {
-        [0x06, len, rest @ ..] if usize::from(*len) <= rest.len() => {
-            x509_parser::der_parser::oid::Oid::new(std::borrow::Cow::Borrowed(
-                &rest[..usize::from(*len)],
-            ))
-            .to_id_string()
-        }
-        _ => String::new(),
-    };
-    let name = match oid.as_str() {
-        "1.2.840.10040.4.3" | "2.16.840.1.101.3.4.3.1" | "2.16.840.1.101.3.4.3.2" => "DSA",
-        "1.2.840.113549.1.1.4" => "RSA with MD5",
-        "1.2.840.113549.1.1.5" => "RSA with SHA-1",
-        "1.2.840.10045.4.1" => "ECDSA with SHA-1",
-        "" => "a signature algorithm",
-        _ => "",
-    };
-    let what = if name.is_empty() {
-        format!("the signature algorithm {oid}")
-    } else if oid.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{name} ({oid})")
-    };
-    format!(
-        "{what} in the chain is not supported: m2mpki verifies ECDSA (P-256, P-384) with SHA-256/384, Ed25519, and RSA with SHA-256/384/512"
-    )
 }
 
 /// Which path validation a verification uses.
@@ -242,6 +104,9 @@ pub fn verify_with(
 /// [`verify`] with a choice of how the leaf's EKU is judged and of the path validation, for a
 /// server name that is a DNS name or an IP address (matched against iPAddress
 /// subjectAltNames).
+///
+/// This prepares `set` for the one call; a verifier that checks many chains against the same
+/// sets prepares them once, as a [`TrustedSet`].
 pub fn verify_using(
     set: &RootSet,
     chain: &[Vec<u8>],
@@ -251,50 +116,220 @@ pub fn verify_using(
     eku: EkuPolicy,
     validator: Validator,
 ) -> std::result::Result<Verified, Refusal> {
-    let leaf_der = chain
-        .first()
-        .ok_or_else(|| Refusal::Unusable("the chain is empty".into()))?;
-    let (_, leaf) = X509Certificate::from_der(leaf_der)
-        .map_err(|e| Refusal::Unusable(format!("malformed leaf certificate ({e})")))?;
-    // Strict DER for every certificate presented (the bootstrap hands chains straight here).
-    for (i, der) in chain.iter().enumerate() {
-        let strict = match X509Certificate::from_der(der) {
-            Ok(([], cert)) => crate::der::check_certificate(der, &cert),
-            Ok(_) => Err("trailing bytes".into()),
-            Err(e) => Err(e.to_string()),
-        };
-        strict.map_err(|e| {
-            Refusal::Unusable(format!(
-                "certificate {} of the chain is malformed ({e})",
-                i + 1
-            ))
-        })?;
+    let chain = Chain::check(chain)?;
+    let ready = Ready::of(set);
+    verify_ready(set, &ready, &chain, purpose, name, at, eku, validator)
+}
+
+/// A chain whose certificates all parsed as strict DER, leaf first: checked once, then
+/// verified against any number of sets.
+pub struct Chain<'a> {
+    ders: &'a [Vec<u8>],
+    certs: Vec<X509Certificate<'a>>,
+}
+
+impl<'a> Chain<'a> {
+    /// Parses every certificate of `ders` (leaf first, then intermediates), refusing an empty
+    /// chain, a malformed certificate or bytes after one (the bootstrap hands chains from the
+    /// wire straight here).
+    pub fn check(ders: &'a [Vec<u8>]) -> std::result::Result<Self, Refusal> {
+        let leaf_der = ders
+            .first()
+            .ok_or_else(|| Refusal::Unusable("the chain is empty".into()))?;
+        X509Certificate::from_der(leaf_der)
+            .map_err(|e| Refusal::Unusable(format!("malformed leaf certificate ({e})")))?;
+        let certs = ders
+            .iter()
+            .enumerate()
+            .map(|(i, der)| {
+                let strict = match X509Certificate::from_der(der) {
+                    Ok(([], cert)) => crate::der::check_certificate(der, &cert).map(|()| cert),
+                    Ok(_) => Err("trailing bytes".into()),
+                    Err(e) => Err(e.to_string()),
+                };
+                strict.map_err(|e| {
+                    Refusal::Unusable(format!(
+                        "certificate {} of the chain is malformed ({e})",
+                        i + 1
+                    ))
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Chain { ders, certs })
     }
+
+    /// The certificates, parsed, leaf first.
+    pub fn certificates(&self) -> &[X509Certificate<'a>] {
+        &self.certs
+    }
+
+    /// The certificates' DER, leaf first.
+    pub fn ders(&self) -> &'a [Vec<u8>] {
+        self.ders
+    }
+
+    fn leaf(&self) -> &X509Certificate<'a> {
+        &self.certs[0]
+    }
+}
+
+/// A root set made ready for verification once, when it is loaded: webpki's trust anchors,
+/// whether an anchor needs m2mpki's own path validation, the anchors' keyUsage verdicts and
+/// the set's CRLs parsed. A long-running verifier (the IN) holds these instead of the sets, so
+/// that no handshake re-parses an anchor or a CRL.
+pub struct TrustedSet {
+    set: RootSet,
+    ready: Ready,
+}
+
+impl std::fmt::Debug for TrustedSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustedSet")
+            .field("set", &self.set.name)
+            .field("anchors", &self.set.anchors.len())
+            .field("crls", &self.ready.crls.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TrustedSet {
+    /// Prepares `set` (parsing its CRLs takes seconds for a CRL of a million entries: call this
+    /// off any latency-sensitive thread).
+    pub fn new(set: RootSet) -> Self {
+        let ready = Ready::of(&set);
+        TrustedSet { set, ready }
+    }
+
+    /// The set.
+    pub fn set(&self) -> &RootSet {
+        &self.set
+    }
+
+    /// [`verify_using`] against this set, for a chain checked once.
+    pub fn verify(
+        &self,
+        chain: &Chain<'_>,
+        purpose: Purpose,
+        name: Option<&ServerName<'_>>,
+        at: OffsetDateTime,
+        eku: EkuPolicy,
+        validator: Validator,
+    ) -> std::result::Result<Verified, Refusal> {
+        verify_ready(
+            &self.set,
+            &self.ready,
+            chain,
+            purpose,
+            name,
+            at,
+            eku,
+            validator,
+        )
+    }
+}
+
+/// What verification derives from a set's anchors and CRLs.
+struct Ready {
+    /// webpki's anchors (those it can read)...
+    anchors: Vec<rustls_pki_types::TrustAnchor<'static>>,
+    /// ...and the index in the set of each.
+    anchor_of: Vec<usize>,
+    /// An anchor carries name constraints webpki refuses: m2mpki's own path validation runs.
+    own: bool,
+    /// Each anchor's keyUsage verdict, by its index in the set.
+    key_usage: Vec<std::result::Result<(), Refusal>>,
+    /// The set's CRLs that parse (from the process-wide cache).
+    crls: Vec<Arc<PreparedCrl>>,
+}
+
+impl Ready {
+    fn of(set: &RootSet) -> Self {
+        let (anchors, anchor_of) = set
+            .anchors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| {
+                webpki::anchor_from_trusted_cert(&CertificateDer::from(a.der.as_slice()))
+                    .ok()
+                    .map(|t| (t.to_owned(), i))
+            })
+            .unzip();
+        let mut own = false;
+        let key_usage = set
+            .anchors
+            .iter()
+            .map(|a| {
+                let (_, ca) = X509Certificate::from_der(&a.der)
+                    .map_err(|e| Refusal::Unusable(format!("malformed CA certificate ({e})")))?;
+                own |= crate::path::constraints_webpki_refuses(&ca);
+                ca_key_usage(&ca)
+            })
+            .collect();
+        Ready {
+            anchors,
+            anchor_of,
+            own,
+            key_usage,
+            crls: set.crls.iter().filter_map(prepare_crl).collect(),
+        }
+    }
+}
+
+/// A CA of the path must be allowed to sign certificates (rustls-webpki does not look at the
+/// keyUsage of issuing CAs).
+fn ca_key_usage(ca: &X509Certificate<'_>) -> std::result::Result<(), Refusal> {
+    match ca.key_usage() {
+        Ok(Some(ku)) if !ku.value.key_cert_sign() => Err(Refusal::CaKeyUsage(format!(
+            "the CA `{}` lacks keyCertSign in its keyUsage and may not issue certificates",
+            ca.subject()
+        ))),
+        Ok(_) => Ok(()),
+        // Unreadable (or repeated) keyUsage: what it allows cannot be known.
+        Err(e) => Err(Refusal::CaKeyUsage(format!(
+            "the keyUsage of the CA `{}` cannot be read ({e})",
+            ca.subject()
+        ))),
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // verify_using's arguments and the set's prepared form
+fn verify_ready(
+    set: &RootSet,
+    ready: &Ready,
+    chain: &Chain<'_>,
+    purpose: Purpose,
+    name: Option<&ServerName<'_>>,
+    at: OffsetDateTime,
+    eku: EkuPolicy,
+    validator: Validator,
+) -> std::result::Result<Verified, Refusal> {
+    let ders = chain.ders;
+    let leaf_der = &ders[0];
+    let leaf = chain.leaf();
     // Revocation is checked after path building, by crl_status (fail-closed, scoped CRLs,
     // freshness), against parsed copies cached by digest: webpki would check the signature over
     // the whole CRL and scan its entries at every verification (270 ms per handshake for a CRL
     // of a million entries, measured in docs/benchmarks.md), and it cannot require a status.
-    let prepared: Vec<Arc<PreparedCrl>> = set.crls.iter().filter_map(prepare_crl).collect();
     let leaf_cert = CertificateDer::from(leaf_der.as_slice());
     let ee = webpki::EndEntityCert::try_from(&leaf_cert)
         .map_err(|e| Refusal::Unusable(format!("{e:?}")))?;
     let own = validator == Validator::Own
-        || chain[1..]
+        || ready.own
+        || chain.certs[1..]
             .iter()
-            .chain(set.anchors.iter().map(|a| &a.der))
-            .any(|d| crate::path::has_constraints_webpki_refuses(d));
+            .any(crate::path::constraints_webpki_refuses);
     let (path_ders, anchor_index) = if own {
         let anchor_ders: Vec<&[u8]> = set.anchors.iter().map(|a| a.der.as_slice()).collect();
         let v = crate::path::validate(
             leaf_der,
-            &chain[1..],
+            &ders[1..],
             &anchor_ders,
             at.unix_timestamp(),
             purpose,
         )?;
         (v.ders, v.anchor)
     } else {
-        webpki_path(set, chain, &leaf, &ee, purpose, at)?
+        webpki_path(set, ready, ders, leaf, &ee, purpose, at)?
     };
     let anchor_record = &set.anchors[anchor_index];
     // rustls-webpki accepts a leaf without extendedKeyUsage; m2mpki requires the purpose.
@@ -310,6 +345,104 @@ pub fn verify_using(
         return Err(Refusal::WrongPurpose(purpose));
     }
     let t = at.unix_timestamp();
+    anchor_valid_at(anchor_record, t)?;
+    // The path parsed: the leaf and the chain's CAs once (by Chain::check), the anchor here.
+    // Then the issuing CAs' keyUsage: the chain's, and the anchor's verdict from the load.
+    let (_, anchor_cert) = X509Certificate::from_der(&anchor_record.der)
+        .map_err(|e| Refusal::Unusable(format!("malformed CA certificate ({e})")))?;
+    let mut parsed_here = Vec::new();
+    let cas = &path_ders[1..path_ders.len() - 1];
+    for der in cas {
+        if !chain.certs[1..]
+            .iter()
+            .any(|c| c.as_raw() == der.as_slice())
+        {
+            let (_, ca) = X509Certificate::from_der(der)
+                .map_err(|e| Refusal::Unusable(format!("malformed CA certificate ({e})")))?;
+            parsed_here.push(ca);
+        }
+    }
+    let mut path: Vec<&X509Certificate<'_>> = Vec::with_capacity(path_ders.len());
+    path.push(leaf);
+    for der in cas {
+        let ca = chain.certs[1..]
+            .iter()
+            .chain(&parsed_here)
+            .find(|c| c.as_raw() == der.as_slice())
+            .ok_or_else(|| Refusal::Unusable("a CA of the path was lost".into()))?;
+        ca_key_usage(ca)?;
+        path.push(ca);
+    }
+    ready.key_usage[anchor_index].clone()?;
+    path.push(&anchor_cert);
+    if let (Purpose::Server, Some(name)) = (purpose, name) {
+        let shown = match name {
+            ServerName::DnsName(d) => d.as_ref().to_owned(),
+            ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+            other => format!("{other:?}"),
+        };
+        ee.verify_is_valid_for_subject_name(name)
+            .map_err(|_| Refusal::NameMismatch(shown))?;
+    }
+    let anchor = anchor_record.sha256.clone();
+
+    let identity = identity_admitted(set, leaf)?;
+    // Last: the most specific reasons above are reported first.
+    crl_status::check_path(&ready.crls, &set.revocation, &path, t)?;
+    Ok(Verified {
+        set: set.name.clone(),
+        kind: set.kind.clone(),
+        identity,
+        subject: leaf.subject().to_string(),
+        serial: hex::encode(leaf.raw_serial()),
+        sha256: hex::encode(sha256(leaf_der)),
+        anchor,
+    })
+}
+
+/// The field-node identity of `leaf`, as `set` admits it: device and node sets require one of
+/// their kind (a node set only of its enterprise or its subdomains); infrastructure sets take
+/// whatever is there.
+fn identity_admitted(
+    set: &RootSet,
+    leaf: &X509Certificate<'_>,
+) -> std::result::Result<Option<FieldNodeIdentity>, Refusal> {
+    Ok(match &set.kind {
+        RootSetKind::Infrastructure => FieldNodeIdentity::from_certificate(leaf).ok(),
+        kind => {
+            let id = FieldNodeIdentity::from_certificate(leaf)
+                .map_err(|e| Refusal::NoIdentity(e.to_string()))?;
+            match (kind, &id) {
+                (RootSetKind::Device { .. }, FieldNodeIdentity::Device { .. }) => {}
+                (
+                    RootSetKind::Node { enterprise },
+                    FieldNodeIdentity::Node { enterprise: e, .. },
+                ) => {
+                    if !e.is_within(enterprise.as_str()) {
+                        return Err(Refusal::IdentityOutsideSet(format!(
+                        "{id} belongs to enterprise `{e}`, but set `{}` admits enterprise `{enterprise}` only",
+                        set.name
+                    )));
+                    }
+                }
+                _ => {
+                    return Err(Refusal::IdentityOutsideSet(format!(
+                        "{id} is not a {} identity, as set `{}` requires",
+                        kind.as_str(),
+                        set.name
+                    )))
+                }
+            }
+            Some(id)
+        }
+    })
+}
+
+/// The anchor a path ends at must be valid at the verification time `t` (Unix).
+fn anchor_valid_at(
+    anchor_record: &crate::rootset::Anchor,
+    t: i64,
+) -> std::result::Result<(), Refusal> {
     if t > anchor_record.not_after || t < anchor_record.not_before {
         let (what, when_) = if t > anchor_record.not_after {
             ("expired at", anchor_record.not_after)
@@ -323,99 +456,20 @@ pub fn verify_using(
                 .map_or_else(|_| when_.to_string(), crate::validity::format_time)
         )));
     }
-    // rustls-webpki does not look at the keyUsage of issuing CAs.
-    for der in &path_ders[1..] {
-        let (_, ca) = X509Certificate::from_der(der)
-            .map_err(|e| Refusal::Unusable(format!("malformed CA certificate ({e})")))?;
-        match ca.key_usage() {
-            Ok(Some(ku)) if !ku.value.key_cert_sign() => {
-                return Err(Refusal::CaKeyUsage(format!(
-                    "the CA `{}` lacks keyCertSign in its keyUsage and may not issue certificates",
-                    ca.subject()
-                )))
-            }
-            Ok(_) => {}
-            // Unreadable (or repeated) keyUsage: what it allows cannot be known.
-            Err(e) => {
-                return Err(Refusal::CaKeyUsage(format!(
-                    "the keyUsage of the CA `{}` cannot be read ({e})",
-                    ca.subject()
-                )))
-            }
-        }
-    }
-    if let (Purpose::Server, Some(name)) = (purpose, name) {
-        let shown = match name {
-            ServerName::DnsName(d) => d.as_ref().to_owned(),
-            ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
-            other => format!("{other:?}"),
-        };
-        ee.verify_is_valid_for_subject_name(name)
-            .map_err(|_| Refusal::NameMismatch(shown))?;
-    }
-    let anchor = anchor_record.sha256.clone();
-
-    let identity = match &set.kind {
-        RootSetKind::Infrastructure => FieldNodeIdentity::from_certificate(&leaf).ok(),
-        kind => {
-            let id = FieldNodeIdentity::from_certificate(&leaf)
-                .map_err(|e| Refusal::NoIdentity(e.to_string()))?;
-            match (kind, &id) {
-                (RootSetKind::Device { .. }, FieldNodeIdentity::Device { .. }) => {}
-                (
-                    RootSetKind::Node { enterprise },
-                    FieldNodeIdentity::Node { enterprise: e, .. },
-                ) => {
-                    if !e.is_within(enterprise.as_str()) {
-                        return Err(Refusal::IdentityOutsideSet(format!(
-                            "{id} belongs to enterprise `{e}`, but set `{}` admits enterprise `{enterprise}` only",
-                            set.name
-                        )));
-                    }
-                }
-                _ => {
-                    return Err(Refusal::IdentityOutsideSet(format!(
-                        "{id} is not a {} identity, as set `{}` requires",
-                        kind.as_str(),
-                        set.name
-                    )))
-                }
-            }
-            Some(id)
-        }
-    };
-    // Last: the most specific reasons above are reported first.
-    crl_status::check_path(&prepared, &set.revocation, &path_ders, t)?;
-    Ok(Verified {
-        set: set.name.clone(),
-        kind: set.kind.clone(),
-        identity,
-        subject: leaf.subject().to_string(),
-        serial: hex::encode(leaf.raw_serial()),
-        sha256: hex::encode(sha256(leaf_der)),
-        anchor,
-    })
+    Ok(())
 }
 
 /// rustls-webpki's path from the leaf to an anchor of `set`: the DER certificates from the leaf
 /// up, ending with the anchor's, and the anchor's index in the set.
 fn webpki_path(
     set: &RootSet,
+    ready: &Ready,
     chain: &[Vec<u8>],
     leaf: &X509Certificate<'_>,
     ee: &webpki::EndEntityCert<'_>,
     purpose: Purpose,
     at: OffsetDateTime,
 ) -> std::result::Result<(Vec<Vec<u8>>, usize), Refusal> {
-    let anchors: Vec<_> = set
-        .anchors
-        .iter()
-        .filter_map(|a| {
-            webpki::anchor_from_trusted_cert(&CertificateDer::from(a.der.as_slice()))
-                .ok()
-                .map(|t| t.to_owned())
-        })
-        .collect();
     let intermediates: Vec<CertificateDer<'_>> = chain[1..]
         .iter()
         .map(|d| CertificateDer::from(d.as_slice()))
@@ -430,7 +484,7 @@ fn webpki_path(
     let path = ee
         .verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
+            &ready.anchors,
             &intermediates,
             now,
             usage,
@@ -472,15 +526,14 @@ fn webpki_path(
                 other => Refusal::Unusable(format!("{other:?}")),
             }
         })?;
-    // The path from the leaf up, ending at the anchor's certificate.
-    let anchor_spki = path.anchor().subject_public_key_info.as_ref().to_vec();
-    let anchor_index = set
+    // The path from the leaf up, ending at the anchor's certificate: the first anchor of the
+    // set with the path's anchor key.
+    let anchor_spki = path.anchor().subject_public_key_info.as_ref();
+    let anchor_index = ready
         .anchors
         .iter()
-        .position(|a| {
-            webpki::anchor_from_trusted_cert(&CertificateDer::from(a.der.as_slice()))
-                .is_ok_and(|t| t.subject_public_key_info.as_ref() == anchor_spki.as_slice())
-        })
+        .position(|t| t.subject_public_key_info.as_ref() == anchor_spki)
+        .map(|i| ready.anchor_of[i])
         .ok_or_else(|| Refusal::Unusable("the path's trust anchor is not in the set".into()))?;
     let mut path_ders: Vec<Vec<u8>> = vec![chain[0].clone()];
     path_ders.extend(

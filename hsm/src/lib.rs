@@ -11,6 +11,7 @@
 
 mod error;
 pub mod files;
+mod key_ref;
 mod key_type;
 mod keystore;
 pub mod pkcs11;
@@ -21,8 +22,9 @@ mod software;
 pub mod tls;
 
 pub use error::{Error, Result};
+pub use key_ref::KeyRef;
 pub use key_type::KeyType;
-pub use keystore::{KeyRef, Keystore};
+pub use keystore::Keystore;
 pub use secret::Passphrase;
 pub use software::SoftwareKey;
 

@@ -1609,6 +1609,108 @@ fn revocation_bench(size: Size, report: &mut Report, work: &Path) -> Result<()> 
                 time_verify(&with_crl)?,
             )
             .against("set without CRL", base_median, None);
+
+        // What one handshake's chain check costs, in a loop of verifications: bare
+        // rustls-webpki with its anchors built once (what a plain mutual-TLS server does),
+        // m2mpki's verify() (which prepares the set at each call), and the IN's TrustedSet
+        // (prepared once per set load), with and without the CRL. Same chain, same set.
+        // Each run times the four one after another, and ratios are per run (this VM's speed
+        // moves by tens of percent within seconds).
+        let batch = if size.smoke { 50 } else { 2_000 };
+        let per_call = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+            let start = Instant::now();
+            for _ in 0..batch {
+                f()?;
+            }
+            Ok(start.elapsed().as_secs_f64() * 1e6 / batch as f64)
+        };
+        let anchors: Vec<_> = plain
+            .anchors
+            .iter()
+            .map(|a| {
+                webpki::anchor_from_trusted_cert(&rustls::pki_types::CertificateDer::from(
+                    a.der.as_slice(),
+                ))
+                .map(|t| t.to_owned())
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        let leaf = rustls::pki_types::CertificateDer::from(chain[0].as_slice());
+        let intermediates: Vec<_> = chain[1..]
+            .iter()
+            .map(|d| rustls::pki_types::CertificateDer::from(d.as_slice()))
+            .collect();
+        let bare = || -> Result<()> {
+            let ee = webpki::EndEntityCert::try_from(&leaf)?;
+            ee.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                &intermediates,
+                rustls::pki_types::UnixTime::now(),
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )?;
+            Ok(())
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let client = m2mpki_ca::verify::Purpose::Client;
+        let refused = |r: m2mpki_ca::verify::Refusal| anyhow::anyhow!("refused: {r}");
+        let per_call_verify = || {
+            m2mpki_ca::verify::verify(&plain, &chain, client, None, now)
+                .map(|_| ())
+                .map_err(refused)
+        };
+        let trusted = [
+            m2mpki_ca::verify::TrustedSet::new(plain.clone()),
+            m2mpki_ca::verify::TrustedSet::new(with_crl.clone()),
+        ];
+        let through = |t: &m2mpki_ca::verify::TrustedSet| {
+            let checked = m2mpki_ca::verify::Chain::check(&chain).map_err(refused)?;
+            t.verify(
+                &checked,
+                client,
+                None,
+                now,
+                m2mpki_ca::verify::EkuPolicy::Required,
+                m2mpki_ca::verify::Validator::Auto,
+            )
+            .map(|_| ())
+            .map_err(refused)
+        };
+        let names = [
+            "chain check per handshake: m2mpki verify(), set prepared at each call",
+            "chain check per handshake: the IN's TrustedSet, set without CRL",
+            "chain check per handshake: the IN's TrustedSet, set with the CRL",
+        ];
+        let mut times: [Vec<f64>; 4] = Default::default();
+        let mut ratios: [Vec<f64>; 3] = Default::default();
+        for _ in 0..size.runs.max(3) {
+            let base = per_call(&bare)?;
+            let ours = [
+                per_call(&per_call_verify)?,
+                per_call(&|| through(&trusted[0]))?,
+                per_call(&|| through(&trusted[1]))?,
+            ];
+            times[0].push(base);
+            for (i, t) in ours.into_iter().enumerate() {
+                times[i + 1].push(t);
+                ratios[i].push(t / base);
+            }
+        }
+        let [bare_t, rest @ ..] = times;
+        report.add(
+            "5 revocation",
+            "chain check per handshake: bare rustls-webpki, anchors built once",
+            "us",
+            stat(bare_t),
+        );
+        for ((name, t), r) in names.into_iter().zip(rest).zip(ratios) {
+            report.add("5 revocation", name, "us", stat(t)).paired(
+                "bare rustls-webpki, same run",
+                &stat(r),
+                None,
+            );
+        }
     }
     Ok(())
 }
