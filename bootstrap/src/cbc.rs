@@ -237,7 +237,7 @@ fn admit(
         verified,
         peer,
         transport: "TLSv1_2 TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256 (OpenSSL)".into(),
-        ts0003: Some(ts0003),
+        ts0003,
     })
 }
 

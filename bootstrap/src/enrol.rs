@@ -121,8 +121,8 @@ pub struct Admitted {
     pub peer: SocketAddr,
     /// The protocol, for logs (`TLSv1_3`, `DTLSv1_2`).
     pub transport: String,
-    /// The TS-0003 export (protocol version 2) of the same session.
-    pub ts0003: Option<Ts0003Keys>,
+    /// The TS-0003 export (protocol version 2) of the same session (every transport makes it).
+    pub ts0003: Ts0003Keys,
 }
 
 /// What every transport shares: the configuration, the verifier, the credential store with
@@ -211,17 +211,7 @@ impl Core {
                 format!("this server speaks version {}", list.join(" and ")),
             );
         }
-        let ts0003 = match (request.version, &node.ts0003) {
-            (VERSION_TS0003, Some(k)) => Some(k),
-            (VERSION_TS0003, None) => {
-                return Answer::refusal(
-                    Outcome::Internal,
-                    "internal",
-                    "the TS-0003 export is missing for this session",
-                )
-            }
-            _ => None,
-        };
+        let ts0003 = (request.version == VERSION_TS0003).then_some(&node.ts0003);
         let deadline = Instant::now() + STORE_DEADLINE;
         match self.issue(node, ts0003, deadline).await {
             Ok(a) => a,

@@ -778,7 +778,7 @@ async fn serve_connection(
         verified,
         peer,
         transport: version.map_or_else(|| "?".into(), |v| format!("{v:?}")),
-        ts0003: Some(ts0003),
+        ts0003,
     };
     crate::http::serve_http(shared, node, tls, ticket).await;
 }

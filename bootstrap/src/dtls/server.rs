@@ -515,7 +515,7 @@ impl Endpoint {
             verified,
             peer,
             transport: format!("DTLSv1_2 {}", super::suite_name(ssl)),
-            ts0003: Some(ts0003),
+            ts0003,
         })
     }
 }
