@@ -5,9 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use m2mpki_ca::rootset::RootSet;
-use m2mpki_ca::verify::{
-    self, Chain, EkuPolicy, Purpose, Refusal, TrustedSet, Validator, Verified,
-};
+use m2mpki_ca::verify::{self, Chain, Check, Purpose, Refusal, TrustedSet, Verified};
 use m2mpki_ca::DnsName;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -295,14 +293,7 @@ impl FieldNodeVerifier {
         let chain = Chain::check(chain)?;
         let mut refusal = Refusal::UnknownRoot;
         for set in self.sets().iter() {
-            match set.verify(
-                &chain,
-                Purpose::Client,
-                None,
-                at,
-                EkuPolicy::Required,
-                Validator::Auto,
-            ) {
+            match set.verify(&chain, &Check::client(at)) {
                 Ok(v) => {
                     self.check_algorithms(&chain)?;
                     return Ok(v);

@@ -118,7 +118,44 @@ pub fn verify_using(
 ) -> std::result::Result<Verified, Refusal> {
     let chain = Chain::check(chain)?;
     let ready = Ready::of(set);
-    verify_ready(set, &ready, &chain, purpose, name, at, eku, validator)
+    let check = Check {
+        purpose,
+        name,
+        at,
+        eku,
+        validator,
+    };
+    verify_ready(set, &ready, &chain, &check)
+}
+
+/// What a chain is verified for, and how: the arguments of [`verify_using`] after the set and
+/// the chain, for [`TrustedSet::verify`].
+#[derive(Clone, Copy, Debug)]
+pub struct Check<'n> {
+    /// What the leaf must be good for.
+    pub purpose: Purpose,
+    /// For a server certificate, the name (DNS or IP) it must be valid for.
+    pub name: Option<&'n ServerName<'n>>,
+    /// The verification time.
+    pub at: OffsetDateTime,
+    /// How the leaf's EKU is judged.
+    pub eku: EkuPolicy,
+    /// Which path validation runs.
+    pub validator: Validator,
+}
+
+impl Check<'_> {
+    /// A field node's client certificate at `at`, as the IN checks it: EKU required, the
+    /// default path validation.
+    pub fn client(at: OffsetDateTime) -> Self {
+        Check {
+            purpose: Purpose::Client,
+            name: None,
+            at,
+            eku: EkuPolicy::Required,
+            validator: Validator::Auto,
+        }
+    }
 }
 
 /// A chain whose certificates all parsed as strict DER, leaf first: checked once, then
@@ -209,22 +246,9 @@ impl TrustedSet {
     pub fn verify(
         &self,
         chain: &Chain<'_>,
-        purpose: Purpose,
-        name: Option<&ServerName<'_>>,
-        at: OffsetDateTime,
-        eku: EkuPolicy,
-        validator: Validator,
+        check: &Check<'_>,
     ) -> std::result::Result<Verified, Refusal> {
-        verify_ready(
-            &self.set,
-            &self.ready,
-            chain,
-            purpose,
-            name,
-            at,
-            eku,
-            validator,
-        )
+        verify_ready(&self.set, &self.ready, chain, check)
     }
 }
 
@@ -292,17 +316,19 @@ fn ca_key_usage(ca: &X509Certificate<'_>) -> std::result::Result<(), Refusal> {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // verify_using's arguments and the set's prepared form
 fn verify_ready(
     set: &RootSet,
     ready: &Ready,
     chain: &Chain<'_>,
-    purpose: Purpose,
-    name: Option<&ServerName<'_>>,
-    at: OffsetDateTime,
-    eku: EkuPolicy,
-    validator: Validator,
+    check: &Check<'_>,
 ) -> std::result::Result<Verified, Refusal> {
+    let Check {
+        purpose,
+        name,
+        at,
+        eku,
+        validator,
+    } = *check;
     let ders = chain.ders;
     let leaf_der = &ders[0];
     let leaf = chain.leaf();

@@ -1666,16 +1666,9 @@ fn revocation_bench(size: Size, report: &mut Report, work: &Path) -> Result<()> 
         ];
         let through = |t: &m2mpki_ca::verify::TrustedSet| {
             let checked = m2mpki_ca::verify::Chain::check(&chain).map_err(refused)?;
-            t.verify(
-                &checked,
-                client,
-                None,
-                now,
-                m2mpki_ca::verify::EkuPolicy::Required,
-                m2mpki_ca::verify::Validator::Auto,
-            )
-            .map(|_| ())
-            .map_err(refused)
+            t.verify(&checked, &m2mpki_ca::verify::Check::client(now))
+                .map(|_| ())
+                .map_err(refused)
         };
         let names = [
             "chain check per handshake: m2mpki verify(), set prepared at each call",
