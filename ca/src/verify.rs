@@ -377,7 +377,10 @@ fn verify_ready(
     let (_, anchor_cert) = X509Certificate::from_der(&anchor_record.der)
         .map_err(|e| Refusal::Unusable(format!("malformed CA certificate ({e})")))?;
     let mut parsed_here = Vec::new();
-    let cas = &path_ders[1..path_ders.len() - 1];
+    // Between the leaf and the anchor (both validations return at least those two).
+    let cas = path_ders
+        .get(1..path_ders.len().saturating_sub(1))
+        .unwrap_or_default();
     for der in cas {
         if !chain.certs[1..]
             .iter()
@@ -399,7 +402,11 @@ fn verify_ready(
         ca_key_usage(ca)?;
         path.push(ca);
     }
-    ready.key_usage[anchor_index].clone()?;
+    ready
+        .key_usage
+        .get(anchor_index)
+        .ok_or_else(|| Refusal::Unusable("the path's trust anchor is not in the set".into()))?
+        .clone()?;
     path.push(&anchor_cert);
     if let (Purpose::Server, Some(name)) = (purpose, name) {
         let shown = match name {
