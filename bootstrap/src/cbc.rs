@@ -16,6 +16,10 @@ use openssl::ssl::{
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use m2mpki_connection::admission::Ticket;
+use m2mpki_connection::hello::ClientHello;
+use m2mpki_connection::Admission;
+
 use crate::dtls::{export_ts0003, export_wrap_key, install_verifier, openssl_error, Verdict};
 use crate::enrol::{Admitted, Core};
 use crate::tls::FieldNodeVerifier;
@@ -23,83 +27,6 @@ use crate::Result;
 
 /// `TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256`.
 pub const CBC_SUITE: u16 = 0xC023;
-const EXT_SERVER_NAME: u16 = 0;
-const EXT_EMS: u16 = 23;
-
-/// What the IN needs to know of a TLS ClientHello before choosing a stack.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsHello {
-    /// Offered cipher suites.
-    pub suites: Vec<u16>,
-    /// Offers the extended master secret.
-    pub ems: bool,
-    /// Carries SNI.
-    pub sni: bool,
-    /// The host name of its SNI, when it carries one that reads as text.
-    pub server_name: Option<String>,
-}
-
-fn be(d: &[u8], at: usize, n: usize) -> Option<usize> {
-    let b = d.get(at..at.checked_add(n)?)?;
-    Some(b.iter().fold(0usize, |acc, x| (acc << 8) | usize::from(*x)))
-}
-
-fn vector(d: &[u8], at: usize, len_bytes: usize) -> Option<(&[u8], usize)> {
-    let len = be(d, at, len_bytes)?;
-    let start = at + len_bytes;
-    let end = start.checked_add(len)?;
-    Some((d.get(start..end)?, end))
-}
-
-/// Reads a ClientHello that fits its first record (every hello a node sends does; a longer one
-/// is read as "not for OpenSSL" and goes to rustls, which reassembles it).
-pub fn parse_hello(d: &[u8]) -> Option<TlsHello> {
-    if *d.first()? != 22 || *d.get(1)? != 3 {
-        return None;
-    }
-    let (record, _) = vector(d, 3, 2)?;
-    if *record.first()? != 1 {
-        return None;
-    }
-    let (hello, _) = vector(record, 1, 3)?;
-    // client_version(2) random(32) session_id<1> cipher_suites<2> compression<1> extensions<2>
-    let (_, after_sid) = vector(hello, 34, 1)?;
-    let (suites, after_suites) = vector(hello, after_sid, 2)?;
-    let (_, after_comp) = vector(hello, after_suites, 1)?;
-    let suites = suites
-        .chunks_exact(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]))
-        .collect();
-    let (mut ext, _) = match hello.get(after_comp..) {
-        Some([]) | None => (&[][..], 0),
-        Some(_) => vector(hello, after_comp, 2)?,
-    };
-    let (mut ems, mut sni) = (false, false);
-    let mut server_name = None;
-    while !ext.is_empty() {
-        let kind = u16::try_from(be(ext, 0, 2)?).ok()?;
-        let (body, next) = vector(ext, 2, 2)?;
-        ems |= kind == EXT_EMS;
-        if kind == EXT_SERVER_NAME {
-            sni = true;
-            // server_name_list<2> { name_type(1) = host_name(0), HostName<2> } (RFC 6066 §3)
-            if let Some((list, _)) = vector(body, 0, 2) {
-                if list.first() == Some(&0) {
-                    if let Some((host, _)) = vector(list, 1, 2) {
-                        server_name = std::str::from_utf8(host).ok().map(str::to_owned);
-                    }
-                }
-            }
-        }
-        ext = ext.get(next..)?;
-    }
-    Some(TlsHello {
-        suites,
-        ems,
-        sni,
-        server_name,
-    })
-}
 
 /// The CBC path of an IN: its OpenSSL context, and the suites rustls serves (a hello offering
 /// any of them goes to rustls).
@@ -123,9 +50,8 @@ impl Cbc {
     }
 
     /// Whether OpenSSL serves this hello: it offers the CBC suite and nothing rustls serves.
-    pub fn chooses(&self, hello: &TlsHello) -> bool {
-        hello.suites.contains(&CBC_SUITE)
-            && !hello.suites.iter().any(|s| self.rustls_suites.contains(s))
+    pub fn chooses(&self, hello: &ClientHello<'_>) -> bool {
+        hello.offers(CBC_SUITE) && !hello.suites().any(|s| self.rustls_suites.contains(&s))
     }
 }
 
@@ -164,13 +90,14 @@ const HANDSHAKE_FAILURE: [u8; 7] = [21, 3, 3, 0, 2, 2, 40];
 /// Serves one connection whose hello chose the CBC suite.
 pub async fn serve(
     core: Arc<Core>,
+    admission: &Admission,
     ctx: &SslContext,
     mut tcp: TcpStream,
     peer: SocketAddr,
-    hello: &TlsHello,
-    mut ticket: crate::admission::Ticket,
+    offers_ems: bool,
+    mut ticket: Ticket,
 ) {
-    if !hello.ems {
+    if !offers_ems {
         tracing::info!(%peer, "TLS 1.2 (CBC) hello without the extended master secret refused");
         let _ = tcp.write_all(&HANDSHAKE_FAILURE).await;
         return;
@@ -185,22 +112,10 @@ pub async fn serve(
     let Ok(mut stream) = tokio_openssl::SslStream::new(ssl, tcp) else {
         return;
     };
-    let limit = core.config.limits.handshake_timeout;
-    let handshake = tokio::time::timeout(limit, Pin::new(&mut stream).accept());
-    match ticket.or_evicted(handshake).await {
-        Some(Ok(Ok(()))) => {}
-        Some(Ok(Err(e))) => {
-            tracing::info!(%peer, error = %e, "TLS 1.2 (CBC) handshake failed");
-            return;
-        }
-        Some(Err(_)) => {
-            tracing::info!(%peer, "TLS 1.2 (CBC) handshake timed out");
-            return;
-        }
-        None => {
-            tracing::info!(%peer, "TLS 1.2 (CBC) connection evicted during the handshake");
-            return;
-        }
+    let handshake = Pin::new(&mut stream).accept();
+    let done = admission.handshake(&mut ticket, peer, "TLS 1.2 (CBC)", handshake);
+    if done.await.is_err() {
+        return;
     }
     let Some(node) = admit(&stream, &verdict, peer) else {
         return;
@@ -239,53 +154,4 @@ fn admit(
         transport: "TLSv1_2 TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256 (OpenSSL)".into(),
         ts0003,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn hello(suites: &[u16], ext: &[u16]) -> Vec<u8> {
-        let mut body = vec![3, 3];
-        body.extend_from_slice(&[9; 32]);
-        body.push(0);
-        body.extend_from_slice(&((suites.len() * 2) as u16).to_be_bytes());
-        for s in suites {
-            body.extend_from_slice(&s.to_be_bytes());
-        }
-        body.extend_from_slice(&[1, 0]);
-        let mut e = Vec::new();
-        for x in ext {
-            e.extend_from_slice(&x.to_be_bytes());
-            e.extend_from_slice(&[0, 0]);
-        }
-        body.extend_from_slice(&(e.len() as u16).to_be_bytes());
-        body.extend_from_slice(&e);
-        let mut hs = vec![1];
-        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-        hs.extend_from_slice(&body);
-        let mut d = vec![22, 3, 1];
-        d.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-        d.extend_from_slice(&hs);
-        d
-    }
-
-    #[test]
-    fn reads_suites_ems_and_sni() {
-        let d = hello(&[CBC_SUITE, 0xC02B], &[EXT_SERVER_NAME, EXT_EMS]);
-        assert_eq!(
-            parse_hello(&d),
-            Some(TlsHello {
-                suites: vec![CBC_SUITE, 0xC02B],
-                ems: true,
-                sni: true,
-                server_name: None, // the test hello's extension is empty
-            })
-        );
-        let bare = parse_hello(&hello(&[CBC_SUITE], &[])).unwrap();
-        assert!(!bare.ems && !bare.sni);
-        for cut in 0..d.len() {
-            assert_eq!(parse_hello(&d[..cut]), None, "cut at {cut}");
-        }
-    }
 }

@@ -366,6 +366,19 @@ pub struct Limits {
     pub enrolments_per_address: Option<Rate>,
 }
 
+impl Limits {
+    /// The connection layer's part of these limits.
+    pub fn connections(&self) -> m2mpki_connection::Limits {
+        m2mpki_connection::Limits {
+            max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections_per_address,
+            hello_timeout: self.hello_timeout,
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {

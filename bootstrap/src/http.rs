@@ -12,10 +12,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 
-use crate::admission::Ticket;
 use crate::enrol::{Admitted, Answer, Core, Outcome};
 use crate::http_head::{self, Head, Rewind};
 use crate::protocol::PATH;
+use m2mpki_connection::admission::Ticket;
 
 /// The HTTP exchange on an established, admitted session (either TLS stack): one request, its
 /// answer, within the idle limit. The connection can be evicted until its request head is

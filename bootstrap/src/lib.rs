@@ -8,7 +8,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod admission;
 mod cbc;
 pub mod client;
 pub mod coap;

@@ -22,6 +22,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use m2mpki_connection::Unobserved;
+
 use crate::outcome::Outcome;
 
 type Labels = Vec<(&'static str, String)>;
@@ -53,6 +55,21 @@ pub struct Metrics {
     pub open_connections: Gauge,
     credentials: Gauge,
     crl_age: Family<Labels, Gauge<f64, AtomicU64>>,
+}
+
+/// The connection layer counts its refusals and open connections here.
+impl m2mpki_connection::Observer for Metrics {
+    fn refused(&self, reason: &'static str) {
+        self.refusals.count(reason);
+    }
+
+    fn opened(&self) {
+        self.open_connections.inc();
+    }
+
+    fn closed(&self) {
+        self.open_connections.dec();
+    }
 }
 
 impl Default for Metrics {
@@ -194,49 +211,64 @@ pub const MAX_SCRAPES: usize = 16;
 const SCRAPE_HEAD: Duration = Duration::from_secs(5);
 const SCRAPE_TOTAL: Duration = Duration::from_secs(15);
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
-pub(crate) async fn serve(listener: TcpListener, gauges: Arc<dyn Gauges>, metrics: Arc<Metrics>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+/// Serves `GET /metrics` on `listener` until `stop` completes: the connection layer's accept
+/// loop with slots of its own (at most [`MAX_SCRAPES`], so a scraper cannot take the slots of
+/// nodes, nor nodes those of the operator's scrape), refusals not counted among the IN's.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    gauges: Arc<dyn Gauges>,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let limits = m2mpki_connection::Limits {
+        max_connections: MAX_SCRAPES,
+        max_connections_per_address: MAX_SCRAPES,
+        hello_timeout: SCRAPE_HEAD,
+        handshake_timeout: SCRAPE_HEAD,
+        idle_timeout: SCRAPE_TOTAL,
+    };
+    let admission = m2mpki_connection::Admission::new(limits, Arc::new(Unobserved));
+    let first = m2mpki_connection::First::Nothing;
+    m2mpki_connection::serve(listener, admission, "metrics", first, stop, move |conn| {
+        let (gauges, metrics) = (gauges.clone(), metrics.clone());
+        scrape(conn, gauges, metrics)
+    })
+    .await;
+}
+
+/// One scrape connection: one request, answered, closed; evicted while it waits when every
+/// scrape slot is taken.
+async fn scrape(conn: m2mpki_connection::Conn, gauges: Arc<dyn Gauges>, metrics: Arc<Metrics>) {
+    let (peer, mut ticket) = (conn.peer, conn.ticket);
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let reply = if req.uri().path() != "/metrics" {
+            plain(StatusCode::NOT_FOUND, "only /metrics is here\n".into())
+        } else if req.method() != Method::GET {
+            plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into())
+        } else {
+            let mut r = plain(StatusCode::OK, metrics.render(&*gauges));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "metrics listener full; connection closed");
-            drop(tcp);
-            continue;
-        };
-        let gauges = gauges.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let reply = if req.uri().path() != "/metrics" {
-                    plain(StatusCode::NOT_FOUND, "only /metrics is here\n".into())
-                } else if req.method() != Method::GET {
-                    plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into())
-                } else {
-                    let mut r = plain(StatusCode::OK, metrics.render(&*gauges));
-                    r.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static(
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        ),
-                    );
-                    r
-                };
-                async move { Ok::<_, Infallible>(reply) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(false)
-                .timer(TokioTimer::new())
-                .header_read_timeout(SCRAPE_HEAD)
-                .serve_connection(TokioIo::new(tcp), service);
-            if let Err(e) = tokio::time::timeout(SCRAPE_TOTAL, conn).await {
-                tracing::debug!(%peer, error = %e, "metrics scrape timed out");
-            }
-        });
+        async move { Ok::<_, Infallible>(reply) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(SCRAPE_HEAD)
+        .serve_connection(TokioIo::new(conn.tcp), service);
+    match ticket
+        .or_evicted(tokio::time::timeout(SCRAPE_TOTAL, conn))
+        .await
+    {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => tracing::debug!(%peer, error = %e, "metrics scrape timed out"),
+        None => tracing::debug!(%peer, "metrics scrape evicted: every scrape slot was taken"),
     }
 }
 

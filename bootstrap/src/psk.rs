@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::admission::Ticket;
+use m2mpki_connection::admission::Ticket;
 use openssl::ex_data::Index;
 use openssl::ssl::{
     Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslSessionCacheMode, SslVersion,
@@ -28,7 +28,6 @@ use openssl::ssl::{
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 use crate::credstore::{CredentialStatus, CredentialStore, StoreKey};
 use crate::dtls::openssl_error;
@@ -200,8 +199,8 @@ pub(crate) struct Listener {
     /// How long the upstream may take to start its answer (504 after), and to finish it.
     pub(crate) upstream_timeout: Duration,
     pub(crate) limits: crate::config::Limits,
-    /// The IN's `refusals_total`, for connections refused before their handshake.
-    pub(crate) refusals: crate::metrics::Refusals,
+    /// The connection slots it shares with the bootstrap listener.
+    pub(crate) admission: Arc<m2mpki_connection::Admission>,
 }
 
 impl Listener {
@@ -211,76 +210,30 @@ impl Listener {
         listener: TcpListener,
         stop: impl std::future::Future<Output = ()>,
     ) {
-        let permits = Arc::new(Semaphore::new(self.limits.max_connections));
-        let per_address =
-            crate::admission::PerAddress::new(self.limits.max_connections_per_address);
-        let waiting = Arc::new(crate::admission::Waiting::default());
-        tokio::pin!(stop);
-        loop {
-            // Accept first, even when every slot is taken: the newcomer may take the place of
-            // a connection that only waits (crate::admission), as on the bootstrap listener.
-            let (tcp, peer) = tokio::select! {
-                _ = &mut stop => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed (PSK association)");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let Some(address_slot) = per_address.enter(peer.ip()) else {
-                tracing::debug!(%peer, "PSK association closed: too many connections from this address");
-                self.refusals.count("per_address_cap");
-                continue;
-            };
-            let permit = match permits.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    if waiting.evict() {
-                        tracing::debug!(%peer, "PSK association: all slots taken: evicted the longest-waiting connection");
-                        self.refusals.count("evicted");
-                    }
-                    tokio::select! {
-                        _ = &mut stop => break,
-                        p = permits.clone().acquire_owned() => match p {
-                            Ok(p) => p,
-                            Err(_) => break,
-                        },
+        let admission = self.admission.clone();
+        let first = m2mpki_connection::First::TlsRecord;
+        m2mpki_connection::serve(
+            listener,
+            admission,
+            "PSK association",
+            first,
+            stop,
+            move |c| {
+                let this = self.clone();
+                async move {
+                    let limit = this.limits.handshake_timeout + this.limits.idle_timeout;
+                    let peer = c.peer;
+                    if tokio::time::timeout(limit, this.serve(c)).await.is_err() {
+                        tracing::info!(%peer, "PSK association took too long; closed");
                     }
                 }
-            };
-            let ticket = waiting.enter(peer.ip());
-            let _ = tcp.set_nodelay(true);
-            let this = self.clone();
-            tokio::spawn(async move {
-                let limit = this.limits.handshake_timeout + this.limits.idle_timeout;
-                if tokio::time::timeout(limit, this.serve(tcp, peer, ticket))
-                    .await
-                    .is_err()
-                {
-                    tracing::info!(%peer, "PSK association took too long; closed");
-                }
-                drop((permit, address_slot));
-            });
-        }
+            },
+        )
+        .await;
     }
 
-    async fn serve(&self, tcp: TcpStream, peer: SocketAddr, mut ticket: Ticket) {
-        let hello = crate::admission::first_record(&tcp, self.limits.hello_timeout);
-        match ticket.or_evicted(hello).await {
-            Some(Ok(())) => {}
-            Some(Err(why)) => {
-                tracing::info!(%peer, code = why.code(), "PSK association: {}; closed", why.reason());
-                self.refusals.count(why.code());
-                return;
-            }
-            None => {
-                tracing::info!(%peer, "PSK association evicted while waiting for its ClientHello");
-                return;
-            }
-        }
+    async fn serve(&self, conn: m2mpki_connection::Conn) {
+        let (peer, mut ticket) = (conn.peer, conn.ticket);
         let ssl = match Ssl::new(&self.ctx) {
             Ok(s) => s,
             Err(e) => {
@@ -288,26 +241,15 @@ impl Listener {
                 return;
             }
         };
-        let Ok(mut tls) = tokio_openssl::SslStream::new(ssl, tcp) else {
+        let Ok(mut tls) = tokio_openssl::SslStream::new(ssl, conn.tcp) else {
             return;
         };
-        let handshake =
-            tokio::time::timeout(self.limits.handshake_timeout, Pin::new(&mut tls).accept());
-        match ticket.or_evicted(handshake).await {
-            Some(Ok(Ok(()))) => {}
-            Some(Ok(Err(e))) => {
-                tracing::info!(%peer, error = %e, "PSK handshake failed");
-                return;
-            }
-            Some(Err(_)) => {
-                tracing::info!(%peer, "PSK handshake timed out");
-                self.refusals.count("handshake_timeout");
-                return;
-            }
-            None => {
-                tracing::info!(%peer, "PSK association evicted during the handshake");
-                return;
-            }
+        let handshake = Pin::new(&mut tls).accept();
+        let done = self
+            .admission
+            .handshake(&mut ticket, peer, "PSK", handshake);
+        if done.await.is_err() {
+            return;
         }
         let Some(assoc) = association_of(tls.ssl()) else {
             tracing::warn!(%peer, "PSK handshake completed without a looked-up credential; closed");

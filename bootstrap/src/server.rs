@@ -8,12 +8,10 @@ use std::time::Duration;
 use m2mpki_ca::rootset::RootSet;
 use m2mpki_ca::verify::TrustedSet;
 use m2mpki_ca::{Home, Store};
+use m2mpki_connection::{Admission, Conn, First, Observer};
 use m2mpki_hsm::tls::TlsKey;
 use m2mpki_hsm::Keystore;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-
-use crate::admission::{self, PerAddress, Ticket, Waiting};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{DtlsConfig, ServerConfig};
@@ -31,7 +29,9 @@ const TRUST_REFRESH: Duration = Duration::from_secs(5);
 /// A configured IN endpoint, ready to run.
 pub struct Server {
     shared: Arc<Core>,
-    tls: Arc<rustls::ServerConfig>,
+    /// The TLS configuration's parts: each connection gets a configuration of its own, with a
+    /// verifier that keeps that connection's verdict.
+    tls: tls::ServerParts,
     dtls: Option<Arc<crate::dtls::server::Endpoint>>,
     cbc: Option<Arc<crate::cbc::Cbc>>,
     /// The server names answered (TLS hellos are checked before any stack).
@@ -39,6 +39,9 @@ pub struct Server {
     psk: Option<Arc<crate::psk::Listener>>,
     psk_dtls: Option<Arc<crate::dtls::server::Endpoint>>,
     ca_store: Arc<dyn Store>,
+    /// The TCP connection slots of the listeners that face nodes (bootstrap and PSK
+    /// association): the limits are the process's, whatever the number of ports.
+    admission: Arc<Admission>,
 }
 
 /// The bound sockets of the configured transports.
@@ -244,6 +247,8 @@ impl Server {
         };
         let provider = tls::provider();
         let metrics = Arc::new(crate::metrics::Metrics::new());
+        let observer: Arc<dyn Observer> = metrics.clone();
+        let admission = Admission::new(config.limits.connections(), observer);
         let verifier = Arc::new(
             FieldNodeVerifier::new(prepared(load_sets(&*ca_store, &config)?), provider.clone())
                 .with_algorithms(config.algorithms.clone())
@@ -322,8 +327,9 @@ impl Server {
             chain,
             Arc::new(TlsKey::new(key)),
         ));
-        let tls_config =
-            tls::server_config_for(&config.versions, verifier.clone(), sni.clone(), certified)?;
+        let tls_parts = tls::ServerParts::new(&config.versions, sni.clone(), certified);
+        // Checked once here, not on the first connection.
+        tls_parts.config(verifier.clone())?;
         let creds = Arc::new(CredentialStore::open_at(
             config.store.as_ref(),
             home.root(),
@@ -370,7 +376,7 @@ impl Server {
                 upstream: p.upstream,
                 upstream_timeout: p.upstream_timeout,
                 limits: shared.config.limits.clone(),
-                refusals: shared.metrics.refusals.clone(),
+                admission: admission.clone(),
             })),
         };
         let psk_dtls = match shared.config.psk.as_ref().and_then(|p| p.dtls_listen) {
@@ -398,13 +404,14 @@ impl Server {
         };
         Ok(Server {
             shared,
-            tls: Arc::new(tls_config),
+            tls: tls_parts,
             dtls,
             cbc,
             sni,
             psk,
             psk_dtls,
             ca_store,
+            admission,
         })
     }
 
@@ -542,153 +549,102 @@ impl Server {
                 listener,
                 self.shared.clone(),
                 self.shared.metrics.clone(),
+                stopped(stop_rx.clone()),
             ))
         });
-        let result = match listeners.tls {
-            Some(listener) => self.clone().run_tls(listener, shutdown).await,
-            None => {
-                shutdown.await;
-                Ok(())
-            }
-        };
+        let tls = listeners.tls.map(|listener| {
+            tracing::info!(addr = %addr_of(listener.local_addr()), fqdn = %self.shared.config.fqdn, "bootstrap server listening");
+            let this = self.clone();
+            tokio::spawn(m2mpki_connection::serve(
+                listener,
+                self.admission.clone(),
+                "bootstrap",
+                First::TlsRecord,
+                stopped(stop_rx.clone()),
+                move |conn| this.clone().serve_tls(conn),
+            ))
+        });
+        shutdown.await;
         let _ = stop_tx.send(true);
+        for listener in [tls, psk].into_iter().flatten() {
+            let _ = listener.await;
+        }
+        for endpoint in [dtls, psk_dtls].into_iter().flatten() {
+            let _ = endpoint.await;
+        }
+        tracing::info!("draining open connections");
+        if !self.admission.drain().await {
+            let limits = self.admission.limits();
+            let drain = limits.handshake_timeout + limits.idle_timeout;
+            tracing::warn!("some connections were still open after {drain:?}; stopping anyway");
+        }
         if let Some(m) = metrics {
-            m.abort();
-        }
-        if let Some(d) = dtls {
-            let _ = d.await;
-        }
-        if let Some(p) = psk {
-            let _ = p.await;
-        }
-        if let Some(p) = psk_dtls {
-            let _ = p.await;
+            let _ = m.await;
         }
         drop(stop_rx);
         refresher.abort();
         tracing::info!("bootstrap server stopped");
-        result
+        Ok(())
     }
 
-    async fn run_tls(
-        self: Arc<Self>,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<()> {
-        let limits = self.shared.config.limits.clone();
-        let permits = Arc::new(Semaphore::new(limits.max_connections));
-        let per_address = PerAddress::new(limits.max_connections_per_address);
-        let waiting = Arc::new(Waiting::default());
-        let acceptor = TlsAcceptor::from(self.tls.clone());
-        tracing::info!(addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), fqdn = %self.shared.config.fqdn, "bootstrap server listening");
-        tokio::pin!(shutdown);
-        loop {
-            // Accept first, even when every slot is taken: the newcomer may take the place of
-            // a connection that only waits (crate::admission).
-            let (tcp, peer) = tokio::select! {
-                _ = &mut shutdown => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let Some(address_slot) = per_address.enter(peer.ip()) else {
-                tracing::debug!(%peer, "closed: too many connections from this address");
-                self.shared.metrics.refusals.count("per_address_cap");
-                continue;
-            };
-            let permit = match permits.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    if waiting.evict() {
-                        tracing::debug!(%peer, "all slots taken: evicted the longest-waiting connection");
-                        self.shared.metrics.refusals.count("evicted");
-                    }
-                    tokio::select! {
-                        _ = &mut shutdown => break,
-                        p = permits.clone().acquire_owned() => match p {
-                            Ok(p) => p,
-                            Err(_) => break,
-                        },
-                    }
-                }
-            };
-            let ticket = waiting.enter(peer.ip());
-            let open = admission::OpenConnection::new(&self.shared.metrics);
-            let _ = tcp.set_nodelay(true);
-            let shared = self.shared.clone();
-            let acceptor = acceptor.clone();
-            let cbc = self.cbc.clone();
-            let sni = self.sni.clone();
-            tokio::spawn(async move {
-                let mut ticket = ticket;
-                // The hello is read before any stack: SNI is decided here, the same way for
-                // rustls and the CBC path, and the CBC path is chosen from it.
-                let limit = shared.config.limits.hello_timeout;
-                let mut buf = vec![0u8; admission::MAX_RECORD];
-                let hello = match ticket
-                    .or_evicted(admission::peek_first_record(&tcp, &mut buf, limit))
-                    .await
-                {
-                    Some(Ok(n)) => crate::cbc::parse_hello(&buf[..n]),
-                    Some(Err(why)) => {
-                        tracing::info!(%peer, code = why.code(), "{}; closed", why.reason());
-                        shared.metrics.refusals.count(why.code());
-                        drop((permit, address_slot, open));
-                        return;
-                    }
-                    None => {
-                        tracing::info!(%peer, "evicted while waiting for its ClientHello");
-                        drop((permit, address_slot, open));
-                        return;
-                    }
-                };
-                drop(buf);
-                if let Some(hello) = &hello {
-                    let name = hello.server_name.as_deref();
-                    if let Err(code) = sni.check(if hello.sni && name.is_none() {
-                        Some("")
-                    } else {
-                        name
-                    }) {
-                        tracing::info!(%peer, sni = ?name, code, "TLS hello refused: SNI");
-                        shared.metrics.refusals.count(code);
-                        let mut tcp = tcp;
-                        let _ = tokio::io::AsyncWriteExt::write_all(
-                            &mut tcp,
-                            &tls::UNRECOGNIZED_NAME_ALERT,
-                        )
+    /// One connection of the TLS port, its ClientHello complete in the socket: the SNI rule,
+    /// then the stack its suites choose (the CBC path or rustls).
+    async fn serve_tls(self: Arc<Self>, conn: Conn) {
+        let hello = m2mpki_connection::hello::parse_tls_record(&conn.first_record);
+        let peer = conn.peer;
+        if let Some(hello) = &hello {
+            let name = hello.server_name;
+            if let Err(code) = self.sni.check(if hello.sni && name.is_none() {
+                Some("")
+            } else {
+                name
+            }) {
+                tracing::info!(%peer, sni = ?name, code, "TLS hello refused: SNI");
+                self.admission.refused(code);
+                let mut tcp = conn.tcp;
+                let _ =
+                    tokio::io::AsyncWriteExt::write_all(&mut tcp, &tls::UNRECOGNIZED_NAME_ALERT)
                         .await;
-                        drop((permit, address_slot, open));
-                        return;
-                    }
+                return;
+            }
+            if let Some(cbc) = &self.cbc {
+                if cbc.chooses(hello) {
+                    let ems = hello.ems;
+                    let shared = self.shared.clone();
+                    crate::cbc::serve(
+                        shared,
+                        &self.admission,
+                        &cbc.ctx,
+                        conn.tcp,
+                        peer,
+                        ems,
+                        conn.ticket,
+                    )
+                    .await;
+                    return;
                 }
-                if let (Some(cbc), Some(hello)) = (cbc, &hello) {
-                    if cbc.chooses(hello) {
-                        crate::cbc::serve(shared, &cbc.ctx, tcp, peer, hello, ticket).await;
-                        drop((permit, address_slot, open));
-                        return;
-                    }
-                }
-                serve_connection(shared, acceptor, tcp, peer, ticket).await;
-                drop((permit, address_slot, open));
-            });
+            }
         }
-        drop(listener);
-        tracing::info!("draining open connections");
-        let drain = limits.handshake_timeout + limits.idle_timeout;
-        let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-        if tokio::time::timeout(drain, permits.acquire_many(all))
-            .await
-            .is_err()
-        {
-            tracing::warn!("some connections were still open after {drain:?}; stopping anyway");
-        }
-        Ok(())
+        let verifier = Arc::new(tls::ConnectionVerifier::new(self.shared.verifier.clone()));
+        let config = match self.tls.config(verifier.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "TLS setup failed");
+                return;
+            }
+        };
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let (tcp, ticket) = (conn.tcp, conn.ticket);
+        serve_connection(
+            self.shared.clone(),
+            &self.admission,
+            acceptor,
+            verifier,
+            tcp,
+            peer,
+            ticket,
+        )
+        .await;
     }
 }
 
@@ -707,56 +663,26 @@ async fn bind_dtls(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
 
 async fn serve_connection(
     shared: Arc<Core>,
+    admission: &Admission,
     acceptor: TlsAcceptor,
+    verifier: Arc<tls::ConnectionVerifier>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    mut ticket: Ticket,
+    mut ticket: m2mpki_connection::admission::Ticket,
 ) {
     // The ClientHello is complete in the socket's buffer already (read at accept, for SNI):
     // the handshake deadline starts now, and the hello deadline is not applied again.
-    let limits = &shared.config.limits;
-    let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
-    let tls = match ticket.or_evicted(handshake).await {
-        Some(Ok(Ok(tls))) => tls,
-        Some(Ok(Err(e))) => {
-            tracing::info!(%peer, error = %e, "handshake failed");
-            return;
-        }
-        Some(Err(_)) => {
-            tracing::info!(%peer, "handshake timed out");
-            shared.metrics.refusals.count("handshake_timeout");
-            return;
-        }
-        None => {
-            tracing::info!(%peer, "evicted during the handshake");
-            return;
-        }
+    let Ok(tls) = admission
+        .handshake(&mut ticket, peer, "TLS", acceptor.accept(tcp))
+        .await
+    else {
+        return;
     };
     let (_, conn) = tls.get_ref();
-    let leaf = match conn.peer_certificates().and_then(|c| c.first()) {
-        Some(c) => c.as_ref().to_vec(),
-        None => return, // the verifier makes client authentication mandatory
-    };
-    let verified = match shared.verifier.take_admission(&leaf) {
-        Some(v) => v,
-        None => {
-            let chain: Vec<Vec<u8>> = conn
-                .peer_certificates()
-                .unwrap_or_default()
-                .iter()
-                .map(|c| c.as_ref().to_vec())
-                .collect();
-            match shared
-                .verifier
-                .verify(&chain, time::OffsetDateTime::now_utc())
-            {
-                Ok(v) => v,
-                Err(r) => {
-                    tracing::warn!(%peer, code = r.code(), "refused after the handshake");
-                    return;
-                }
-            }
-        }
+    // The verifier makes client authentication mandatory: a completed handshake has a verdict.
+    let Some(verified) = verifier.take() else {
+        tracing::warn!(%peer, "handshake completed without our chain check; refused");
+        return;
     };
     let wrap_key = match tls::export_wrap_key(conn) {
         Ok(k) => k,

@@ -1,7 +1,6 @@
 //! TLS for both ends: one aws-lc-rs provider, mutual authentication against root sets, and the
 //! exporter.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use m2mpki_ca::rootset::RootSet;
@@ -58,15 +57,47 @@ pub fn server_config_for(
     sni: SniRule,
     cert: Arc<rustls::sign::CertifiedKey>,
 ) -> Result<rustls::ServerConfig> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&self::versions(versions))
-        .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(InCert { sni, key: cert }));
-    config.require_ems = true;
-    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    Ok(config)
+    ServerParts::new(versions, sni, cert).config(verifier)
+}
+
+/// What the IN's TLS configuration is made of, kept to make one configuration per connection:
+/// rustls hands a client verifier no per-connection value, so the IN gives each connection a
+/// [`ConnectionVerifier`] of its own, and with it a configuration (only the verifier differs).
+#[derive(Debug, Clone)]
+pub struct ServerParts {
+    provider: Arc<CryptoProvider>,
+    versions: Vec<&'static rustls::SupportedProtocolVersion>,
+    resolver: Arc<InCert>,
+}
+
+impl ServerParts {
+    /// The parts for `versions`, answering the names of `sni` with `cert`.
+    pub fn new(
+        versions: &[TlsVersion],
+        sni: SniRule,
+        cert: Arc<rustls::sign::CertifiedKey>,
+    ) -> Self {
+        ServerParts {
+            provider: provider(),
+            versions: self::versions(versions),
+            resolver: Arc::new(InCert { sni, key: cert }),
+        }
+    }
+
+    /// A configuration verifying clients with `verifier`: the extended master secret required
+    /// (the exporter is only safe over TLS 1.2 with it), no session resumption or tickets (each
+    /// bootstrap is a full handshake with a fresh exporter).
+    pub fn config(&self, verifier: Arc<dyn ClientCertVerifier>) -> Result<rustls::ServerConfig> {
+        let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&self.versions)
+            .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.resolver.clone());
+        config.require_ems = true;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(config)
+    }
 }
 
 /// The field node's TLS configuration, for the bootstrap client and the benchmark's clients:
@@ -161,7 +192,6 @@ fn chain(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) 
 #[derive(Debug)]
 pub struct FieldNodeVerifier {
     sets: RwLock<Arc<Vec<TrustedSet>>>,
-    admitted: Mutex<HashMap<Vec<u8>, Verified>>,
     provider: Arc<CryptoProvider>,
     algorithms: Vec<Algorithm>,
     refusals: crate::metrics::Refusals,
@@ -210,7 +240,6 @@ impl FieldNodeVerifier {
     pub fn new(sets: Vec<TrustedSet>, provider: Arc<CryptoProvider>) -> Self {
         FieldNodeVerifier {
             sets: RwLock::new(Arc::new(sets)),
-            admitted: Mutex::new(HashMap::new()),
             provider,
             algorithms: Algorithm::ALL.to_vec(),
             refusals: crate::metrics::Refusals::default(),
@@ -284,6 +313,19 @@ impl FieldNodeVerifier {
         verdict
     }
 
+    /// [`Self::verify`] for a handshake: a refusal is logged and becomes the TLS error (and
+    /// alert) that tells the node why.
+    fn verify_logged(
+        &self,
+        chain: &[Vec<u8>],
+        at: OffsetDateTime,
+    ) -> std::result::Result<Verified, rustls::Error> {
+        self.verify(chain, at).map_err(|r| {
+            tracing::warn!(code = r.code(), reason = %r, "refused a field-node certificate");
+            tls_error(&r)
+        })
+    }
+
     fn verify_uncounted(
         &self,
         chain: &[Vec<u8>],
@@ -308,10 +350,76 @@ impl FieldNodeVerifier {
         }
         Err(refusal)
     }
+}
 
-    /// Takes what the handshake learned about the certificate with this DER.
-    pub fn take_admission(&self, leaf: &[u8]) -> Option<Verified> {
-        self.admitted.lock().ok()?.remove(leaf)
+/// The client verifier of one connection: the IN's [`FieldNodeVerifier`], and the verdict it
+/// reached for this connection's chain, taken after the handshake ([`Self::take`]). Each
+/// connection's verdict stays with that connection: two connections presenting the same
+/// certificate get their own.
+#[derive(Debug)]
+pub struct ConnectionVerifier {
+    inner: Arc<FieldNodeVerifier>,
+    verdict: Mutex<Option<Verified>>,
+}
+
+impl ConnectionVerifier {
+    /// A verifier for one connection.
+    pub fn new(inner: Arc<FieldNodeVerifier>) -> Self {
+        ConnectionVerifier {
+            inner,
+            verdict: Mutex::new(None),
+        }
+    }
+
+    /// What the handshake's chain check admitted (`None` before a handshake admitted a chain).
+    pub fn take(&self) -> Option<Verified> {
+        self.verdict.lock().ok()?.take()
+    }
+}
+
+impl ClientCertVerifier for ConnectionVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        let chain = chain(end_entity, intermediates);
+        let verified = self.inner.verify_logged(&chain, unix_to_time(now))?;
+        if let Ok(mut v) = self.verdict.lock() {
+            *v = Some(verified);
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -332,23 +440,8 @@ impl ClientCertVerifier for FieldNodeVerifier {
         now: UnixTime,
     ) -> std::result::Result<ClientCertVerified, rustls::Error> {
         let chain = chain(end_entity, intermediates);
-        match self.verify(&chain, unix_to_time(now)) {
-            Ok(v) => {
-                if let Ok(mut m) = self.admitted.lock() {
-                    // Bounded: entries are taken right after the handshake; a flood of
-                    // abandoned handshakes cannot grow this without limit.
-                    if m.len() > 65_536 {
-                        m.clear();
-                    }
-                    m.insert(end_entity.as_ref().to_vec(), v);
-                }
-                Ok(ClientCertVerified::assertion())
-            }
-            Err(r) => {
-                tracing::warn!(code = r.code(), reason = %r, "refused a field-node certificate");
-                Err(tls_error(&r))
-            }
-        }
+        self.verify_logged(&chain, unix_to_time(now))?;
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

@@ -1,6 +1,6 @@
 //! Who gets one of the IN's connection slots when an attacker wants them all.
 //!
-//! Three rules on the TCP listener (docs/protocol.md, "Limits"):
+//! Three rules on every TCP listener (docs/protocol.md, "Limits"):
 //! - at most `max_connections_per_address` connections per source address; more are closed
 //!   as soon as they are accepted;
 //! - a connection must deliver its first TLS record (the ClientHello) within `hello_timeout`,
@@ -24,20 +24,21 @@ use tokio::sync::oneshot;
 
 /// Open connections per source address.
 #[derive(Debug)]
-pub(crate) struct PerAddress {
+pub struct PerAddress {
     max: usize,
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// One connection counted against its address; dropping it gives the place back.
 #[derive(Debug)]
-pub(crate) struct AddressSlot {
+pub struct AddressSlot {
     table: Arc<PerAddress>,
     ip: IpAddr,
 }
 
 impl PerAddress {
-    pub(crate) fn new(max: usize) -> Arc<Self> {
+    /// At most `max` connections from one address.
+    pub fn new(max: usize) -> Arc<Self> {
         Arc::new(PerAddress {
             max,
             open: Mutex::new(HashMap::new()),
@@ -45,7 +46,7 @@ impl PerAddress {
     }
 
     /// A place for one more connection from `ip`, unless it has `max` open.
-    pub(crate) fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+    pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
         let mut open = self.open.lock().ok()?;
         let n = open.entry(ip).or_insert(0);
         if *n >= self.max {
@@ -74,14 +75,14 @@ impl Drop for AddressSlot {
 
 /// The connections waiting on their peers, oldest first.
 #[derive(Debug, Default)]
-pub(crate) struct Waiting {
+pub struct Waiting {
     next: AtomicU64,
     queue: Mutex<BTreeMap<u64, (IpAddr, oneshot::Sender<()>)>>,
 }
 
 /// A connection's place among the waiting: it ends with [`Ticket::leave`] or when dropped.
 #[derive(Debug)]
-pub(crate) struct Ticket {
+pub struct Ticket {
     seq: u64,
     waiting: Arc<Waiting>,
     /// `None` once the eviction arrived (a oneshot must not be polled again after that).
@@ -90,7 +91,7 @@ pub(crate) struct Ticket {
 
 impl Waiting {
     /// Enters a connection from `ip` as waiting (the youngest).
-    pub(crate) fn enter(self: &Arc<Self>, ip: IpAddr) -> Ticket {
+    pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Ticket {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut q) = self.queue.lock() {
@@ -106,7 +107,7 @@ impl Waiting {
     /// Tells the longest-waiting connection of the address with the most waiting connections
     /// to close; `false` when none waits. Linear in the waiting connections (at most
     /// `max_connections`), and only run when every slot is taken.
-    pub(crate) fn evict(&self) -> bool {
+    pub fn evict(&self) -> bool {
         let Ok(mut q) = self.queue.lock() else {
             return false;
         };
@@ -142,7 +143,7 @@ impl Waiting {
 
 impl Ticket {
     /// Runs `work` unless the connection is evicted first (`None`).
-    pub(crate) async fn or_evicted<F: Future>(&mut self, work: F) -> Option<F::Output> {
+    pub async fn or_evicted<F: Future>(&mut self, work: F) -> Option<F::Output> {
         let evicted = self.evicted.as_mut()?;
         // Biased: an eviction that has arrived wins over work that is ready at the same time.
         tokio::select! {
@@ -156,7 +157,7 @@ impl Ticket {
     }
 
     /// The connection stops waiting on its peer: from now on it cannot be evicted.
-    pub(crate) fn leave(self) {}
+    pub fn leave(self) {}
 }
 
 impl Drop for Ticket {
@@ -170,7 +171,7 @@ impl Drop for Ticket {
 /// Why a connection's first TLS record never came: each is counted under its own
 /// `refusals_total` reason (a peer that closed or spoke another protocol did not time out).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum NoHello {
+pub enum NoHello {
     /// Not complete within `hello_timeout`.
     TimedOut,
     /// The peer closed or reset the connection first.
@@ -183,7 +184,7 @@ pub(crate) enum NoHello {
 
 impl NoHello {
     /// The `refusals_total` reason.
-    pub(crate) fn code(self) -> &'static str {
+    pub fn code(self) -> &'static str {
         match self {
             NoHello::TimedOut => "hello_timeout",
             NoHello::Closed => "closed_before_hello",
@@ -193,7 +194,7 @@ impl NoHello {
     }
 
     /// What the log says.
-    pub(crate) fn reason(self) -> &'static str {
+    pub fn reason(self) -> &'static str {
         match self {
             NoHello::TimedOut => "no ClientHello within the hello timeout",
             NoHello::Closed => "closed before its ClientHello was complete",
@@ -205,13 +206,13 @@ impl NoHello {
 
 /// Waits until the first TLS record is complete in the socket's receive buffer (without
 /// reading it), within `limit`.
-pub(crate) async fn first_record(tcp: &TcpStream, limit: Duration) -> Result<(), NoHello> {
+pub async fn first_record(tcp: &TcpStream, limit: Duration) -> Result<(), NoHello> {
     let mut buf = vec![0u8; MAX_RECORD];
     peek_first_record(tcp, &mut buf, limit).await.map(|_| ())
 }
 
 /// The longest TLS record on the wire (RFC 8446 §5.2) with its header.
-pub(crate) const MAX_RECORD: usize = 5 + (1 << 14) + 256;
+pub const MAX_RECORD: usize = 5 + (1 << 14) + 256;
 
 /// `fd` registered with the runtime for readable events.
 ///
@@ -238,7 +239,7 @@ fn watch_readable(fd: std::os::fd::OwnedFd) -> std::io::Result<AsyncFd<std::os::
 /// while bytes are buffered would leave the TLS stack's first read waiting for an event that
 /// never comes. So the wait watches a duplicate of the socket (its own epoll registration,
 /// edge-triggered, with EPOLLRDHUP for the FIN) and leaves the stream's readiness alone.
-pub(crate) async fn peek_first_record(
+pub async fn peek_first_record(
     tcp: &TcpStream,
     buf: &mut [u8],
     limit: Duration,
@@ -287,22 +288,6 @@ pub(crate) async fn peek_first_record(
     tokio::time::timeout(limit, wait)
         .await
         .unwrap_or(Err(NoHello::TimedOut))
-}
-
-/// A TCP connection counted in the `open_connections` gauge while it lives.
-pub(crate) struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
-
-impl OpenConnection {
-    pub(crate) fn new(metrics: &crate::metrics::Metrics) -> Self {
-        metrics.open_connections.inc();
-        OpenConnection(metrics.open_connections.clone())
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 #[cfg(test)]

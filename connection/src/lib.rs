@@ -1,0 +1,16 @@
+//! The connection layer of every m2mpki listener.
+//!
+//! A listener is this crate's accept loop ([`tcp::serve`]) and a handler: the loop owns
+//! admission (the per-process connection cap, the per-address cap, eviction of connections
+//! that only wait, the hello deadline, refusal counting and the drain), [`tcp::Admission::handshake`]
+//! runs a handshake on any TLS stack within its deadline, and [`hello`] reads a ClientHello
+//! (TLS or DTLS) for the decisions made before a stack sees it. docs/architecture.md shows
+//! where it sits.
+
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod hello;
+pub mod tcp;
+
+pub use tcp::{serve, Admission, Conn, First, Limits, Observer, Unfinished, Unobserved};
