@@ -356,9 +356,8 @@ impl Server {
             Some((ctx, config)) => Some(Arc::new(crate::dtls::server::Endpoint {
                 core: shared.clone(),
                 ctx,
+                udp: udp_endpoint(&config, &shared)?,
                 config,
-                cookies: crate::dtls::record::Cookies::new()?,
-                live: std::sync::atomic::AtomicUsize::new(0),
                 association: false,
             })),
         };
@@ -381,14 +380,8 @@ impl Server {
         };
         let psk_dtls = match shared.config.psk.as_ref().and_then(|p| p.dtls_listen) {
             None => None,
-            Some(listen) => Some(Arc::new(crate::dtls::server::Endpoint {
-                core: shared.clone(),
-                ctx: crate::psk::dtls_server_context(
-                    shared.creds.clone(),
-                    shared.store_key.clone(),
-                    psk_sni.clone(),
-                )?,
-                config: DtlsConfig {
+            Some(listen) => {
+                let assoc_dtls = DtlsConfig {
                     listen,
                     ..shared.config.dtls.clone().unwrap_or_else(|| DtlsConfig {
                         listen,
@@ -396,11 +389,19 @@ impl Server {
                         suites: vec![],
                         max_peers: 1024,
                     })
-                },
-                cookies: crate::dtls::record::Cookies::new()?,
-                live: std::sync::atomic::AtomicUsize::new(0),
-                association: true,
-            })),
+                };
+                Some(Arc::new(crate::dtls::server::Endpoint {
+                    core: shared.clone(),
+                    ctx: crate::psk::dtls_server_context(
+                        shared.creds.clone(),
+                        shared.store_key.clone(),
+                        psk_sni.clone(),
+                    )?,
+                    udp: udp_endpoint(&assoc_dtls, &shared)?,
+                    config: assoc_dtls,
+                    association: true,
+                }))
+            }
         };
         Ok(Server {
             shared,
@@ -431,7 +432,7 @@ impl Server {
     pub fn dtls_sessions(&self) -> usize {
         self.dtls
             .as_ref()
-            .map_or(0, |d| d.live.load(std::sync::atomic::Ordering::Relaxed))
+            .map_or(0, |d| d.udp.live.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The store key.
@@ -646,6 +647,25 @@ impl Server {
         )
         .await;
     }
+}
+
+/// The connection layer's side of a DTLS endpoint: a fresh cookie secret, `max_peers` places,
+/// the per-address cap of the TCP listeners, each peer's task bounded by the handshake and idle
+/// timeouts, refusals counted in the IN's metrics.
+fn udp_endpoint(config: &DtlsConfig, core: &Core) -> Result<m2mpki_connection::udp::Endpoint> {
+    let limits = &core.config.limits;
+    let observer: Arc<dyn Observer> = core.metrics.clone();
+    Ok(m2mpki_connection::udp::Endpoint {
+        limits: m2mpki_connection::udp::Limits {
+            max_peers: config.max_peers,
+            max_peers_per_address: limits.max_connections_per_address,
+            session_time: limits.handshake_timeout + limits.idle_timeout,
+        },
+        cookies: m2mpki_connection::dtls::Cookies::new()
+            .map_err(|e| Error::internal(e.to_string()))?,
+        live: std::sync::atomic::AtomicUsize::new(0),
+        observer,
+    })
 }
 
 /// A UDP socket for a DTLS endpoint (bootstrap or PSK association), with the enlarged receive

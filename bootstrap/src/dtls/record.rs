@@ -1,64 +1,20 @@
-//! Just enough of the DTLS 1.2 record layer (RFC 6347 §4.1, §4.2.1) to keep no state for a
-//! peer before it has proved its address: reading a first-flight ClientHello, answering it with
-//! a stateless HelloVerifyRequest, checking the returned cookie, and checking that both hellos
-//! negotiate the extended master secret (RFC 7627).
+//! What the IN and the node read of DTLS 1.2 records (RFC 6347 §4.1) besides the stateless
+//! hello exchange (which is the connection layer's, `m2mpki_connection::dtls`): the server's
+//! extended master secret (RFC 7627), protected records too short for the suite, fatal alerts,
+//! and the peer's Certificate message as it was sent.
 //!
-//! OpenSSL does the handshake itself; this module only looks at epoch-0 handshake records,
-//! which are in the clear.
+//! OpenSSL does the handshake itself; this module only frames records and reads epoch-0
+//! handshake records, which are in the clear.
 
-use std::net::SocketAddr;
+use m2mpki_connection::dtls::epoch0_handshake;
+pub use m2mpki_connection::dtls::{
+    CONTENT_ALERT, CONTENT_HANDSHAKE, HANDSHAKE_HEADER, RECORD_HEADER,
+};
+use m2mpki_connection::hello::{be, vector};
 
-use aws_lc_rs::hmac;
-
-/// Record header: type(1) version(2) epoch(2) sequence(6) length(2).
-pub const RECORD_HEADER: usize = 13;
-/// Handshake header: type(1) length(3) message_seq(2) fragment_offset(3) fragment_length(3).
-pub const HANDSHAKE_HEADER: usize = 12;
-const CONTENT_ALERT: u8 = 21;
-const CONTENT_HANDSHAKE: u8 = 22;
-const CLIENT_HELLO: u8 = 1;
 const SERVER_HELLO: u8 = 2;
-const HELLO_VERIFY_REQUEST: u8 = 3;
 /// The extended_master_secret extension (RFC 7627).
 const EXT_EMS: u16 = 23;
-/// How long a cookie stays good, in seconds.
-const COOKIE_LIFETIME: u64 = 120;
-/// Length of our cookies: a 4-byte time stamp and a 16-byte truncated HMAC.
-pub const COOKIE_LEN: usize = 20;
-
-/// A ClientHello that arrived alone in one record of epoch 0, unfragmented: the only shape a
-/// first flight takes (it is a few hundred bytes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientHello<'a> {
-    /// The whole datagram.
-    pub datagram: &'a [u8],
-    /// The record sequence number.
-    pub record_seq: u64,
-    /// The handshake message_seq (0 on the first hello, 1 on the one with the cookie).
-    pub message_seq: u16,
-    /// client_random.
-    pub random: &'a [u8],
-    /// Where the cookie's length byte sits in the datagram.
-    cookie_at: usize,
-    /// The cookie (empty on a first hello).
-    pub cookie: &'a [u8],
-    /// Whether the hello offers the extended master secret.
-    pub offers_ems: bool,
-}
-
-/// Reads `n` big-endian bytes at `at`.
-fn be(d: &[u8], at: usize, n: usize) -> Option<u64> {
-    let b = d.get(at..at.checked_add(n)?)?;
-    Some(b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x)))
-}
-
-/// A length-prefixed vector (`len_bytes` of length) at `at`: its body and the offset after it.
-fn vector(d: &[u8], at: usize, len_bytes: usize) -> Option<(&[u8], usize)> {
-    let len = usize::try_from(be(d, at, len_bytes)?).ok()?;
-    let start = at + len_bytes;
-    let end = start.checked_add(len)?;
-    Some((d.get(start..end)?, end))
-}
 
 /// Whether an extensions block (without its 2-byte length) carries `want`, or `None` if it is
 /// malformed.
@@ -71,59 +27,6 @@ fn has_extension(mut ext: &[u8], want: u16) -> Option<bool> {
         ext = ext.get(next..)?;
     }
     Some(found)
-}
-
-/// The first record of a datagram, if it is a DTLS handshake record of epoch 0:
-/// (sequence number, record body).
-fn epoch0_handshake(d: &[u8]) -> Option<(u64, &[u8])> {
-    if *d.first()? != CONTENT_HANDSHAKE || d.get(1) != Some(&254) || be(d, 3, 2)? != 0 {
-        return None;
-    }
-    let seq = be(d, 5, 6)?;
-    let (body, _) = vector(d, 11, 2)?;
-    Some((seq, body))
-}
-
-/// Reads a datagram that starts with a ClientHello; `None` for anything else (including a
-/// fragmented hello, which no first flight needs).
-pub fn client_hello(d: &[u8]) -> Option<ClientHello<'_>> {
-    let (record_seq, body) = epoch0_handshake(d)?;
-    if *body.first()? != CLIENT_HELLO {
-        return None;
-    }
-    let msg_len = be(body, 1, 3)?;
-    let message_seq = u16::try_from(be(body, 4, 2)?).ok()?;
-    let frag_off = be(body, 6, 3)?;
-    let frag_len = be(body, 9, 3)?;
-    let hello = body.get(HANDSHAKE_HEADER..)?;
-    if frag_off != 0 || frag_len != msg_len || u64::try_from(hello.len()).ok()? != msg_len {
-        return None;
-    }
-    // client_version(2) random(32) session_id<0..32> cookie<0..255> cipher_suites<2..>
-    // compression_methods<1..> extensions<0..>
-    let base = RECORD_HEADER + HANDSHAKE_HEADER;
-    let random = d.get(base + 2..base + 34)?;
-    let (_, after_sid) = vector(d, base + 34, 1)?;
-    let cookie_at = after_sid;
-    let (cookie, after_cookie) = vector(d, cookie_at, 1)?;
-    let (_, after_suites) = vector(d, after_cookie, 2)?;
-    let (_, after_comp) = vector(d, after_suites, 1)?;
-    let offers_ems = match d.get(after_comp..) {
-        Some([]) | None => false,
-        Some(_) => {
-            let (ext, _) = vector(d, after_comp, 2)?;
-            has_extension(ext, EXT_EMS)?
-        }
-    };
-    Some(ClientHello {
-        datagram: d,
-        record_seq,
-        message_seq,
-        random,
-        cookie_at,
-        cookie,
-        offers_ems,
-    })
 }
 
 /// Whether the datagram from the server carries a ServerHello, and if so whether it accepts
@@ -144,29 +47,6 @@ pub fn server_hello_ems(d: &[u8]) -> Option<bool> {
             let (ext, _) = vector(hello, after, 2)?;
             has_extension(ext, EXT_EMS)
         }
-    }
-}
-
-impl ClientHello<'_> {
-    /// The same hello as it was before the cookie: cookie removed, message_seq 0, record
-    /// sequence number one lower. OpenSSL's server object only takes a cookie-bearing hello
-    /// after it has itself asked for the cookie; feeding it this first lets a fresh object
-    /// accept the real one, so no object exists before the peer has proved its address.
-    pub fn without_cookie(&self) -> Vec<u8> {
-        let d = self.datagram;
-        let mut v = Vec::with_capacity(d.len());
-        v.extend_from_slice(&d[..self.cookie_at]);
-        v.push(0);
-        v.extend_from_slice(&d[self.cookie_at + 1 + self.cookie.len()..]);
-        let record_len = (v.len() - RECORD_HEADER) as u64;
-        let msg_len = (v.len() - RECORD_HEADER - HANDSHAKE_HEADER) as u64;
-        v[11..13].copy_from_slice(&record_len.to_be_bytes()[6..]);
-        v[14..17].copy_from_slice(&msg_len.to_be_bytes()[5..]);
-        v[17..19].copy_from_slice(&[0, 0]);
-        v[22..25].copy_from_slice(&msg_len.to_be_bytes()[5..]);
-        let seq = self.record_seq.saturating_sub(1);
-        v[5..11].copy_from_slice(&seq.to_be_bytes()[2..]);
-        v
     }
 }
 
@@ -352,186 +232,9 @@ fn certificate_list(body: &[u8]) -> Option<Vec<Vec<u8>>> {
     Some(out)
 }
 
-/// Makes and checks stateless cookies: `time(4) || HMAC-SHA256(secret, time || address ||
-/// client_random)[..16]`, good for two minutes (RFC 6347 §4.2.1).
-pub struct Cookies {
-    key: hmac::Key,
-}
-
-impl std::fmt::Debug for Cookies {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Cookies(<secret>)")
-    }
-}
-
-fn addr_bytes(a: &SocketAddr) -> Vec<u8> {
-    let mut v = match a.ip() {
-        std::net::IpAddr::V4(ip) => ip.to_ipv6_mapped().octets().to_vec(),
-        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
-    };
-    v.extend_from_slice(&a.port().to_be_bytes());
-    v
-}
-
-impl Cookies {
-    /// Cookies under a fresh random secret.
-    pub fn new() -> crate::Result<Self> {
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
-            .map_err(|_| crate::Error::internal("random source failed"))?;
-        Ok(Cookies { key })
-    }
-
-    fn mac(&self, stamp: u32, peer: &SocketAddr, random: &[u8]) -> [u8; 16] {
-        let mut ctx = hmac::Context::with_key(&self.key);
-        ctx.update(&stamp.to_be_bytes());
-        ctx.update(&addr_bytes(peer));
-        ctx.update(random);
-        let tag = ctx.sign();
-        let mut out = [0u8; 16];
-        out.copy_from_slice(&tag.as_ref()[..16]);
-        out
-    }
-
-    /// A cookie for `peer` and its hello's random, stamped `now` (seconds since the epoch).
-    pub fn make(&self, peer: &SocketAddr, random: &[u8], now: u64) -> [u8; COOKIE_LEN] {
-        let stamp = u32::try_from(now & u64::from(u32::MAX)).unwrap_or(0);
-        let mut out = [0u8; COOKIE_LEN];
-        out[..4].copy_from_slice(&stamp.to_be_bytes());
-        out[4..].copy_from_slice(&self.mac(stamp, peer, random));
-        out
-    }
-
-    /// Whether `cookie` was made by us for this peer and random, within the lifetime.
-    pub fn check(&self, cookie: &[u8], peer: &SocketAddr, random: &[u8], now: u64) -> bool {
-        let Some((stamp, tag)) = cookie.split_first_chunk::<4>() else {
-            return false;
-        };
-        if cookie.len() != COOKIE_LEN {
-            return false;
-        }
-        let stamp = u32::from_be_bytes(*stamp);
-        let now32 = u32::try_from(now & u64::from(u32::MAX)).unwrap_or(0);
-        let age = now32.wrapping_sub(stamp);
-        if u64::from(age) > COOKIE_LIFETIME {
-            return false;
-        }
-        aws_lc_rs::constant_time::verify_slices_are_equal(&self.mac(stamp, peer, random), tag)
-            .is_ok()
-    }
-}
-
-/// A HelloVerifyRequest answering `hello` with `cookie`: version DTLS 1.0 in the record and
-/// the body as RFC 6347 §4.2.1 recommends, the hello's record sequence number echoed.
-pub fn hello_verify_request(hello: &ClientHello<'_>, cookie: &[u8]) -> Vec<u8> {
-    let body_len = 3 + cookie.len();
-    let mut v = Vec::with_capacity(RECORD_HEADER + HANDSHAKE_HEADER + body_len);
-    v.extend_from_slice(&[CONTENT_HANDSHAKE, 254, 255, 0, 0]);
-    v.extend_from_slice(&hello.record_seq.to_be_bytes()[2..]);
-    v.extend_from_slice(&((HANDSHAKE_HEADER + body_len) as u16).to_be_bytes());
-    v.push(HELLO_VERIFY_REQUEST);
-    v.extend_from_slice(&(body_len as u32).to_be_bytes()[1..]);
-    v.extend_from_slice(&[0, 0, 0, 0, 0]);
-    v.extend_from_slice(&(body_len as u32).to_be_bytes()[1..]);
-    v.extend_from_slice(&[254, 255, cookie.len() as u8]);
-    v.extend_from_slice(cookie);
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A ClientHello as OpenSSL 3.0's `s_client -dtls1_2` sends it, first flight, trimmed to
-    /// the fields read here (built by hand: version, random, session id, cookie, suites,
-    /// compression, extensions with EMS).
-    fn hello(cookie: &[u8], ems: bool, message_seq: u16, record_seq: u64) -> Vec<u8> {
-        let mut body = vec![254, 253];
-        body.extend_from_slice(&[7u8; 32]);
-        body.push(0);
-        body.push(cookie.len() as u8);
-        body.extend_from_slice(cookie);
-        body.extend_from_slice(&[0, 2, 0xc0, 0xae, 1, 0]);
-        let mut ext = vec![0, 11, 0, 2, 1, 0];
-        if ems {
-            ext.extend_from_slice(&[0, 23, 0, 0]);
-        }
-        body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-        body.extend_from_slice(&ext);
-        let mut hs = vec![CLIENT_HELLO];
-        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-        hs.extend_from_slice(&message_seq.to_be_bytes());
-        hs.extend_from_slice(&[0, 0, 0]);
-        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-        hs.extend_from_slice(&body);
-        let mut d = vec![CONTENT_HANDSHAKE, 254, 253, 0, 0];
-        d.extend_from_slice(&record_seq.to_be_bytes()[2..]);
-        d.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-        d.extend_from_slice(&hs);
-        d
-    }
-
-    #[test]
-    fn reads_hellos_and_strips_the_cookie() {
-        let first = hello(&[], true, 0, 0);
-        let h = client_hello(&first).unwrap();
-        assert!(h.cookie.is_empty() && h.offers_ems && h.message_seq == 0);
-        let second = hello(&[9; COOKIE_LEN], true, 1, 1);
-        let h2 = client_hello(&second).unwrap();
-        assert_eq!(h2.cookie, &[9; COOKIE_LEN]);
-        assert_eq!(h2.without_cookie(), first);
-        assert!(!client_hello(&hello(&[], false, 0, 0)).unwrap().offers_ems);
-    }
-
-    #[test]
-    fn refuses_malformed_and_other_records() {
-        let good = hello(&[], true, 0, 0);
-        for cut in 0..good.len() {
-            assert_eq!(client_hello(&good[..cut]), None, "cut at {cut}");
-        }
-        let mut app = good.clone();
-        app[0] = 23;
-        assert_eq!(client_hello(&app), None);
-        let mut epoch1 = good.clone();
-        epoch1[4] = 1;
-        assert_eq!(client_hello(&epoch1), None);
-        let mut fragment = good;
-        fragment[RECORD_HEADER + 8] = 1; // fragment_offset
-        assert_eq!(client_hello(&fragment), None);
-    }
-
-    #[test]
-    fn cookies_bind_address_random_and_time() {
-        let c = Cookies::new().unwrap();
-        let a: SocketAddr = "192.0.2.1:5684".parse().unwrap();
-        let b: SocketAddr = "192.0.2.1:5685".parse().unwrap();
-        let k = c.make(&a, &[1; 32], 1000);
-        assert!(c.check(&k, &a, &[1; 32], 1000));
-        assert!(c.check(&k, &a, &[1; 32], 1000 + COOKIE_LIFETIME));
-        assert!(!c.check(&k, &a, &[1; 32], 1001 + COOKIE_LIFETIME));
-        assert!(!c.check(&k, &b, &[1; 32], 1000));
-        assert!(!c.check(&k, &a, &[2; 32], 1000));
-        assert!(!c.check(&k[..19], &a, &[1; 32], 1000));
-        assert!(!Cookies::new().unwrap().check(&k, &a, &[1; 32], 1000));
-    }
-
-    #[test]
-    fn hello_verify_request_layout() {
-        let first = hello(&[], true, 0, 5);
-        let h = client_hello(&first).unwrap();
-        let hvr = hello_verify_request(&h, &[0xAA; 4]);
-        assert_eq!(
-            hvr,
-            [
-                // record: handshake, DTLS 1.0, epoch 0, the hello's sequence 5, length 19
-                22, 254, 255, 0, 0, 0, 0, 0, 0, 0, 5, 0, 19,
-                // handshake: hello_verify_request, length 7, message_seq 0, offset 0, length 7
-                3, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 7,
-                // server_version DTLS 1.0, cookie length 4, cookie
-                254, 255, 4, 0xAA, 0xAA, 0xAA, 0xAA,
-            ]
-        );
-    }
 
     /// A record of `kind` in `epoch` carrying `body`.
     fn record(kind: u8, epoch: u16, seq: u64, body: &[u8]) -> Vec<u8> {

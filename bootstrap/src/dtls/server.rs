@@ -1,8 +1,7 @@
 //! The IN's DTLS + CoAP endpoint: one UDP socket, many peers.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +9,9 @@ use openssl::ssl::{HandshakeError, MidHandshakeSslStream, SslContext, SslStream}
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::record::{self, Cookies};
+use m2mpki_connection::{dtls, udp};
+
+use super::record;
 use super::{new_ssl, Pipe};
 use crate::coap::{self, option, Block, Message, Type};
 use crate::config::DtlsConfig;
@@ -20,12 +21,6 @@ use crate::Result;
 
 /// How often a peer's handshake is polled, so that OpenSSL retransmits on time.
 const TICK: Duration = Duration::from_millis(100);
-/// Datagrams queued for one peer; more are dropped (the peer retransmits).
-const PEER_QUEUE: usize = 16;
-/// The largest datagram taken from a peer: a full DTLS record (2^14 bytes of plaintext and its
-/// expansion). Together with [`PEER_QUEUE`] and `max_peers` this bounds what peers can make
-/// the IN hold.
-const MAX_DATAGRAM: usize = (1 << 14) + 2048 + 13;
 /// Responses remembered per session for retransmitted requests (RFC 7252 §4.5).
 const REMEMBERED: usize = 16;
 /// Bytes of a response datagram that are not payload, besides IP and UDP: the DTLS record
@@ -37,9 +32,8 @@ pub(crate) struct Endpoint {
     pub(crate) core: Arc<Core>,
     pub(crate) ctx: SslContext,
     pub(crate) config: DtlsConfig,
-    pub(crate) cookies: Cookies,
-    /// Peers with a handshake or session under way.
-    pub(crate) live: std::sync::atomic::AtomicUsize,
+    /// The connection layer's side: cookies, peer places, the count of live peers.
+    pub(crate) udp: udp::Endpoint,
     /// The PSK association endpoint (answers who it authenticated) rather than the bootstrap.
     pub(crate) association: bool,
 }
@@ -61,97 +55,6 @@ impl Session {
     }
 }
 
-struct PeerHandle {
-    tx: mpsc::Sender<Vec<u8>>,
-    random: Vec<u8>,
-    /// Rises with each new peer: the lowest of an address is its longest-waiting.
-    id: u64,
-    /// Set while a request of the peer is being answered: such a peer is not evicted.
-    busy: Arc<AtomicBool>,
-}
-
-/// The peers with a handshake or session under way, by address, and how many each source
-/// address (IP) holds: the DTLS side of [`crate::admission`]'s rules.
-#[derive(Default)]
-struct Peers {
-    by_addr: HashMap<SocketAddr, PeerHandle>,
-    per_ip: HashMap<IpAddr, usize>,
-}
-
-impl Peers {
-    fn len(&self) -> usize {
-        self.by_addr.len()
-    }
-
-    fn of_ip(&self, ip: IpAddr) -> usize {
-        self.per_ip.get(&ip).copied().unwrap_or(0)
-    }
-
-    /// Adds a peer; one at the same address and port is replaced (and so ends).
-    fn insert(&mut self, addr: SocketAddr, peer: PeerHandle) {
-        if self.by_addr.insert(addr, peer).is_none() {
-            *self.per_ip.entry(addr.ip()).or_insert(0) += 1;
-        }
-    }
-
-    /// Removes the peer at `addr` if it is `id` (or any, for `None`); dropping its sender ends
-    /// its task at its next wait on the peer.
-    fn remove(&mut self, addr: SocketAddr, id: Option<u64>) -> bool {
-        let matches = self
-            .by_addr
-            .get(&addr)
-            .is_some_and(|p| id.is_none_or(|id| p.id == id));
-        if !matches {
-            return false;
-        }
-        self.by_addr.remove(&addr);
-        if let Some(n) = self.per_ip.get_mut(&addr.ip()) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_ip.remove(&addr.ip());
-            }
-        }
-        true
-    }
-
-    /// The longest-waiting peer of the address with the most peers that wait (every peer but
-    /// one whose request is being answered), as on the TLS listener: an attacker holding many
-    /// places only ever gives up its own. Linear in the peers, and only run when all places are
-    /// taken.
-    fn evictable(&self) -> Option<SocketAddr> {
-        let waiting = || {
-            self.by_addr
-                .iter()
-                .filter(|(_, p)| !p.busy.load(Ordering::Relaxed))
-        };
-        let mut counts: HashMap<IpAddr, usize> = HashMap::new();
-        for (a, _) in waiting() {
-            *counts.entry(a.ip()).or_insert(0) += 1;
-        }
-        let most = counts.values().copied().max()?;
-        waiting()
-            .filter(|(a, _)| counts.get(&a.ip()) == Some(&most))
-            .min_by_key(|(_, p)| p.id)
-            .map(|(a, _)| *a)
-    }
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// A fatal alert in epoch 0, for a peer we refuse outside OpenSSL's state machine: 40
-/// (`handshake_failure`) for a cookie-proven hello without the extended master secret, 20
-/// (`bad_record_mac`) for a Finished that does not decrypt.
-fn epoch0_alert(description: u8, record_seq: u64) -> Vec<u8> {
-    let mut v = vec![21, 254, 253, 0, 0];
-    v.extend_from_slice(&record_seq.to_be_bytes()[2..]);
-    v.extend_from_slice(&[0, 2, 2, description]);
-    v
-}
-
 /// Protected handshake records (the peer's Finished, first sent and retransmitted) that did
 /// not complete the handshake although OpenSSL had read the peer's ChangeCipherSpec and so
 /// waited for exactly that record, after which the peer's key is taken to be wrong: OpenSSL
@@ -161,8 +64,8 @@ fn epoch0_alert(description: u8, record_seq: u64) -> Vec<u8> {
 const UNREADABLE_FINISHED: usize = 2;
 
 impl Endpoint {
-    fn refused(&self, code: &str) {
-        self.core.metrics.refusals.count(code);
+    fn refused(&self, code: &'static str) {
+        self.udp.observer.refused(code);
     }
 
     /// Serves until `stop` resolves; then lets running peers end within the limits.
@@ -171,145 +74,30 @@ impl Endpoint {
         socket: UdpSocket,
         stop: impl std::future::Future<Output = ()>,
     ) {
-        let socket = Arc::new(socket);
-        let mut peers = Peers::default();
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
-        let mut next_id = 0u64;
-        let mut buf = vec![0u8; 65_536];
-        let mut tasks = tokio::task::JoinSet::new();
-        let per_address = self.core.config.limits.max_connections_per_address;
-        tokio::pin!(stop);
-        loop {
-            let (n, from) = tokio::select! {
-                _ = &mut stop => break,
-                Some((addr, id)) = done_rx.recv() => {
-                    peers.remove(addr, Some(id));
-                    self.live.store(peers.len(), Ordering::Relaxed);
-                    continue;
-                }
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-                r = socket.recv_from(&mut buf) => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // ICMP errors of earlier sends surface here (connection refused);
-                        // they say nothing about the socket.
-                        tracing::debug!(error = %e, "DTLS receive error");
-                        continue;
-                    }
-                },
-            };
-            if n > MAX_DATAGRAM {
-                continue;
-            }
-            let d = &buf[..n];
-            let hello = record::client_hello(d);
-            if let Some(p) = peers.by_addr.get(&from) {
-                // A hello with another client_random is a new handshake from the same address
-                // (a node that rebooted): it goes through the cookie exchange and, once proven,
-                // replaces the old session. Anything else belongs to the session.
-                let new_handshake = hello
-                    .as_ref()
-                    .is_some_and(|h| h.random != p.random.as_slice());
-                if !new_handshake {
-                    // Full queue: drop; the peer retransmits.
-                    let _ = p.tx.try_send(d.to_vec());
-                    continue;
-                }
-            }
-            let Some(hello) = hello else {
-                continue; // not for a session we have, and not a hello: nothing to answer
-            };
-            let now = now_secs();
-            if !self.cookies.check(hello.cookie, &from, hello.random, now) {
-                let cookie = self.cookies.make(&from, hello.random, now);
-                let hvr = record::hello_verify_request(&hello, &cookie);
-                let _ = socket.send_to(&hvr, from).await;
-                continue;
-            }
-            if !hello.offers_ems {
-                tracing::info!(peer = %from, "DTLS hello without the extended master secret refused");
-                let _ = socket
-                    .send_to(&epoch0_alert(40, hello.record_seq), from)
-                    .await;
-                continue;
-            }
-            // The address has proved it receives: from here on the TLS listener's rules.
-            if !peers.by_addr.contains_key(&from) {
-                if peers.of_ip(from.ip()) >= per_address {
-                    tracing::debug!(peer = %from, "DTLS hello dropped: too many peers from this address");
-                    self.refused("per_address_cap");
-                    continue;
-                }
-                if peers.len() >= self.config.max_peers {
-                    match peers.evictable() {
-                        Some(victim) => {
-                            peers.remove(victim, None);
-                            tracing::debug!(peer = %from, evicted = %victim, "all DTLS places taken: evicted the longest-waiting peer of the busiest address");
-                            self.refused("evicted");
-                        }
-                        None => {
-                            tracing::debug!(peer = %from, "DTLS hello dropped: every place is answering a request");
-                            self.refused("peer_limit");
-                            continue;
-                        }
-                    }
-                }
-            }
-            let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            next_id += 1;
-            let id = next_id;
-            let busy = Arc::new(AtomicBool::new(false));
-            peers.insert(
-                from,
-                PeerHandle {
-                    tx,
-                    random: hello.random.to_vec(),
-                    id,
-                    busy: busy.clone(),
-                },
-            );
-            self.live.store(peers.len(), Ordering::Relaxed);
+        let what = if self.association {
+            "DTLS PSK association"
+        } else {
+            "DTLS"
+        };
+        udp::serve(socket, &self.udp, what, stop, |peer| {
             let this = self.clone();
-            let socket = socket.clone();
-            let first = hello.without_cookie();
-            let real = d.to_vec();
-            let done = done_tx.clone();
-            tasks.spawn(async move {
-                let limits = &this.core.config.limits;
-                let deadline = limits.handshake_timeout + limits.idle_timeout;
-                if tokio::time::timeout(
-                    deadline,
-                    this.serve_peer(&socket, from, first, real, rx, &busy),
-                )
-                .await
-                .is_err()
-                {
-                    tracing::info!(peer = %from, "DTLS session took too long; dropped");
-                }
-                let _ = done.send((from, id));
-            });
-        }
-        drop(peers);
-        let limits = &self.core.config.limits;
-        let drain = limits.handshake_timeout + limits.idle_timeout;
-        if tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
-            .await
-            .is_err()
-        {
-            tracing::warn!("some DTLS sessions were still open after {drain:?}; stopping anyway");
-        }
+            async move { this.serve_peer(peer).await }
+        })
+        .await;
     }
 
-    async fn serve_peer(
-        &self,
-        socket: &UdpSocket,
-        peer: SocketAddr,
-        first: Vec<u8>,
-        real: Vec<u8>,
-        mut rx: mpsc::Receiver<Vec<u8>>,
-        busy: &AtomicBool,
-    ) {
-        let mut stream = match self.handshake(socket, peer, first, real, &mut rx).await {
+    async fn serve_peer(&self, p: udp::Peer) {
+        let udp::Peer {
+            addr: peer,
+            socket,
+            first_hello,
+            hello,
+            inbox: mut rx,
+            busy,
+        } = p;
+        let socket = &*socket;
+        let first = first_hello;
+        let mut stream = match self.handshake(socket, peer, first, hello, &mut rx).await {
             Ok(Some(s)) => s,
             Ok(None) => return,
             Err(e) => {
@@ -346,7 +134,7 @@ impl Endpoint {
                     return;
                 }
             };
-            busy.store(true, Ordering::Relaxed);
+            busy.set(true);
             stream.get_mut().inbox.push_back(d);
             while let Ok(more) = rx.try_recv() {
                 stream.get_mut().inbox.push_back(more);
@@ -375,7 +163,7 @@ impl Endpoint {
                 }
             }
             flush(socket, peer, stream.get_mut()).await;
-            busy.store(false, Ordering::Relaxed);
+            busy.set(false);
         }
     }
 
@@ -450,7 +238,7 @@ impl Endpoint {
             if unreadable >= UNREADABLE_FINISHED {
                 tracing::info!(%peer, "DTLS handshake refused: the peer's Finished does not decrypt (wrong key?)");
                 self.refused("bad_finished");
-                let _ = socket.send_to(&epoch0_alert(20, 1 << 40), peer).await;
+                let _ = socket.send_to(&dtls::epoch0_alert(20, 1 << 40), peer).await;
                 return Ok(None);
             }
             let min = super::min_sealed(mid.ssl());
