@@ -9,10 +9,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use openssl::ssl::{
-    Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslSessionCacheMode,
-    SslVersion,
-};
+use openssl::ssl::{Ssl, SslContext};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -64,18 +61,14 @@ pub fn context(
     verifier: Arc<FieldNodeVerifier>,
     sni: crate::tls::SniRule,
 ) -> Result<SslContext> {
-    let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(openssl_error)?;
-    b.set_min_proto_version(Some(SslVersion::TLS1_2))
-        .map_err(openssl_error)?;
-    b.set_max_proto_version(Some(SslVersion::TLS1_2))
-        .map_err(openssl_error)?;
-    b.set_cipher_list("ECDHE-ECDSA-AES128-SHA256")
-        .map_err(openssl_error)?;
-    b.set_groups_list("P-256:X25519:P-384")
-        .map_err(openssl_error)?;
-    b.set_options(SslOptions::NO_TICKET | SslOptions::NO_RENEGOTIATION);
-    b.set_mode(SslMode::RELEASE_BUFFERS);
-    b.set_session_cache_mode(SslSessionCacheMode::OFF);
+    use m2mpki_connection::openssl::{context, Profile, Stack, GROUPS};
+    let mut b = context(Profile {
+        stack: Stack::TlsServer,
+        ciphers: "ECDHE-ECDSA-AES128-SHA256",
+        groups: Some(GROUPS),
+        server_preference: false,
+    })
+    .map_err(openssl_error)?;
     crate::dtls::set_identity(&mut b, chain, pkcs8)?;
     install_verifier(&mut b, move |chain| {
         verifier.verify(chain, time::OffsetDateTime::now_utc())

@@ -22,9 +22,7 @@ use std::time::Duration;
 
 use m2mpki_connection::admission::Ticket;
 use openssl::ex_data::Index;
-use openssl::ssl::{
-    Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslSessionCacheMode, SslVersion,
-};
+use openssl::ssl::{Ssl, SslContext, SslContextBuilder};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -104,11 +102,15 @@ pub(crate) fn server_context(
     key: StoreKey,
     sni: crate::tls::SniRule,
 ) -> Result<SslContext> {
-    let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(openssl_error)?;
-    configure(&mut b, SslVersion::TLS1_2)?;
+    use m2mpki_connection::openssl::{context, Profile, Stack};
+    let mut b = context(Profile {
+        stack: Stack::TlsServer,
+        ciphers: TLS_SUITES,
+        groups: None,
+        server_preference: true,
+    })
+    .map_err(openssl_error)?;
     crate::dtls::check_sni(&mut b, sni, "psk");
-    b.set_options(SslOptions::CIPHER_SERVER_PREFERENCE | SslOptions::NO_TICKET);
-    b.set_session_cache_mode(SslSessionCacheMode::OFF);
     install_lookup(&mut b, store, key)?;
     Ok(b.build())
 }
@@ -176,14 +178,6 @@ fn install_lookup(
         }
     });
     Ok(())
-}
-
-fn configure(b: &mut SslContextBuilder, version: SslVersion) -> Result<()> {
-    b.set_min_proto_version(Some(version))
-        .map_err(openssl_error)?;
-    b.set_max_proto_version(Some(version))
-        .map_err(openssl_error)?;
-    b.set_cipher_list(TLS_SUITES).map_err(openssl_error)
 }
 
 /// The error document of docs/protocol.md §5, `{"error": {"code", "message"}}`, made as the
@@ -579,8 +573,14 @@ pub fn associate(req: &AssociateRequest) -> Result<Associated> {
         addr: addr.clone(),
         reason,
     };
-    let mut b = SslContextBuilder::new(SslMethod::tls_client()).map_err(openssl_error)?;
-    configure(&mut b, SslVersion::TLS1_2)?;
+    use m2mpki_connection::openssl::{context, Profile, Stack};
+    let mut b = context(Profile {
+        stack: Stack::TlsClient,
+        ciphers: TLS_SUITES,
+        groups: None,
+        server_preference: false,
+    })
+    .map_err(openssl_error)?;
     let identity = req.credential_id.clone();
     let key = req.credential.clone();
     b.set_psk_client_callback(move |_ssl, _hint, id_out, psk_out| {

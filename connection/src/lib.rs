@@ -13,6 +13,7 @@
 pub mod admission;
 pub mod dtls;
 pub mod hello;
+pub mod openssl;
 pub mod tcp;
 pub mod udp;
 

@@ -23,10 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use m2mpki_ca::verify::{Refusal, Verified};
 use openssl::ex_data::Index;
 use openssl::pkey::PKey;
-use openssl::ssl::{
-    Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslSessionCacheMode,
-    SslVerifyMode, SslVersion,
-};
+use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslVerifyMode};
 use openssl::x509::{X509StoreContext, X509StoreContextRef, X509};
 
 use crate::config::DtlsSuite;
@@ -238,41 +235,18 @@ pub(crate) fn context(
 /// A DTLS 1.2 context with the cipher list `list` and what every m2mpki DTLS endpoint uses
 /// (groups, options, our stateless cookie exchange on a server), without credentials.
 pub(crate) fn base_context(server: bool, list: &str) -> Result<SslContextBuilder> {
-    let method = if server {
-        SslMethod::dtls_server()
-    } else {
-        SslMethod::dtls_client()
-    };
-    let mut b = SslContextBuilder::new(method).map_err(openssl_error)?;
-    b.set_min_proto_version(Some(SslVersion::DTLS1_2))
-        .map_err(openssl_error)?;
-    b.set_max_proto_version(Some(SslVersion::DTLS1_2))
-        .map_err(openssl_error)?;
-    b.set_cipher_list(list).map_err(openssl_error)?;
-    b.set_groups_list("P-256:X25519:P-384")
-        .map_err(openssl_error)?;
-    b.set_options(
-        SslOptions::NO_TICKET
-            | SslOptions::NO_QUERY_MTU
-            | SslOptions::NO_RENEGOTIATION
-            | SslOptions::CIPHER_SERVER_PREFERENCE,
-    );
-    if server {
-        // The cookie exchange is ours and stateless (record.rs): an SSL object exists only
-        // for a hello whose cookie we checked. OpenSSL's own exchange stays on so that such an
-        // object accepts the cookie-bearing hello (message_seq 1); it is handed the hello as
-        // it was before the cookie first, and what it answers to that is dropped.
-        b.set_options(SslOptions::COOKIE_EXCHANGE);
-        b.set_cookie_generate_cb(|_, out| {
-            let n = out.len().min(1);
-            out[..n].fill(0);
-            Ok(n)
-        });
-        b.set_cookie_verify_cb(|_, _| true);
-    }
-    b.set_mode(SslMode::RELEASE_BUFFERS);
-    b.set_session_cache_mode(SslSessionCacheMode::OFF);
-    Ok(b)
+    use m2mpki_connection::openssl::{context, Profile, Stack, GROUPS};
+    context(Profile {
+        stack: if server {
+            Stack::DtlsServer
+        } else {
+            Stack::DtlsClient
+        },
+        ciphers: list,
+        groups: Some(GROUPS),
+        server_preference: true,
+    })
+    .map_err(openssl_error)
 }
 
 /// Gives an OpenSSL context our certificate chain (leaf first) and software key (PKCS#8 DER),
