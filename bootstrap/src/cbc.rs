@@ -18,9 +18,10 @@ use m2mpki_connection::hello::ClientHello;
 use m2mpki_connection::Admission;
 
 use crate::dtls::{export_ts0003, export_wrap_key, install_verifier, openssl_error, Verdict};
-use crate::enrol::{Admitted, Core};
+use crate::enrol::Admitted;
 use crate::tls::FieldNodeVerifier;
 use crate::Result;
+use m2mpki_connection::http::Routes;
 
 /// `TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256`.
 pub const CBC_SUITE: u16 = 0xC023;
@@ -82,7 +83,7 @@ const HANDSHAKE_FAILURE: [u8; 7] = [21, 3, 3, 0, 2, 2, 40];
 
 /// Serves one connection whose hello chose the CBC suite.
 pub async fn serve(
-    core: Arc<Core>,
+    routes: &Arc<Routes<Admitted>>,
     admission: &Admission,
     ctx: &SslContext,
     mut tcp: TcpStream,
@@ -113,7 +114,7 @@ pub async fn serve(
     let Some(node) = admit(&stream, &verdict, peer) else {
         return;
     };
-    crate::http::serve_http(core, node, stream, ticket).await;
+    crate::http::serve_http(routes, node, stream, ticket).await;
 }
 
 fn admit(

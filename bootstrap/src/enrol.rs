@@ -14,8 +14,8 @@ use crate::config::ServerConfig;
 use crate::credstore::{CredentialStore, GroupCommitter, NewCredential, StoreKey};
 pub use crate::outcome::Outcome;
 use crate::protocol::{
-    self, Admission, BootstrapRequest, BootstrapResponse, ErrorBody, ErrorDetail, Ts0003Keys,
-    WrapKey, VERSION, VERSION_TS0003, WRAP_ALGORITHM,
+    self, Admission, BootstrapRequest, BootstrapResponse, Ts0003Keys, WrapKey, VERSION,
+    VERSION_TS0003, WRAP_ALGORITHM,
 };
 use crate::ratelimit::Buckets;
 use crate::tls::FieldNodeVerifier;
@@ -45,15 +45,9 @@ pub struct Answer {
 impl Answer {
     /// A refusal with its error document.
     pub fn refusal(outcome: Outcome, code: &str, message: impl Into<String>) -> Self {
-        let doc = ErrorBody {
-            error: ErrorDetail {
-                code: code.to_owned(),
-                message: message.into(),
-            },
-        };
         Answer {
             outcome,
-            body: serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec()),
+            body: m2mpki_connection::http::error_document(code, &message.into()),
             retry_after: None,
         }
     }

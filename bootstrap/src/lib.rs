@@ -19,7 +19,6 @@ pub mod dtls;
 pub mod enrol;
 mod error;
 mod http;
-mod http_head;
 pub mod metrics;
 mod outcome;
 pub mod protocol;

@@ -29,8 +29,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::credstore::{CredentialStatus, CredentialStore, StoreKey};
 use crate::dtls::openssl_error;
-use crate::http_head::{self, Head};
 use crate::{Error, Result};
+use m2mpki_connection::http_head::{self, Head};
 
 /// Where the IN answers who an association authenticated.
 pub const ASSOCIATION_PATH: &str = "/.well-known/m2mpki/association";
@@ -180,12 +180,6 @@ fn install_lookup(
     Ok(())
 }
 
-/// The error document of docs/protocol.md §5, `{"error": {"code", "message"}}`, made as the
-/// bootstrap's refusals over TLS and DTLS make it (it was `{"error", "message"}` here).
-fn error_document(code: &str, message: &str) -> Vec<u8> {
-    crate::enrol::Answer::refusal(crate::enrol::Outcome::BadRequest, code, message).body
-}
-
 /// The association listener of a running IN.
 pub(crate) struct Listener {
     pub(crate) ctx: SslContext,
@@ -280,7 +274,7 @@ impl Listener {
         let buffered = match head {
             Ok(Ok(Head::Ok { buffered })) => buffered,
             Ok(Ok(Head::Refuse(r))) => {
-                let body = error_document(r.code, &r.message);
+                let body = m2mpki_connection::http::error_document(r.code, &r.message);
                 let out = http_head::json_response(r.status, &body);
                 return tls.write_all(&out).await;
             }
@@ -290,7 +284,7 @@ impl Listener {
         let request = match Request::parse(&buffered) {
             Ok(r) => r,
             Err(status_msg) => {
-                let body = error_document("bad_request", &status_msg);
+                let body = m2mpki_connection::http::error_document("bad_request", &status_msg);
                 let out = http_head::json_response(hyper::StatusCode::BAD_REQUEST, &body);
                 return tls.write_all(&out).await;
             }
@@ -304,14 +298,14 @@ impl Listener {
             let body = if status == hyper::StatusCode::OK {
                 serde_json::to_vec(assoc).map_err(std::io::Error::other)?
             } else {
-                error_document("method_not_allowed", "GET only")
+                m2mpki_connection::http::error_document("method_not_allowed", "GET only")
             };
             return tls
                 .write_all(&http_head::json_response(status, &body))
                 .await;
         }
         let Some(upstream) = self.upstream else {
-            let body = error_document(
+            let body = m2mpki_connection::http::error_document(
                 "not_found",
                 &format!("no upstream is configured; this IN answers {ASSOCIATION_PATH} only"),
             );
@@ -338,7 +332,7 @@ impl Listener {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(%upstream, error = %e, "upstream unreachable");
-                let body = error_document(
+                let body = m2mpki_connection::http::error_document(
                     "upstream_unavailable",
                     "the service behind the IN is unreachable",
                 );
@@ -357,7 +351,7 @@ impl Listener {
         // The upstream's answer, then the association closes (one request each). An upstream
         // that closes without a byte is 502; one silent past the upstream timeout is 504.
         let gateway = |status: hyper::StatusCode, code: &str, message: &str| {
-            let body = error_document(code, message);
+            let body = m2mpki_connection::http::error_document(code, message);
             http_head::json_response(status, &body)
         };
         let mut first = vec![0u8; 16 * 1024];

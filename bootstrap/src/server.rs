@@ -42,6 +42,8 @@ pub struct Server {
     /// The TCP connection slots of the listeners that face nodes (bootstrap and PSK
     /// association): the limits are the process's, whatever the number of ports.
     admission: Arc<Admission>,
+    /// The bootstrap's HTTP routes (both TLS stacks).
+    routes: Arc<m2mpki_connection::http::Routes<Admitted>>,
 }
 
 /// The bound sockets of the configured transports.
@@ -403,6 +405,7 @@ impl Server {
                 }))
             }
         };
+        let routes = Arc::new(crate::http::routes(shared.clone()));
         Ok(Server {
             shared,
             tls: tls_parts,
@@ -413,6 +416,7 @@ impl Server {
             psk_dtls,
             ca_store,
             admission,
+            routes,
         })
     }
 
@@ -611,9 +615,8 @@ impl Server {
             if let Some(cbc) = &self.cbc {
                 if cbc.chooses(hello) {
                     let ems = hello.ems;
-                    let shared = self.shared.clone();
                     crate::cbc::serve(
-                        shared,
+                        &self.routes,
                         &self.admission,
                         &cbc.ctx,
                         conn.tcp,
@@ -637,7 +640,7 @@ impl Server {
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let (tcp, ticket) = (conn.tcp, conn.ticket);
         serve_connection(
-            self.shared.clone(),
+            &self.routes,
             &self.admission,
             acceptor,
             verifier,
@@ -682,7 +685,7 @@ async fn bind_dtls(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
 }
 
 async fn serve_connection(
-    shared: Arc<Core>,
+    routes: &Arc<m2mpki_connection::http::Routes<Admitted>>,
     admission: &Admission,
     acceptor: TlsAcceptor,
     verifier: Arc<tls::ConnectionVerifier>,
@@ -726,5 +729,5 @@ async fn serve_connection(
         transport: version.map_or_else(|| "?".into(), |v| format!("{v:?}")),
         ts0003,
     };
-    crate::http::serve_http(shared, node, tls, ticket).await;
+    crate::http::serve_http(routes, node, tls, ticket).await;
 }

@@ -13,6 +13,8 @@
 pub mod admission;
 pub mod dtls;
 pub mod hello;
+pub mod http;
+pub mod http_head;
 pub mod openssl;
 pub mod tcp;
 pub mod udp;

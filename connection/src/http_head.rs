@@ -217,6 +217,7 @@ pub fn json_response(status: StatusCode, body: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
     use super::*;
 
     fn head(headers: &str) -> Vec<u8> {
