@@ -17,7 +17,7 @@ use m2mpki_connection::admission::Ticket;
 use m2mpki_connection::hello::ClientHello;
 use m2mpki_connection::Admission;
 
-use crate::dtls::{export_ts0003, export_wrap_key, install_verifier, openssl_error, Verdict};
+use crate::dtls::{install_verifier, openssl_error};
 use crate::enrol::Admitted;
 use crate::tls::FieldNodeVerifier;
 use crate::Result;
@@ -99,10 +99,9 @@ pub async fn serve(
     let Ok(mut ssl) = Ssl::new(ctx) else {
         return;
     };
-    let verdict = crate::dtls::attach_verdict(&mut ssl);
-    let Ok(verdict) = verdict else {
+    if crate::dtls::attach_verdict(&mut ssl).is_err() {
         return;
-    };
+    }
     let Ok(mut stream) = tokio_openssl::SslStream::new(ssl, tcp) else {
         return;
     };
@@ -111,41 +110,9 @@ pub async fn serve(
     if done.await.is_err() {
         return;
     }
-    let Some(node) = admit(&stream, &verdict, peer) else {
+    let transport = "TLSv1_2 TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256 (OpenSSL)".to_owned();
+    let Some(node) = crate::dtls::admitted(stream.ssl(), peer, transport) else {
         return;
     };
     crate::http::serve_http(routes, node, stream, ticket).await;
-}
-
-fn admit(
-    stream: &tokio_openssl::SslStream<TcpStream>,
-    verdict: &Verdict,
-    peer: SocketAddr,
-) -> Option<Admitted> {
-    let verified = match verdict.lock().ok().and_then(|g| g.clone()) {
-        Some(Ok(v)) => v,
-        Some(Err(r)) => {
-            tracing::warn!(%peer, code = r.code(), "refused after the handshake");
-            return None;
-        }
-        None => {
-            tracing::warn!(%peer, "handshake completed without our chain check; refused");
-            return None;
-        }
-    };
-    let ssl = stream.ssl();
-    let (wrap_key, ts0003) = match (export_wrap_key(ssl), export_ts0003(ssl)) {
-        (Ok(w), Ok(t)) => (w, t),
-        _ => {
-            tracing::warn!(%peer, "exporter failed");
-            return None;
-        }
-    };
-    Some(Admitted {
-        wrap_key,
-        verified,
-        peer,
-        transport: "TLSv1_2 TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256 (OpenSSL)".into(),
-        ts0003,
-    })
 }

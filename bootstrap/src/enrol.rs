@@ -119,6 +119,44 @@ pub struct Admitted {
     pub ts0003: Ts0003Keys,
 }
 
+impl Admitted {
+    /// What a completed handshake on any stack becomes: its chain verdict (`None` when the
+    /// chain check never ran) and both exports of the session. A refusal, a missing verdict
+    /// or a failed export is logged and admits nothing (the connection is then closed).
+    pub(crate) fn after_handshake(
+        peer: SocketAddr,
+        transport: String,
+        verdict: Option<std::result::Result<Verified, m2mpki_ca::verify::Refusal>>,
+        exports: Result<(WrapKey, Ts0003Keys)>,
+    ) -> Option<Self> {
+        let verified = match verdict {
+            Some(Ok(v)) => v,
+            Some(Err(r)) => {
+                tracing::warn!(%peer, %transport, code = r.code(), "refused after the handshake");
+                return None;
+            }
+            None => {
+                tracing::warn!(%peer, %transport, "handshake completed without our chain check; refused");
+                return None;
+            }
+        };
+        let (wrap_key, ts0003) = match exports {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!(%peer, %transport, error = %e, "exporter failed");
+                return None;
+            }
+        };
+        Some(Admitted {
+            wrap_key,
+            verified,
+            peer,
+            transport,
+            ts0003,
+        })
+    }
+}
+
 /// What every transport shares: the configuration, the verifier, the credential store with
 /// its writer and key.
 pub struct Core {

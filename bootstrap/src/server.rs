@@ -702,32 +702,14 @@ async fn serve_connection(
         return;
     };
     let (_, conn) = tls.get_ref();
+    let transport = conn
+        .protocol_version()
+        .map_or_else(|| "?".into(), |v| format!("{v:?}"));
     // The verifier makes client authentication mandatory: a completed handshake has a verdict.
-    let Some(verified) = verifier.take() else {
-        tracing::warn!(%peer, "handshake completed without our chain check; refused");
+    let verdict = verifier.take().map(Ok);
+    let exports = tls::export_wrap_key(conn).and_then(|w| Ok((w, tls::export_ts0003(conn)?)));
+    let Some(node) = Admitted::after_handshake(peer, transport, verdict, exports) else {
         return;
-    };
-    let wrap_key = match tls::export_wrap_key(conn) {
-        Ok(k) => k,
-        Err(e) => {
-            tracing::warn!(%peer, error = %e, "exporter failed");
-            return;
-        }
-    };
-    let ts0003 = match tls::export_ts0003(conn) {
-        Ok(k) => k,
-        Err(e) => {
-            tracing::warn!(%peer, error = %e, "exporter failed");
-            return;
-        }
-    };
-    let version = conn.protocol_version();
-    let node = Admitted {
-        wrap_key,
-        verified,
-        peer,
-        transport: version.map_or_else(|| "?".into(), |v| format!("{v:?}")),
-        ts0003,
     };
     crate::http::serve_http(routes, node, tls, ticket).await;
 }

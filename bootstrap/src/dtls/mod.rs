@@ -312,6 +312,21 @@ pub(crate) fn export_ts0003(ssl: &openssl::ssl::SslRef) -> Result<Ts0003Keys> {
     Ok(keys)
 }
 
+/// What a completed OpenSSL handshake (DTLS, or the CBC suite over TCP) admits: the verdict
+/// our chain check left on the session, and both exports.
+pub(crate) fn admitted(
+    ssl: &openssl::ssl::SslRef,
+    peer: std::net::SocketAddr,
+    transport: String,
+) -> Option<crate::enrol::Admitted> {
+    let verdict = verdict_index()
+        .ok()
+        .and_then(|i| ssl.ex_data(i))
+        .and_then(|v| v.lock().ok().and_then(|g| g.clone()));
+    let exports = export_wrap_key(ssl).and_then(|w| Ok((w, export_ts0003(ssl)?)));
+    crate::enrol::Admitted::after_handshake(peer, transport, verdict, exports)
+}
+
 /// The negotiated suite, IANA-named when it is one of ours.
 pub(crate) fn suite_name(ssl: &openssl::ssl::SslRef) -> String {
     let name = ssl.current_cipher().map(|c| c.name()).unwrap_or("?");

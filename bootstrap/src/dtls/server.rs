@@ -115,7 +115,8 @@ impl Endpoint {
             tracing::info!(%peer, identity = %a.identity, credential = %a.credential_id, suite = %super::suite_name(stream.ssl()), "PSK association established (DTLS)");
             Session::Associate(a, peer)
         } else {
-            let Some(node) = self.admit(&stream, peer) else {
+            let transport = format!("DTLSv1_2 {}", super::suite_name(stream.ssl()));
+            let Some(node) = super::admitted(stream.ssl(), peer, transport) else {
                 return;
             };
             Session::Enrol(Box::new(node))
@@ -265,46 +266,6 @@ impl Endpoint {
                 _ = tokio::time::sleep(TICK.min(wait)) => {}
             }
         }
-    }
-
-    /// The verdict of our chain check and the exporter, after a completed handshake.
-    fn admit(&self, stream: &SslStream<Pipe>, peer: SocketAddr) -> Option<Admitted> {
-        let ssl = stream.ssl();
-        let verdict = ssl
-            .ex_data(super::verdict_index().ok()?)
-            .and_then(|v| v.lock().ok().and_then(|g| g.clone()));
-        let verified = match verdict {
-            Some(Ok(v)) => v,
-            Some(Err(r)) => {
-                tracing::warn!(%peer, code = r.code(), "DTLS peer refused after the handshake");
-                return None;
-            }
-            None => {
-                tracing::warn!(%peer, "DTLS handshake completed without our chain check; refused");
-                return None;
-            }
-        };
-        let wrap_key = match super::export_wrap_key(ssl) {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "exporter failed");
-                return None;
-            }
-        };
-        let ts0003 = match super::export_ts0003(ssl) {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "exporter failed");
-                return None;
-            }
-        };
-        Some(Admitted {
-            wrap_key,
-            verified,
-            peer,
-            transport: format!("DTLSv1_2 {}", super::suite_name(ssl)),
-            ts0003,
-        })
     }
 }
 
