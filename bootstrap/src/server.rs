@@ -331,7 +331,7 @@ impl Server {
         ));
         let tls_parts = tls::ServerParts::new(&config.versions, sni.clone(), certified);
         // Checked once here, not on the first connection.
-        tls_parts.config(verifier.clone())?;
+        tls_parts.config(Arc::new(tls::ConnectionVerifier::new(verifier.clone())))?;
         let creds = Arc::new(CredentialStore::open_at(
             config.store.as_ref(),
             home.root(),

@@ -188,7 +188,8 @@ fn chain(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) 
 }
 
 /// Verifies field-node client certificates against the IN's trusted device and node root
-/// sets (their CRLs included), remembering which set admitted each certificate.
+/// sets (their CRLs included): for rustls through a [`ConnectionVerifier`] per connection, for
+/// OpenSSL inside its verify callback.
 #[derive(Debug)]
 pub struct FieldNodeVerifier {
     sets: RwLock<Arc<Vec<TrustedSet>>>,
@@ -379,11 +380,12 @@ impl ConnectionVerifier {
 
 impl ClientCertVerifier for ConnectionVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // No hints: field nodes carry one certificate; hints would go stale as sets change.
+        &[]
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
+        true
     }
 
     fn verify_client_cert(
@@ -406,7 +408,8 @@ impl ClientCertVerifier for ConnectionVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.inner.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -415,67 +418,13 @@ impl ClientCertVerifier for ConnectionVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.inner.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-impl ClientCertVerifier for FieldNodeVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        // No hints: field nodes carry one certificate; hints would go stale as sets change.
-        &[]
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
-        let chain = chain(end_entity, intermediates);
-        self.verify_logged(&chain, unix_to_time(now))?;
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        let algorithms = &self.inner.provider.signature_verification_algorithms;
+        algorithms.supported_schemes()
     }
 }
 
