@@ -4,7 +4,6 @@
 //! OpenMetrics text on `GET /metrics` of a plain-HTTP listener of its own: bind it to a
 //! management address, it carries no secrets but tells who enrols how often.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -12,8 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::http::request::Parts;
+use hyper::{Method, Response};
+use m2mpki_connection::http::{Answering, Handler, Routes};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -207,13 +207,14 @@ pub(crate) trait Gauges: Send + Sync {
 /// enrolment listeners need.
 pub const MAX_SCRAPES: usize = 16;
 
-/// How long a scrape connection may take to send its request head, and in all.
-const SCRAPE_HEAD: Duration = Duration::from_secs(5);
+/// How long a scrape connection may take, from accept to answer.
 const SCRAPE_TOTAL: Duration = Duration::from_secs(15);
 
 /// Serves `GET /metrics` on `listener` until `stop` completes: the connection layer's accept
 /// loop with slots of its own (at most [`MAX_SCRAPES`], so a scraper cannot take the slots of
-/// nodes, nor nodes those of the operator's scrape), refusals not counted among the IN's.
+/// nodes, nor nodes those of the operator's scrape), refusals not counted among the IN's, and
+/// its HTTP binding with one route (other paths and methods get the error document of
+/// docs/protocol.md §5).
 pub(crate) async fn serve(
     listener: TcpListener,
     gauges: Arc<dyn Gauges>,
@@ -223,59 +224,46 @@ pub(crate) async fn serve(
     let limits = m2mpki_connection::Limits {
         max_connections: MAX_SCRAPES,
         max_connections_per_address: MAX_SCRAPES,
-        hello_timeout: SCRAPE_HEAD,
-        handshake_timeout: SCRAPE_HEAD,
+        hello_timeout: SCRAPE_TOTAL,
+        handshake_timeout: SCRAPE_TOTAL,
         idle_timeout: SCRAPE_TOTAL,
     };
     let admission = m2mpki_connection::Admission::new(limits, Arc::new(Unobserved));
+    // A scrape has no body.
+    let routes = Arc::new(Routes::new(0, SCRAPE_TOTAL).route(
+        Method::GET,
+        "/metrics",
+        None,
+        Arc::new(Scrape { gauges, metrics }),
+    ));
     let first = m2mpki_connection::First::Nothing;
     m2mpki_connection::serve(listener, admission, "metrics", first, stop, move |conn| {
-        let (gauges, metrics) = (gauges.clone(), metrics.clone());
-        scrape(conn, gauges, metrics)
+        let routes = routes.clone();
+        async move {
+            let peer = conn.peer;
+            m2mpki_connection::http::serve(routes, Arc::new(()), peer, conn.tcp, conn.ticket).await;
+        }
     })
     .await;
 }
 
-/// One scrape connection: one request, answered, closed; evicted while it waits when every
-/// scrape slot is taken.
-async fn scrape(conn: m2mpki_connection::Conn, gauges: Arc<dyn Gauges>, metrics: Arc<Metrics>) {
-    let (peer, mut ticket) = (conn.peer, conn.ticket);
-    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let reply = if req.uri().path() != "/metrics" {
-            plain(StatusCode::NOT_FOUND, "only /metrics is here\n".into())
-        } else if req.method() != Method::GET {
-            plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into())
-        } else {
-            let mut r = plain(StatusCode::OK, metrics.render(&*gauges));
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            r
-        };
-        async move { Ok::<_, Infallible>(reply) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(false)
-        .timer(TokioTimer::new())
-        .header_read_timeout(SCRAPE_HEAD)
-        .serve_connection(TokioIo::new(conn.tcp), service);
-    match ticket
-        .or_evicted(tokio::time::timeout(SCRAPE_TOTAL, conn))
-        .await
-    {
-        Some(Ok(_)) => {}
-        Some(Err(e)) => tracing::debug!(%peer, error = %e, "metrics scrape timed out"),
-        None => tracing::debug!(%peer, "metrics scrape evicted: every scrape slot was taken"),
-    }
+/// `GET /metrics`.
+struct Scrape {
+    gauges: Arc<dyn Gauges>,
+    metrics: Arc<Metrics>,
 }
 
-fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r
+impl Handler<()> for Scrape {
+    fn handle(&self, _: Arc<()>, _: Parts, _: Bytes) -> Answering {
+        let mut r = Response::new(Full::new(Bytes::from(self.metrics.render(&*self.gauges))));
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
+        );
+        Box::pin(std::future::ready(r))
+    }
 }
 
 /// The address a metrics listener is bound to, for messages.

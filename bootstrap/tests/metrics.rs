@@ -178,8 +178,11 @@ fn the_metrics_endpoint_shows_enrolments_refusals_latency_store_size_and_crl_age
     assert!(expected > 0, "the lab's sets carry CRLs");
     assert!(ages.iter().all(|a| *a >= 0.0), "{ages:?}");
 
-    let (status, _) = get(metrics, "/other");
+    // Refusals carry the one error document, as on every listener.
+    let (status, body) = get(metrics, "/other");
     assert!(status.contains("404"), "{status}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["error"]["code"], "not_found", "{body}");
 }
 
 /// Architecture review §8.5: a connection that closes before its ClientHello, and one that
