@@ -142,7 +142,7 @@ fn load_sets(store: &dyn Store, config: &ServerConfig) -> Result<Vec<RootSet>> {
 /// same second: 2 000 attacker connections that reconnect as soon as they are closed kept a
 /// queue of 128 full, the kernel dropped a legitimate node's SYN (`ListenOverflows` counted
 /// 10 113 drops in one run of `tests/hostile.rs`) and its enrolment took 1 to 2 s instead of
-/// 20 ms. The admission rules (crate::admission) can only act on connections that were
+/// 20 ms. The admission rules (m2mpki_connection::admission) can only act on connections that were
 /// accepted; the queue must hold the flood until they do.
 pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
@@ -514,8 +514,7 @@ impl Server {
             })
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        // Each side listener runs until the stop signal; `run_tls` (or the shutdown future)
-        // decides when that is.
+        // Every listener runs until the stop signal, sent when the shutdown future completes.
         let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
             let _ = stop.wait_for(|s| *s).await;
         };

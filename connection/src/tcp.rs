@@ -13,7 +13,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::admission::{self, PerAddress, Ticket, Waiting};
-use crate::hello::{self, ClientHello};
 
 /// The bounds of one [`Admission`] (docs/protocol.md, "Limits").
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,15 +91,9 @@ pub struct Conn {
     /// leaves).
     pub ticket: Ticket,
     /// The first record and perhaps more ([`First::TlsRecord`]; empty with
-    /// [`First::Nothing`]): peeked, still unread in the socket.
+    /// [`First::Nothing`]): peeked, still unread in the socket. Read its ClientHello with
+    /// [`crate::hello::parse_tls_record`].
     pub first_record: Vec<u8>,
-}
-
-impl Conn {
-    /// The ClientHello of the first record, when it is one that fits the record.
-    pub fn hello(&self) -> Option<ClientHello<'_>> {
-        hello::parse_tls_record(&self.first_record)
-    }
 }
 
 /// How a handshake ended when it did not complete.

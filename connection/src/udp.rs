@@ -148,7 +148,6 @@ fn now_secs() -> u64 {
 
 /// What a UDP endpoint shares with its loop: the cookie secret, and how many peers it holds
 /// (for gauges and tests).
-#[derive(Debug)]
 pub struct Endpoint {
     /// The bounds.
     pub limits: Limits,
@@ -160,9 +159,12 @@ pub struct Endpoint {
     pub observer: Arc<dyn Observer>,
 }
 
-impl std::fmt::Debug for dyn Observer {
+impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Observer")
+        f.debug_struct("Endpoint")
+            .field("limits", &self.limits)
+            .field("live", &self.live)
+            .finish_non_exhaustive()
     }
 }
 
