@@ -247,7 +247,15 @@ impl Core {
         let deadline = Instant::now() + STORE_DEADLINE;
         match self.issue(node, ts0003, deadline).await {
             Ok(a) => a,
-            Err(e @ Error::CommitUnknown(_)) => {
+            Err(e) => self.failed(node, &e),
+        }
+    }
+
+    /// The answer to a bootstrap that failed with `e` (logged with what failed: a corrupt
+    /// record is named, never answered "try again").
+    fn failed(&self, node: &Admitted, e: &Error) -> Answer {
+        match Outcome::of_failure(e) {
+            Outcome::OutcomeUnknown => {
                 tracing::error!(peer = %node.peer, error = %e, "bootstrap answered 503: the credential store did not confirm the commit");
                 Answer {
                     retry_after: Some(STORE_RETRY_AFTER),
@@ -258,7 +266,7 @@ impl Core {
                     )
                 }
             }
-            Err(e @ Error::Store(_)) => {
+            Outcome::Unavailable => {
                 tracing::error!(peer = %node.peer, error = %e, "bootstrap refused: the credential store is unavailable");
                 Answer {
                     retry_after: Some(STORE_RETRY_AFTER),
@@ -269,7 +277,7 @@ impl Core {
                     )
                 }
             }
-            Err(e) => {
+            _ => {
                 tracing::error!(peer = %node.peer, error = %e, "bootstrap failed");
                 Answer::refusal(
                     Outcome::Internal,

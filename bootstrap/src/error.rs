@@ -70,13 +70,11 @@ pub enum Error {
     /// Key error.
     #[error(transparent)]
     Key(#[from] m2mpki_hsm::Error),
-    /// Credential store failure (storage): nothing was recorded.
-    #[error("credential store: {0}")]
-    Store(String),
-    /// The credential store was sent a commit and did not confirm it (storage): the records
-    /// may or may not be live.
-    #[error("credential store: {0}: the store may or may not have recorded it")]
-    CommitUnknown(String),
+    /// Credential store failure (storage). Its kind says what it means: unavailable (nothing
+    /// was recorded, try again), a commit sent and not confirmed (the records may or may not
+    /// be live), a corrupt record (named; trying again will not mend it), a conflict.
+    #[error("credential store: {}{}", .0, unconfirmed(.0))]
+    Store(m2mpki_store::Error),
     /// A file could not be read or written (storage).
     #[error("{}: {source}", path.display())]
     Io {
@@ -99,13 +97,13 @@ impl Error {
             Error::BadConfig { .. } => K::BadInput,
             Error::Ca(e) => e.kind(),
             Error::Key(e) if e.is_bad_input() => K::BadInput,
+            Error::Store(e) if e.kind() == StoreKind::BadLocation => K::BadInput,
             Error::Key(_)
             | Error::Connect { .. }
             | Error::Listen { .. }
             | Error::Network { .. }
             | Error::Timeout(_)
             | Error::Store(_)
-            | Error::CommitUnknown(_)
             | Error::Io { .. }
             | Error::Internal(_) => K::Internal,
         }
@@ -113,5 +111,59 @@ impl Error {
 
     pub(crate) fn internal(e: impl std::fmt::Display) -> Self {
         Error::Internal(e.to_string())
+    }
+
+    /// The credential store cannot be reached or refused the transaction; nothing was
+    /// recorded.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Error::Store(m2mpki_store::Error::unavailable(message))
+    }
+
+    /// A store failure of `kind`.
+    pub(crate) fn store(kind: StoreKind, message: impl Into<String>) -> Self {
+        Error::Store(m2mpki_store::Error::new(kind, message))
+    }
+
+    /// A stored record cannot be read back; `message` names it.
+    pub(crate) fn corrupt(message: impl Into<String>) -> Self {
+        Error::Store(m2mpki_store::Error::corrupt(message))
+    }
+
+    /// A commit that was sent and not confirmed.
+    pub(crate) fn commit_unknown(message: impl Into<String>) -> Self {
+        Error::Store(m2mpki_store::Error::commit_unknown(message))
+    }
+
+    /// The kind of a store failure, when this is one (of the credential store, or of the CA
+    /// layer's store).
+    pub fn store_kind(&self) -> Option<StoreKind> {
+        match self {
+            Error::Store(e) => Some(e.kind()),
+            Error::Ca(e) => e.store_kind(),
+            _ => None,
+        }
+    }
+}
+
+use m2mpki_store::Kind as StoreKind;
+
+fn unconfirmed(e: &m2mpki_store::Error) -> &'static str {
+    if e.kind() == StoreKind::CommitUnknown {
+        ": the store may or may not have recorded it"
+    } else {
+        ""
+    }
+}
+
+impl From<m2mpki_store::Error> for Error {
+    fn from(e: m2mpki_store::Error) -> Self {
+        Error::Store(e)
+    }
+}
+
+/// Lets a transaction body of the PostgreSQL store return the bootstrap's errors with `?`.
+impl From<Error> for m2mpki_store::pg::Fail<Error> {
+    fn from(e: Error) -> Self {
+        m2mpki_store::pg::Fail::Ours(e)
     }
 }

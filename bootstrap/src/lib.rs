@@ -14,7 +14,6 @@ pub mod coap;
 pub mod config;
 mod credential;
 pub mod credstore;
-mod credstore_pg;
 pub mod dtls;
 pub mod enrol;
 mod error;

@@ -30,6 +30,18 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// How a request that failed with `e` ends: the one place where a store failure's kind
+    /// becomes a status. A store that cannot be reached is 503 (nothing was recorded, try
+    /// again), a commit it did not confirm 503 with its own code, anything else (a corrupt
+    /// record, a conflict, a bug) 500: trying again would not mend it.
+    pub fn of_failure(e: &crate::Error) -> Outcome {
+        match e.store_kind() {
+            Some(m2mpki_store::Kind::CommitUnknown) => Outcome::OutcomeUnknown,
+            Some(m2mpki_store::Kind::Unavailable) => Outcome::Unavailable,
+            _ => Outcome::Internal,
+        }
+    }
+
     /// A short name, for metrics.
     pub fn name(self) -> &'static str {
         match self {

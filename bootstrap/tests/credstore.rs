@@ -1,7 +1,7 @@
-//! The IN's credential store on both backends (redb in a temp folder, a fresh PostgreSQL
-//! database on the cluster `scripts/test` starts): one live credential per identity, sealed
-//! values bound to their records, group commit order, grants and policy, copying between
-//! stores. Integration tests, so that `cargo test --lib` needs no database.
+//! The IN's credential store on every backend (redb in a temp folder, a fresh PostgreSQL
+//! database on the cluster `scripts/test` starts, memory): one live credential per identity,
+//! sealed values bound to their records, group commit order, grants and policy, copying
+//! between any two backends. Integration tests, so that `cargo test --lib` needs no database.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
 
 use std::collections::BTreeSet;
@@ -34,8 +34,7 @@ fn file_key(dir: &Path, name: &str) -> StoreKey {
     .unwrap()
 }
 
-/// A store on each backend: redb in a temp folder, and a fresh PostgreSQL database on the
-/// cluster `scripts/test` starts (`$M2MPKI_TEST_PG`).
+/// A store on a backend, with a folder for its key files (and its database).
 struct Fx {
     dir: tempfile::TempDir,
     store: CredentialStore,
@@ -43,7 +42,25 @@ struct Fx {
     db: Option<m2mpki_test_pki::pg::TestDb>,
 }
 
-fn backends() -> [Fx; 2] {
+/// A store on each backend: redb in a temp folder, a fresh PostgreSQL database on the cluster
+/// `scripts/test` starts (`$M2MPKI_TEST_PG`), and memory.
+fn backends() -> Vec<Fx> {
+    let [redb, pg] = redb_and_pg();
+    vec![redb, pg, memory()]
+}
+
+fn memory() -> Fx {
+    let dir = tempfile::tempdir().unwrap();
+    let key = file_key(dir.path(), "store.key");
+    Fx {
+        dir,
+        store: CredentialStore::in_memory(),
+        key,
+        db: None,
+    }
+}
+
+fn redb_and_pg() -> [Fx; 2] {
     let (dir, store, key) = fx();
     let redb = Fx {
         dir,
@@ -318,7 +335,7 @@ fn two_stores_on_one_database_keep_one_live_credential() {
         store,
         key,
         db,
-    }] = backends();
+    }] = redb_and_pg();
     let db = db.unwrap();
     let loc = m2mpki_ca::StoreLocation::Postgres(db.url.clone());
     let other = CredentialStore::open_at(Some(&loc), dir.path()).unwrap();
@@ -374,55 +391,58 @@ fn two_stores_on_one_database_keep_one_live_credential() {
         .unwrap());
 }
 
-/// A home's redb store copied into PostgreSQL reads back the same, record for record, and
-/// the copy is refused into tables that already hold something.
+/// A store copied into another backend reads back the same, record for record, whichever the
+/// two backends are, and the copy is refused into a store that already holds something.
 #[test]
-fn a_redb_store_copies_into_postgresql() {
-    // All bound, so that the folders and the database live to the end of the test.
-    let [Fx {
-        dir: _from_dir,
-        store: from,
-        key,
-        db: _,
-    }, Fx {
-        dir: _to_dir,
-        store: to,
-        db: _db,
-        ..
-    }] = backends();
+fn a_store_copies_into_any_other_backend() {
+    let [redb, pg] = redb_and_pg();
+    copies(&redb, &pg);
+    let [redb, pg] = redb_and_pg();
+    copies(&pg, &redb);
+    let (from, [redb, _]) = (memory(), redb_and_pg());
+    copies(&from, &redb);
+    let ([redb, _], to) = (redb_and_pg(), memory());
+    copies(&redb, &to);
+}
+
+fn copies(from: &Fx, to: &Fx) {
+    let (key, from, to) = (&from.key, &from.store, &to.store);
     let adm = admission();
     let a = identity("device:1.3.6.1.4.1.99999.1:SN-1");
     let b = identity("node:acme.example:pump-1");
-    from.check_key(&key).unwrap();
-    let (r1, ca1) = from.issue(&key, new(&a, &adm)).unwrap();
-    from.issue(&key, new(&a, &adm)).unwrap();
-    from.issue(&key, new(&b, &adm)).unwrap();
+    from.check_key(key).unwrap();
+    let (r1, ca1) = from.issue(key, new(&a, &adm)).unwrap();
+    from.issue(key, new(&a, &adm)).unwrap();
+    from.issue(key, new(&b, &adm)).unwrap();
     from.grant(&b, &["valve-7".into()]).unwrap();
     let policy = Policy {
         default: DefaultPolicy::Deny,
         grants: vec!["weather".into()],
     };
     from.set_policy(&policy).unwrap();
-    assert_eq!(from.copy_into(&to).unwrap(), (3, 1));
+    let what = format!("{} -> {}", from.backend(), to.backend());
+    assert_eq!(from.copy_into(to).unwrap(), (3, 1), "{what}");
     for who in [&a, &b] {
         let (h1, h2) = (from.history(who).unwrap(), to.history(who).unwrap());
         assert_eq!(
             serde_json::to_value(&h1).unwrap(),
-            serde_json::to_value(&h2).unwrap()
+            serde_json::to_value(&h2).unwrap(),
+            "{what}"
         );
         assert_eq!(
             from.live(who).unwrap().unwrap().id,
-            to.live(who).unwrap().unwrap().id
+            to.live(who).unwrap().unwrap().id,
+            "{what}"
         );
     }
     assert_eq!(to.all_grants().unwrap(), from.all_grants().unwrap());
     assert_eq!(to.policy().unwrap().default, DefaultPolicy::Deny);
     // Still sealed under the same key, and the key check came along.
-    to.check_key(&key).unwrap();
+    to.check_key(key).unwrap();
     let first = to.credential(&r1.id).unwrap().unwrap();
-    assert_eq!(to.unseal(&key, &first).unwrap(), ca1);
-    // A second copy into the now full tables is refused, and changes nothing.
-    let err = from.copy_into(&to).unwrap_err().to_string();
-    assert!(err.contains("not empty"), "{err}");
+    assert_eq!(to.unseal(key, &first).unwrap(), ca1);
+    // A second copy into the now full store is refused, and changes nothing.
+    let err = from.copy_into(to).unwrap_err().to_string();
+    assert!(err.contains("not empty"), "{what}: {err}");
     assert_eq!(to.count().unwrap(), 3);
 }

@@ -101,7 +101,7 @@ pub(crate) fn sign_failed(e: rcgen::Error) -> Error {
 /// The SubjectPublicKeyInfo DER of a certificate.
 fn cert_spki(der: &[u8]) -> Result<Vec<u8>> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
-        .map_err(|e| Error::Store(format!("stored CA certificate does not parse: {e}")))?;
+        .map_err(|e| Error::corrupt(format!("stored CA certificate does not parse: {e}")))?;
     Ok(cert.tbs_certificate.subject_pki.raw.to_vec())
 }
 
@@ -483,12 +483,12 @@ impl Authority {
         let template = LeafTemplate::new(&record.cert_der, signer.key_type())?;
         let issuer =
             rcgen::Issuer::from_ca_cert_der(&record.cert_der.clone().into(), SharedSigner(signer))
-                .map_err(|e| Error::Store(format!("CA `{name}` certificate: {e}")))?;
+                .map_err(|e| Error::corrupt(format!("CA `{name}` certificate: {e}")))?;
         let mut constraints = vec![record.name_constraints.clone()];
         let mut parent = record.parent.clone();
         while let Some(p) = parent {
             let pr = store.ca(&p)?.ok_or_else(|| {
-                Error::Store(format!(
+                Error::corrupt(format!(
                     "CA `{name}` names a parent `{p}` that is not in the store"
                 ))
             })?;
@@ -990,7 +990,7 @@ mod tests {
             self.0.import(i)
         }
         fn create_ca(&self, _: &CaRecord, _: AuditEvent) -> Result<()> {
-            Err(Error::Store("disk full".into()))
+            Err(Error::unavailable("disk full"))
         }
         fn ca(&self, name: &str) -> Result<Option<CaRecord>> {
             self.0.ca(name)

@@ -185,7 +185,7 @@ fn remove_if_present(path: &Path) -> Result<()> {
 fn cert_spki(der: &[u8]) -> Result<Vec<u8>> {
     use x509_parser::prelude::FromDer;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
-        .map_err(|e| Error::Store(format!("a certificate in the ledger does not parse: {e}")))?;
+        .map_err(|e| Error::corrupt(format!("a certificate in the ledger does not parse: {e}")))?;
     Ok(cert.tbs_certificate.subject_pki.raw.to_vec())
 }
 
@@ -706,7 +706,7 @@ impl<'a> Run<'a> {
         let recorded = || {
             self.store
                 .cert(serial)?
-                .ok_or_else(|| Error::Store(format!("live certificate {serial} has no record")))
+                .ok_or_else(|| Error::corrupt(format!("live certificate {serial} has no record")))
         };
         let id_text = id.to_string();
         if self.bundled {

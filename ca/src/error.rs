@@ -101,9 +101,9 @@ pub enum Error {
     /// The store is held by another process (storage).
     #[error("the store {} is in use by another m2mpki process", .0.display())]
     StoreLocked(PathBuf),
-    /// The store failed (storage).
+    /// The store failed (storage); its kind says whether trying again may help.
     #[error("store: {0}")]
-    Store(String),
+    Store(m2mpki_store::Error),
     /// A commit was sent and its answer never came: the store may or may not have recorded
     /// the change (storage). The next read on a fresh connection tells which.
     #[error("store: {why}: the store may or may not have recorded it{}", check_hint(.check))]
@@ -152,6 +152,7 @@ impl Error {
             | Error::RootSetExists(_)
             | Error::CertNotFound(_) => ErrorKind::BadInput,
             Error::Key(e) if e.is_bad_input() => ErrorKind::BadInput,
+            Error::Store(e) if e.kind() == m2mpki_store::Kind::BadLocation => ErrorKind::BadInput,
             Error::Key(_)
             | Error::StoreLocked(_)
             | Error::Store(_)
@@ -187,5 +188,43 @@ impl Error {
 
     pub(crate) fn internal(e: impl std::fmt::Display) -> Self {
         Error::Internal(e.to_string())
+    }
+
+    /// The store cannot be reached or refused the transaction; nothing was recorded.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Error::Store(m2mpki_store::Error::unavailable(message))
+    }
+
+    /// A stored record cannot be read back; `message` names it.
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        Error::Store(m2mpki_store::Error::corrupt(message))
+    }
+
+    /// The store's error, when this is one.
+    pub fn store_kind(&self) -> Option<m2mpki_store::Kind> {
+        match self {
+            Error::Store(e) => Some(e.kind()),
+            Error::CommitUnknown { .. } => Some(m2mpki_store::Kind::CommitUnknown),
+            Error::StoreLocked(_) => Some(m2mpki_store::Kind::Unavailable),
+            _ => None,
+        }
+    }
+}
+
+/// A store error as the CA's: an unconfirmed commit becomes [`Error::CommitUnknown`] (which
+/// the CA completes with the command that tells), everything else [`Error::Store`].
+impl From<m2mpki_store::Error> for Error {
+    fn from(e: m2mpki_store::Error) -> Self {
+        match e.kind() {
+            m2mpki_store::Kind::CommitUnknown => Error::commit_unknown(e.message()),
+            _ => Error::Store(e),
+        }
+    }
+}
+
+/// Lets a transaction body of the PostgreSQL store return the CA's errors with `?`.
+impl From<Error> for m2mpki_store::pg::Fail<Error> {
+    fn from(e: Error) -> Self {
+        m2mpki_store::pg::Fail::Ours(e)
     }
 }

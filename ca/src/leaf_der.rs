@@ -239,7 +239,7 @@ impl LeafTemplate {
     /// From the CA's certificate and its key's type.
     pub(crate) fn new(ca_cert_der: &[u8], key_type: KeyType) -> Result<Self> {
         use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
-        let bad = |reason: String| Error::Store(format!("stored CA certificate: {reason}"));
+        let bad = |reason: String| Error::corrupt(format!("stored CA certificate: {reason}"));
         let (_, cert) = X509Certificate::from_der(ca_cert_der).map_err(|e| bad(e.to_string()))?;
         let tbs = &cert.tbs_certificate;
         let key_id = tbs

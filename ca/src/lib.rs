@@ -24,7 +24,7 @@ mod issue;
 mod leaf_der;
 mod location;
 mod path;
-pub mod pg;
+pub use m2mpki_store::pg;
 mod pg_store;
 pub mod profile;
 mod redb_store;

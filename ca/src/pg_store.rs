@@ -14,7 +14,6 @@
 use std::collections::HashMap;
 
 use crate::audit::{self, AuditEntry, AuditEvent};
-use crate::pg::{col, postgres, PgConn, Tx, TxResult};
 use crate::rootset::RootSet;
 use crate::serial::Serial;
 use crate::store::{
@@ -22,6 +21,10 @@ use crate::store::{
     Store,
 };
 use crate::{Error, Result};
+use m2mpki_store::pg::{col, postgres, PgConn, Tx};
+
+/// A transaction body that returns the CA's errors.
+type TxResult<T> = m2mpki_store::pg::TxResult<T, Error>;
 
 /// The schema this build writes; a database with a newer one is refused.
 const SCHEMA_VERSION: i32 = 1;
@@ -94,7 +97,7 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T
 }
 
 fn i64_of(n: u64, what: &str) -> Result<i64> {
-    i64::try_from(n).map_err(|_| Error::Store(format!("{what} {n} does not fit the database")))
+    i64::try_from(n).map_err(|_| Error::internal(format!("{what} {n} does not fit the database")))
 }
 
 impl PgStore {
@@ -154,7 +157,7 @@ impl PgStore {
                     "SELECT entry FROM m2mpki_audit WHERE seq = $1",
                     &[&i64_of(seq, "audit sequence")?],
                 )?
-                .ok_or_else(|| Error::Store(format!("no audit entry {seq}")))?;
+                .ok_or_else(|| Error::corrupt(format!("no audit entry {seq}")))?;
             let mut entry: AuditEntry = from_json("audit", col::<&str>(&row, 0)?)?;
             if let Some(f) = f.take() {
                 f(&mut entry);
@@ -383,11 +386,11 @@ impl Store for PgStore {
         const PAGE: i64 = 10_000;
         let mut after = 0i64;
         loop {
-            let rows = self.conn.read(|tx| {
-                tx.query(
+            let rows = self.conn.read(|tx| -> TxResult<_> {
+                Ok(tx.query(
                     "SELECT seq, entry FROM m2mpki_audit WHERE seq > $1 ORDER BY seq LIMIT $2",
                     &[&after, &PAGE],
-                )
+                )?)
             })?;
             for row in &rows {
                 after = col(row, 0)?;
@@ -495,11 +498,11 @@ impl Store for PgStore {
     }
 
     fn revoked(&self, ca: &str, visit: &mut dyn FnMut(RevokedEntry) -> Result<()>) -> Result<()> {
-        let rows = self.conn.read(|tx| {
-            tx.query(
+        let rows = self.conn.read(|tx| -> TxResult<_> {
+            Ok(tx.query(
                 "SELECT entry FROM m2mpki_revoked WHERE ca = $1 ORDER BY serial",
                 &[&ca],
-            )
+            )?)
         })?;
         for row in &rows {
             visit(from_json("revocation", col::<&str>(row, 0)?)?)?;
@@ -508,7 +511,7 @@ impl Store for PgStore {
     }
 
     fn settle(&self) -> Result<()> {
-        self.conn.settle(WRITE_LOCK)
+        Ok(self.conn.settle(WRITE_LOCK)?)
     }
 
     fn next_crl_number(&self, ca: &str, detail: serde_json::Value) -> Result<u64> {
@@ -519,7 +522,7 @@ impl Store for PgStore {
                 &[&ca],
             )?;
             let n = u64::try_from(col::<i64>(&row, 0)?)
-                .map_err(|_| Error::Store("negative CRL number in the database".into()))?;
+                .map_err(|_| Error::corrupt("negative CRL number in the database"))?;
             Self::append_audit(tx, vec![crate::store::crl_event(ca, detail.clone(), n)])?;
             Ok(n)
         })

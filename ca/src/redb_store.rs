@@ -60,7 +60,7 @@ pub fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 fn damaged(path: &Path, what: &str) -> Error {
-    Error::Store(format!(
+    Error::corrupt(format!(
         "{}: the store file is damaged ({what}); restore it from a backup",
         path.display()
     ))
@@ -81,7 +81,7 @@ pub fn open_database(path: &Path) -> Result<Database> {
             .create(path)
             .map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => Error::StoreLocked(path.to_owned()),
-                e => Error::Store(format!("{}: {e}", path.display())),
+                e => Error::unavailable(format!("{}: {e}", path.display())),
             })
     })
 }
@@ -94,10 +94,10 @@ fn refuse_empty(path: &Path) -> Result<()> {
         match std::fs::metadata(path) {
             Ok(m) if m.len() > 0 => return Ok(()),
             Ok(_) => {}
-            Err(e) => return Err(Error::Store(format!("{}: {e}", path.display()))),
+            Err(e) => return Err(Error::unavailable(format!("{}: {e}", path.display()))),
         }
     }
-    Err(Error::Store(format!(
+    Err(Error::corrupt(format!(
         "{}: the store file is empty (0 bytes): a lost or truncated store; restore it from a \
          backup, or remove it to start an empty store",
         path.display()
@@ -119,7 +119,7 @@ impl std::fmt::Debug for RedbStore {
 }
 
 fn db_err(e: impl std::fmt::Display) -> Error {
-    Error::Store(e.to_string())
+    Error::unavailable(e.to_string())
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -127,7 +127,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("corrupt {what} record: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| Error::corrupt(format!("corrupt {what} record: {e}")))
 }
 
 fn live_key(ca: &str, subject_key: &str) -> String {
@@ -138,7 +138,7 @@ fn live_key(ca: &str, subject_key: &str) -> String {
 fn split_key(what: &str, key: &str) -> Result<(String, String)> {
     key.split_once('\x1f')
         .map(|(a, b)| (a.to_owned(), b.to_owned()))
-        .ok_or_else(|| Error::Store(format!("corrupt {what} key {key:?}")))
+        .ok_or_else(|| Error::corrupt(format!("corrupt {what} key {key:?}")))
 }
 
 fn now() -> i64 {
@@ -235,7 +235,7 @@ impl RedbStore {
             let mut table = tx.open_table(AUDIT).map_err(db_err)?;
             let mut entry: AuditEntry = match table.get(seq).map_err(db_err)? {
                 Some(v) => from_json("audit", v.value())?,
-                None => return Err(Error::Store(format!("no audit entry {seq}"))),
+                None => return Err(Error::corrupt(format!("no audit entry {seq}"))),
             };
             f(&mut entry);
             table
@@ -355,7 +355,7 @@ impl Store for RedbStore {
         let der = ders
             .get(serial.as_bytes())
             .map_err(db_err)?
-            .ok_or_else(|| Error::Store(format!("certificate {serial} has no DER")))?
+            .ok_or_else(|| Error::corrupt(format!("certificate {serial} has no DER")))?
             .value()
             .to_vec();
         Ok(Some((record, der)))
@@ -544,7 +544,7 @@ impl Store for RedbStore {
             let der = ders
                 .get(k.value())
                 .map_err(db_err)?
-                .ok_or_else(|| Error::Store(format!("certificate {} has no DER", record.serial)))?
+                .ok_or_else(|| Error::corrupt(format!("certificate {} has no DER", record.serial)))?
                 .value()
                 .to_vec();
             visit(Item::Cert(NewCert { record, der }))?;

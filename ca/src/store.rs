@@ -371,7 +371,7 @@ pub fn settle_outcome<T>(
     };
     match store.settle().and_then(|()| landed(store)) {
         Ok(Some(v)) => Ok(v),
-        Ok(None) => Err(Error::Store(format!(
+        Ok(None) => Err(Error::unavailable(format!(
             "{why}; a fresh read shows that nothing was recorded"
         ))),
         Err(_) => Err(Error::CommitUnknown {

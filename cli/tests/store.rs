@@ -509,7 +509,7 @@ fn import_refuses_a_store_that_is_not_empty(b: Backend) {
         .import(
             &mut [
                 Ok(Item::Ca(ca_record("y"))),
-                Err(m2mpki_ca::Error::Store("source broke".into())),
+                Err(m2mpki_ca::Error::unavailable("source broke")),
             ]
             .into_iter(),
         )

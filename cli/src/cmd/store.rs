@@ -99,7 +99,7 @@ pub(crate) fn copy(from: &StoreLocation, to: &StoreLocation) -> Result<Copied> {
     let source_report =
         finished.ok_or_else(|| Error::Internal("the import ended before the source did".into()))?;
     if exported != imported {
-        return Err(Error::Store(format!(
+        return Err(Error::corrupt(format!(
             "read {exported} items from {} but wrote {imported} to {}",
             source.backend(),
             destination.backend()
@@ -109,7 +109,7 @@ pub(crate) fn copy(from: &StoreLocation, to: &StoreLocation) -> Result<Copied> {
     let mut copied_chain = ChainVerifier::default();
     destination.audit_log(&mut |entry| copied_chain.check(&entry))?;
     if copied_chain.count() != source_report.entries {
-        return Err(Error::Store(format!(
+        return Err(Error::corrupt(format!(
             "the audit log at {} has {} entries, the source {}",
             destination.backend(),
             copied_chain.count(),

@@ -29,7 +29,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, GenericClient, NoTls, Row, Statement, ToStatement};
 
-use crate::{Error, Result};
+use crate::{Error, Kind, Result};
 
 /// Tries of one transaction that meets a serialization failure or a deadlock.
 const TRIES: usize = 5;
@@ -45,31 +45,58 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 const SESSION_SETTINGS: &str = "SET statement_timeout = '5s'; SET lock_timeout = '5s'; \
      SET idle_in_transaction_session_timeout = '15s'";
 
-/// Why a transaction ended: ours (an m2mpki error, returned as is) or the database's.
+/// Why a statement failed: the database's error, or no answer in time.
 #[derive(Debug)]
-pub enum Fail {
-    /// An m2mpki error (bad data, a refused change): returned as is, never retried.
-    Ours(Error),
+pub enum DbFail {
     /// A database error: retried when it is a serialization failure or deadlock.
     Db(postgres::Error),
     /// No answer within the deadline: the connection is dropped.
     TimedOut(Duration),
 }
 
-impl From<Error> for Fail {
-    fn from(e: Error) -> Self {
-        Fail::Ours(e)
+impl From<postgres::Error> for DbFail {
+    fn from(e: postgres::Error) -> Self {
+        DbFail::Db(e)
     }
 }
 
-impl From<postgres::Error> for Fail {
+/// Why a transaction ended: the caller's error `E` (returned as is) or the database's.
+#[derive(Debug)]
+pub enum Fail<E = Error> {
+    /// The caller's error (bad data, a refused change): returned as is, never retried.
+    Ours(E),
+    /// A database error: retried when it is a serialization failure or deadlock.
+    Db(postgres::Error),
+    /// No answer within the deadline: the connection is dropped.
+    TimedOut(Duration),
+}
+
+impl<E> From<DbFail> for Fail<E> {
+    fn from(e: DbFail) -> Self {
+        match e {
+            DbFail::Db(e) => Fail::Db(e),
+            DbFail::TimedOut(d) => Fail::TimedOut(d),
+        }
+    }
+}
+
+impl<E> From<postgres::Error> for Fail<E> {
     fn from(e: postgres::Error) -> Self {
         Fail::Db(e)
     }
 }
 
-/// The result of the body of a transaction.
-pub type TxResult<T> = std::result::Result<T, Fail>;
+impl<E: From<Error>> From<Error> for Fail<E> {
+    fn from(e: Error) -> Self {
+        Fail::Ours(E::from(e))
+    }
+}
+
+/// The result of the body of a transaction whose own errors are `E`.
+pub type TxResult<T, E = Error> = std::result::Result<T, Fail<E>>;
+
+/// The result of one statement.
+pub type DbResult<T> = std::result::Result<T, DbFail>;
 
 /// Column `idx` of `row` as a `T`. A value of another type than the code expects (a table
 /// altered by hand, or by another version) is a corrupt row: an internal error naming the
@@ -78,7 +105,7 @@ pub type TxResult<T> = std::result::Result<T, Fail>;
 pub fn col<'a, T: postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T> {
     row.try_get(idx).map_err(|e| {
         let name = row.columns().get(idx).map_or("?", |c| c.name());
-        Error::Internal(format!("corrupt row: column `{name}`: {e}"))
+        Error::corrupt(format!("corrupt row: column `{name}`: {e}"))
     })
 }
 
@@ -121,7 +148,12 @@ fn describe(config: &postgres::Config) -> String {
 /// `verify-full`, `sslcert=FILE` and `sslkey=FILE` (together) give the client certificate
 /// chain and its key, for `cert` authentication.
 fn take_tls(url: &str) -> Result<(String, Option<tokio_postgres_rustls::MakeRustlsConnect>)> {
-    let bad = |reason: String| Error::invalid("PostgreSQL URL", "(not shown)", reason);
+    let bad = |reason: String| {
+        Error::new(
+            Kind::BadLocation,
+            format!("invalid PostgreSQL URL `(not shown)`: {reason}"),
+        )
+    };
     let mut mode = None;
     let mut root = None;
     let mut client = (None, None);
@@ -159,19 +191,18 @@ fn take_tls(url: &str) -> Result<(String, Option<tokio_postgres_rustls::MakeRust
         (None | Some("disable"), None) => Ok((rest, None)),
         (Some("verify-full"), Some(root)) => {
             let pem = std::fs::read(&root).map_err(|e| bad(format!("sslrootcert {root}: {e}")))?;
-            let ders = crate::input::der_objects(&pem, &["CERTIFICATE"])
-                .map_err(|e| bad(format!("sslrootcert {root}: {e}")))?;
+            let ders = certificates(&pem).map_err(|e| bad(format!("sslrootcert {root}: {e}")))?;
             let mut roots = rustls::RootCertStore::empty();
             for der in ders {
                 roots
-                    .add(rustls::pki_types::CertificateDer::from(der))
+                    .add(der)
                     .map_err(|e| bad(format!("sslrootcert {root}: unusable root ({e})")))?;
             }
             let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
                 rustls::crypto::aws_lc_rs::default_provider(),
             ))
             .with_safe_default_protocol_versions()
-            .map_err(Error::internal)?
+            .map_err(|e| bug(e.to_string()))?
             .with_root_certificates(roots);
             let config = match client {
                 (None, None) => builder.with_no_client_auth(),
@@ -224,11 +255,7 @@ fn client_identity(
     use rustls::pki_types::pem::PemObject;
     use std::os::unix::fs::MetadataExt;
     let pem = std::fs::read(cert).map_err(|e| format!("sslcert {cert}: {e}"))?;
-    let chain: Vec<_> = crate::input::der_objects(&pem, &["CERTIFICATE"])
-        .map_err(|e| format!("sslcert {cert}: {e}"))?
-        .into_iter()
-        .map(rustls::pki_types::CertificateDer::from)
-        .collect();
+    let chain = certificates(&pem).map_err(|e| format!("sslcert {cert}: {e}"))?;
     if chain.is_empty() {
         return Err(format!("sslcert {cert}: no CERTIFICATE in it"));
     }
@@ -244,6 +271,60 @@ fn client_identity(
         format!("sslkey {key}: no usable private key (PEM PKCS#8, SEC1 or PKCS#1): {e}")
     })?;
     Ok((chain, private))
+}
+
+/// The certificates of a file: PEM `CERTIFICATE` blocks (at least one, nothing else), or one
+/// DER certificate.
+fn certificates(
+    bytes: &[u8],
+) -> std::result::Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::{PemObject, SectionKind};
+    let looks_pem = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .is_some_and(|i| bytes[i..].starts_with(b"-----BEGIN"));
+    if !looks_pem {
+        if bytes.first() != Some(&0x30) {
+            return Err("neither PEM nor DER (expected CERTIFICATE)".into());
+        }
+        return Ok(vec![rustls::pki_types::CertificateDer::from(
+            bytes.to_vec(),
+        )]);
+    }
+    let mut out = Vec::new();
+    for section in <(SectionKind, Vec<u8>) as PemObject>::pem_slice_iter(bytes) {
+        match section.map_err(|e| format!("malformed PEM: {e}"))? {
+            (SectionKind::Certificate, der) => out.push(der.into()),
+            (other, _) => {
+                return Err(format!(
+                    "unexpected PEM block `{other:?}` (expected CERTIFICATE)"
+                ))
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err("no PEM block (expected CERTIFICATE)".into());
+    }
+    Ok(out)
+}
+
+/// A store error for something that should not happen.
+fn bug(message: impl Into<String>) -> Error {
+    Error::new(Kind::Bug, message)
+}
+
+/// The kind of a database error, by its SQLSTATE class: an integrity violation is a conflict
+/// with what is stored, a statement the database cannot run (undefined table, syntax) a bug or
+/// a schema altered by hand, data the database cannot read corrupt; everything else (a
+/// connection lost, the server shutting down, out of resources, a lock or statement timeout)
+/// leaves the store unavailable for now.
+fn kind_of(code: &SqlState) -> Kind {
+    match &code.code()[..2] {
+        "23" => Kind::Conflict,
+        "42" => Kind::Bug,
+        "XX" | "22" => Kind::Corrupt,
+        _ => Kind::Unavailable,
+    }
 }
 
 /// An error and its causes, `outer: inner: ...` (a TLS failure says why the certificate was
@@ -265,15 +346,15 @@ fn with_causes(e: &dyn std::error::Error) -> String {
 /// Runs `f` off the caller's async runtime, if it is on one: in place on a multi-threaded
 /// runtime (the worker hands its other tasks on first). A single-threaded runtime cannot be
 /// left that way; calls from one are refused with an error rather than a panic.
-pub fn outside_runtime<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub fn outside_runtime<T, E: From<Error>>(f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
         Err(_) => f(),
         Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        Ok(_) => Err(Error::internal(
+        Ok(_) => Err(E::from(bug(
             "the PostgreSQL store was called from a single-threaded async runtime; \
              it needs a multi-threaded one or a plain thread",
-        )),
+        ))),
     }
 }
 
@@ -295,7 +376,7 @@ pub type Session<'a> = Db<'a, Client>;
 
 impl<C> Db<'_, C> {
     /// Waits for `fut`, at most until the operation's deadline.
-    fn wait<T>(&self, fut: impl Future<Output = Result<T, postgres::Error>>) -> TxResult<T> {
+    fn wait<T>(&self, fut: impl Future<Output = Result<T, postgres::Error>>) -> DbResult<T> {
         bounded(self.rt, self.deadline, self.lost, fut)
     }
 }
@@ -307,22 +388,22 @@ fn bounded<T>(
     deadline: Option<Instant>,
     lost: &Cell<bool>,
     fut: impl Future<Output = Result<T, postgres::Error>>,
-) -> TxResult<T> {
+) -> DbResult<T> {
     let mut limit = OP_TIMEOUT;
     if let Some(d) = deadline {
         limit = limit.min(d.saturating_duration_since(Instant::now()));
     }
     if limit.is_zero() {
         lost.set(true);
-        return Err(Fail::TimedOut(Duration::ZERO));
+        return Err(DbFail::TimedOut(Duration::ZERO));
     }
     // The timer is made inside the runtime: it needs the runtime's time driver.
     match rt.block_on(async { tokio::time::timeout(limit, fut).await }) {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Fail::Db(e)),
+        Ok(Err(e)) => Err(DbFail::Db(e)),
         Err(_) => {
             lost.set(true);
-            Err(Fail::TimedOut(limit))
+            Err(DbFail::TimedOut(limit))
         }
     }
 }
@@ -333,7 +414,7 @@ impl<C: GenericClient + Sync> Db<'_, C> {
         &mut self,
         query: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> TxResult<u64> {
+    ) -> DbResult<u64> {
         self.wait(self.c.execute(query, params))
     }
     /// Runs a query; returns its rows.
@@ -341,7 +422,7 @@ impl<C: GenericClient + Sync> Db<'_, C> {
         &mut self,
         query: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> TxResult<Vec<Row>> {
+    ) -> DbResult<Vec<Row>> {
         self.wait(self.c.query(query, params))
     }
     /// Runs a query that returns exactly one row.
@@ -349,7 +430,7 @@ impl<C: GenericClient + Sync> Db<'_, C> {
         &mut self,
         query: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> TxResult<Row> {
+    ) -> DbResult<Row> {
         self.wait(self.c.query_one(query, params))
     }
     /// Runs a query that returns at most one row.
@@ -357,7 +438,7 @@ impl<C: GenericClient + Sync> Db<'_, C> {
         &mut self,
         query: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> TxResult<Option<Row>> {
+    ) -> DbResult<Option<Row>> {
         self.wait(self.c.query_opt(query, params))
     }
     /// Runs a query with typed parameters, without preparing it (one round trip).
@@ -365,7 +446,7 @@ impl<C: GenericClient + Sync> Db<'_, C> {
         &mut self,
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> TxResult<Vec<Row>> {
+    ) -> DbResult<Vec<Row>> {
         self.wait(self.c.query_typed(query, params))
     }
     /// [`query_typed`](Self::query_typed) for exactly one row.
@@ -373,7 +454,7 @@ impl<C: GenericClient + Sync> Db<'_, C> {
         &mut self,
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> TxResult<Row> {
+    ) -> DbResult<Row> {
         self.wait(self.c.query_typed_one(query, params))
     }
     /// [`query_typed`](Self::query_typed) for at most one row.
@@ -381,15 +462,15 @@ impl<C: GenericClient + Sync> Db<'_, C> {
         &mut self,
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> TxResult<Option<Row>> {
+    ) -> DbResult<Option<Row>> {
         self.wait(self.c.query_typed_opt(query, params))
     }
     /// Runs statements separated by `;`, without parameters.
-    pub fn batch_execute(&mut self, query: &str) -> TxResult<()> {
+    pub fn batch_execute(&mut self, query: &str) -> DbResult<()> {
         self.wait(self.c.batch_execute(query))
     }
     /// Prepares a statement.
-    pub fn prepare(&mut self, query: &str) -> TxResult<Statement> {
+    pub fn prepare(&mut self, query: &str) -> DbResult<Statement> {
         self.wait(self.c.prepare(query))
     }
 }
@@ -440,7 +521,10 @@ impl PgConn {
         let (url, tls) = take_tls(url)?;
         let mut config: postgres::Config = url.parse().map_err(|e| {
             // The parser's message never repeats the URL, which may hold a password.
-            Error::invalid("PostgreSQL URL", "(not shown)", format!("{e}"))
+            Error::new(
+                Kind::BadLocation,
+                format!("invalid PostgreSQL URL `(not shown)`: {e}"),
+            )
         })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
@@ -480,31 +564,29 @@ impl PgConn {
     /// A database error as a store error naming the database (never the URL's secrets).
     pub fn db_err(&self, e: &postgres::Error) -> Error {
         match e.as_db_error() {
-            Some(db) => Error::Store(format!(
-                "{}: {} ({})",
-                self.shown,
-                db.message(),
-                db.code().code()
-            )),
-            None => Error::Store(format!("{}: {}", self.shown, with_causes(e))),
+            Some(db) => Error::new(
+                kind_of(db.code()),
+                format!("{}: {} ({})", self.shown, db.message(), db.code().code()),
+            ),
+            None => Error::unavailable(format!("{}: {}", self.shown, with_causes(e))),
         }
     }
 
-    /// A failed transaction as an m2mpki error.
-    fn fail_err(&self, e: Fail) -> Error {
-        match e {
-            Fail::Ours(e) => e,
+    /// A failed transaction as the caller's error.
+    fn fail_err<E: From<Error>>(&self, e: Fail<E>) -> E {
+        E::from(match e {
+            Fail::Ours(e) => return e,
             Fail::Db(e) => self.db_err(&e),
-            Fail::TimedOut(d) if d.is_zero() => Error::Store(format!(
+            Fail::TimedOut(d) if d.is_zero() => Error::unavailable(format!(
                 "{}: the deadline passed before the database answered; nothing was committed",
                 self.shown
             )),
-            Fail::TimedOut(d) => Error::Store(format!(
+            Fail::TimedOut(d) => Error::unavailable(format!(
                 "{}: no answer from the database within {} ms (the connection is dropped)",
                 self.shown,
                 d.as_millis()
             )),
-        }
+        })
     }
 
     /// Connects `conn` when it has no open connection.
@@ -516,7 +598,7 @@ impl PgConn {
         conn.prepared.clear();
         if let Some((at, why)) = &conn.down {
             if at.elapsed() < DOWN_BACKOFF {
-                return Err(Error::Store(why.clone()));
+                return Err(Error::unavailable(why.clone()));
             }
         }
         if conn.rt.is_none() {
@@ -524,13 +606,13 @@ impl PgConn {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .map_err(|e| Error::internal(format!("a runtime for PostgreSQL: {e}")))?,
+                    .map_err(|e| bug(format!("a runtime for PostgreSQL: {e}")))?,
             );
         }
         let rt = conn
             .rt
             .as_ref()
-            .ok_or_else(|| Error::internal("no PostgreSQL runtime"))?;
+            .ok_or_else(|| bug("no PostgreSQL runtime"))?;
         let limit = self
             .config
             .get_connect_timeout()
@@ -569,40 +651,40 @@ impl PgConn {
                 };
                 let why = format!("cannot connect to PostgreSQL at {}: {why}", self.shown);
                 conn.down = Some((Instant::now(), why.clone()));
-                Err(Error::Store(why))
+                Err(Error::unavailable(why))
             }
         }
     }
 
     /// Runs `f` with the connection (opened first when there is none or it broke), its
     /// runtime, the flag that marks it lost, and its prepared statements.
-    fn with_conn<T>(
+    fn with_conn<T, E: From<Error>>(
         &self,
         f: impl FnOnce(
             &Client,
             &tokio::runtime::Runtime,
             &Cell<bool>,
             &mut std::collections::HashMap<&'static str, Statement>,
-        ) -> Result<T>,
-    ) -> Result<T> {
+        ) -> Result<T, E>,
+    ) -> Result<T, E> {
         self.with_conn_mut(|client, rt, lost, prepared| f(client, rt, lost, prepared))
     }
 
     /// [`with_conn`](Self::with_conn) with the client borrowed mutably (for transactions).
-    fn with_conn_mut<T>(
+    fn with_conn_mut<T, E: From<Error>>(
         &self,
         f: impl FnOnce(
             &mut Client,
             &tokio::runtime::Runtime,
             &Cell<bool>,
             &mut std::collections::HashMap<&'static str, Statement>,
-        ) -> Result<T>,
-    ) -> Result<T> {
+        ) -> Result<T, E>,
+    ) -> Result<T, E> {
         outside_runtime(|| {
             let mut guard = self
                 .conn
                 .lock()
-                .map_err(|_| Error::internal("the PostgreSQL connection lock is poisoned"))?;
+                .map_err(|_| bug("the PostgreSQL connection lock is poisoned"))?;
             self.connect(&mut guard)?;
             let lost = Cell::new(false);
             let Conn {
@@ -612,7 +694,7 @@ impl PgConn {
                 ..
             } = &mut *guard;
             let (Some(rt), Some(client)) = (rt.as_ref(), client.as_mut()) else {
-                return Err(Error::internal("no PostgreSQL connection"));
+                return Err(E::from(bug("no PostgreSQL connection")));
             };
             let out = f(client, rt, &lost, prepared);
             if lost.get() || client.is_closed() {
@@ -625,7 +707,10 @@ impl PgConn {
 
     /// Statements run on the connection as they are, each committing by itself: for a single
     /// read, one round trip (with `query_typed`) instead of a transaction's four.
-    pub fn single<T>(&self, f: impl FnOnce(&mut Session<'_>) -> TxResult<T>) -> Result<T> {
+    pub fn single<T, E: From<Error>>(
+        &self,
+        f: impl FnOnce(&mut Session<'_>) -> TxResult<T, E>,
+    ) -> Result<T, E> {
         self.with_conn(|client, rt, lost, _| {
             let mut db = Db {
                 c: client,
@@ -639,11 +724,11 @@ impl PgConn {
 
     /// Runs the one statement `sql`, prepared once per connection (no parsing and planning
     /// at each call), with `f`; it commits by itself.
-    pub fn single_prepared<T>(
+    pub fn single_prepared<T, E: From<Error>>(
         &self,
         sql: &'static str,
-        f: impl FnOnce(&mut Session<'_>, &Statement) -> TxResult<T>,
-    ) -> Result<T> {
+        f: impl FnOnce(&mut Session<'_>, &Statement) -> TxResult<T, E>,
+    ) -> Result<T, E> {
         self.with_conn(|client, rt, lost, prepared| {
             let mut db = Db {
                 c: client,
@@ -654,7 +739,7 @@ impl PgConn {
             let statement = match prepared.get(sql) {
                 Some(s) => s.clone(),
                 None => {
-                    let s = db.prepare(sql).map_err(|e| self.fail_err(e))?;
+                    let s = db.prepare(sql).map_err(|e| self.fail_err(e.into()))?;
                     prepared.insert(sql, s.clone());
                     s
                 }
@@ -680,7 +765,7 @@ impl PgConn {
                 None => Ok(false),
                 Some(v) if v.parse::<i32>() == Ok(version) => Ok(true),
                 Some(v) if v.parse::<i32>().is_ok_and(|v| v < version) => Ok(false),
-                Some(v) => Err(Error::Store(format!(
+                Some(v) => Err(Error::unavailable(format!(
                     "the database's {what} schema is version {v}; this build knows version \
                      {version} (upgrade m2mpki)"
                 ))),
@@ -692,7 +777,7 @@ impl PgConn {
             c.query_typed_opt(&query, &[])?
                 .map(|row| row.try_get::<_, String>(0))
                 .transpose()
-                .map_err(Fail::Db)
+                .map_err(Fail::<Error>::Db)
         }) {
             if check(found)? {
                 return Ok(());
@@ -717,9 +802,12 @@ impl PgConn {
     }
 
     /// A read-only statement sequence in one snapshot (REPEATABLE READ, READ ONLY).
-    pub fn read<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> TxResult<T>) -> Result<T> {
+    pub fn read<T, E: From<Error>>(
+        &self,
+        mut f: impl FnMut(&mut Tx<'_>) -> TxResult<T, E>,
+    ) -> Result<T, E> {
         self.with_conn_mut(|client, rt, lost, _| {
-            let mut run = || -> TxResult<T> {
+            let mut run = || -> TxResult<T, E> {
                 let tx = bounded(
                     rt,
                     None,
@@ -750,25 +838,29 @@ impl PgConn {
     /// advisory lock `lock` for its length, retried from the start on serialization failures
     /// and deadlocks; a failed commit is never retried blind. A commit that was sent and not
     /// answered is [`Error::CommitUnknown`].
-    pub fn write<T>(&self, lock: i64, f: impl FnMut(&mut Tx<'_>) -> TxResult<T>) -> Result<T> {
+    pub fn write<T, E: From<Error>>(
+        &self,
+        lock: i64,
+        f: impl FnMut(&mut Tx<'_>) -> TxResult<T, E>,
+    ) -> Result<T, E> {
         self.write_until(lock, None, f)
     }
 
     /// [`write`](Self::write) that gives up at `deadline`: nothing is sent after it, so a
     /// transaction that missed it either did not commit (an error that says so) or is
     /// [`Error::CommitUnknown`] (its COMMIT was sent in time but not answered).
-    pub fn write_until<T>(
+    pub fn write_until<T, E: From<Error>>(
         &self,
         lock: i64,
         deadline: Option<Instant>,
-        mut f: impl FnMut(&mut Tx<'_>) -> TxResult<T>,
-    ) -> Result<T> {
+        mut f: impl FnMut(&mut Tx<'_>) -> TxResult<T, E>,
+    ) -> Result<T, E> {
         self.with_conn_mut(|client, rt, lost, _| {
             let mut tries = 0;
             loop {
                 tries += 1;
                 let mut committing = false;
-                let attempt = (|| -> TxResult<T> {
+                let attempt = (|| -> TxResult<T, E> {
                     let tx = bounded(rt, deadline, lost, client.transaction())?;
                     let out = {
                         let mut db = Db {
@@ -781,6 +873,7 @@ impl PgConn {
                             .batch_execute(&format!(
                                 "SET LOCAL synchronous_commit = on; SELECT pg_advisory_xact_lock({lock})"
                             ))
+                            .map_err(Fail::from)
                             .and_then(|()| f(&mut db));
                         match body {
                             Ok(v) => v,
@@ -805,18 +898,18 @@ impl PgConn {
                     Err(Fail::Db(e)) if retryable(&e) && tries < TRIES => continue,
                     // The server answered the COMMIT with an error: nothing was committed.
                     Err(Fail::Db(e)) if committing && e.as_db_error().is_none() => {
-                        return Err(Error::commit_unknown(format!(
+                        return Err(E::from(Error::commit_unknown(format!(
                             "{}: the connection broke while the commit was in flight ({})",
                             self.shown,
                             with_causes(&e)
-                        )))
+                        ))))
                     }
                     Err(Fail::TimedOut(d)) if committing && !d.is_zero() => {
-                        return Err(Error::commit_unknown(format!(
+                        return Err(E::from(Error::commit_unknown(format!(
                             "{}: the commit was not answered within {} ms",
                             self.shown,
                             d.as_millis()
-                        )))
+                        ))))
                     }
                     Err(e) => return Err(self.fail_err(e)),
                 }
@@ -828,6 +921,6 @@ impl PgConn {
     /// (committed or rolled back, on any connection), so that a read after it sees the final
     /// outcome of a commit that was [`Error::CommitUnknown`]. Bounded by `lock_timeout`.
     pub fn settle(&self, lock: i64) -> Result<()> {
-        self.write(lock, |_| Ok(()))
+        self.write(lock, |_| Ok::<_, Fail>(()))
     }
 }

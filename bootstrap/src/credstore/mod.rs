@@ -7,94 +7,42 @@
 //! live in PostgreSQL, shared by several IN instances (see `credstore_pg`).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use m2mpki_ca::FieldNodeIdentity;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde::Serialize;
 
 use crate::config::{DefaultPolicy, Policy};
 use crate::protocol::{Admission, RootCredential};
 use crate::{Error, Result};
+use m2mpki_store::Kind as StoreKind;
 
-const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
-/// identity -> id of its live credential.
-const LIVE: TableDefinition<&str, &str> = TableDefinition::new("live_credentials");
-const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub mod backend;
+mod memory;
+mod pg_store;
+mod redb_store;
 
 pub use crate::credential::{binding, CredentialRecord, CredentialStatus, Seal};
+pub use backend::{Backend, Snapshot};
 
 /// What the key check value seals (32 bytes, not secret).
 const KEY_CHECK: &[u8; 32] = b"m2mpki credential store key chk!";
 
-/// The store.
+/// The store: the rules of the IN's credentials over one [`Backend`].
 pub struct CredentialStore {
-    backend: Backend,
-}
-
-enum Backend {
-    /// The database is reopened after an I/O error (redb refuses every later transaction).
-    Redb {
-        db: std::sync::RwLock<Option<std::sync::Arc<Database>>>,
-        path: PathBuf,
-    },
-    Pg(Box<crate::credstore_pg::Pg>),
+    backend: Box<dyn Backend>,
 }
 
 impl std::fmt::Debug for CredentialStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.backend {
-            Backend::Redb { path, .. } => f
-                .debug_struct("CredentialStore")
-                .field("path", path)
-                .finish(),
-            Backend::Pg(pg) => f
-                .debug_struct("CredentialStore")
-                .field("database", &pg.shown())
-                .finish(),
-        }
+        f.debug_struct("CredentialStore")
+            .field("backend", &self.backend.shown())
+            .finish()
     }
 }
 
-/// Opens `bootstrap.redb` (refusing a zero-length file, turning redb's panics on a damaged one
-/// into an error) and creates its tables.
-fn open_redb(path: &Path) -> Result<Database> {
-    let ca = |e: m2mpki_ca::Error| match e {
-        m2mpki_ca::Error::Store(m) => Error::Store(m),
-        e => Error::Ca(e),
-    };
-    let db = m2mpki_ca::open_database(path).map_err(ca)?;
-    m2mpki_ca::guarded(path, || {
-        let tx = db
-            .begin_write()
-            .map_err(|e| m2mpki_ca::Error::Store(e.to_string()))?;
-        let made = (|| {
-            tx.open_table(CREDENTIALS)?;
-            tx.open_table(LIVE)?;
-            tx.open_table(GRANTS)?;
-            tx.open_table(META)?;
-            Ok::<_, redb::TableError>(())
-        })();
-        made.map_err(|e| m2mpki_ca::Error::Store(e.to_string()))?;
-        tx.commit()
-            .map_err(|e| m2mpki_ca::Error::Store(e.to_string()))
-    })
-    .map_err(ca)?;
-    Ok(db)
-}
-
-fn db_err(e: impl std::fmt::Display) -> Error {
-    Error::Store(e.to_string())
-}
-
-fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(v).map_err(Error::internal)
-}
-
-fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
-    serde_json::from_slice(b).map_err(|e| Error::internal(format!("corrupt record: {e}")))
+fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::corrupt(format!("corrupt record {what}: {e}")))
 }
 
 /// The key credentials are sealed under at the IN: a 0600 key file (AES-256 key wrap) or an
@@ -148,14 +96,8 @@ pub struct NewCredential<'a> {
 impl CredentialStore {
     /// Opens (creating) the store `bootstrap.redb` in `home`.
     pub fn open(home: &Path) -> Result<Self> {
-        let path = home.join("bootstrap.redb");
-        let db = open_redb(&path)?;
-        Ok(CredentialStore {
-            backend: Backend::Redb {
-                db: std::sync::RwLock::new(Some(std::sync::Arc::new(db))),
-                path,
-            },
-        })
+        let backend = redb_store::RedbBackend::open(home.join("bootstrap.redb"))?;
+        Ok(Self::on(Box::new(backend)))
     }
 
     /// Opens the store `location` selects: PostgreSQL for a `postgres://` URL (the same
@@ -163,63 +105,27 @@ impl CredentialStore {
     /// `redb:PATH` location names only the CA ledger).
     pub fn open_at(location: Option<&m2mpki_ca::StoreLocation>, home: &Path) -> Result<Self> {
         match location {
-            Some(m2mpki_ca::StoreLocation::Postgres(url)) => Ok(CredentialStore {
-                backend: Backend::Pg(Box::new(crate::credstore_pg::open(url)?)),
-            }),
+            Some(m2mpki_ca::StoreLocation::Postgres(url)) => {
+                Ok(Self::on(Box::new(pg_store::open(url)?)))
+            }
             _ => Self::open(home),
         }
     }
 
-    /// Which backend holds the records: `redb:PATH` or the database (never its password).
+    /// A store that lives in memory only (unit tests of what sits above the store).
+    pub fn in_memory() -> Self {
+        Self::on(Box::<memory::MemoryBackend>::default())
+    }
+
+    /// The store over `backend`.
+    pub fn on(backend: Box<dyn Backend>) -> Self {
+        CredentialStore { backend }
+    }
+
+    /// Which backend holds the records: `redb:PATH`, `memory` or the database (never its
+    /// password).
     pub fn backend(&self) -> String {
-        match &self.backend {
-            Backend::Redb { path, .. } => format!("redb:{}", path.display()),
-            Backend::Pg(pg) => pg.shown().to_owned(),
-        }
-    }
-
-    /// The redb database (opened again if an I/O error closed it), or the answer of the
-    /// PostgreSQL backend.
-    fn redb(
-        &self,
-    ) -> std::result::Result<Result<std::sync::Arc<Database>>, &crate::credstore_pg::Pg> {
-        let (slot, path) = match &self.backend {
-            Backend::Redb { db, path } => (db, path),
-            Backend::Pg(conn) => return Err(conn),
-        };
-        if let Some(db) = slot.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            return Ok(Ok(db.clone()));
-        }
-        let mut slot = slot.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(db) = slot.as_ref() {
-            return Ok(Ok(db.clone()));
-        }
-        Ok(match open_redb(path) {
-            Ok(db) => {
-                tracing::warn!(path = %path.display(), "reopened the credential store after an I/O error");
-                let db = std::sync::Arc::new(db);
-                *slot = Some(db.clone());
-                Ok(db)
-            }
-            // Still held by a transaction of before the error, or the disk still fails: the
-            // next call tries again.
-            Err(e) => Err(Error::Store(format!("reopening after an I/O error: {e}"))),
-        })
-    }
-
-    /// After redb failed on an I/O error (a full disk) it refuses every later transaction
-    /// until the file is opened again: closes `failed`, so that the next call reopens it.
-    fn close_after(&self, failed: &std::sync::Arc<Database>) {
-        if let Backend::Redb { db, path } = &self.backend {
-            let mut slot = db.write().unwrap_or_else(|p| p.into_inner());
-            if slot
-                .as_ref()
-                .is_some_and(|d| std::sync::Arc::ptr_eq(d, failed))
-            {
-                tracing::warn!(path = %path.display(), "closing the credential store after an I/O error; the next request reopens it");
-                *slot = None;
-            }
-        }
+        self.backend.shown()
     }
 
     /// Makes a fresh root credential for `new`, sealed under `store_key`; nothing is stored yet.
@@ -259,7 +165,8 @@ impl CredentialStore {
     }
 
     /// Stores prepared credentials in one durable transaction, in order: each becomes its
-    /// identity's live credential and supersedes the previous one (`supersedes` is filled in).
+    /// identity's live credential and supersedes the previous one (`supersedes` is filled in;
+    /// the rule is [`backend::plan_commit`]).
     pub fn commit(&self, records: &mut [CredentialRecord]) -> Result<()> {
         self.commit_until(records, None)
     }
@@ -272,65 +179,14 @@ impl CredentialStore {
         records: &mut [CredentialRecord],
         deadline: Option<Instant>,
     ) -> Result<()> {
-        let db = match self.redb() {
-            Ok(db) => db?,
-            Err(pg) => return crate::credstore_pg::commit(pg, records, deadline),
-        };
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(Error::Store("the enrolment's deadline passed first".into()));
-        }
-        let failed = |e: &dyn std::fmt::Display| {
-            self.close_after(&db);
-            Error::Store(e.to_string())
-        };
-        let tx = db.begin_write().map_err(|e| failed(&e))?;
-        {
-            let mut creds = tx.open_table(CREDENTIALS).map_err(db_err)?;
-            let mut live = tx.open_table(LIVE).map_err(db_err)?;
-            for record in records.iter_mut() {
-                let old_id = live
-                    .get(record.identity.to_string().as_str())
-                    .map_err(db_err)?
-                    .map(|v| v.value().to_owned());
-                if let Some(old_id) = old_id {
-                    let old = creds
-                        .get(old_id.as_str())
-                        .map_err(db_err)?
-                        .map(|v| parse::<CredentialRecord>(v.value()))
-                        .transpose()?;
-                    if let Some(mut old) = old {
-                        old.status = CredentialStatus::Superseded;
-                        creds
-                            .insert(old_id.as_str(), json(&old)?.as_slice())
-                            .map_err(db_err)?;
-                    }
-                    record.supersedes = Some(old_id);
-                }
-                creds
-                    .insert(record.id.as_str(), json(&*record)?.as_slice())
-                    .map_err(db_err)?;
-                live.insert(record.identity.to_string().as_str(), record.id.as_str())
-                    .map_err(db_err)?;
-            }
-        }
-        tx.commit().map_err(|e| match e {
-            // The file may or may not hold the commit; the reopened file will tell.
-            redb::CommitError::Storage(e) => {
-                self.close_after(&db);
-                Error::CommitUnknown(e.to_string())
-            }
-            e => failed(&e),
-        })
+        self.backend.commit_until(records, deadline)
     }
 
     /// After [`Error::CommitUnknown`]: whether the credential `id` was recorded, once every
     /// writer's transaction has ended; an error when the store still does not answer by
     /// `deadline`.
     pub fn settle(&self, id: &str, deadline: Option<Instant>) -> Result<bool> {
-        match self.redb() {
-            Ok(_) => Ok(self.credential(id)?.is_some()),
-            Err(pg) => crate::credstore_pg::settle(pg, id, deadline),
-        }
+        self.backend.settle(id, deadline)
     }
 
     /// Creates, seals and stores a fresh root credential for `new`, making it the identity's
@@ -350,62 +206,23 @@ impl CredentialStore {
 
     /// How many credential records exist (live and superseded).
     pub fn count(&self) -> Result<u64> {
-        let db = match self.redb() {
-            Ok(db) => db?,
-            Err(pg) => return crate::credstore_pg::count(pg),
-        };
-        let tx = db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(CREDENTIALS).map_err(db_err)?;
-        t.len().map_err(db_err)
+        self.backend.count()
     }
 
     /// A credential record by ID.
     pub fn credential(&self, id: &str) -> Result<Option<CredentialRecord>> {
-        let db = match self.redb() {
-            Ok(db) => db?,
-            Err(pg) => return crate::credstore_pg::credential(pg, id),
-        };
-        let tx = db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(CREDENTIALS).map_err(db_err)?;
-        let v = t.get(id).map_err(db_err)?;
-        v.map(|v| parse(v.value())).transpose()
+        self.backend.credential(id)
     }
 
     /// The live credential of an identity.
     pub fn live(&self, identity: &FieldNodeIdentity) -> Result<Option<CredentialRecord>> {
-        let db = match self.redb() {
-            Ok(db) => db?,
-            Err(pg) => return crate::credstore_pg::live(pg, identity),
-        };
-        let id = {
-            let tx = db.begin_read().map_err(db_err)?;
-            let t = tx.open_table(LIVE).map_err(db_err)?;
-            let v = t.get(identity.to_string().as_str()).map_err(db_err)?;
-            v.map(|v| v.value().to_owned())
-        };
-        match id {
-            Some(id) => self.credential(&id),
-            None => Ok(None),
-        }
+        self.backend.live(identity)
     }
 
-    /// All credential records of an identity (live and superseded).
+    /// All credential records of an identity (live and superseded), oldest first.
     pub fn history(&self, identity: &FieldNodeIdentity) -> Result<Vec<CredentialRecord>> {
-        let db = match self.redb() {
-            Ok(db) => db?,
-            Err(pg) => return crate::credstore_pg::history(pg, identity),
-        };
-        let tx = db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(CREDENTIALS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(db_err)? {
-            let (_, v) = row.map_err(db_err)?;
-            let r: CredentialRecord = parse(v.value())?;
-            if &r.identity == identity {
-                out.push(r);
-            }
-        }
-        out.sort_by_key(|r| r.created);
+        let mut out = self.backend.history(identity)?;
+        out.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
         Ok(out)
     }
 
@@ -420,17 +237,21 @@ impl CredentialStore {
     ) -> Result<RootCredential> {
         if record.seal == Seal::Unbound {
             tracing::error!(credential_id = %record.id, identity = %record.identity, "refused a credential sealed without its record binding; run `m2mpki bootstrap reseal`");
-            return Err(Error::Store(format!(
-                "credential {} is sealed without its record binding (an earlier version's \
+            return Err(Error::store(
+                StoreKind::Conflict,
+                format!(
+                    "credential {} is sealed without its record binding (an earlier version's \
                  format): run `m2mpki bootstrap reseal` before it is served",
-                record.id
-            )));
+                    record.id
+                ),
+            ));
         }
-        let blob = hex::decode(&record.sealed)
-            .map_err(|_| Error::internal("corrupt sealed credential"))?;
+        let blob = hex::decode(&record.sealed).map_err(|_| {
+            Error::corrupt(format!("credential {}: corrupt sealed value", record.id))
+        })?;
         store_key.unseal(record, &blob).map_err(|_| {
             tracing::error!(credential_id = %record.id, identity = %record.identity, "refused a credential whose seal does not match its record (moved from another record, altered, or another store key)");
-            Error::Store(format!(
+            Error::corrupt(format!(
                 "credential {} does not unseal for its record with this store key (moved from \
                  another record, altered, or another store key)",
                 record.id
@@ -444,7 +265,7 @@ impl CredentialStore {
     /// a store nobody else could write since: an unbound record cannot show that it was not
     /// moved.
     pub fn reseal(&self, store_key: &StoreKey) -> Result<(u64, u64)> {
-        let all = self.all_records()?;
+        let all = self.backend.all_records()?;
         let mut changed = Vec::new();
         let mut bound = 0u64;
         for mut r in all {
@@ -453,10 +274,10 @@ impl CredentialStore {
                 continue;
             }
             let blob = hex::decode(&r.sealed).map_err(|_| {
-                Error::internal(format!("credential {}: corrupt sealed value", r.id))
+                Error::corrupt(format!("credential {}: corrupt sealed value", r.id))
             })?;
             let credential = store_key.unseal(&r, &blob).map_err(|_| {
-                Error::Store(format!(
+                Error::corrupt(format!(
                     "credential {} does not unseal with this store key",
                     r.id
                 ))
@@ -469,78 +290,20 @@ impl CredentialStore {
         Ok((n, bound))
     }
 
-    /// Every credential record.
-    fn all_records(&self) -> Result<Vec<CredentialRecord>> {
-        let db = match self.redb() {
-            Ok(db) => db?,
-            Err(pg) => return crate::credstore_pg::all_records(pg),
-        };
-        let tx = db.begin_read().map_err(db_err)?;
-        let mut out = Vec::new();
-        for row in tx
-            .open_table(CREDENTIALS)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
-            let (_, v) = row.map_err(db_err)?;
-            out.push(parse::<CredentialRecord>(v.value())?);
-        }
-        Ok(out)
-    }
-
     /// Replaces existing records by ID, in one transaction (which is live does not change): for
     /// `reseal`, and for tests that alter stored records.
     #[doc(hidden)]
     pub fn rewrite(&self, records: &[CredentialRecord]) -> Result<()> {
-        let db = match self.redb() {
-            Ok(db) => db?,
-            Err(pg) => return crate::credstore_pg::rewrite(pg, records),
-        };
-        let tx = db.begin_write().map_err(db_err)?;
-        {
-            let mut creds = tx.open_table(CREDENTIALS).map_err(db_err)?;
-            for r in records {
-                if creds.get(r.id.as_str()).map_err(db_err)?.is_none() {
-                    return Err(Error::Store(format!("credential {} is not stored", r.id)));
-                }
-                creds
-                    .insert(r.id.as_str(), json(r)?.as_slice())
-                    .map_err(db_err)?;
-            }
-        }
-        tx.commit().map_err(db_err)
+        self.backend.rewrite(records)
     }
 
     /// Checks that `key` is the store key the credentials here are sealed under: the first
     /// start records a check value sealed under its key, every later start (of any IN on a
     /// shared store) must open it. Refuses a mismatch before any credential is sealed under
-    /// the wrong key (all INs on one database need the same store key).
+    /// the wrong key (all INs on one store need the same store key).
     pub fn check_key(&self, key: &StoreKey) -> Result<()> {
         let sealed = hex::encode(key.0.seal(KEY_CHECK)?);
-        let stored = match self.redb() {
-            Err(pg) => crate::credstore_pg::key_check(pg, &sealed)?,
-            Ok(db) => {
-                let tx = db?.begin_write().map_err(db_err)?;
-                let stored = {
-                    let mut t = tx.open_table(META).map_err(db_err)?;
-                    let found = t
-                        .get("store_key_check")
-                        .map_err(db_err)?
-                        .map(|v| String::from_utf8_lossy(v.value()).into_owned());
-                    match found {
-                        Some(v) => v,
-                        None => {
-                            t.insert("store_key_check", sealed.as_bytes())
-                                .map_err(db_err)?;
-                            sealed
-                        }
-                    }
-                };
-                tx.commit().map_err(db_err)?;
-                stored
-            }
-        };
+        let stored = self.backend.meta_or_insert(backend::KEY_CHECK, &sealed)?;
         let opens = hex::decode(&stored)
             .ok()
             .and_then(|blob| key.0.unseal(&blob).ok())
@@ -548,111 +311,46 @@ impl CredentialStore {
         if opens {
             Ok(())
         } else {
-            Err(Error::Store(format!(
-                "the configured store key does not open the credentials in {} (they were \
+            Err(Error::store(
+                StoreKind::Conflict,
+                format!(
+                    "the configured store key does not open the credentials in {} (they were \
                  sealed under another key; every IN on one store needs the same store key)",
-                self.backend()
-            )))
+                    self.backend()
+                ),
+            ))
         }
     }
 
-    /// Copies every record of this store (credentials with their status and chain, the live
-    /// credential of each identity, grants, the recorded policy and the store key check) into
-    /// `to`, which must be empty; the credentials stay sealed as they are. Returns the number
-    /// of credentials and of identities with grants copied.
+    /// Copies every record of this store (credentials with their status, the live credential
+    /// of each identity, grants, the recorded policy and the store key check) into `to`, which
+    /// must be empty, whatever the two backends are; the credentials stay sealed as they are.
+    /// Returns the number of credentials and of identities with grants copied.
     pub fn copy_into(&self, to: &CredentialStore) -> Result<(u64, u64)> {
-        let db = match self.redb() {
-            Ok(db) => db?,
-            Err(_) => {
-                return Err(Error::Store(
-                    "copying from a PostgreSQL credential store is not supported; copy from a \
-                     home's bootstrap.redb"
-                        .into(),
-                ))
-            }
-        };
-        let Err(pg) = to.redb() else {
-            return Err(Error::Store(
-                "the destination of a copy must be a PostgreSQL credential store".into(),
-            ));
-        };
-        let tx = db.begin_read().map_err(db_err)?;
-        let mut records = Vec::new();
-        for row in tx
-            .open_table(CREDENTIALS)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
-            let (_, v) = row.map_err(db_err)?;
-            records.push(parse::<CredentialRecord>(v.value())?);
-        }
-        let mut live = Vec::new();
-        for row in tx
-            .open_table(LIVE)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
-            let (k, v) = row.map_err(db_err)?;
-            live.push((k.value().to_owned(), v.value().to_owned()));
-        }
-        let mut grants = Vec::new();
-        for row in tx
-            .open_table(GRANTS)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
-            let (k, v) = row.map_err(db_err)?;
-            grants.push((k.value().to_owned(), parse::<Vec<String>>(v.value())?));
-        }
-        let mut meta = Vec::new();
-        for row in tx
-            .open_table(META)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
-            let (k, v) = row.map_err(db_err)?;
-            let text = String::from_utf8(v.value().to_vec())
-                .map_err(|_| Error::internal(format!("corrupt meta record {}", k.value())))?;
-            meta.push((k.value().to_owned(), text));
-        }
-        let copied = (records.len() as u64, grants.len() as u64);
-        crate::credstore_pg::import(pg, &records, &live, &grants, &meta)?;
-        Ok(copied)
+        let snapshot = self.backend.snapshot()?;
+        to.backend.import(&snapshot)?;
+        Ok((snapshot.records.len() as u64, snapshot.grants.len() as u64))
     }
 
     /// Records the policy the server runs with, so `bootstrap check` answers as the server does.
     pub fn set_policy(&self, policy: &Policy) -> Result<()> {
-        let db = match self.redb() {
-            Ok(db) => db?,
-            Err(pg) => return crate::credstore_pg::set_policy(pg, policy),
-        };
-        let tx = db.begin_write().map_err(db_err)?;
-        tx.open_table(META)
-            .map_err(db_err)?
-            .insert("policy", json(policy)?.as_slice())
-            .map_err(db_err)?;
-        tx.commit().map_err(db_err)
+        let text = serde_json::to_string(policy).map_err(Error::internal)?;
+        self.backend.set_meta(backend::POLICY, &text)
     }
 
     /// The recorded policy (allow with no default grants when no server has run yet).
     pub fn policy(&self) -> Result<Policy> {
-        let db = match self.redb() {
-            Ok(db) => db?,
-            Err(pg) => return crate::credstore_pg::policy(pg),
-        };
-        let tx = db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(META).map_err(db_err)?;
-        let v = t.get("policy").map_err(db_err)?;
-        Ok(v.map(|v| parse(v.value())).transpose()?.unwrap_or_default())
+        Ok(self
+            .backend
+            .meta(backend::POLICY)?
+            .map(|text| parse(backend::POLICY, &text))
+            .transpose()?
+            .unwrap_or_default())
     }
 
     /// Adds technician grants for an identity; returns its grants now.
     pub fn grant(&self, identity: &FieldNodeIdentity, resources: &[String]) -> Result<Vec<String>> {
-        self.change_grants(identity, &|g| {
+        self.backend.change_grants(identity, &|g| {
             g.extend(resources.iter().cloned());
         })
     }
@@ -663,70 +361,22 @@ impl CredentialStore {
         identity: &FieldNodeIdentity,
         resources: &[String],
     ) -> Result<Vec<String>> {
-        self.change_grants(identity, &|g| {
+        self.backend.change_grants(identity, &|g| {
             for r in resources {
                 g.remove(r);
             }
         })
     }
 
-    fn change_grants(
-        &self,
-        identity: &FieldNodeIdentity,
-        f: &dyn Fn(&mut BTreeSet<String>),
-    ) -> Result<Vec<String>> {
-        let db = match self.redb() {
-            Ok(db) => db?,
-            Err(pg) => return crate::credstore_pg::change_grants(pg, identity, f),
-        };
-        let key = identity.to_string();
-        let tx = db.begin_write().map_err(db_err)?;
-        let now = {
-            let mut t = tx.open_table(GRANTS).map_err(db_err)?;
-            let mut set: BTreeSet<String> = t
-                .get(key.as_str())
-                .map_err(db_err)?
-                .map(|v| parse(v.value()))
-                .transpose()?
-                .unwrap_or_default();
-            f(&mut set);
-            if set.is_empty() {
-                t.remove(key.as_str()).map_err(db_err)?;
-            } else {
-                t.insert(key.as_str(), json(&set)?.as_slice())
-                    .map_err(db_err)?;
-            }
-            set.into_iter().collect()
-        };
-        tx.commit().map_err(db_err)?;
-        Ok(now)
-    }
-
     /// Technician grants of one identity.
     pub fn grants_of(&self, identity: &FieldNodeIdentity) -> Result<Vec<String>> {
-        let db = match self.redb() {
-            Ok(db) => db?,
-            Err(pg) => return crate::credstore_pg::grants_of(pg, identity),
-        };
-        let tx = db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(GRANTS).map_err(db_err)?;
-        let v = t.get(identity.to_string().as_str()).map_err(db_err)?;
-        Ok(v.map(|v| parse(v.value())).transpose()?.unwrap_or_default())
+        self.backend.grants_of(identity)
     }
 
-    /// Every identity's technician grants.
+    /// Every identity's technician grants, by identity.
     pub fn all_grants(&self) -> Result<Vec<(String, Vec<String>)>> {
-        let db = match self.redb() {
-            Ok(db) => db?,
-            Err(pg) => return crate::credstore_pg::all_grants(pg),
-        };
-        let tx = db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(GRANTS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(db_err)? {
-            let (k, v) = row.map_err(db_err)?;
-            out.push((k.value().to_owned(), parse(v.value())?));
-        }
+        let mut out = self.backend.all_grants()?;
+        out.sort();
         Ok(out)
     }
 
@@ -770,8 +420,8 @@ struct Job {
 /// again will not mend (500).
 fn same_kind(e: &Error) -> Error {
     match e {
-        Error::CommitUnknown(m) => Error::CommitUnknown(m.clone()),
-        Error::Store(m) => Error::Store(m.clone()),
+        Error::Store(e) => Error::Store(e.clone()),
+        Error::Ca(m2mpki_ca::Error::Store(e)) => Error::Store(e.clone()),
         Error::Internal(m) | Error::Ca(m2mpki_ca::Error::Internal(m)) => Error::internal(m),
         other => Error::internal(other.to_string()),
     }
@@ -786,17 +436,18 @@ fn commit_group(
     deadline: Instant,
 ) -> Result<()> {
     match store.commit_until(records, Some(deadline)) {
-        Err(Error::CommitUnknown(why)) => {
+        Err(Error::Store(why)) if why.kind() == StoreKind::CommitUnknown => {
+            let why = why.message().to_owned();
             let first = records.first().map(|r| r.id.clone()).unwrap_or_default();
             match store.settle(&first, Some(deadline)) {
                 Ok(true) => {
                     tracing::warn!(error = %why, "a credential commit was not confirmed, but a fresh read shows it stored");
                     Ok(())
                 }
-                Ok(false) => Err(Error::Store(format!(
+                Ok(false) => Err(Error::unavailable(format!(
                     "{why}; a fresh read shows that nothing was recorded"
                 ))),
-                Err(_) => Err(Error::CommitUnknown(why)),
+                Err(_) => Err(Error::commit_unknown(why)),
             }
         }
         other => other,
@@ -863,8 +514,8 @@ impl GroupCommitter {
                     let (jobs, late): (Vec<Job>, Vec<Job>) =
                         jobs.into_iter().partition(|j| j.deadline > now);
                     for job in late {
-                        let _ = job.reply.send(Err(Error::Store(
-                            "the credential store was too slow; the enrolment's deadline passed before its turn".into(),
+                        let _ = job.reply.send(Err(Error::unavailable(
+                            "the credential store was too slow; the enrolment's deadline passed before its turn",
                         )));
                     }
                     let Some(deadline) = jobs.iter().map(|j| j.deadline).min() else {
@@ -908,8 +559,8 @@ impl GroupCommitter {
                 deadline,
                 reply,
             })
-            .map_err(|_| Error::Store("the credential writer stopped".into()))?;
+            .map_err(|_| Error::unavailable("the credential writer stopped"))?;
         done.await
-            .map_err(|_| Error::Store("the credential writer stopped".into()))?
+            .map_err(|_| Error::unavailable("the credential writer stopped"))?
     }
 }
