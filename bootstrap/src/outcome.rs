@@ -91,3 +91,38 @@ impl Outcome {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
+
+    use super::*;
+    use m2mpki_store::Kind;
+
+    /// Only a store that could not be reached, or did not confirm a commit, is answered "try
+    /// again"; a corrupt record (of the credential store or of the CA layer) is 500.
+    #[test]
+    fn a_store_failure_is_answered_by_its_kind() {
+        let cases = [
+            (Kind::Unavailable, Outcome::Unavailable, 503, (5, 3)),
+            (Kind::CommitUnknown, Outcome::OutcomeUnknown, 503, (5, 3)),
+            (Kind::Corrupt, Outcome::Internal, 500, (5, 0)),
+            (Kind::Conflict, Outcome::Internal, 500, (5, 0)),
+            (Kind::NotFound, Outcome::Internal, 500, (5, 0)),
+            (Kind::Bug, Outcome::Internal, 500, (5, 0)),
+        ];
+        for (kind, outcome, http, coap) in cases {
+            let ours = crate::Error::Store(m2mpki_store::Error::new(kind, "grant of pump-1"));
+            let ca = crate::Error::Ca(m2mpki_store::Error::new(kind, "x").into());
+            for e in [ours, ca] {
+                assert_eq!(Outcome::of_failure(&e), outcome, "{kind:?}: {e}");
+                assert_eq!(Outcome::of_failure(&e).http(), http);
+                assert_eq!(Outcome::of_failure(&e).coap(), coap);
+            }
+        }
+        assert_eq!(
+            Outcome::of_failure(&crate::Error::Internal("bug".into())),
+            Outcome::Internal
+        );
+    }
+}

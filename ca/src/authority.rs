@@ -16,6 +16,7 @@ use crate::home::Home;
 use crate::identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId};
 use crate::leaf_der::{subject_text, LeafFields, LeafSan, LeafTemplate, SubjectAttr};
 use crate::profile::{KeyUsage, LeafProfile, ProfileKind};
+use crate::requester::Requester;
 use crate::serial::Serial;
 use crate::store::{settle_outcome, CaRecord, CertRecord, CertStatus, NewCert, Store};
 use crate::validity::{format_time, Validity};
@@ -422,6 +423,8 @@ pub struct LeafRequest {
     pub validity: Option<Validity>,
     /// notBefore; now when `None`.
     pub not_before: Option<OffsetDateTime>,
+    /// Who asked: recorded with the certificate and in its audit entry.
+    pub requester: Requester,
 }
 
 /// A request that passed the profile and CA policy, ready to sign.
@@ -432,6 +435,7 @@ pub struct Approved {
     identity: Option<FieldNodeIdentity>,
     subject_key: String,
     subject: String,
+    requester: Requester,
 }
 
 impl Approved {
@@ -652,6 +656,7 @@ impl Authority {
             identity,
             subject_key,
             subject: subject_text,
+            requester: req.requester,
         })
     }
 
@@ -687,6 +692,7 @@ impl Authority {
                 status: CertStatus::Valid,
                 revoked_at: None,
                 revocation_reason: None,
+                requested_by: Some(approved.requester),
             },
             der,
         })
@@ -875,6 +881,7 @@ mod tests {
                 public_key: spki(),
                 validity,
                 not_before: None,
+                requester: Requester::Lab,
             };
             let got = ca.approve(&LeafProfile::builtin(profile), req);
             match (got, expect) {

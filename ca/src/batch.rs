@@ -81,6 +81,8 @@ pub struct BatchOptions {
     pub output: BatchOutput,
     /// Subjects per durable transaction.
     pub chunk_size: usize,
+    /// Who runs the batch: recorded with every certificate and in its audit entry.
+    pub requester: crate::Requester,
 }
 
 /// How a batch writes what it issues.
@@ -771,6 +773,7 @@ impl<'a> Run<'a> {
                     public_key,
                     validity: opts.validity,
                     not_before: opts.not_before,
+                    requester: opts.requester.clone(),
                 };
                 let cert = self
                     .authority

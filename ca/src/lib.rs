@@ -29,6 +29,7 @@ mod pg_store;
 pub mod profile;
 mod redb_store;
 mod refusal;
+mod requester;
 pub mod revocation;
 pub mod roots;
 pub mod rootset;
@@ -48,6 +49,7 @@ pub use issue::{chain_pem, issue, prepare, Prepared};
 pub use location::StoreLocation;
 pub use pg_store::PgStore;
 pub use redb_store::{guarded, open_database, quiet_guarded_panics, RedbStore};
+pub use requester::Requester;
 pub use serial::Serial;
 pub use store::{
     CaRecord, CertFilter, CertRecord, CertStatus, Item, NewCert, RecordOutcome, Store,

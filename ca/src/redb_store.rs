@@ -708,6 +708,7 @@ mod tests {
                 status: CertStatus::Valid,
                 revoked_at: None,
                 revocation_reason: None,
+                requested_by: None,
             },
             der: vec![0x30, 0],
         }

@@ -218,6 +218,9 @@ pub struct CertRecord {
     /// Why it was revoked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocation_reason: Option<RevocationReason>,
+    /// Who asked for it (none in records of versions before requesters were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<crate::Requester>,
 }
 
 /// A certificate to record: its record and DER.
@@ -383,16 +386,23 @@ pub fn settle_outcome<T>(
 
 /// The `cert.issue` audit event of a recorded certificate (every backend writes the same).
 pub(crate) fn issue_event(r: &CertRecord, reissue: bool) -> AuditEvent {
+    let mut detail = serde_json::json!({
+        "ca": r.ca,
+        "profile": r.profile,
+        "subject_key": r.subject_key,
+        "sha256": r.sha256,
+        "reissue": reissue,
+    });
+    if let (Some(who), Some(map)) = (&r.requested_by, detail.as_object_mut()) {
+        map.insert(
+            "requested_by".into(),
+            serde_json::to_value(who).unwrap_or_default(),
+        );
+    }
     AuditEvent {
         action: crate::audit::AuditAction::CertIssue,
         subject: r.serial.to_string(),
-        detail: serde_json::json!({
-            "ca": r.ca,
-            "profile": r.profile,
-            "subject_key": r.subject_key,
-            "sha256": r.sha256,
-            "reissue": reissue,
-        }),
+        detail,
     }
 }
 

@@ -225,6 +225,7 @@ impl Fixture {
                     public_key: spki,
                     validity: Some(m2mpki_ca::validity::Validity::Hours(1)),
                     not_before: Some(time::OffsetDateTime::now_utc() - time::Duration::days(2)),
+                    requester: m2mpki_ca::Requester::Lab,
                 },
                 false,
             );
@@ -1710,6 +1711,7 @@ fn the_in_refuses_an_expired_anchor_and_a_certificate_without_eku() {
                 public_key: spki,
                 validity: None,
                 not_before: None,
+                requester: m2mpki_ca::Requester::Lab,
             },
             false,
         )

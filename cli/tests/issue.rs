@@ -960,3 +960,78 @@ fn default_ca_lifetime_is_cut_to_the_parent_and_the_store_is_0600() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// Every issue names who asked: the operator's account for a single issue, the account and
+/// the input file for a batch. Both the certificate's record (`certs show`) and its
+/// `cert.issue` audit entry say so.
+#[test]
+fn who_asked_is_recorded_with_the_certificate_and_in_the_audit_log() {
+    let lab = Lab::new();
+    let issue = |user: &str, args: &[&str]| {
+        let out = lab.cmd().env("USER", user).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (key, pem) = (lab.path("w.key"), lab.path("w.pem"));
+    issue(
+        "alice",
+        &[
+            "issue",
+            "device",
+            "--ca",
+            names::MFR_CA,
+            "--id",
+            "W1",
+            "--key-out",
+            key.to_str().unwrap(),
+            "--out",
+            pem.to_str().unwrap(),
+        ],
+    );
+    let ids = lab.path("lot-9.txt");
+    std::fs::write(&ids, "W2\nW3\n").unwrap();
+    issue(
+        "line3",
+        &[
+            "issue",
+            "batch",
+            "--ca",
+            names::MFR_CA,
+            "--profile",
+            "device",
+            "--ids",
+            ids.to_str().unwrap(),
+            "--out-dir",
+            lab.path("out").to_str().unwrap(),
+        ],
+    );
+    let alice = serde_json::json!({"via": "operator", "account": "alice"});
+    let line3 =
+        serde_json::json!({"via": "batch", "account": "line3", "input": ids.to_str().unwrap()});
+    let expected = [("W1", &alice), ("W2", &line3), ("W3", &line3)];
+    let store = m2mpki_ca::RedbStore::open(&lab.home.join("store.redb")).unwrap();
+    let mut logged = std::collections::HashMap::new();
+    m2mpki_ca::Store::audit_log(&store, &mut |e| {
+        if e.event.action == m2mpki_ca::audit::AuditAction::CertIssue {
+            logged.insert(
+                e.event.subject.clone(),
+                e.event.detail["requested_by"].clone(),
+            );
+        }
+        Ok(())
+    })
+    .unwrap();
+    drop(store);
+    for (id, who) in expected {
+        let listed = lab.json(&["certs", "list", "--id", id]);
+        let shown = &listed.as_array().unwrap()[0];
+        assert_eq!(&shown["requested_by"], who, "{id}");
+        let serial = shown["serial"].as_str().unwrap();
+        assert_eq!(logged.get(serial), Some(who), "audit entry of {id}");
+    }
+    let text = lab.ok(&["certs", "show", "--id", &format!("device:{HW_TYPE}:W1")]);
+    assert!(text.contains("requested   operator alice"), "{text}");
+}

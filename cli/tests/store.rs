@@ -123,6 +123,7 @@ fn new_cert(ca: &str, subject_key: &str) -> NewCert {
             status: CertStatus::Valid,
             revoked_at: None,
             revocation_reason: None,
+            requested_by: None,
         },
         der: serial.as_bytes().to_vec(),
     }

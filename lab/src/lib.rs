@@ -323,6 +323,7 @@ impl LabPki {
                 public_key: spki,
                 validity,
                 not_before: None,
+                requester: m2mpki_ca::Requester::Lab,
             },
             true,
         )?;

@@ -26,6 +26,9 @@ pub(crate) struct CertView {
     issued_at: String,
     status: m2mpki_ca::CertStatus,
     sha256: String,
+    /// Who asked for it (none for certificates of versions that did not record it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    requested_by: Option<m2mpki_ca::Requester>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) out: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -45,6 +48,7 @@ pub(crate) fn cert_view(r: &CertRecord) -> CertView {
         issued_at: ts(r.issued_at),
         status: r.status,
         sha256: r.sha256.clone(),
+        requested_by: r.requested_by.clone(),
         out: None,
         key_out: None,
     }
@@ -149,7 +153,7 @@ pub(crate) fn show(ctx: &Ctx, serial: Option<String>, id: Option<String>, pem: b
         .iter()
         .map(|v| {
             format!(
-                "serial      {}\nca          {}\nprofile     {}\nsubject     {}\nidentity    {}\nnot before  {}\nnot after   {}\nissued at   {}\nstatus      {}\nsha256      {}",
+                "serial      {}\nca          {}\nprofile     {}\nsubject     {}\nidentity    {}\nnot before  {}\nnot after   {}\nissued at   {}\nstatus      {}\nsha256      {}\nrequested   {}",
                 v.serial,
                 v.ca,
                 v.profile,
@@ -159,7 +163,8 @@ pub(crate) fn show(ctx: &Ctx, serial: Option<String>, id: Option<String>, pem: b
                 v.not_after,
                 v.issued_at,
                 serde_json::to_value(v.status).ok().and_then(|s| s.as_str().map(str::to_owned)).unwrap_or_default(),
-                v.sha256
+                v.sha256,
+                v.requested_by.as_ref().map_or_else(|| "(not recorded)".to_owned(), ToString::to_string)
             )
         })
         .collect::<Vec<_>>()

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use m2mpki_ca::batch::{self, BatchInput, BatchOptions};
 use m2mpki_ca::input::VerifiedCsr;
 use m2mpki_ca::profile::{LeafProfile, ProfileKind};
-use m2mpki_ca::{Authority, LeafRequest, LeafSubject};
+use m2mpki_ca::{Authority, LeafRequest, LeafSubject, Requester};
 use m2mpki_hsm::files::{self, Mode, Overwrite};
 use m2mpki_hsm::SoftwareKey;
 use rcgen::PublicKeyData;
@@ -54,6 +54,7 @@ pub(crate) fn one(ctx: &Ctx, subject: LeafSubject, a: IssueArgs) -> Result<()> {
         public_key,
         validity,
         not_before,
+        requester: Requester::operator(),
     };
     // The request and the ledger are checked before the key file is written, so a refusal
     // leaves nothing behind; the key is written before the certificate is recorded, so a
@@ -250,6 +251,13 @@ fn batch_run(ctx: &Ctx, a: &BatchArgs, committed: &Arc<AtomicU64>) -> Result<bat
             batch::BatchOutput::Pem
         },
         chunk_size: a.chunk,
+        requester: Requester::batch(
+            a.ids
+                .as_ref()
+                .or(a.csr_dir.as_ref())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        ),
     };
     let store = ctx.store()?;
     let authority = Authority::load(&ctx.home, &*store, &ctx.keystore, &a.ca)?;

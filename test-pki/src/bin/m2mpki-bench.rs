@@ -361,6 +361,7 @@ fn batch_rate(
             reissue: true,
             output,
             chunk_size: 512,
+            requester: m2mpki_ca::Requester::batch(csr_dir.display().to_string()),
         },
         &|_| {},
     )?;
