@@ -1075,4 +1075,70 @@ mod tests {
         assert!(err.to_string().contains("disk full"), "{err}");
         assert!(!fx.home.root().join(Home::ca_key_path("root")).exists());
     }
+
+    /// Records what an issue did with the subject's new key.
+    #[derive(Default)]
+    struct Watched {
+        kept: u32,
+        discarded: u32,
+        refuse: bool,
+    }
+
+    impl crate::NewKey for Watched {
+        fn keep(&mut self) -> Result<()> {
+            if self.refuse {
+                return Err(Error::unavailable("the key's disk is full"));
+            }
+            self.kept += 1;
+            Ok(())
+        }
+        fn discard(&mut self) {
+            self.discarded += 1;
+        }
+        fn kept_at(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    /// The key is kept before its certificate is recorded; when the commit records nothing
+    /// (another issue of the subject came first) it is discarded; a key that cannot be kept
+    /// stops the issue before anything is signed or recorded.
+    #[test]
+    fn a_new_key_is_kept_before_its_certificate_and_discarded_when_nothing_is_recorded() {
+        let fx = fx();
+        let ca = issuing(&fx);
+        let profile = LeafProfile::builtin(ProfileKind::Device);
+        let req = |id: &str| LeafRequest {
+            subject: device(id),
+            public_key: spki(),
+            validity: None,
+            not_before: None,
+            requester: Requester::Lab,
+        };
+        let first = crate::prepare(&fx.store, &ca, &profile, req("K-1"), false).unwrap();
+        let racing = crate::prepare(&fx.store, &ca, &profile, req("K-1"), false).unwrap();
+        let mut key = Watched::default();
+        first.commit_with_key(&fx.store, &mut key).unwrap();
+        assert_eq!((key.kept, key.discarded), (1, 0));
+        let mut late = Watched::default();
+        let err = racing.commit_with_key(&fx.store, &mut late).unwrap_err();
+        assert!(matches!(err, Error::AlreadyIssued { .. }), "{err}");
+        assert_eq!((late.kept, late.discarded), (1, 1));
+        let before = fx.store.certs(&CertFilter::default()).unwrap().len();
+        let mut full = Watched {
+            refuse: true,
+            ..Watched::default()
+        };
+        let prepared = crate::prepare(&fx.store, &ca, &profile, req("K-2"), false).unwrap();
+        let err = prepared.commit_with_key(&fx.store, &mut full).unwrap_err();
+        assert_eq!(
+            err.store_kind(),
+            Some(m2mpki_store::Kind::Unavailable),
+            "{err}"
+        );
+        assert_eq!(
+            fx.store.certs(&CertFilter::default()).unwrap().len(),
+            before
+        );
+    }
 }

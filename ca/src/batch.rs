@@ -123,35 +123,7 @@ struct KeyLine<'a> {
     key: &'a str,
 }
 
-/// What a batch did.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct BatchReport {
-    /// Subjects in the input.
-    pub total: usize,
-    /// Certificates issued now.
-    pub issued: usize,
-    /// Subjects that already had a live certificate (not issued again).
-    pub already_issued: usize,
-    /// Certificate files rewritten from the ledger because they were missing.
-    pub files_restored: usize,
-    /// IDs whose certificate exists but whose generated key file is missing.
-    pub missing_keys: Vec<String>,
-    /// IDs whose key file in the output folder is not the key of their certificate. Their
-    /// certificate file was not written: a certificate is never left beside a key that is not
-    /// its own. Callers must treat a non-empty list as a failed batch.
-    pub key_mismatches: Vec<KeyMismatch>,
-}
-
-/// A key file that does not belong to the certificate it would sit beside.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct KeyMismatch {
-    /// The pre-provisioned ID.
-    pub id: String,
-    /// The key file (`<ID>.key.pem` in the output folder).
-    pub key_file: PathBuf,
-    /// Why it does not pair with the certificate.
-    pub reason: String,
-}
+pub use crate::batch_report::{BatchReport, KeyMismatch};
 
 /// Whether the key file at `path`, if there is one, is the key of the public key `spki` (DER
 /// SubjectPublicKeyInfo). `None`: no file, or the file holds exactly that key. `Some(reason)`:
@@ -543,6 +515,9 @@ pub fn run_batch(
     })?;
     report.issued += issued;
     report.already_issued += already;
+    if !report.key_mismatches.is_empty() {
+        return Err(Error::KeyMismatches(Box::new(report)));
+    }
     Ok(report)
 }
 

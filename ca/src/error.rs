@@ -121,9 +121,29 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A batch found key files in its output folder that are not their certificate's key
+    /// (bad input): those certificates were not written; the report says what the batch did
+    /// and lists each one.
+    #[error("{}", key_mismatches(.0))]
+    KeyMismatches(Box<crate::batch_report::BatchReport>),
     /// Certificate generation failed inside rcgen or a record is corrupt (bug).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn key_mismatches(report: &crate::batch_report::BatchReport) -> String {
+    let n = report.key_mismatches.len();
+    match report.key_mismatches.first() {
+        Some(first) => format!(
+            "{}: {n} key file(s) in the output folder are not their certificate's key, first for \
+             ID `{}` ({}); those certificates were not written: move the foreign key files away \
+             and run the batch again",
+            first.key_file.display(),
+            first.id,
+            first.reason
+        ),
+        None => "a batch reported key mismatches without naming one".into(),
+    }
 }
 
 fn check_hint(check: &Option<String>) -> String {
@@ -150,7 +170,8 @@ impl Error {
             | Error::CaExists(_)
             | Error::UnknownRootSet(_)
             | Error::RootSetExists(_)
-            | Error::CertNotFound(_) => ErrorKind::BadInput,
+            | Error::CertNotFound(_)
+            | Error::KeyMismatches(_) => ErrorKind::BadInput,
             Error::Key(e) if e.is_bad_input() => ErrorKind::BadInput,
             Error::Store(e) if e.kind() == m2mpki_store::Kind::BadLocation => ErrorKind::BadInput,
             Error::Key(_)

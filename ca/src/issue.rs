@@ -1,4 +1,10 @@
-//! Issuing one certificate: check, sign, record — in that order.
+//! Issuing one certificate: check, sign, record — in that order; a key the issuer made for
+//! the subject is kept before its certificate is recorded.
+
+use std::path::PathBuf;
+
+use m2mpki_hsm::files::Overwrite;
+use m2mpki_hsm::{Passphrase, SoftwareKey};
 
 use crate::authority::{Approved, Authority, LeafRequest};
 use crate::profile::LeafProfile;
@@ -86,6 +92,94 @@ impl Prepared<'_> {
             }),
             None => Err(Error::internal("the store returned no outcome")),
         }
+    }
+}
+
+impl Prepared<'_> {
+    /// [`commit`](Self::commit) for a certificate whose key the issuer made for the subject:
+    /// the key is kept first (a recorded certificate always has its key), and discarded when
+    /// the commit recorded nothing. When the outcome is unknown the key stays, and the error
+    /// says where.
+    pub fn commit_with_key(self, store: &dyn Store, key: &mut dyn NewKey) -> Result<NewCert> {
+        key.keep()?;
+        match self.commit(store) {
+            Ok(cert) => Ok(cert),
+            Err(Error::CommitUnknown { why, check }) => Err(Error::CommitUnknown {
+                why: format!("{why} (the new key is kept at {})", key.kept_at()),
+                check,
+            }),
+            Err(e) => {
+                key.discard();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A key the issuer made for the subject of a certificate (the command line's `--key-out`,
+/// later EST's `serverkeygen`), kept by [`Prepared::commit_with_key`] before the certificate
+/// is recorded.
+pub trait NewKey {
+    /// Keeps the key durably (for a file: written, 0600, synced).
+    fn keep(&mut self) -> Result<()>;
+    /// Nothing was recorded: the key certifies nothing and must not stay behind.
+    fn discard(&mut self);
+    /// Where the key is kept, for the message of a commit whose outcome is unknown.
+    fn kept_at(&self) -> String;
+}
+
+/// A new software key kept as a PKCS#8 file (encrypted when a passphrase is given).
+pub struct KeyFile {
+    key: SoftwareKey,
+    path: PathBuf,
+    passphrase: Option<Passphrase>,
+    overwrite: Overwrite,
+    written: bool,
+}
+
+impl std::fmt::Debug for KeyFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyFile")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyFile {
+    /// `key`, to be kept at `path`.
+    pub fn new(
+        key: SoftwareKey,
+        path: PathBuf,
+        passphrase: Option<Passphrase>,
+        overwrite: Overwrite,
+    ) -> Self {
+        KeyFile {
+            key,
+            path,
+            passphrase,
+            overwrite,
+            written: false,
+        }
+    }
+}
+
+impl NewKey for KeyFile {
+    fn keep(&mut self) -> Result<()> {
+        self.key
+            .save(&self.path, self.passphrase.as_ref(), self.overwrite)?;
+        self.written = true;
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        if self.written {
+            let _ = std::fs::remove_file(&self.path);
+            self.written = false;
+        }
+    }
+
+    fn kept_at(&self) -> String {
+        self.path.display().to_string()
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod audit;
 mod authority;
 pub mod batch;
+mod batch_report;
 pub mod consistency;
 mod constraints;
 mod crl_status;
@@ -45,7 +46,7 @@ pub use constraints::NameConstraints;
 pub use error::{Error, ErrorKind, Result};
 pub use home::Home;
 pub use identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId};
-pub use issue::{chain_pem, issue, prepare, Prepared};
+pub use issue::{chain_pem, issue, prepare, KeyFile, NewKey, Prepared};
 pub use location::StoreLocation;
 pub use pg_store::PgStore;
 pub use redb_store::{guarded, open_database, quiet_guarded_panics, RedbStore};

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use m2mpki_ca::batch::{self, BatchInput, BatchOptions};
 use m2mpki_ca::input::VerifiedCsr;
 use m2mpki_ca::profile::{LeafProfile, ProfileKind};
-use m2mpki_ca::{Authority, LeafRequest, LeafSubject, Requester};
+use m2mpki_ca::{Authority, KeyFile, LeafRequest, LeafSubject, Requester};
 use m2mpki_hsm::files::{self, Mode, Overwrite};
 use m2mpki_hsm::SoftwareKey;
 use rcgen::PublicKeyData;
@@ -57,34 +57,20 @@ pub(crate) fn one(ctx: &Ctx, subject: LeafSubject, a: IssueArgs) -> Result<()> {
         requester: Requester::operator(),
     };
     // The request and the ledger are checked before the key file is written, so a refusal
-    // leaves nothing behind; the key is written before the certificate is recorded, so a
-    // recorded certificate always has its key on disk.
+    // leaves nothing behind; `commit_with_key` writes the key before the certificate is
+    // recorded and removes it when nothing was.
     let prepared = m2mpki_ca::prepare(&*store, &authority, &profile, req, a.reissue)?;
-    if let (Some(mut key), Some(path)) = (new_key, &a.key_out) {
-        let overwrite = if a.force {
-            Overwrite::Replace
-        } else {
-            Overwrite::Refuse
-        };
-        key.save(path, key_pass.as_ref(), overwrite)?;
-    }
-    let cert = match prepared.commit(&*store) {
-        Ok(cert) => cert,
-        // The certificate may be in the ledger: its key must stay.
-        Err(m2mpki_ca::Error::CommitUnknown { why, check }) => {
-            let why = match &a.key_out {
-                Some(path) => format!("{why} (the new key is kept at {})", path.display()),
-                None => why,
+    let cert = match (new_key, &a.key_out) {
+        (Some(key), Some(path)) => {
+            let overwrite = if a.force {
+                Overwrite::Replace
+            } else {
+                Overwrite::Refuse
             };
-            return Err(m2mpki_ca::Error::CommitUnknown { why, check }.into());
+            let mut file = KeyFile::new(key, path.clone(), key_pass, overwrite);
+            prepared.commit_with_key(&*store, &mut file)?
         }
-        Err(e) => {
-            // Nothing was recorded: the key certifies nothing, do not leave it behind.
-            if let Some(path) = &a.key_out {
-                let _ = std::fs::remove_file(path);
-            }
-            return Err(e.into());
-        }
+        _ => prepared.commit(&*store)?,
     };
     let bytes = if a.der {
         cert.der.clone()
@@ -278,10 +264,19 @@ fn batch_run(ctx: &Ctx, a: &BatchArgs, committed: &Arc<AtomicU64>) -> Result<bat
     let bar = Arc::new(bar);
     let tick = bar.clone();
     let committed = committed.clone();
-    let report = batch::run_batch(&*store, &authority, input, &opts, &move |n| {
+    let ran = batch::run_batch(&*store, &authority, input, &opts, &move |n| {
         committed.fetch_add(n, Ordering::Relaxed);
         tick.inc(n);
-    })?;
+    });
+    // A batch that left key files unpaired is a failed batch, whose report is still shown.
+    let (report, unpaired) = match ran {
+        Ok(report) => (report, None),
+        Err(m2mpki_ca::Error::KeyMismatches(report)) => {
+            let shown = (*report).clone();
+            (shown, Some(m2mpki_ca::Error::KeyMismatches(report)))
+        }
+        Err(e) => return Err(e.into()),
+    };
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     if ctx.json {
@@ -315,7 +310,7 @@ fn batch_run(ctx: &Ctx, a: &BatchArgs, committed: &Arc<AtomicU64>) -> Result<bat
             report.missing_keys[0]
         );
     }
-    if let Some(first) = report.key_mismatches.first() {
+    if let Some(failed) = unpaired {
         if !ctx.json {
             for m in &report.key_mismatches {
                 eprintln!(
@@ -326,16 +321,7 @@ fn batch_run(ctx: &Ctx, a: &BatchArgs, committed: &Arc<AtomicU64>) -> Result<bat
                 );
             }
         }
-        return Err(m2mpki_ca::Error::BadFile {
-            path: first.key_file.clone(),
-            reason: format!(
-                "{} key file(s) in the output folder are not their certificate's key, first for ID `{}` ({}); those certificates were not written: move the foreign key files away and run the batch again",
-                report.key_mismatches.len(),
-                first.id,
-                first.reason
-            ),
-        }
-        .into());
+        return Err(failed.into());
     }
     Ok(report)
 }
