@@ -170,6 +170,28 @@ pub struct Core {
 }
 
 impl Core {
+    /// The core of a server: `config`'s policy, lifetime and limits over `creds`, whose
+    /// credentials are sealed under `store_key`; starts the credential writer.
+    pub(crate) fn new(
+        config: ServerConfig,
+        verifier: Arc<FieldNodeVerifier>,
+        creds: Arc<CredentialStore>,
+        store_key: StoreKey,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Self> {
+        let writer = GroupCommitter::start(creds.clone())?;
+        let limiter = RateLimits::new(&config.limits);
+        Ok(Core {
+            config,
+            verifier,
+            creds,
+            writer,
+            store_key,
+            limiter,
+            metrics,
+        })
+    }
+
     /// Answers a bootstrap request body from an admitted node: the body must be a JSON object
     /// of this protocol version; then the policy decides, and a fresh credential is recorded
     /// (sealed, group-committed) before it is wrapped and returned.
@@ -372,5 +394,488 @@ impl crate::metrics::Gauges for Core {
 
     fn trusted_sets(&self) -> Arc<Vec<m2mpki_ca::verify::TrustedSet>> {
         self.verifier.sets()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
+    //! Every branch of the enrolment core, without a socket: an admitted node is made by hand
+    //! and the credential store lives in memory (or fails on purpose).
+
+    use std::collections::BTreeSet;
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use m2mpki_ca::rootset::RootSetKind;
+    use m2mpki_ca::FieldNodeIdentity;
+    use m2mpki_store::Kind;
+
+    use super::*;
+    use crate::credstore::{Backend, CredentialRecord, CredentialStatus, MemoryBackend, Snapshot};
+    use crate::metrics::Metrics;
+
+    const CONFIG: &str = r#"
+fqdn = "in.example.net"
+listen = "127.0.0.1:0"
+[tls]
+chain = "in.pem"
+key = "in.key"
+[trust]
+device_sets = ["metering"]
+[policy]
+grants = ["weather"]
+[parameters]
+poa = "coap://in.example.net"
+"#;
+
+    const DEVICE: &str = "device:1.3.6.1.4.1.99999.1:METER-0001";
+
+    /// Which store calls fail, and how.
+    #[derive(Default)]
+    struct Faults {
+        commit: Mutex<Option<Kind>>,
+        settle: Mutex<Option<Kind>>,
+        grants: Mutex<Option<Kind>>,
+    }
+
+    impl Faults {
+        fn check(slot: &Mutex<Option<Kind>>) -> Result<()> {
+            match *slot.lock().unwrap() {
+                Some(kind) => Err(Error::store(kind, "injected")),
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// The memory backend with injected failures.
+    struct Failing {
+        inner: MemoryBackend,
+        faults: Arc<Faults>,
+    }
+
+    impl Backend for Failing {
+        fn shown(&self) -> String {
+            "failing memory".into()
+        }
+        fn commit_until(
+            &self,
+            records: &mut [CredentialRecord],
+            deadline: Option<Instant>,
+        ) -> Result<()> {
+            Faults::check(&self.faults.commit)?;
+            self.inner.commit_until(records, deadline)
+        }
+        fn settle(&self, id: &str, deadline: Option<Instant>) -> Result<bool> {
+            Faults::check(&self.faults.settle)?;
+            self.inner.settle(id, deadline)
+        }
+        fn count(&self) -> Result<u64> {
+            self.inner.count()
+        }
+        fn credential(&self, id: &str) -> Result<Option<CredentialRecord>> {
+            self.inner.credential(id)
+        }
+        fn live(&self, identity: &FieldNodeIdentity) -> Result<Option<CredentialRecord>> {
+            self.inner.live(identity)
+        }
+        fn history(&self, identity: &FieldNodeIdentity) -> Result<Vec<CredentialRecord>> {
+            self.inner.history(identity)
+        }
+        fn all_records(&self) -> Result<Vec<CredentialRecord>> {
+            self.inner.all_records()
+        }
+        fn rewrite(&self, records: &[CredentialRecord]) -> Result<()> {
+            self.inner.rewrite(records)
+        }
+        fn meta(&self, key: &str) -> Result<Option<String>> {
+            self.inner.meta(key)
+        }
+        fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+            self.inner.set_meta(key, value)
+        }
+        fn meta_or_insert(&self, key: &str, value: &str) -> Result<String> {
+            self.inner.meta_or_insert(key, value)
+        }
+        fn change_grants(
+            &self,
+            identity: &FieldNodeIdentity,
+            change: &dyn Fn(&mut BTreeSet<String>),
+        ) -> Result<Vec<String>> {
+            self.inner.change_grants(identity, change)
+        }
+        fn grants_of(&self, identity: &FieldNodeIdentity) -> Result<Vec<String>> {
+            Faults::check(&self.faults.grants)?;
+            self.inner.grants_of(identity)
+        }
+        fn all_grants(&self) -> Result<Vec<(String, Vec<String>)>> {
+            self.inner.all_grants()
+        }
+        fn snapshot(&self) -> Result<Snapshot> {
+            self.inner.snapshot()
+        }
+        fn import(&self, snapshot: &Snapshot) -> Result<()> {
+            self.inner.import(snapshot)
+        }
+    }
+
+    struct Fixture {
+        core: Core,
+        faults: Arc<Faults>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A core configured by [`CONFIG`] plus `extra` (TOML tables), over a memory store.
+    fn core(extra: &str) -> Fixture {
+        core_from(&format!("{CONFIG}{extra}"))
+    }
+
+    /// A core configured by `config`, over a memory store.
+    fn core_from(config: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig::parse(config, Path::new("/etc")).unwrap();
+        let faults = Arc::new(Faults::default());
+        let creds = Arc::new(CredentialStore::on(Box::new(Failing {
+            inner: MemoryBackend::default(),
+            faults: faults.clone(),
+        })));
+        let store_key = StoreKey::load(
+            &m2mpki_hsm::KeyRef::File(dir.path().join("store.key")),
+            &m2mpki_hsm::Keystore::new(None),
+        )
+        .unwrap();
+        let verifier = Arc::new(FieldNodeVerifier::new(
+            vec![],
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        ));
+        let core = Core::new(config, verifier, creds, store_key, Arc::new(Metrics::new())).unwrap();
+        Fixture {
+            core,
+            faults,
+            _dir: dir,
+        }
+    }
+
+    /// A node of the `metering` device set, admitted from `peer`.
+    fn node(identity: Option<&str>, peer: &str) -> Admitted {
+        Admitted {
+            wrap_key: WrapKey::new([7; 32]),
+            verified: Verified {
+                set: "metering".into(),
+                kind: RootSetKind::Device {
+                    vertical: "smart-metering".into(),
+                },
+                identity: identity.map(|i| i.parse().unwrap()),
+                subject: "CN=METER-0001".into(),
+                serial: "01".into(),
+                sha256: "ab".repeat(32),
+                anchor: "cd".repeat(32),
+            },
+            peer: peer.parse().unwrap(),
+            transport: "TLSv1_3".into(),
+            ts0003: Ts0003Keys::from_export(&[9; 48]),
+        }
+    }
+
+    fn device() -> Admitted {
+        node(Some(DEVICE), "192.0.2.1:40000")
+    }
+
+    /// The error code of a refusal, after checking that the document is the §5 one.
+    fn code(answer: &Answer) -> String {
+        let doc: protocol::ErrorBody = serde_json::from_slice(&answer.body).unwrap();
+        assert!(!doc.error.message.is_empty());
+        doc.error.code
+    }
+
+    fn issued(answer: &Answer) -> BootstrapResponse {
+        assert_eq!(
+            answer.outcome,
+            Outcome::Issued,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        serde_json::from_slice(&answer.body).unwrap()
+    }
+
+    fn count(f: &Fixture) -> u64 {
+        f.core.creds.count().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn version_1_records_a_sealed_credential_and_sends_it_wrapped() {
+        let f = core("");
+        let node = device();
+        let doc = issued(&f.core.answer(&node, br#"{"version": 1}"#).await);
+        assert_eq!(doc.version, 1);
+        assert_eq!(doc.wrap_algorithm.as_deref(), Some(WRAP_ALGORITHM));
+        assert_eq!(doc.ke_id, None);
+        assert_eq!(doc.identity.to_string(), DEVICE);
+        assert_eq!(doc.admitted_by.set, "metering");
+        assert_eq!(doc.grants, vec!["weather".to_owned()]);
+        assert_eq!(doc.parameters["poa"], "coap://in.example.net");
+        assert_eq!(doc.in_fqdn, "in.example.net");
+        let wrapped = base64::engine::general_purpose::STANDARD
+            .decode(doc.wrapped_credential.unwrap())
+            .unwrap();
+        let sent = protocol::unwrap(&node.wrap_key, &wrapped).unwrap();
+        let record = f
+            .core
+            .creds
+            .live(&DEVICE.parse().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.id, doc.credential_id);
+        assert_eq!(record.client_cert_sha256, node.verified.sha256);
+        let stored = f.core.creds.unseal(&f.core.store_key, &record).unwrap();
+        assert_eq!(stored.expose(), sent.expose());
+        assert_eq!(f.core.writer.commits(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn version_2_records_ke_under_its_ke_id_and_sends_no_credential() {
+        let f = core("");
+        let node = device();
+        let doc = issued(&f.core.answer(&node, br#"{"version": 2}"#).await);
+        let ke_id = node.ts0003.ke_id("in.example.net");
+        assert_eq!(ke_id, format!("{}@in.example.net", "09".repeat(16)));
+        assert_eq!(doc.version, 2);
+        assert_eq!(doc.ke_id.as_deref(), Some(ke_id.as_str()));
+        assert_eq!(doc.credential_id, ke_id);
+        assert_eq!(doc.wrapped_credential, None);
+        assert_eq!(doc.wrap_algorithm, None);
+        let record = f.core.creds.credential(&ke_id).unwrap().unwrap();
+        let stored = f.core.creds.unseal(&f.core.store_key, &record).unwrap();
+        assert_eq!(stored.expose(), &[9; 32]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_second_bootstrap_supersedes_the_first() {
+        let f = core("");
+        let first = issued(&f.core.answer(&device(), br#"{"version": 1}"#).await);
+        let second = issued(&f.core.answer(&device(), br#"{"version": 1}"#).await);
+        assert_ne!(first.credential_id, second.credential_id);
+        let history = f.core.creds.history(&DEVICE.parse().unwrap()).unwrap();
+        assert_eq!(history.len(), 2);
+        let old = history
+            .iter()
+            .find(|r| r.id == first.credential_id)
+            .unwrap();
+        let new = history
+            .iter()
+            .find(|r| r.id == second.credential_id)
+            .unwrap();
+        assert_eq!(old.status, CredentialStatus::Superseded);
+        assert_eq!(new.status, CredentialStatus::Live);
+        assert_eq!(
+            new.supersedes.as_deref(),
+            Some(first.credential_id.as_str())
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_body_that_is_not_a_request_object_is_refused_and_records_nothing() {
+        let f = core("");
+        let cases: [(&[u8], &str); 8] = [
+            (b"", "bad_request"),
+            (b"not json", "bad_request"),
+            (b"[1]", "bad_request"),
+            (b"{}", "bad_request"),
+            (br#"{"version": "1"}"#, "bad_request"),
+            (br#"{"version": 1, "extra": true}"#, "bad_request"),
+            (br#"{"version": 3}"#, "unsupported_version"),
+            (br#"{"version": 0}"#, "unsupported_version"),
+        ];
+        for (body, want) in cases {
+            let answer = f.core.answer(&device(), body).await;
+            let shown = String::from_utf8_lossy(body);
+            assert_eq!(answer.outcome, Outcome::BadRequest, "{shown}");
+            assert_eq!(code(&answer), want, "{shown}");
+            assert_eq!(answer.retry_after, None);
+        }
+        assert_eq!(count(&f), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_version_the_configuration_leaves_out_is_refused() {
+        let f = core("[protocol]\nversions = [1]\n");
+        let answer = f.core.answer(&device(), br#"{"version": 2}"#).await;
+        assert_eq!(answer.outcome, Outcome::BadRequest);
+        assert_eq!(code(&answer), "unsupported_version");
+        issued(&f.core.answer(&device(), br#"{"version": 1}"#).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_body_over_the_limit_is_refused_before_it_is_parsed() {
+        let f = core("[limits]\nmax_body = 1024\n");
+        let mut body = br#"{"version": 1}"#.to_vec();
+        body.resize(1024, b' ');
+        issued(&f.core.answer(&device(), &body).await);
+        body.push(b' ');
+        let answer = f.core.answer(&device(), &body).await;
+        assert_eq!(answer.outcome, Outcome::TooLarge);
+        assert_eq!(code(&answer), "body_too_large");
+        assert_eq!(count(&f), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn default_deny_admits_only_a_node_with_technician_grants() {
+        let f = core_from(&CONFIG.replace("[policy]\n", "[policy]\ndefault = \"deny\"\n"));
+        let answer = f.core.answer(&device(), br#"{"version": 1}"#).await;
+        assert_eq!(answer.outcome, Outcome::Forbidden);
+        assert_eq!(code(&answer), "denied_by_policy");
+        assert_eq!(count(&f), 0);
+        f.core
+            .creds
+            .grant(&DEVICE.parse().unwrap(), &["meter".to_owned()])
+            .unwrap();
+        let doc = issued(&f.core.answer(&device(), br#"{"version": 1}"#).await);
+        // Default deny: the default grants are not added to the technician's.
+        assert_eq!(doc.grants, vec!["meter".to_owned()]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn technician_grants_are_added_to_the_default_ones() {
+        let f = core("");
+        f.core
+            .creds
+            .grant(&DEVICE.parse().unwrap(), &["meter".to_owned()])
+            .unwrap();
+        let doc = issued(&f.core.answer(&device(), br#"{"version": 1}"#).await);
+        assert_eq!(doc.grants, vec!["meter".to_owned(), "weather".to_owned()]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn rate_limits_refuse_with_a_retry_after_and_record_nothing() {
+        let f = core(
+            "[limits]\nenrolments_per_identity = \"1/1h\"\nenrolments_per_address = \"3/1h\"\n",
+        );
+        issued(&f.core.answer(&device(), br#"{"version": 1}"#).await);
+        let again = f.core.answer(&device(), br#"{"version": 1}"#).await;
+        assert_eq!(again.outcome, Outcome::TooManyRequests);
+        assert_eq!(code(&again), "rate_limited");
+        let wait = again.retry_after.unwrap();
+        assert!((1..=3600).contains(&wait), "{wait}");
+        // The refused attempt took one of the address's three; another identity from the
+        // same address has the third...
+        let other = "device:1.3.6.1.4.1.99999.1:METER-0002";
+        issued(
+            &f.core
+                .answer(&node(Some(other), "192.0.2.1:40001"), br#"{"version": 1}"#)
+                .await,
+        );
+        // ...and then the address is spent for every identity.
+        let third = "device:1.3.6.1.4.1.99999.1:METER-0003";
+        let spent = f
+            .core
+            .answer(&node(Some(third), "192.0.2.1:40002"), br#"{"version": 1}"#)
+            .await;
+        assert_eq!(spent.outcome, Outcome::TooManyRequests);
+        // Another address is not.
+        issued(
+            &f.core
+                .answer(&node(Some(third), "192.0.2.2:40000"), br#"{"version": 1}"#)
+                .await,
+        );
+        assert_eq!(count(&f), 3);
+        // A refused node's body is not even looked at.
+        let unread = f.core.answer(&device(), b"not json").await;
+        assert_eq!(unread.outcome, Outcome::TooManyRequests);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_admitted_node_without_an_identity_is_an_internal_error() {
+        let f = core("");
+        let answer = f
+            .core
+            .answer(&node(None, "192.0.2.1:40000"), br#"{"version": 1}"#)
+            .await;
+        assert_eq!(answer.outcome, Outcome::Internal);
+        assert_eq!(code(&answer), "internal");
+        assert_eq!(answer.retry_after, None);
+        assert_eq!(count(&f), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_store_failure_is_answered_by_its_kind_and_records_nothing() {
+        // (commit fails with, settle fails with, grants fail with) → (outcome, code, retry).
+        type Case = (
+            Option<Kind>,
+            Option<Kind>,
+            Option<Kind>,
+            Outcome,
+            &'static str,
+            Option<u32>,
+        );
+        let cases: [Case; 6] = [
+            (
+                Some(Kind::Unavailable),
+                None,
+                None,
+                Outcome::Unavailable,
+                "store_unavailable",
+                Some(STORE_RETRY_AFTER),
+            ),
+            // Unconfirmed, and a fresh read finds nothing: known not stored.
+            (
+                Some(Kind::CommitUnknown),
+                None,
+                None,
+                Outcome::Unavailable,
+                "store_unavailable",
+                Some(STORE_RETRY_AFTER),
+            ),
+            // Unconfirmed, and the store cannot say.
+            (
+                Some(Kind::CommitUnknown),
+                Some(Kind::Unavailable),
+                None,
+                Outcome::OutcomeUnknown,
+                "store_outcome_unknown",
+                Some(STORE_RETRY_AFTER),
+            ),
+            (
+                Some(Kind::Corrupt),
+                None,
+                None,
+                Outcome::Internal,
+                "internal",
+                None,
+            ),
+            (
+                None,
+                None,
+                Some(Kind::Unavailable),
+                Outcome::Unavailable,
+                "store_unavailable",
+                Some(STORE_RETRY_AFTER),
+            ),
+            // A grant record that does not read back is not "try again".
+            (
+                None,
+                None,
+                Some(Kind::Corrupt),
+                Outcome::Internal,
+                "internal",
+                None,
+            ),
+        ];
+        for (commit, settle, grants, outcome, want, retry) in cases {
+            let f = core("");
+            *f.faults.commit.lock().unwrap() = commit;
+            *f.faults.settle.lock().unwrap() = settle;
+            *f.faults.grants.lock().unwrap() = grants;
+            let case = format!("commit {commit:?}, settle {settle:?}, grants {grants:?}");
+            let answer = f.core.answer(&device(), br#"{"version": 1}"#).await;
+            assert_eq!(answer.outcome, outcome, "{case}");
+            assert_eq!(code(&answer), want, "{case}");
+            assert_eq!(answer.retry_after, retry, "{case}");
+            assert_eq!(count(&f), 0, "{case}");
+            // The writer survives the failure: the next enrolment is stored.
+            *f.faults.commit.lock().unwrap() = None;
+            *f.faults.settle.lock().unwrap() = None;
+            *f.faults.grants.lock().unwrap() = None;
+            issued(&f.core.answer(&device(), br#"{"version": 1}"#).await);
+        }
     }
 }

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{DtlsConfig, ServerConfig};
-use crate::credstore::{CredentialStore, GroupCommitter, StoreKey};
+use crate::credstore::{CredentialStore, StoreKey};
 use crate::enrol::{Admitted, Core};
 use crate::tls::{self, FieldNodeVerifier};
 use crate::{Error, Result};
@@ -342,17 +342,7 @@ impl Server {
         });
         let store_key = StoreKey::load(&key_ref, keystore)?;
         creds.check_key(&store_key)?;
-        let writer = GroupCommitter::start(creds.clone())?;
-        let limiter = crate::enrol::RateLimits::new(&config.limits);
-        let shared = Arc::new(Core {
-            config,
-            verifier,
-            creds,
-            writer,
-            store_key,
-            limiter,
-            metrics,
-        });
+        let shared = Arc::new(Core::new(config, verifier, creds, store_key, metrics)?);
         let dtls = match dtls_ctx {
             None => None,
             Some((ctx, config)) => Some(Arc::new(crate::dtls::server::Endpoint {

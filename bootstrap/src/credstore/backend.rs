@@ -24,8 +24,8 @@ pub trait Backend: Send + Sync {
     /// Stores prepared records in one durable transaction, as [`plan_commit`] says: each
     /// becomes its identity's live credential and supersedes the previous one; `supersedes` is
     /// filled in on `records`, which stay live. Nothing is sent after `deadline`.
-    /// [`Error::Store`](crate::Error::Store) means nothing was recorded,
-    /// [`Error::CommitUnknown`](crate::Error::CommitUnknown) that the commit was not confirmed.
+    /// A store error of kind `Unavailable` means nothing was recorded, `CommitUnknown` that the
+    /// commit was not confirmed.
     fn commit_until(
         &self,
         records: &mut [CredentialRecord],

@@ -24,6 +24,8 @@ mod redb_store;
 
 pub use crate::credential::{binding, CredentialRecord, CredentialStatus, Seal};
 pub use backend::{Backend, Snapshot};
+#[cfg(test)]
+pub(crate) use memory::MemoryBackend;
 
 /// What the key check value seals (32 bytes, not secret).
 const KEY_CHECK: &[u8; 32] = b"m2mpki credential store key chk!";
@@ -172,8 +174,8 @@ impl CredentialStore {
     }
 
     /// [`commit`](Self::commit) that gives up at `deadline`: nothing is sent to PostgreSQL
-    /// after it (a redb commit is not started after it). [`Error::Store`] means nothing was
-    /// recorded; [`Error::CommitUnknown`] that the commit was sent and not confirmed.
+    /// after it (a redb commit is not started after it). A store error of kind `Unavailable`
+    /// means nothing was recorded; `CommitUnknown` that the commit was sent and not confirmed.
     pub fn commit_until(
         &self,
         records: &mut [CredentialRecord],
@@ -182,7 +184,7 @@ impl CredentialStore {
         self.backend.commit_until(records, deadline)
     }
 
-    /// After [`Error::CommitUnknown`]: whether the credential `id` was recorded, once every
+    /// After a `CommitUnknown` store error: whether the credential `id` was recorded, once every
     /// writer's transaction has ended; an error when the store still does not answer by
     /// `deadline`.
     pub fn settle(&self, id: &str, deadline: Option<Instant>) -> Result<bool> {
@@ -545,8 +547,8 @@ impl GroupCommitter {
     }
 
     /// Stores a prepared credential; resolves once it is durable, or with an error by about
-    /// `deadline`: [`Error::Store`] when it is known not stored, [`Error::CommitUnknown`] when
-    /// the store did not confirm it. No commit of it starts or runs past `deadline`.
+    /// `deadline`: a store error of kind `Unavailable` when it is known not stored,
+    /// `CommitUnknown` when the store did not confirm it. No commit of it starts or runs past `deadline`.
     pub async fn commit(
         &self,
         record: CredentialRecord,
