@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use m2mpki_bootstrap::client::{self, Enrolment};
@@ -217,6 +218,59 @@ fn connections_without_a_hello_are_counted_by_why() {
         2.0
     );
     assert_eq!(at(r#"m2mpki_refusals_total{reason="not_tls"}"#), 2.0);
+    let (_, body) = get(metrics, "/metrics");
+    assert!(
+        !parse(&body).contains_key(r#"m2mpki_refusals_total{reason="hello_timeout"}"#),
+        "{body}"
+    );
+}
+
+/// A node that sends a real ClientHello and then stalls is past the hello deadline (60 s here,
+/// never reached) and is closed by `handshake_timeout`, counted under that reason. (The
+/// admission tests close silent connections by the hello deadline or by eviction; this one
+/// is what proves the handshake timeout itself.)
+#[test]
+fn a_handshake_that_stalls_after_the_hello_is_closed_by_the_handshake_timeout() {
+    let run = Running::start(|c| {
+        c.dtls = None;
+        c.limits.hello_timeout = Duration::from_secs(60);
+        c.limits.handshake_timeout = Duration::from_millis(500);
+    });
+    let profile = FieldNodeProfile::load(&run.layout.profile).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(profile.in_fqdn.to_string()).unwrap();
+    let mut tls = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    tls.write_tls(&mut hello).unwrap();
+    let mut tcp = std::net::TcpStream::connect(run.tls.unwrap()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    tcp.write_all(&hello).unwrap();
+    let mut flight = Vec::new();
+    let read = tcp.read_to_end(&mut flight);
+    // Closed by the IN (EOF or reset), not by our 20 s guard ...
+    assert!(
+        !matches!(&read, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "{read:?}"
+    );
+    // ... after it answered the hello (its first flight starts with a handshake record).
+    assert_eq!(flight.first(), Some(&22), "{flight:?}");
+    let metrics = run.metrics.unwrap();
+    let key = r#"m2mpki_refusals_total{reason="handshake_timeout"}"#;
+    let mut counted = 0.0;
+    for _ in 0..50 {
+        let (_, body) = get(metrics, "/metrics");
+        counted = parse(&body).get(key).copied().unwrap_or(0.0);
+        if counted >= 1.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(counted, 1.0);
     let (_, body) = get(metrics, "/metrics");
     assert!(
         !parse(&body).contains_key(r#"m2mpki_refusals_total{reason="hello_timeout"}"#),

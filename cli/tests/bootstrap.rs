@@ -1035,12 +1035,12 @@ fn policy_deny_grants_while_running_and_check() {
 
 #[test]
 fn a_burst_of_connections_waits_in_the_accept_queue() {
-    // 250 field nodes connecting at once, before the server takes any: the accept queue
-    // (`max_connections`) holds them all. With the default queue of 128 the kernel drops the
-    // SYNs of the rest, which retry a second later.
+    // 250 field nodes connecting at once, before the server takes any: the listen backlog
+    // (65 535 asked, which the kernel lowers to net.core.somaxconn) holds them all. With the
+    // default backlog of 128 the kernel drops the SYNs of the rest, which retry only after a
+    // second: their connect does not complete within the 500 ms given here.
     let fx = Fixture::new(Backend::Software);
-    let mut config = fx.config("allow", "");
-    config.limits.max_connections = 300;
+    let config = fx.config("allow", "");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1049,13 +1049,16 @@ fn a_burst_of_connections_waits_in_the_accept_queue() {
     let server = Server::new(config, &home, &fx.keystore).unwrap();
     let listener = rt.block_on(server.bind()).unwrap();
     let addr = listener.local_addr().unwrap();
-    let held: Vec<_> = (0..250)
-        .map(|i| {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
-                .unwrap_or_else(|e| panic!("connection {i} was not queued: {e}"))
-        })
-        .collect();
-    assert_eq!(held.len(), 250);
+    let mut held = Vec::new();
+    let mut not_queued = Vec::new();
+    for i in 0..250 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            Ok(tcp) => held.push(tcp),
+            Err(e) => not_queued.push(format!("connection {i}: {e}")),
+        }
+    }
+    assert!(not_queued.is_empty(), "not queued: {not_queued:?}");
+    drop(held);
 }
 
 #[test]
@@ -1063,14 +1066,17 @@ fn slow_clients_do_not_hold_the_server() {
     let fx = Fixture::new(Backend::Software);
     let mut config = fx.config("allow", "");
     config.limits.max_connections = 2;
-    config.limits.handshake_timeout = Duration::from_millis(700);
+    // Long enough that no timeout frees a slot while the test runs: only eviction can.
+    config.limits.hello_timeout = Duration::from_secs(60);
+    config.limits.handshake_timeout = Duration::from_secs(60);
     let run = Running::start(&fx, config);
     // Two silent connections take every slot ...
     let idle: Vec<_> = (0..2)
         .map(|_| std::net::TcpStream::connect(run.addr).unwrap())
         .collect();
     let profile = fx.profile(IN_FQDN, sets::INFRA);
-    // ... and are dropped by the handshake timeout, so a real client still gets through.
+    // ... and a real client's connection evicts the one that has waited longest on its peer
+    // (the handshake timeout itself: bootstrap/tests/metrics.rs).
     let got = run.enroll(&profile, &fx.nodes["d1"], BOTH[0]).unwrap();
     assert_eq!(got.identity.to_string(), fx.nodes["d1"].identity);
     drop(idle);
