@@ -729,12 +729,16 @@ pub enum BootstrapCommand {
         /// Canonical identity
         identity: String,
     },
-    /// Copy the IN's credential store (<home>/bootstrap.redb: sealed credentials, grants,
-    /// policy) into a PostgreSQL store, for INs that share it (docs/store.md)
+    /// Copy an IN credential store (sealed credentials, grants, policy) into an empty one:
+    /// <home>/bootstrap.redb into PostgreSQL for INs that share it, PostgreSQL back into
+    /// <home>/bootstrap.redb, or one database into another (docs/store.md)
     Migrate {
-        /// The empty PostgreSQL store to fill (postgres:// URL)
+        /// The store to copy (postgres:// URL; default: <home>/bootstrap.redb)
         #[arg(long, value_name = "URL")]
-        to: String,
+        from: Option<String>,
+        /// The empty store to fill (postgres:// URL; default: <home>/bootstrap.redb)
+        #[arg(long, value_name = "URL")]
+        to: Option<String>,
     },
 }
 

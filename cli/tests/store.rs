@@ -1574,8 +1574,9 @@ fn super_deadline() -> std::time::Duration {
 
 /// `m2mpki bootstrap migrate --to postgres://...` copies a home's IN store into the database
 /// (grants and policy here; credential records are compared one by one in
-/// bootstrap/src/credstore.rs), refuses a second run into the filled database (exit 1), and
-/// takes only a postgres:// destination (exit 2).
+/// bootstrap/tests/credstore.rs), refuses a second run into the filled database (exit 1),
+/// takes only postgres:// URLs and two different ends (exit 2), and `--from` copies the
+/// database back into another home's bootstrap.redb.
 #[test]
 fn bootstrap_migrate_copies_the_in_store_into_postgres() {
     let dir = tempfile::tempdir().unwrap();
@@ -1614,6 +1615,30 @@ fn bootstrap_migrate_copies_the_in_store_into_postgres() {
     let redb = format!("redb:{}", dir.path().join("x.redb").display());
     let (code, _, err) = m2mpki(&["bootstrap", "migrate", "--to", &redb]);
     assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--to must be a postgres:// URL"), "{err}");
+    let (code, _, err) = m2mpki(&["bootstrap", "migrate", "--from", &db.url, "--to", &db.url]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the same store"), "{err}");
+
+    // And back: the database into another home's (missing) bootstrap.redb.
+    let back = dir.path().join("back");
+    let (code, out, err) = m2mpki_in(
+        &back,
+        &["--json", "bootstrap", "migrate", "--from", &db.url],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["identities_with_grants"], 2, "{out}");
+    assert!(back.join("bootstrap.redb").exists());
+    let (code, _, err) = m2mpki_in(
+        &back,
+        &["bootstrap", "check", "node:acme.example:pump-2", "meter"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    // The filled file is refused as a destination like the database was.
+    let (code, _, err) = m2mpki_in(&back, &["bootstrap", "migrate", "--from", &db.url]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("already holds"), "{err}");
 }
 
 /// `sslmode=verify-full&sslrootcert=FILE`: the store talks TLS to PostgreSQL (the server's

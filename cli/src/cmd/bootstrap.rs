@@ -435,33 +435,9 @@ pub fn run(
                 Err(Denied(format!("denied: {id} may not access {resource}")).into())
             }
         }
-        BootstrapCommand::Migrate { to } => {
-            let to: StoreLocation = to.parse()?;
-            if !matches!(to, StoreLocation::Postgres(_)) {
-                return Err(UsageError(
-                    "--to must be a postgres:// URL: the IN's redb store is always \
-                     <home>/bootstrap.redb"
-                        .into(),
-                )
-                .into());
-            }
+        BootstrapCommand::Migrate { from, to } => {
             let root = Home::open(home)?.root().to_owned();
-            if !root.join("bootstrap.redb").exists() {
-                return Err(UsageError(format!(
-                    "{}: no IN credential store to copy",
-                    root.join("bootstrap.redb").display()
-                ))
-                .into());
-            }
-            let from = CredentialStore::open(&root)?;
-            let dest = CredentialStore::open_at(Some(&to), &root)?;
-            if dest.count()? > 0 || !dest.all_grants()?.is_empty() {
-                return Err(Denied(format!(
-                    "{} already holds IN credentials or grants: refusing to copy into it",
-                    dest.backend()
-                ))
-                .into());
-            }
+            let (from, dest) = migration_ends(&root, from.as_deref(), to.as_deref())?;
             let (credentials, grants) = from.copy_into(&dest)?;
             if json {
                 emit_json(&serde_json::json!({
@@ -577,4 +553,51 @@ fn grant_out(json: bool, id: &FieldNodeIdentity, now: &[String]) -> Result<()> {
             }
         ))
     }
+}
+
+/// The two ends of `bootstrap migrate`: each a postgres:// URL or, when not given, the home's
+/// `bootstrap.redb` (the IN's redb store is always there). The source must hold a store (a
+/// missing redb file is not created); the destination must hold no credential, grant or meta
+/// value (the copy checks that again in its transaction).
+fn migration_ends(
+    root: &Path,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> Result<(CredentialStore, CredentialStore)> {
+    let location = |flag: &str, url: Option<&str>| -> Result<Option<StoreLocation>> {
+        let Some(url) = url else { return Ok(None) };
+        match url.parse::<StoreLocation>()? {
+            l @ StoreLocation::Postgres(_) => Ok(Some(l)),
+            StoreLocation::Redb(_) => Err(UsageError(format!(
+                "{flag} must be a postgres:// URL: the IN's redb store is always \
+                 <home>/bootstrap.redb, which is used when {flag} is not given"
+            ))
+            .into()),
+        }
+    };
+    let (from, to) = (location("--from", from)?, location("--to", to)?);
+    if from == to {
+        return Err(UsageError(
+            "--from and --to name the same store: give --to (or --from) a postgres:// URL".into(),
+        )
+        .into());
+    }
+    let redb = root.join("bootstrap.redb");
+    if from.is_none() && !redb.exists() {
+        return Err(UsageError(format!(
+            "{}: no IN credential store to copy",
+            redb.display()
+        ))
+        .into());
+    }
+    let source = CredentialStore::open_at(from.as_ref(), root)?;
+    let dest = CredentialStore::open_at(to.as_ref(), root)?;
+    if dest.count()? > 0 || !dest.all_grants()?.is_empty() {
+        return Err(Denied(format!(
+            "{} already holds IN credentials or grants: refusing to copy into it",
+            dest.backend()
+        ))
+        .into());
+    }
+    Ok((source, dest))
 }
