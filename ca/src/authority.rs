@@ -13,7 +13,7 @@ use crate::audit::AuditEvent;
 use crate::constraints::NameConstraints;
 use crate::dn::{dn_to_string, organization, parse_dn};
 use crate::home::Home;
-use crate::identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId};
+use crate::identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId, SubjectKey};
 use crate::leaf_der::{subject_text, LeafFields, LeafSan, LeafTemplate, SubjectAttr};
 use crate::profile::{KeyUsage, LeafProfile, ProfileKind};
 use crate::requester::Requester;
@@ -433,14 +433,14 @@ pub struct Approved {
     fields: LeafFields,
     kind: ProfileKind,
     identity: Option<FieldNodeIdentity>,
-    subject_key: String,
+    subject_key: SubjectKey,
     subject: String,
     requester: Requester,
 }
 
 impl Approved {
     /// The key under which one live certificate per subject is enforced.
-    pub fn subject_key(&self) -> &str {
+    pub fn subject_key(&self) -> &SubjectKey {
         &self.subject_key
     }
 }
@@ -519,19 +519,19 @@ impl Authority {
 
     /// The key under which this CA keeps one live certificate per subject: a field node's
     /// canonical identity, `server:FQDN` for an IN.
-    pub fn subject_key(&self, subject: &LeafSubject) -> Result<String> {
+    pub fn subject_key(&self, subject: &LeafSubject) -> Result<SubjectKey> {
         Ok(match subject {
-            LeafSubject::Device(id) => FieldNodeIdentity::Device {
+            LeafSubject::Device(id) => SubjectKey::FieldNode(FieldNodeIdentity::Device {
                 hw_type: self.hw_type()?,
                 id: id.clone(),
+            }),
+            LeafSubject::Node { enterprise, id } => {
+                SubjectKey::FieldNode(FieldNodeIdentity::Node {
+                    enterprise: enterprise.clone(),
+                    id: id.clone(),
+                })
             }
-            .to_string(),
-            LeafSubject::Node { enterprise, id } => FieldNodeIdentity::Node {
-                enterprise: enterprise.clone(),
-                id: id.clone(),
-            }
-            .to_string(),
-            LeafSubject::Server(fqdn) => format!("server:{fqdn}"),
+            LeafSubject::Server(fqdn) => SubjectKey::Server(fqdn.clone()),
         })
     }
 
@@ -682,7 +682,7 @@ impl Authority {
                 serial: approved.fields.serial,
                 ca: self.record.name.clone(),
                 profile: approved.kind,
-                subject_key: approved.subject_key,
+                subject_key: approved.subject_key.to_string(),
                 identity: approved.identity,
                 subject: approved.subject,
                 not_before: approved.fields.not_before.unix_timestamp(),
@@ -886,8 +886,12 @@ mod tests {
             let got = ca.approve(&LeafProfile::builtin(profile), req);
             match (got, expect) {
                 (Ok(a), Ok((key, not_after))) => {
-                    assert_eq!(a.subject_key(), key, "{what}");
-                    assert_eq!(ca.subject_key(&subject).unwrap(), key, "{what}");
+                    assert_eq!(a.subject_key().to_string(), key, "{what}");
+                    assert_eq!(
+                        ca.subject_key(&subject).unwrap(),
+                        key.parse().unwrap(),
+                        "{what}"
+                    );
                     if let Some(end) = not_after {
                         assert_eq!(a.fields.not_after.unix_timestamp(), end, "{what}");
                     }

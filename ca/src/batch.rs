@@ -641,7 +641,8 @@ impl<'a> Run<'a> {
                 None
             } else {
                 let key = self.authority.subject_key(&subj)?;
-                self.store.live_cert(&self.authority.record.name, &key)?
+                self.store
+                    .live_cert(&self.authority.record.name, &key.to_string())?
             };
             if let Some(serial) = live {
                 self.restore_live(id, &serial, report, &mut restored)?;

@@ -61,9 +61,10 @@ pub enum Error {
     AlreadyIssued {
         /// CA name.
         ca: String,
-        /// Canonical identity.
+        /// Whose certificate it is (a [`crate::SubjectKey`] as text: the error module holds
+        /// no domain type, whose parsers return this error).
         identity: String,
-        /// Serial of the live certificate.
+        /// Serial of the live certificate (hex).
         serial: String,
     },
     /// A certificate carries no readable field-node identity (verification refusal).

@@ -241,6 +241,37 @@ impl fmt::Display for Oid {
     }
 }
 
+/// Whose certificate a CA keeps one live of at a time: a field node, by its identity, or an
+/// IN, by its FQDN. Its text form is the ledger's key: the identity's canonical form, or
+/// `server:FQDN`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SubjectKey {
+    /// A device or node certificate's subject.
+    FieldNode(FieldNodeIdentity),
+    /// An IN's server certificate.
+    Server(DnsName),
+}
+
+impl fmt::Display for SubjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubjectKey::FieldNode(identity) => identity.fmt(f),
+            SubjectKey::Server(fqdn) => write!(f, "server:{fqdn}"),
+        }
+    }
+}
+
+impl FromStr for SubjectKey {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.strip_prefix("server:") {
+            Some(fqdn) => Ok(SubjectKey::Server(fqdn.parse()?)),
+            None => Ok(SubjectKey::FieldNode(s.parse()?)),
+        }
+    }
+}
+
 /// Who a field node is, as its certificate says.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FieldNodeIdentity {
@@ -493,6 +524,31 @@ mod tests {
         }
         for bad in ["device:1.2:", "node:Acme Corp:x", "server:x:y", "device"] {
             assert!(bad.parse::<FieldNodeIdentity>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_subject_key_reads_back_from_its_ledger_text() {
+        for (text, server) in [
+            ("device:1.3.6.1.4.1.99999.1:SN-1", false),
+            ("node:acme.example:pump:1", false),
+            ("server:in.m2m.example", true),
+        ] {
+            let key: SubjectKey = text.parse().unwrap();
+            assert_eq!(key.to_string(), text);
+            assert_eq!(matches!(key, SubjectKey::Server(_)), server, "{text}");
+        }
+        // Each is refused by the part that is wrong.
+        for (bad, what) in [
+            ("server:", "DNS name"),
+            ("server:in m2m", "DNS name"),
+            ("device:1.2", "field-node identity"),
+            ("in.m2m.example", "field-node identity"),
+        ] {
+            match bad.parse::<SubjectKey>() {
+                Err(Error::InvalidValue { what: got, .. }) => assert_eq!(got, what, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
         }
     }
 

@@ -9,7 +9,7 @@ use m2mpki_hsm::{Passphrase, SoftwareKey};
 use crate::authority::{Approved, Authority, LeafRequest};
 use crate::profile::LeafProfile;
 use crate::store::{settle_outcome, NewCert, RecordOutcome, Store};
-use crate::{Error, Result};
+use crate::{Error, Result, SubjectKey};
 
 /// A request that passed the profile and the ledger, not yet signed. Issuing in two steps
 /// lets a caller do its own work in between (the CLI writes the new key file) knowing the
@@ -33,10 +33,11 @@ pub fn prepare<'a>(
 ) -> Result<Prepared<'a>> {
     let approved = authority.approve(profile, req)?;
     if !reissue {
-        if let Some(serial) = store.live_cert(&authority.record.name, approved.subject_key())? {
+        let key = approved.subject_key();
+        if let Some(serial) = store.live_cert(&authority.record.name, &key.to_string())? {
             return Err(Error::AlreadyIssued {
                 ca: authority.record.name.clone(),
-                identity: approved.subject_key().to_owned(),
+                identity: key.to_string(),
                 serial: serial.to_string(),
             });
         }
@@ -50,7 +51,7 @@ pub fn prepare<'a>(
 
 impl Prepared<'_> {
     /// The subject key the certificate will be recorded under.
-    pub fn subject_key(&self) -> &str {
+    pub fn subject_key(&self) -> &SubjectKey {
         self.approved.subject_key()
     }
 
@@ -65,6 +66,7 @@ impl Prepared<'_> {
     /// certificate as never issued (and, say, delete its new key).
     pub fn commit(self, store: &dyn Store) -> Result<NewCert> {
         let ca = self.authority.record.name.clone();
+        let subject_key = self.approved.subject_key().clone();
         let cert = self.authority.sign(self.approved)?;
         let recorded = match store.record_certs(std::slice::from_ref(&cert), self.reissue) {
             Ok(outcomes) => outcomes,
@@ -87,7 +89,7 @@ impl Prepared<'_> {
             Some(RecordOutcome::Recorded) => Ok(cert),
             Some(RecordOutcome::AlreadyLive(serial)) => Err(Error::AlreadyIssued {
                 ca,
-                identity: cert.record.subject_key.clone(),
+                identity: subject_key.to_string(),
                 serial: serial.to_string(),
             }),
             None => Err(Error::internal("the store returned no outcome")),

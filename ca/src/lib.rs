@@ -45,7 +45,7 @@ pub use authority::{
 pub use constraints::NameConstraints;
 pub use error::{Error, ErrorKind, Result};
 pub use home::Home;
-pub use identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId};
+pub use identity::{DnsName, FieldNodeIdentity, Oid, PreProvisionedId, SubjectKey};
 pub use issue::{chain_pem, issue, prepare, KeyFile, NewKey, Prepared};
 pub use location::StoreLocation;
 pub use pg_store::PgStore;
