@@ -351,12 +351,21 @@ mod tests {
         assert!(Message::decode(&v2).unwrap_err().0.contains("version 2"));
         let mut tkl = good.clone();
         tkl[0] = (tkl[0] & 0xf0) | 9;
-        assert!(Message::decode(&tkl).is_err());
+        assert!(Message::decode(&tkl)
+            .unwrap_err()
+            .0
+            .contains("token length 9"));
         let mut marker = good.clone();
         marker.truncate(good.len() - 3);
         marker.push(0xff);
-        assert!(Message::decode(&marker).is_err());
-        assert!(Message::decode(&[0x40, 1, 0, 0, 0xf0]).is_err());
+        assert!(Message::decode(&marker)
+            .unwrap_err()
+            .0
+            .contains("payload marker with no payload"));
+        assert!(Message::decode(&[0x40, 1, 0, 0, 0xf0])
+            .unwrap_err()
+            .0
+            .contains("nibble 15 is reserved"));
     }
 
     #[test]

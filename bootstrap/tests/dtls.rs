@@ -284,17 +284,6 @@ fn client_hello() -> Vec<u8> {
     }
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn spoofed_hellos_leave_no_state_and_silent_peers_do_not_stop_a_real_one() {
     let (run, dtls) = start(|c| {
@@ -306,7 +295,6 @@ fn spoofed_hellos_leave_no_state_and_silent_peers_do_not_stop_a_real_one() {
     let senders: Vec<UdpSocket> = (2..102)
         .map(|i| UdpSocket::bind(SocketAddr::from(([127, 0, 0, i as u8], 0))).unwrap())
         .collect();
-    let warm = rss_kib();
     for i in 0..10_000 {
         senders[i % senders.len()].send_to(&hello, dtls).unwrap();
     }
@@ -322,11 +310,9 @@ fn spoofed_hellos_leave_no_state_and_silent_peers_do_not_stop_a_real_one() {
         &buf[..n]
     );
     std::thread::sleep(Duration::from_millis(500));
-    // ... and the server holds nothing for them.
+    // ... and the server holds nothing for them: no session (the process's RSS is not a
+    // measure here, since the other tests of this binary run in threads beside it).
     assert_eq!(run.server.dtls_sessions(), 0);
-    let grown = rss_kib().saturating_sub(warm);
-    eprintln!("RSS growth after 10 000 spoofed hellos: {grown} KiB");
-    assert!(grown < 8 * 1024, "memory grew by {grown} KiB");
 
     // 1 000 silent peers from 20 addresses (50 each, within the per-address cap): each
     // returns its cookie, then says nothing.

@@ -653,12 +653,19 @@ mod tests {
         let mut indefinite = vec![0x30, 0x80];
         indefinite.extend_from_slice(&body[n..]);
         indefinite.extend_from_slice(&[0, 0]);
-        assert!(check_signed(&indefinite).is_err());
+        assert!(check_signed(&indefinite)
+            .unwrap_err()
+            .contains("indefinite length"));
         // Trailing bytes, truncation, a changed envelope tag.
         let mut trailing = der.clone();
         trailing.push(0);
-        assert!(check_signed(&trailing).is_err());
-        assert!(check_signed(&der[..der.len() - 1]).is_err());
+        assert_eq!(
+            check_signed(&trailing).unwrap_err(),
+            "1 octets after the object"
+        );
+        assert!(check_signed(&der[..der.len() - 1])
+            .unwrap_err()
+            .contains("runs past the end"));
         let mut retagged = der.clone();
         // The algorithm SEQUENCE follows the TBS inside the outer SEQUENCE.
         let (outer, _) = tlv(&der).unwrap();
@@ -666,7 +673,9 @@ mod tests {
         let at = der.len() - after_tbs.len();
         assert_eq!(der[at], 0x30);
         retagged[at] = 0x31;
-        assert!(check_signed(&retagged).is_err());
+        assert!(check_signed(&retagged)
+            .unwrap_err()
+            .contains("not a signed object"));
         // Every single-octet length edit inside is caught, or leaves a structure that still
         // parses as DER (then x509-parser and the signature decide).
         for i in 0..der.len() {
